@@ -1,0 +1,17 @@
+//! `bake`: find the attention heads of a LLaMA-family model that separate true from false answers, shift
+//! them along a truthful direction (Inference-Time Intervention, Li et al. 2023), and bake the shift into
+//! the checkpoint as `o_proj` biases.
+//!
+//! The modules follow the pipeline, each passing a typed value to the next:
+//! [`model`] (resolve, config, weights, forward pass) →
+//! [`hub`] (Hugging Face Hub access).
+
+pub mod error;
+pub mod hub;
+pub mod model;
+pub mod progress;
+
+pub use error::{BakeError, Result};
+
+/// The tool version, recorded in manifests and cache keys.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

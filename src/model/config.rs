@@ -1,0 +1,337 @@
+//! `config.json` of a LLaMA-family model, read into a typed, validated [`ModelConfig`].
+//!
+//! Two key styles are in the wild: transformers 4 (`rope_theta` and `rope_scaling` at top level,
+//! `torch_dtype`) and transformers 5 (`rope_parameters`, `dtype`). Both are accepted.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{BakeError, IoContext, Result};
+
+/// How rotary position embeddings are scaled beyond the training context.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    Linear { factor: f64 },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// The storage dtype of a checkpoint's floating-point tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredDtype {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl StoredDtype {
+    pub fn from_config_name(name: &str) -> Option<Self> {
+        match name {
+            "bfloat16" => Some(Self::Bf16),
+            "float16" | "half" => Some(Self::F16),
+            "float32" | "float" => Some(Self::F32),
+            _ => None,
+        }
+    }
+
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            Self::Bf16 | Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+            Self::F32 => candle_core::DType::F32,
+        }
+    }
+
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "BF16",
+            Self::F16 => "F16",
+            Self::F32 => "F32",
+        }
+    }
+}
+
+/// The architecture facts `bake` needs, validated against each other.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub dtype: Option<StoredDtype>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// The file as read, so that a baked checkpoint keeps every original key.
+    pub raw: Map<String, Value>,
+}
+
+impl ModelConfig {
+    /// Width of the o_proj input: the concatenated per-head attention outputs.
+    pub fn attn_width(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_width(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(path, e))?;
+        let Value::Object(raw) = value else {
+            return Err(BakeError::parse(path, "expected a JSON object at the top level"));
+        };
+        Self::from_map(path, raw)
+    }
+
+    pub fn from_map(path: &Path, raw: Map<String, Value>) -> Result<Self> {
+        let fields = Fields { path, map: &raw };
+        let model_type = fields.string("model_type")?;
+        if model_type != "llama" {
+            return Err(BakeError::Unsupported {
+                path: path.into(),
+                message: format!(
+                    "model_type `{model_type}` is not supported; bake handles LLaMA-family models (model_type `llama`: \
+                     LLaMA 1/2/3, Vicuna, Alpaca, SmolLM2, ...)"
+                ),
+            });
+        }
+        if let Some(act) = fields.optional_string("hidden_act")? {
+            if act != "silu" {
+                return Err(fields.wrong("hidden_act", "`silu` (LLaMA's SwiGLU)"));
+            }
+        }
+        let hidden_size = fields.positive("hidden_size")?;
+        let num_heads = fields.positive("num_attention_heads")?;
+        let num_kv_heads = fields.optional_positive("num_key_value_heads")?.unwrap_or(num_heads);
+        if num_heads % num_kv_heads != 0 {
+            return Err(fields.wrong(
+                "num_key_value_heads",
+                &format!("a divisor of num_attention_heads ({num_heads}), found {num_kv_heads}"),
+            ));
+        }
+        let head_dim = match fields.optional_positive("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => return Err(fields.wrong("head_dim", "present when hidden_size is not a multiple of num_attention_heads")),
+        };
+        if head_dim % 2 != 0 {
+            return Err(fields.wrong("head_dim", "an even number (rotary embeddings rotate pairs)"));
+        }
+        let (rope_theta, rope_scaling) = read_rope(&fields)?;
+        let dtype = match fields.optional_string("dtype")?.or(fields.optional_string("torch_dtype")?) {
+            None => None,
+            Some(name) => Some(StoredDtype::from_config_name(&name).ok_or_else(|| {
+                fields.wrong("torch_dtype", &format!("bfloat16, float16 or float32, found `{name}`"))
+            })?),
+        };
+        Ok(ModelConfig {
+            path: path.into(),
+            hidden_size,
+            intermediate_size: fields.positive("intermediate_size")?,
+            num_layers: fields.positive("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: fields.positive("vocab_size")?,
+            rms_norm_eps: fields.optional_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: fields.optional_positive("max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: fields.optional_bool("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: fields.optional_bool("attention_bias")?.unwrap_or(false)
+                || fields.optional_bool("oproj_bias")?.unwrap_or(false),
+            mlp_bias: fields.optional_bool("mlp_bias")?.unwrap_or(false),
+            dtype,
+            bos_token_id: fields.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: fields.token_ids("eos_token_id")?,
+            pad_token_id: fields.token_ids("pad_token_id")?.first().copied(),
+            raw: raw.clone(),
+        })
+    }
+}
+
+fn read_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
+    // transformers 5 nests everything under `rope_parameters`; transformers 4 keeps `rope_theta` at the top and
+    // the scaling in `rope_scaling`.
+    let (scope, scope_name) = match fields.map.get("rope_parameters") {
+        Some(Value::Object(params)) => (Some(params), "rope_parameters"),
+        Some(Value::Null) | None => match fields.map.get("rope_scaling") {
+            Some(Value::Object(params)) => (Some(params), "rope_scaling"),
+            Some(Value::Null) | None => (None, "rope_scaling"),
+            Some(_) => return Err(fields.wrong("rope_scaling", "an object or null")),
+        },
+        Some(_) => return Err(fields.wrong("rope_parameters", "an object")),
+    };
+    let nested = scope.map(|map| Fields { path: fields.path, map });
+    let theta_nested = match &nested {
+        Some(n) => n.optional_f64("rope_theta")?,
+        None => None,
+    };
+    let rope_theta = theta_nested.or(fields.optional_f64("rope_theta")?).unwrap_or(10_000.0);
+    let Some(n) = nested else { return Ok((rope_theta, RopeScaling::Default)) };
+    let kind = match n.optional_string("rope_type")? {
+        Some(kind) => kind,
+        None => n.optional_string("type")?.unwrap_or_else(|| "default".into()),
+    };
+    let field = |name: &str| format!("{scope_name}.{name}");
+    let required = |name: &str| -> Result<f64> {
+        n.optional_f64(name)?.ok_or_else(|| BakeError::field(fields.path, field(name), "a number (required by this rope_type)"))
+    };
+    let scaling = match kind.as_str() {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: required("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: required("factor")?,
+            low_freq_factor: required("low_freq_factor")?,
+            high_freq_factor: required("high_freq_factor")?,
+            original_max_position_embeddings: required("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(BakeError::field(
+                fields.path,
+                field("rope_type"),
+                format!("one of `default`, `linear`, `llama3`; `{other}` is not supported"),
+            ))
+        }
+    };
+    Ok((rope_theta, scaling))
+}
+
+/// Typed access to the fields of one JSON object, with errors naming the file and the field.
+struct Fields<'a> {
+    path: &'a Path,
+    map: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    fn wrong(&self, field: &str, expected: &str) -> BakeError {
+        BakeError::field(self.path, field, format!("expected {expected}"))
+    }
+
+    fn present(&self, field: &str) -> Option<&Value> {
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    fn string(&self, field: &str) -> Result<String> {
+        self.optional_string(field)?.ok_or_else(|| BakeError::field(self.path, field, "missing (expected a string)"))
+    }
+
+    fn optional_string(&self, field: &str) -> Result<Option<String>> {
+        match self.present(field) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.wrong(field, "a string")),
+        }
+    }
+
+    fn positive(&self, field: &str) -> Result<usize> {
+        self.optional_positive(field)?
+            .ok_or_else(|| BakeError::field(self.path, field, "missing (expected a positive integer)"))
+    }
+
+    fn optional_positive(&self, field: &str) -> Result<Option<usize>> {
+        match self.present(field) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Ok(Some(n as usize)),
+                _ => Err(self.wrong(field, &format!("a positive integer, found {v}"))),
+            },
+        }
+    }
+
+    fn optional_f64(&self, field: &str) -> Result<Option<f64>> {
+        match self.present(field) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.wrong(field, &format!("a number, found {v}"))),
+        }
+    }
+
+    fn optional_bool(&self, field: &str) -> Result<Option<bool>> {
+        match self.present(field) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.wrong(field, &format!("true or false, found {v}"))),
+        }
+    }
+
+    /// A token id field may be one integer or a list of them (Llama 3 lists several EOS ids).
+    fn token_ids(&self, field: &str) -> Result<Vec<u32>> {
+        let as_id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+        match self.present(field) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| as_id(v).ok_or_else(|| self.wrong(field, "a list of token ids")))
+                .collect(),
+            Some(v) => as_id(v).map(|id| vec![id]).ok_or_else(|| self.wrong(field, "a token id")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        let Value::Object(map) = serde_json::from_str(json).unwrap() else { panic!() };
+        ModelConfig::from_map(Path::new("config.json"), map)
+    }
+
+    const BASE: &str = r#""model_type":"llama","hidden_size":48,"intermediate_size":96,"num_hidden_layers":3,
+        "num_attention_heads":4,"vocab_size":100"#;
+
+    #[test]
+    fn both_rope_key_styles_give_the_same_theta() {
+        let old = parse(&format!("{{{BASE},\"rope_theta\":500000.0}}")).unwrap();
+        let new = parse(&format!("{{{BASE},\"rope_parameters\":{{\"rope_theta\":500000.0,\"rope_type\":\"default\"}}}}"))
+            .unwrap();
+        assert_eq!(old.rope_theta, 500000.0);
+        assert_eq!(new.rope_theta, 500000.0);
+        assert_eq!(old.rope_scaling, RopeScaling::Default);
+        assert_eq!(old.head_dim, 12);
+    }
+
+    #[test]
+    fn llama3_scaling_in_rope_scaling_is_read() {
+        let c = parse(&format!(
+            "{{{BASE},\"rope_theta\":5e5,\"rope_scaling\":{{\"rope_type\":\"llama3\",\"factor\":8.0,\
+             \"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}}}}"
+        ))
+        .unwrap();
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let missing = parse(r#"{"model_type":"llama","hidden_size":48}"#).unwrap_err().to_string();
+        assert!(missing.contains("config.json") && missing.contains("intermediate_size"), "{missing}");
+        let yarn = parse(&format!("{{{BASE},\"rope_scaling\":{{\"type\":\"yarn\",\"factor\":2}}}}")).unwrap_err();
+        assert!(yarn.to_string().contains("rope_scaling.rope_type") && yarn.to_string().contains("yarn"), "{yarn}");
+        let other = parse(r#"{"model_type":"gpt2"}"#).unwrap_err().to_string();
+        assert!(other.contains("gpt2") && other.contains("llama"), "{other}");
+        let gqa = parse(&format!("{{{BASE},\"num_key_value_heads\":3}}")).unwrap_err().to_string();
+        assert!(gqa.contains("num_key_value_heads"), "{gqa}");
+    }
+}

@@ -1,0 +1,287 @@
+//! The LLaMA forward pass, written for what ITI needs: read the input of every layer's `self_attn.o_proj` at
+//! chosen positions, add a per-layer vector there, and stop as soon as nothing more is needed.
+//!
+//! Batches are right-padded. With a causal mask a real token never attends to a later position, so padding
+//! at the end cannot change any real token's result; the key-padding mask only keeps the padded rows finite.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::Linear;
+
+use super::config::{ModelConfig, RopeScaling};
+use super::weights::Checkpoint;
+use crate::error::{BakeError, Result};
+
+struct Layer {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// A LLaMA model with f32 weights on one device.
+pub struct Llama {
+    pub config: ModelConfig,
+    device: Device,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+}
+
+/// Token ids of several prompts, right-padded to one length.
+pub struct Batch {
+    pub ids: Tensor,
+    pub lengths: Vec<usize>,
+}
+
+impl Batch {
+    pub fn right_padded(sequences: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        let width = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        if width == 0 || sequences.iter().any(Vec::is_empty) {
+            return Err(BakeError::Invalid("cannot run the model on an empty prompt".into()));
+        }
+        let mut flat = Vec::with_capacity(sequences.len() * width);
+        for s in sequences {
+            flat.extend_from_slice(s);
+            flat.resize(flat.len() + width - s.len(), pad_id);
+        }
+        let ids = Tensor::from_vec(flat, (sequences.len(), width), device)?;
+        Ok(Batch { ids, lengths: sequences.iter().map(Vec::len).collect() })
+    }
+
+    pub fn last_positions(&self) -> Vec<usize> {
+        self.lengths.iter().map(|n| n - 1).collect()
+    }
+}
+
+/// Per-layer vectors added to the o_proj input (the ITI shift), each `[num_heads * head_dim]`.
+#[derive(Clone)]
+pub struct Shift {
+    pub per_layer: Vec<Option<Tensor>>,
+    /// `None`: every position (what a baked bias does). `Some(p)`: sequence b only from position `p[b]` on.
+    pub from_position: Option<Vec<usize>>,
+}
+
+/// What a caller wants from one forward pass.
+#[derive(Default)]
+pub struct Request<'a> {
+    /// Read the o_proj input of every layer at one position per sequence.
+    pub capture_at: Option<&'a [usize]>,
+    pub shift: Option<&'a Shift>,
+    /// Compute logits over the vocabulary for every position. Without them the pass stops after the last
+    /// layer's attention.
+    pub logits: bool,
+}
+
+pub struct Output {
+    /// Per layer, `[batch, num_heads * head_dim]` in f32.
+    pub o_proj_inputs: Vec<Tensor>,
+    /// `[batch, seq, vocab]` when requested.
+    pub logits: Option<Tensor>,
+}
+
+impl Llama {
+    /// Loads every weight as f32 onto `device`. The checkpoint must have been validated against `config`.
+    pub fn load(config: ModelConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
+        checkpoint.validate(&config)?;
+        let c = &config;
+        let (h, a, kv, i, v) = (c.hidden_size, c.attn_width(), c.kv_width(), c.intermediate_size, c.vocab_size);
+        let tensor = |name: &str, shape: &[usize]| checkpoint.load_f32(name, shape, device);
+        let linear = |prefix: &str, rows: usize, cols: usize| -> Result<Linear> {
+            let weight = tensor(&format!("{prefix}.weight"), &[rows, cols])?;
+            let bias_name = format!("{prefix}.bias");
+            let bias = match checkpoint.get(&bias_name) {
+                Some(_) => Some(tensor(&bias_name, &[rows])?),
+                None => None,
+            };
+            Ok(Linear::new(weight, bias))
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), a, h)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, h)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, h)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, a)?,
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), i, h)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), i, h)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), h, i)?,
+            });
+        }
+        let embed_tokens = tensor("model.embed_tokens.weight", &[v, h])?;
+        let lm_head = match checkpoint.get("lm_head.weight") {
+            Some(_) if !c.tie_word_embeddings => tensor("lm_head.weight", &[v, h])?,
+            _ => embed_tokens.clone(),
+        };
+        Ok(Llama {
+            inv_freq: inverse_frequencies(c),
+            norm: tensor("model.norm.weight", &[h])?,
+            embed_tokens,
+            lm_head,
+            layers,
+            device: device.clone(),
+            config,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn forward(&self, batch: &Batch, request: &Request) -> Result<Output> {
+        let (b, t) = batch.ids.dims2()?;
+        let c = &self.config;
+        if let Some(positions) = request.capture_at {
+            if positions.len() != b || positions.iter().zip(&batch.lengths).any(|(p, n)| p >= n) {
+                return Err(BakeError::Invalid("capture positions must lie inside each prompt".into()));
+            }
+        }
+        let (cos, sin) = self.rotary_tables(t)?;
+        let mask = attention_mask(&batch.lengths, t, &self.device)?;
+        let capture_rows = match request.capture_at {
+            Some(p) => Some(Tensor::from_vec(
+                p.iter().enumerate().map(|(i, &pos)| (i * t + pos) as u32).collect::<Vec<_>>(),
+                b,
+                &self.device,
+            )?),
+            None => None,
+        };
+        let shift_mask = match request.shift.and_then(|s| s.from_position.as_ref()) {
+            Some(from) => Some(position_mask(from, t, &self.device)?),
+            None => None,
+        };
+        let eps = c.rms_norm_eps as f32;
+
+        let mut x = self.embed_tokens.embedding(&batch.ids.flatten_all()?)?.reshape((b, t, c.hidden_size))?;
+        let mut captured = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let mut attn = self.attention(layer, &normed, &cos, &sin, &mask)?;
+            if let Some(delta) = request.shift.and_then(|s| s.per_layer.get(l)).and_then(Option::as_ref) {
+                let delta = delta.reshape((1, 1, c.attn_width()))?;
+                attn = match &shift_mask {
+                    None => attn.broadcast_add(&delta)?,
+                    Some(m) => attn.broadcast_add(&m.broadcast_mul(&delta)?)?,
+                };
+            }
+            if let Some(rows) = &capture_rows {
+                captured.push(attn.reshape((b * t, c.attn_width()))?.index_select(rows, 0)?);
+            }
+            let is_last = l + 1 == self.layers.len();
+            if is_last && !request.logits {
+                break;
+            }
+            x = (x + layer.o_proj.forward(&attn)?)?;
+            let normed = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
+            let gated = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
+            x = (x + layer.down_proj.forward(&(gated * layer.up_proj.forward(&normed)?)?)?)?;
+        }
+        let logits = if request.logits {
+            let normed = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+            Some(normed.broadcast_matmul(&self.lm_head.t()?)?)
+        } else {
+            None
+        };
+        Ok(Output { o_proj_inputs: captured, logits })
+    }
+
+    /// Self-attention up to (not including) o_proj: returns the o_proj input `[b, t, heads * head_dim]`.
+    fn attention(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+            Ok(proj.forward(x)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = candle_nn::rotary_emb::rope(&heads(&layer.q_proj, c.num_heads)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(&layer.k_proj, c.num_kv_heads)?, cos, sin)?;
+        let v = heads(&layer.v_proj, c.num_kv_heads)?;
+        let group = c.num_heads / c.num_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, group)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, group)?.contiguous()?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = weights.matmul(&v)?; // [b, heads, t, head_dim]
+        Ok(out.transpose(1, 2)?.reshape((b, t, c.attn_width()))?)
+    }
+
+    fn rotary_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut angles = Vec::with_capacity(t * half);
+        for pos in 0..t {
+            angles.extend(self.inv_freq.iter().map(|f| pos as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (t, half), &self.device)?;
+        Ok((angles.cos()?, angles.sin()?))
+    }
+}
+
+/// Rotary inverse frequencies, scaled as transformers' `ROPE_INIT_FUNCTIONS` do (computed in f32 like torch).
+pub fn inverse_frequencies(c: &ModelConfig) -> Vec<f32> {
+    let dim = c.head_dim;
+    let base = c.rope_theta as f32;
+    let plain: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
+    match c.rope_scaling {
+        RopeScaling::Default => plain,
+        RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let (factor, low, high, context) =
+                (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+            let low_freq_wavelen = context / low;
+            let high_freq_wavelen = context / high;
+            plain
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else if wavelen < high_freq_wavelen {
+                        f
+                    } else {
+                        let smooth = (context / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `[b, 1, t, t]`: 0 where query i may attend key j (j ≤ i and j is a real token), −∞ elsewhere.
+fn attention_mask(lengths: &[usize], t: usize, device: &Device) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(lengths.len() * t * t);
+    for &n in lengths {
+        for i in 0..t {
+            // A padded query row still sees the real prefix, so it stays finite.
+            mask.extend((0..t).map(|j| if j <= i && j < n { 0.0f32 } else { f32::NEG_INFINITY }));
+        }
+    }
+    Ok(Tensor::from_vec(mask, (lengths.len(), 1, t, t), device)?)
+}
+
+/// `[b, t, 1]`: 1 from each sequence's start position on, 0 before.
+fn position_mask(from: &[usize], t: usize, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = from.iter().flat_map(|&p| (0..t).map(move |i| if i >= p { 1.0 } else { 0.0 })).collect();
+    Ok(Tensor::from_vec(values, (from.len(), t, 1), device)?.to_dtype(DType::F32)?)
+}
+
+/// Mean negative log-likelihood of each next token, over the real tokens of one sequence of `logits [t, vocab]`.
+pub fn mean_next_token_nll(logits: &Tensor, ids: &[u32]) -> Result<f64> {
+    let n = ids.len();
+    if n < 2 {
+        return Ok(0.0);
+    }
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, n - 1)?, D::Minus1)?;
+    let targets = Tensor::from_slice(&ids[1..], n - 1, logits.device())?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    Ok(-(picked.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?))
+}

@@ -1,0 +1,90 @@
+//! `bake inspect`: what bake understood of a model, and what a bake of it will cost.
+
+use serde::Serialize;
+
+use super::ModelFiles;
+use crate::model::config::StoredDtype;
+
+/// Number of prompts the TruthfulQA recipe runs (5882 probe + 5918 tuning prompts).
+pub const TRUTHFULQA_PROMPTS: u64 = 11_800;
+
+#[derive(Debug, Serialize)]
+pub struct FileSummary {
+    pub path: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemoryEstimate {
+    /// f32 weights held by the CPU activation pass.
+    pub weights_f32_bytes: u64,
+    /// Captured o_proj inputs for the full TruthfulQA prompt set, f32.
+    pub activations_bytes: u64,
+    /// The largest tensor the writer holds at once (it streams everything else from the memory map).
+    pub writer_bytes: u64,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub model: String,
+    pub hub_repo: Option<String>,
+    pub folder: String,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub o_proj_in_features: usize,
+    pub parameters: u64,
+    pub dtype: StoredDtype,
+    pub tied_embeddings: bool,
+    pub has_attention_biases: bool,
+    pub files: Vec<FileSummary>,
+    pub total_bytes: u64,
+    pub bake_memory_estimate: MemoryEstimate,
+}
+
+pub fn inspect(model: &ModelFiles) -> Inspection {
+    let c = &model.config;
+    let ck = &model.checkpoint;
+    let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();
+    let files: Vec<FileSummary> = ck
+        .files
+        .iter()
+        .map(|p| FileSummary {
+            path: p.display().to_string(),
+            bytes: std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+        })
+        .collect();
+    let activations_bytes = TRUTHFULQA_PROMPTS * (c.num_layers * c.attn_width()) as u64 * 4;
+    let weights_f32_bytes = parameters * 4;
+    let writer_bytes = ck.tensors.values().map(|e| (e.end - e.start) as u64).max().unwrap_or(0);
+    Inspection {
+        model: model.location.spec.clone(),
+        hub_repo: model.location.hub_repo.clone(),
+        folder: model.location.dir.display().to_string(),
+        layers: c.num_layers,
+        heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        vocab_size: c.vocab_size,
+        o_proj_in_features: c.attn_width(),
+        parameters,
+        dtype: model.dtype(),
+        tied_embeddings: c.tie_word_embeddings,
+        has_attention_biases: ck.tensors.keys().any(|n| n.ends_with("_proj.bias")),
+        total_bytes: files.iter().map(|f| f.bytes).sum(),
+        files,
+        bake_memory_estimate: MemoryEstimate {
+            weights_f32_bytes,
+            activations_bytes,
+            writer_bytes,
+            total_bytes: weights_f32_bytes + activations_bytes + writer_bytes,
+        },
+    }
+}

@@ -1,0 +1,247 @@
+//! Memory-mapped safetensors checkpoints, one file or sharded, checked against the config before use.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+use super::config::{ModelConfig, StoredDtype};
+use crate::error::{BakeError, IoContext, Result};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Where one tensor's bytes live.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub file: usize,
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the file (absolute, header included).
+    pub start: usize,
+    pub end: usize,
+}
+
+/// All safetensors files of a checkpoint, mapped, with a name → location table.
+pub struct Checkpoint {
+    pub files: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    pub tensors: BTreeMap<String, TensorEntry>,
+}
+
+impl Checkpoint {
+    /// The weight files of a model folder: the shards an index lists, or `model.safetensors`.
+    pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+        let index = dir.join(INDEX_FILE);
+        if index.exists() {
+            return shards_from_index(dir, &index);
+        }
+        let single = dir.join(SINGLE_FILE);
+        if single.exists() {
+            return Ok(vec![single]);
+        }
+        let has_pickles = std::fs::read_dir(dir)
+            .at(dir)?
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".bin"));
+        let message = if has_pickles {
+            "only PyTorch pickle weights (*.bin) found; bake reads safetensors only. Convert with \
+             `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`"
+        } else {
+            "no model.safetensors or model.safetensors.index.json found"
+        };
+        Err(BakeError::Unsupported { path: dir.into(), message: message.into() })
+    }
+
+    pub fn open(files: Vec<PathBuf>) -> Result<Self> {
+        let mut maps = Vec::with_capacity(files.len());
+        let mut tensors = BTreeMap::new();
+        for (index, path) in files.iter().enumerate() {
+            let file = File::open(path).at(path)?;
+            // SAFETY: the map is read-only; bake never writes to its inputs, and the docs tell users not to
+            // modify a checkpoint while bake reads it.
+            let map = unsafe { Mmap::map(&file) }.at(path)?;
+            for (name, entry) in read_header(path, index, &map)? {
+                if tensors.insert(name.clone(), entry).is_some() {
+                    return Err(BakeError::tensor(path, name, "stored in more than one file"));
+                }
+            }
+            maps.push(map);
+        }
+        Ok(Checkpoint { files, maps, tensors })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// The raw little-endian bytes of a tensor, straight from the map.
+    pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
+        &self.maps[entry.file][entry.start..entry.end]
+    }
+
+    pub fn file_of(&self, entry: &TensorEntry) -> &Path {
+        &self.files[entry.file]
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.maps.iter().map(|m| m.len() as u64).sum()
+    }
+
+    /// The dtype most of the parameters are stored in.
+    pub fn dominant_dtype(&self) -> Option<StoredDtype> {
+        let mut bytes: BTreeMap<&str, (StoredDtype, usize)> = BTreeMap::new();
+        for e in self.tensors.values() {
+            bytes.entry(e.dtype.safetensors_name()).or_insert((e.dtype, 0)).1 += e.end - e.start;
+        }
+        bytes.into_values().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+    }
+
+    /// A tensor as an f32 candle tensor on `device`, after checking its shape.
+    pub fn load_f32(&self, name: &str, shape: &[usize], device: &candle_core::Device) -> Result<candle_core::Tensor> {
+        let entry = self.expect(name, shape)?;
+        let raw = candle_core::Tensor::from_raw_buffer(self.bytes(entry), entry.dtype.candle(), shape, device)?;
+        Ok(raw.to_dtype(candle_core::DType::F32)?)
+    }
+
+    /// The entry of a tensor that must exist with this shape.
+    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
+        let Some(entry) = self.tensors.get(name) else {
+            let where_ = self.files.first().and_then(|f| f.parent()).map(Path::to_path_buf).unwrap_or_default();
+            return Err(BakeError::tensor(where_, name, "missing from the checkpoint"));
+        };
+        if entry.shape != shape {
+            return Err(BakeError::tensor(
+                self.file_of(entry),
+                name,
+                format!("shape {:?} contradicts config.json, which implies {:?}", entry.shape, shape),
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// Checks every tensor the config calls for (name, shape) and that all are floating point.
+    pub fn validate(&self, config: &ModelConfig) -> Result<()> {
+        for spec in expected_tensors(config) {
+            match (self.tensors.get(&spec.name), spec.required) {
+                (None, false) => {}
+                _ => {
+                    self.expect(&spec.name, &spec.shape)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tensor a LLaMA checkpoint has (or may have) according to its config.
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub required: bool,
+}
+
+/// Every tensor of a LLaMA checkpoint, in HF naming. Biases are optional: absent means zero.
+pub fn expected_tensors(c: &ModelConfig) -> Vec<TensorSpec> {
+    let spec = |name: String, shape: Vec<usize>, required| TensorSpec { name, shape, required };
+    let (h, a, kv, i, v) = (c.hidden_size, c.attn_width(), c.kv_width(), c.intermediate_size, c.vocab_size);
+    let mut out = vec![spec("model.embed_tokens.weight".into(), vec![v, h], true)];
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        out.push(spec(format!("{p}.input_layernorm.weight"), vec![h], true));
+        out.push(spec(format!("{p}.post_attention_layernorm.weight"), vec![h], true));
+        for (proj, rows, cols) in [("q_proj", a, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, a)] {
+            out.push(spec(format!("{p}.self_attn.{proj}.weight"), vec![rows, cols], true));
+            out.push(spec(format!("{p}.self_attn.{proj}.bias"), vec![rows], false));
+        }
+        for (proj, rows, cols) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+            out.push(spec(format!("{p}.mlp.{proj}.weight"), vec![rows, cols], true));
+            out.push(spec(format!("{p}.mlp.{proj}.bias"), vec![rows], false));
+        }
+    }
+    out.push(spec("model.norm.weight".into(), vec![h], true));
+    out.push(spec("lm_head.weight".into(), vec![v, h], !c.tie_word_embeddings));
+    out
+}
+
+fn read_header(path: &Path, file: usize, map: &[u8]) -> Result<Vec<(String, TensorEntry)>> {
+    let (header_len, metadata) = SafeTensors::read_metadata(map).map_err(|e| BakeError::Safetensors {
+        path: path.into(),
+        message: describe_safetensors_error(&e, map),
+    })?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = match info.dtype {
+            Dtype::BF16 => StoredDtype::Bf16,
+            Dtype::F16 => StoredDtype::F16,
+            Dtype::F32 => StoredDtype::F32,
+            other => {
+                return Err(BakeError::Unsupported {
+                    path: path.into(),
+                    message: format!(
+                        "tensor `{name}` has dtype {other:?}; bake reads bf16, f16 and f32 weights. Quantized or \
+                         integer checkpoints must be dequantized first (e.g. load in transformers with \
+                         torch_dtype=bfloat16 and save_pretrained)"
+                    ),
+                })
+            }
+        };
+        let (start, end) = info.data_offsets;
+        out.push((name, TensorEntry { file, dtype, shape: info.shape.clone(), start: data_start + start, end: data_start + end }));
+    }
+    Ok(out)
+}
+
+fn describe_safetensors_error(error: &SafeTensorError, map: &[u8]) -> String {
+    let header_len = map.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    match (error, header_len) {
+        (SafeTensorError::HeaderTooSmall, _) => format!("file is {} bytes, too short for a header", map.len()),
+        (SafeTensorError::InvalidHeaderLength | SafeTensorError::HeaderTooLarge, Some(n)) => {
+            format!("header length {n} runs past the end of the file ({} bytes)", map.len())
+        }
+        (SafeTensorError::MetadataIncompleteBuffer, _) => {
+            "the tensor data does not fill the file exactly (truncated download, or trailing bytes)".into()
+        }
+        (other, _) => other.to_string(),
+    }
+}
+
+fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).at(index)?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(index, e))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| BakeError::field(index, "weight_map", "missing (expected an object tensor name → shard file)"))?;
+    let mut shards: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let name = file.as_str().ok_or_else(|| {
+            BakeError::field(index, format!("weight_map.{tensor}"), "expected a file name")
+        })?;
+        let relative = Path::new(name);
+        let inside = relative.components().all(|c| matches!(c, Component::Normal(_)));
+        if !inside {
+            return Err(BakeError::field(
+                index,
+                format!("weight_map.{tensor}"),
+                format!("`{name}` points outside the model folder; shard names must be plain relative paths"),
+            ));
+        }
+        let shard = dir.join(relative);
+        if !shards.contains(&shard) {
+            if !shard.is_file() {
+                return Err(BakeError::field(
+                    index,
+                    format!("weight_map.{tensor}"),
+                    format!("shard `{name}` is missing from {}", dir.display()),
+                ));
+            }
+            shards.push(shard);
+        }
+    }
+    shards.sort();
+    Ok(shards)
+}

@@ -1,0 +1,20 @@
+//! The only way the library talks to a person: stages, counted work and notes go through [`Progress`].
+//! The CLI draws them with indicatif; tests and library users get [`Silent`].
+
+pub trait Progress: Sync {
+    /// A named pipeline stage begins (`activations`, `probes`, `write`, ...).
+    fn stage(&self, _name: &str) {}
+    /// Counted work of `total` items (`unit`: "prompts", "bytes", ...) begins.
+    fn start(&self, _total: u64, _unit: &str) {}
+    /// `n` more items are done.
+    fn advance(&self, _n: u64) {}
+    /// The counted work has ended.
+    fn finish(&self) {}
+    /// A remark worth showing (a cache hit, a skipped file).
+    fn note(&self, _message: &str) {}
+}
+
+/// Reports nothing.
+pub struct Silent;
+
+impl Progress for Silent {}

@@ -1,0 +1,108 @@
+//! The forward pass against transformers' own outputs (`reference_forward.json`, transformers 5.24, f32).
+
+mod common;
+
+use bake::model::{forward::mean_next_token_nll, Batch, ModelFiles, Request};
+use candle_core::{Device, Tensor};
+use common::max_abs_diff;
+use serde_json::Value;
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn forward_matches_transformers_on_every_reference_model() {
+    for (name, dir, reference) in common::reference_models() {
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+        let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
+        let tokenizer = files.tokenizer().unwrap();
+        let model = files.load(&Device::Cpu).unwrap();
+        for (case_index, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
+            let label = format!("{name} case {case_index}");
+            let expected_ids = ids(&case["input_ids"]);
+            let got_ids = tokenizer.encode(case["prompt"].as_str().unwrap()).unwrap();
+            assert_eq!(got_ids, expected_ids, "{label}: token ids");
+
+            let batch = Batch::right_padded(&[got_ids.clone()], 0, &Device::Cpu).unwrap();
+            let last = batch.last_positions();
+            let out = model.forward(&batch, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
+            let logits = out.logits.unwrap().squeeze(0).unwrap();
+            let last_logits: Vec<f32> = logits.get(got_ids.len() - 1).unwrap().to_vec1().unwrap();
+
+            let top_ids = ids(&case["last_logits_top20"]["ids"]);
+            let top_values = floats(&case["last_logits_top20"]["values"]);
+            let ours: Vec<f32> = top_ids.iter().map(|&i| last_logits[i as usize]).collect();
+            let diff = max_abs_diff(&ours, &top_values);
+            assert!(diff <= 2e-3, "{label}: top-20 logits differ by {diff}");
+            let argmax = last_logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            assert_eq!(argmax as u32, top_ids[0], "{label}: top-1");
+
+            let nll = mean_next_token_nll(&logits, &got_ids).unwrap();
+            let expected_nll = case["mean_nll"].as_f64().unwrap();
+            assert!((nll - expected_nll).abs() <= 1e-3, "{label}: mean NLL {nll} vs {expected_nll}");
+
+            for (layer, values) in case["o_proj_input_last_token"].as_object().unwrap() {
+                let layer: usize = layer.parse().unwrap();
+                let ours: Vec<f32> = out.o_proj_inputs[layer].get(0).unwrap().to_vec1().unwrap();
+                let diff = max_abs_diff(&ours, &floats(values));
+                assert!(diff <= 1e-3, "{label}: o_proj input of layer {layer} differs by {diff}");
+            }
+            eprintln!("{label}: logits within {diff:.2e}, nll {nll:.5} vs {expected_nll:.5}");
+        }
+    }
+}
+
+#[test]
+fn padded_batch_equals_one_prompt_at_a_time() {
+    for (name, dir, reference) in common::reference_models() {
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+        let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
+        let prompts: Vec<Vec<u32>> = reference["cases"].as_array().unwrap().iter().map(|c| ids(&c["input_ids"])).collect();
+        let batch = Batch::right_padded(&prompts, 0, &Device::Cpu).unwrap();
+        let last = batch.last_positions();
+        let together = model.forward(&batch, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
+        let together_logits = together.logits.unwrap();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let single = Batch::right_padded(&[prompt.clone()], 0, &Device::Cpu).unwrap();
+            let alone = model
+                .forward(&single, &Request { capture_at: Some(&[prompt.len() - 1]), logits: true, ..Default::default() })
+                .unwrap();
+            for (layer, (a, b)) in alone.o_proj_inputs.iter().zip(&together.o_proj_inputs).enumerate() {
+                let diff = max_abs_diff(&a.get(0).unwrap().to_vec1().unwrap(), &b.get(i).unwrap().to_vec1().unwrap());
+                assert!(diff <= 1e-4, "{name} prompt {i} layer {layer}: batched differs by {diff}");
+            }
+            let n = prompt.len();
+            let a = alone.logits.unwrap().get(0).unwrap();
+            let b = together_logits.get(i).unwrap().narrow(0, 0, n).unwrap();
+            let diff = max_abs_diff(&flat(&a), &flat(&b));
+            assert!(diff <= 1e-4, "{name} prompt {i}: batched logits differ by {diff}");
+        }
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn capture_only_pass_stops_early_with_the_same_activations() {
+    for (name, dir, reference) in common::reference_models() {
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+        let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
+        let prompt = ids(&reference["cases"][0]["input_ids"]);
+        let batch = Batch::right_padded(&[prompt.clone()], 0, &Device::Cpu).unwrap();
+        let at = [prompt.len() - 1];
+        let full = model.forward(&batch, &Request { capture_at: Some(&at), logits: true, ..Default::default() }).unwrap();
+        let short = model.forward(&batch, &Request { capture_at: Some(&at), ..Default::default() }).unwrap();
+        assert!(short.logits.is_none());
+        assert_eq!(short.o_proj_inputs.len(), model.config.num_layers, "{name}");
+        for (a, b) in full.o_proj_inputs.iter().zip(&short.o_proj_inputs) {
+            assert_eq!(flat(a), flat(b), "{name}");
+        }
+    }
+}
