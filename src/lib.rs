@@ -7,6 +7,7 @@
 //! [`hub`] (Hugging Face Hub access).
 
 pub mod error;
+pub mod export;
 pub mod hub;
 pub mod model;
 pub mod progress;

@@ -4,6 +4,7 @@ pub mod config;
 pub mod forward;
 pub mod inspect;
 pub mod resolve;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,174 @@
+//! A streaming, deterministic safetensors writer that shards as Hugging Face does.
+//!
+//! Tensors are written in name order; unchanged tensors are copied byte for byte from the memory map (never
+//! through f32). Memory use is one `BufWriter` buffer, whatever the model size. Every file is hashed while it
+//! is written, so the manifest needs no second read.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{BakeError, IoContext, Result};
+use crate::model::config::StoredDtype;
+use crate::model::weights::{INDEX_FILE, SINGLE_FILE};
+
+/// One tensor to write: its bytes come from the base model's map or from a new buffer.
+pub struct TensorBytes<'a> {
+    pub name: String,
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+/// A file written, with its sha256.
+#[derive(Debug, Clone)]
+pub struct WrittenFile {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Writes `tensors` into `dir` as `model.safetensors`, or as `model-0000i-of-0000N.safetensors` plus
+/// `model.safetensors.index.json` when they exceed `max_shard_bytes`. `on_bytes` is told of each tensor
+/// written (for progress).
+pub fn write_checkpoint(
+    dir: &Path,
+    mut tensors: Vec<TensorBytes>,
+    max_shard_bytes: u64,
+    on_bytes: &dyn Fn(u64),
+) -> Result<Vec<WrittenFile>> {
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    for t in &tensors {
+        let expected = t.shape.iter().product::<usize>() * t.dtype.size_in_bytes();
+        if t.bytes.len() != expected {
+            return Err(BakeError::tensor(dir, &t.name, format!("has {} bytes, its shape needs {expected}", t.bytes.len())));
+        }
+    }
+    let groups = split_into_shards(&tensors, max_shard_bytes);
+    let count = groups.len();
+    let mut written = Vec::new();
+    let mut weight_map = BTreeMap::new();
+    for (i, group) in groups.iter().enumerate() {
+        let name = if count == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) };
+        for t in group {
+            weight_map.insert(t.name.clone(), name.clone());
+        }
+        written.push(write_safetensors(&dir.join(&name), group, on_bytes)?);
+    }
+    if count > 1 {
+        let total_size: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
+        let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+        let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers") + "\n";
+        written.push(write_file(&dir.join(INDEX_FILE), text.as_bytes())?);
+    }
+    Ok(written)
+}
+
+fn split_into_shards<'t, 'a>(tensors: &'t [TensorBytes<'a>], max_shard_bytes: u64) -> Vec<Vec<&'t TensorBytes<'a>>> {
+    let mut groups: Vec<Vec<&TensorBytes>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in tensors {
+        let n = t.bytes.len() as u64;
+        if size + n > max_shard_bytes && !groups.last().unwrap().is_empty() {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        groups.last_mut().unwrap().push(t);
+        size += n;
+    }
+    groups
+}
+
+/// The safetensors header for `tensors` in the given order, padded with spaces to a multiple of 8 bytes.
+fn header(tensors: &[&TensorBytes]) -> Vec<u8> {
+    let mut entries = serde_json::Map::new();
+    entries.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for t in tensors {
+        let end = offset + t.bytes.len();
+        entries.insert(
+            t.name.clone(),
+            serde_json::json!({ "dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(entries)).expect("JSON of strings and numbers");
+    json.resize(json.len().next_multiple_of(8), b' ');
+    json
+}
+
+fn write_safetensors(path: &Path, tensors: &[&TensorBytes], on_bytes: &dyn Fn(u64)) -> Result<WrittenFile> {
+    let header = header(tensors);
+    let mut out = HashingWriter::create(path)?;
+    out.write_all(&(header.len() as u64).to_le_bytes()).at(path)?;
+    out.write_all(&header).at(path)?;
+    for t in tensors {
+        out.write_all(&t.bytes).at(path)?;
+        on_bytes(t.bytes.len() as u64);
+    }
+    out.finish()
+}
+
+/// Writes a small file and hashes it.
+pub fn write_file(path: &Path, contents: &[u8]) -> Result<WrittenFile> {
+    let mut out = HashingWriter::create(path)?;
+    out.write_all(contents).at(path)?;
+    out.finish()
+}
+
+/// Copies a file and hashes the copy.
+pub fn copy_file(from: &Path, to: &Path) -> Result<WrittenFile> {
+    let mut input = File::open(from).at(from)?;
+    let mut out = HashingWriter::create(to)?;
+    std::io::copy(&mut input, &mut out).at(to)?;
+    out.finish()
+}
+
+struct HashingWriter {
+    path: PathBuf,
+    inner: BufWriter<File>,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl HashingWriter {
+    fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).at(path)?;
+        Ok(HashingWriter { path: path.into(), inner: BufWriter::with_capacity(8 << 20, file), hasher: Sha256::new(), bytes: 0 })
+    }
+
+    fn finish(mut self) -> Result<WrittenFile> {
+        self.inner.flush().at(&self.path)?;
+        self.inner.get_ref().sync_all().at(&self.path)?;
+        Ok(WrittenFile { path: self.path, bytes: self.bytes, sha256: hex(&self.hasher.finalize()) })
+    }
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file on disk.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).at(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).at(path)?;
+    Ok(hex(&hasher.finalize()))
+}

@@ -1,0 +1,125 @@
+//! Randomly initialised LLaMA checkpoints, for tests and benchmarks that must not depend on downloads.
+//! The values come from a fixed-seed generator, so the same shape always gives the same bytes.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use half::{bf16, f16};
+
+use super::config::{ModelConfig, StoredDtype};
+use super::weights::expected_tensors;
+use crate::error::{IoContext, Result};
+use crate::export::shards::{write_checkpoint, TensorBytes};
+
+/// The shape of a synthetic model.
+#[derive(Debug, Clone)]
+pub struct SyntheticSpec {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub dtype: StoredDtype,
+    pub tie_word_embeddings: bool,
+    pub seed: u64,
+}
+
+impl Default for SyntheticSpec {
+    fn default() -> Self {
+        SyntheticSpec {
+            layers: 2,
+            hidden: 32,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            intermediate: 64,
+            vocab: 128,
+            dtype: StoredDtype::F32,
+            tie_word_embeddings: false,
+            seed: 0,
+        }
+    }
+}
+
+impl SyntheticSpec {
+    pub fn config_json(&self) -> serde_json::Value {
+        let dtype = match self.dtype {
+            StoredDtype::Bf16 => "bfloat16",
+            StoredDtype::F16 => "float16",
+            StoredDtype::F32 => "float32",
+        };
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": dtype,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        })
+    }
+}
+
+/// SplitMix64: tiny, fast, and the same everywhere.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn symmetric(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn encode(values: impl Iterator<Item = f32>, dtype: StoredDtype) -> Vec<u8> {
+    match dtype {
+        StoredDtype::F32 => values.flat_map(f32::to_le_bytes).collect(),
+        StoredDtype::Bf16 => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+        StoredDtype::F16 => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+/// Writes `config.json` and random weights (norms near 1, matrices scaled by 1/√fan_in) into `dir`.
+pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec, max_shard_bytes: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).at(dir)?;
+    let config_path = dir.join("config.json");
+    let config_text = serde_json::to_string_pretty(&spec.config_json()).expect("plain JSON");
+    std::fs::write(&config_path, &config_text).at(&config_path)?;
+    let config = ModelConfig::load(&config_path)?;
+    let mut rng = SplitMix(spec.seed);
+    let mut tensors = Vec::new();
+    for t in expected_tensors(&config).into_iter().filter(|t| t.required) {
+        let numel: usize = t.shape.iter().product();
+        let is_norm = t.shape.len() == 1;
+        let scale = if is_norm { 0.1 } else { 1.0 / (*t.shape.last().unwrap() as f32).sqrt() };
+        let values = (0..numel).map(|_| {
+            let r = rng.symmetric() * scale;
+            if is_norm { 1.0 + r } else { r }
+        });
+        let bytes = encode(values, spec.dtype);
+        tensors.push(TensorBytes { name: t.name, dtype: spec.dtype, shape: t.shape, bytes: Cow::Owned(bytes) });
+    }
+    write_checkpoint(dir, tensors, max_shard_bytes, &|_| {})?;
+    Ok(())
+}
