@@ -6,11 +6,17 @@
 //! [`model`] (resolve, config, weights, forward pass) →
 //! [`hub`] (Hugging Face Hub access).
 
+pub mod activations;
+pub mod data;
 pub mod error;
 pub mod export;
 pub mod hub;
 pub mod model;
+pub mod pipeline;
+pub mod probes;
 pub mod progress;
+pub mod recipe;
+pub mod rng;
 
 pub use error::{BakeError, Result};
 

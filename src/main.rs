@@ -2,9 +2,16 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
 use bake::model::{inspect, resolve::ALIASES, ModelFiles};
-use clap::{Args, Parser, Subcommand};
+use bake::pipeline::{self, ProbeOptions};
+use bake::progress::Progress;
+use bake::recipe::{DirectionKind, Overrides, Recipe};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(name = "bake", version, about = "Bake Inference-Time Intervention into LLaMA checkpoints as o_proj biases")]
@@ -19,6 +26,127 @@ enum Command {
     Inspect(InspectArgs),
     /// List the short model names (as in the reference code) and the Hub repositories behind them.
     Models,
+    /// Run the ITI core (activations, probes, heads, shifts) and write report.json and heatmap.png.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct RecipeArgs {
+    /// A model folder, a Hub repo id `org/name[@revision]`, or a short name (see `bake models`).
+    #[arg(long, short)]
+    model: String,
+    /// The YAML recipe (see recipes/truthfulqa.yaml).
+    #[arg(long, short)]
+    recipe: PathBuf,
+    /// Shift strength α (overrides the recipe).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Number of heads K (overrides the recipe).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Seed for splits, tuning prompts and random directions (overrides the recipe).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Dataset folder or Hub id (overrides the recipe).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Only the first N questions in multiple_choice order.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Prompts per forward pass.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long)]
+    device: Option<String>,
+    /// How directions are found.
+    #[arg(long, value_enum)]
+    direction: Option<Direction>,
+    /// Do not read or write the activation cache ($BAKE_CACHE_DIR, default ~/.cache/bake/activations).
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Direction {
+    CenterOfMass,
+    Probe,
+    Random,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// Folder for report.json and heatmap.png (created if missing).
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+impl RecipeArgs {
+    fn load(&self) -> Result<Recipe> {
+        let mut recipe = Recipe::load(&self.recipe)?;
+        recipe.apply(&Overrides {
+            alpha: self.alpha,
+            heads: self.heads,
+            seed: self.seed,
+            dataset: self.dataset.clone(),
+            limit: self.limit,
+            batch_size: self.batch_size,
+            device: self.device.clone(),
+            direction: self.direction.map(|d| match d {
+                Direction::CenterOfMass => DirectionKind::CenterOfMass,
+                Direction::Probe => DirectionKind::Probe,
+                Direction::Random => DirectionKind::Random,
+            }),
+        });
+        recipe.validate(&self.recipe)?;
+        Ok(recipe)
+    }
+
+    fn probe_options(&self) -> ProbeOptions {
+        ProbeOptions { cache_dir: (!self.no_cache).then(bake::activations::cache::default_dir) }
+    }
+}
+
+/// Draws the library's progress events on stderr.
+struct Bars {
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Bars {
+    fn new() -> Self {
+        Bars { bar: Mutex::new(None) }
+    }
+}
+
+impl Progress for Bars {
+    fn stage(&self, name: &str) {
+        eprintln!("bake: {name}");
+    }
+
+    fn start(&self, total: u64, unit: &str) {
+        let bar = ProgressBar::new(total);
+        let template = format!("  {{bar:40}} {{pos}}/{{len}} {unit} ({{per_sec}}, ETA {{eta}})");
+        bar.set_style(ProgressStyle::with_template(&template).expect("valid template"));
+        *self.bar.lock().unwrap() = Some(bar);
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(bar) = self.bar.lock().unwrap().as_ref() {
+            bar.inc(n);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.lock().unwrap().take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn note(&self, message: &str) {
+        eprintln!("bake: {message}");
+    }
 }
 
 #[derive(Args)]
@@ -45,6 +173,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect(args) => run_inspect(&args)?,
+        Command::Probe(args) => run_probe(&args)?,
         Command::Models => {
             for (alias, repo) in ALIASES {
                 println!("{alias:<22} {repo}");
@@ -85,4 +214,27 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
         gib(m.writer_bytes)
     );
     Ok(())
+}
+
+fn run_probe(args: &ProbeArgs) -> Result<()> {
+    let recipe = args.recipe.load()?;
+    let model = ModelFiles::open(&args.recipe.model)?;
+    let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &Bars::new())?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    pipeline::write_probe_outputs(&outcome, &args.out)?;
+    print_heads(&outcome);
+    eprintln!("bake: wrote {}", args.out.join("report.json").display());
+    Ok(())
+}
+
+fn print_heads(outcome: &pipeline::ProbeOutcome) {
+    let r = &outcome.report;
+    println!("{} probe prompts, {} tuning prompts, {} questions", r.probe_prompts, r.tuning_prompts, outcome.dataset.questions.len());
+    println!("top heads (layer, head: validation accuracy, σ):");
+    for (s, [l, h]) in outcome.shifts.iter().zip(&r.heads).take(10) {
+        println!("  {l:>3}, {h:>3}: {:.3}, {:.4}", r.val_accuracy[*l][*h], s.sigma);
+    }
+    if r.heads.len() > 10 {
+        println!("  ... and {} more", r.heads.len() - 10);
+    }
 }

@@ -325,7 +325,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let missing = parse(r#"{"model_type":"llama","hidden_size":48}"#).unwrap_err().to_string();
+        let missing = parse(&format!("{{{}}}", BASE.replace(r#""intermediate_size":96,"#, ""))).unwrap_err().to_string();
         assert!(missing.contains("config.json") && missing.contains("intermediate_size"), "{missing}");
         let yarn = parse(&format!("{{{BASE},\"rope_scaling\":{{\"type\":\"yarn\",\"factor\":2}}}}")).unwrap_err();
         assert!(yarn.to_string().contains("rope_scaling.rope_type") && yarn.to_string().contains("yarn"), "{yarn}");

@@ -48,3 +48,39 @@ impl ModelFiles {
         self.config.dtype.or(self.checkpoint.dominant_dtype()).unwrap_or(StoredDtype::F32)
     }
 }
+
+impl ModelFiles {
+    /// sha256 of `config.json` and every weight file, hashed in parallel (used for cache keys and manifests).
+    pub fn input_hashes(&self) -> Result<Vec<(std::path::PathBuf, String)>> {
+        use rayon::prelude::*;
+        let mut files = vec![self.location.config_path()];
+        files.extend(self.checkpoint.files.iter().cloned());
+        files.into_par_iter().map(|p| crate::export::shards::sha256_file(&p).map(|h| (p, h))).collect()
+    }
+}
+
+/// The device named by a recipe or `--device`: `cpu`, `cuda`, `cuda:N` or `auto`.
+pub fn pick_device(spec: &str) -> Result<candle_core::Device> {
+    use crate::error::BakeError;
+    let cuda_index = match spec {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "auto" => {
+            return Ok(if candle_core::utils::cuda_is_available() {
+                candle_core::Device::new_cuda(0)?
+            } else {
+                candle_core::Device::Cpu
+            })
+        }
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => n,
+            None => return Err(BakeError::Invalid(format!("device `{other}`: expected cpu, cuda, cuda:N or auto"))),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(BakeError::Invalid(format!(
+            "device `{spec}`: this bake was built without CUDA (rebuild with `--features cuda`) or no GPU is present"
+        )));
+    }
+    Ok(candle_core::Device::new_cuda(cuda_index)?)
+}

@@ -9,6 +9,7 @@ use half::{bf16, f16};
 use super::config::{ModelConfig, StoredDtype};
 use super::weights::expected_tensors;
 use crate::error::{IoContext, Result};
+use crate::rng::SeededRng;
 use crate::export::shards::{write_checkpoint, TensorBytes};
 
 /// The shape of a synthetic model.
@@ -74,24 +75,6 @@ impl SyntheticSpec {
     }
 }
 
-/// SplitMix64: tiny, fast, and the same everywhere.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn symmetric(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
 fn encode(values: impl Iterator<Item = f32>, dtype: StoredDtype) -> Vec<u8> {
     match dtype {
         StoredDtype::F32 => values.flat_map(f32::to_le_bytes).collect(),
@@ -107,14 +90,14 @@ pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec, max_shard_bytes: 
     let config_text = serde_json::to_string_pretty(&spec.config_json()).expect("plain JSON");
     std::fs::write(&config_path, &config_text).at(&config_path)?;
     let config = ModelConfig::load(&config_path)?;
-    let mut rng = SplitMix(spec.seed);
+    let mut rng = SeededRng::new(spec.seed);
     let mut tensors = Vec::new();
     for t in expected_tensors(&config).into_iter().filter(|t| t.required) {
         let numel: usize = t.shape.iter().product();
         let is_norm = t.shape.len() == 1;
         let scale = if is_norm { 0.1 } else { 1.0 / (*t.shape.last().unwrap() as f32).sqrt() };
         let values = (0..numel).map(|_| {
-            let r = rng.symmetric() * scale;
+            let r = (rng.uniform() as f32 * 2.0 - 1.0) * scale;
             if is_norm { 1.0 + r } else { r }
         });
         let bytes = encode(values, spec.dtype);

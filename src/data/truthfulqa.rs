@@ -1,0 +1,152 @@
+//! TruthfulQA as the Hub serves it: the `multiple_choice` config (probe labels, and the question order every
+//! index in `bake` refers to) and the `generation` config (answers for the tuning prompts), from a local
+//! folder in the HF layout.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{BakeError, IoContext, Result};
+
+/// One question, in multiple_choice order, with its generation-config answers.
+#[derive(Debug, Clone)]
+pub struct Question {
+    pub question: String,
+    /// mc2 choices and labels (true = correct), in file order.
+    pub mc2: Vec<(String, bool)>,
+    /// mc1 choices; the first is the correct one.
+    pub mc1: Vec<String>,
+    pub best_answer: String,
+    /// Generation-config answers as listed (empty strings kept, as the reference does).
+    pub correct_answers: Vec<String>,
+    pub incorrect_answers: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TruthfulQa {
+    pub questions: Vec<Question>,
+    /// sha256 of the two source files, for cache keys and manifests.
+    pub files: Vec<(PathBuf, String)>,
+}
+
+impl TruthfulQa {
+    /// Reads `<dir>/multiple_choice/<split>.jsonl` and `<dir>/generation/<split>.jsonl`, keeping the first
+    /// `limit` questions in multiple_choice order.
+    pub fn load(source: &str, split: &str, limit: Option<usize>) -> Result<Self> {
+        let dir = Path::new(source);
+        if !dir.is_dir() {
+            return Err(BakeError::Invalid(format!(
+                "dataset `{source}`: not a local folder. Download truthfulqa/truthful_qa and point `dataset.source` \
+                 (or --dataset) at a folder with multiple_choice/{split}.jsonl and generation/{split}.jsonl \
+                 (loading the Hub's parquet files directly is not supported yet)"
+            )));
+        }
+        let mc_path = config_file(dir, "multiple_choice", split)?;
+        let gen_path = config_file(dir, "generation", split)?;
+        let mc_rows = read_jsonl(&mc_path)?;
+        let gen_rows = read_jsonl(&gen_path)?;
+        let mut generation: HashMap<String, (usize, &Value)> = HashMap::new();
+        for (line, row) in gen_rows.iter().enumerate() {
+            let question = string_field(&gen_path, line, row, "question")?;
+            generation.insert(question.trim().to_string(), (line, row));
+        }
+        let take = limit.unwrap_or(usize::MAX).min(mc_rows.len());
+        let mut questions = Vec::with_capacity(take);
+        for (line, row) in mc_rows.iter().enumerate().take(take) {
+            let question = string_field(&mc_path, line, row, "question")?;
+            let mc2 = targets(&mc_path, line, row, "mc2_targets")?;
+            let mc1 = targets(&mc_path, line, row, "mc1_targets")?.into_iter().map(|(c, _)| c).collect();
+            if !mc2.iter().any(|(_, t)| *t) || mc2.iter().all(|(_, t)| *t) {
+                return Err(BakeError::Invalid(format!(
+                    "{} line {}: question `{question}` needs at least one true and one false mc2 answer",
+                    mc_path.display(),
+                    line + 1
+                )));
+            }
+            let Some(&(gen_line, gen_row)) = generation.get(question.trim()) else {
+                return Err(BakeError::Invalid(format!(
+                    "{}: no row for the question `{question}` of {} line {}",
+                    gen_path.display(),
+                    mc_path.display(),
+                    line + 1
+                )));
+            };
+            questions.push(Question {
+                question,
+                mc2,
+                mc1,
+                best_answer: string_field(&gen_path, gen_line, gen_row, "best_answer")?,
+                correct_answers: strings_field(&gen_path, gen_line, gen_row, "correct_answers")?,
+                incorrect_answers: strings_field(&gen_path, gen_line, gen_row, "incorrect_answers")?,
+            });
+        }
+        if questions.is_empty() {
+            return Err(BakeError::Invalid(format!("{}: the dataset has no questions", mc_path.display())));
+        }
+        let files = [mc_path, gen_path]
+            .into_iter()
+            .map(|p| crate::export::shards::sha256_file(&p).map(|h| (p, h)))
+            .collect::<Result<_>>()?;
+        Ok(TruthfulQa { questions, files })
+    }
+
+    /// A hash of the data actually used (files and limit).
+    pub fn fingerprint(&self) -> String {
+        let mut parts: Vec<String> = self.files.iter().map(|(_, h)| h.clone()).collect();
+        parts.push(self.questions.len().to_string());
+        parts.join(":")
+    }
+}
+
+fn config_file(dir: &Path, config: &str, split: &str) -> Result<PathBuf> {
+    let jsonl = dir.join(config).join(format!("{split}.jsonl"));
+    if jsonl.is_file() {
+        return Ok(jsonl);
+    }
+    let parquet = dir.join(config).join(format!("{split}-00000-of-00001.parquet"));
+    let message = if parquet.is_file() {
+        format!("only parquet found ({}); bake reads the jsonl form of the dataset", parquet.display())
+    } else {
+        "missing".to_string()
+    };
+    Err(BakeError::Output { path: jsonl, message })
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| BakeError::parse(path, format!("line {}: {e}", i + 1))))
+        .collect()
+}
+
+fn schema_error(path: &Path, line: usize, field: &str, expected: &str) -> BakeError {
+    BakeError::field(path, field, format!("line {}: expected {expected}", line + 1))
+}
+
+fn string_field(path: &Path, line: usize, row: &Value, field: &str) -> Result<String> {
+    row.get(field).and_then(Value::as_str).map(str::to_string).ok_or_else(|| schema_error(path, line, field, "a string"))
+}
+
+fn strings_field(path: &Path, line: usize, row: &Value, field: &str) -> Result<Vec<String>> {
+    row.get(field)
+        .and_then(Value::as_array)
+        .and_then(|items| items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| schema_error(path, line, field, "a list of strings"))
+}
+
+fn targets(path: &Path, line: usize, row: &Value, field: &str) -> Result<Vec<(String, bool)>> {
+    let expected = "an object {choices: [string], labels: [0|1]} of equal lengths";
+    let target = row.get(field).ok_or_else(|| schema_error(path, line, field, expected))?;
+    let choices = strings_field(path, line, target, "choices").map_err(|_| schema_error(path, line, field, expected))?;
+    let labels: Option<Vec<bool>> = target
+        .get("labels")
+        .and_then(Value::as_array)
+        .and_then(|l| l.iter().map(|v| v.as_u64().filter(|&n| n <= 1).map(|n| n == 1)).collect());
+    match labels {
+        Some(labels) if labels.len() == choices.len() => Ok(choices.into_iter().zip(labels).collect()),
+        _ => Err(schema_error(path, line, &format!("{field}.labels"), expected)),
+    }
+}

@@ -1,0 +1,154 @@
+//! The ITI core in one call: data → prompts → activations (cached) → probes → heads → shifts → report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::activations::{self, cache, Activations};
+use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
+use crate::error::Result;
+use crate::model::{pick_device, ModelFiles};
+use crate::probes::report::ProbeReport;
+use crate::probes::{self, HeadLayout, HeadShift, ShiftInputs, Split};
+use crate::progress::Progress;
+use crate::recipe::Recipe;
+
+pub struct ProbeOptions {
+    /// `None` disables the activation cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Everything the probe stage produced, for the report and for baking.
+pub struct ProbeOutcome {
+    pub report: ProbeReport,
+    pub shifts: Vec<HeadShift>,
+    /// δ per layer in o_proj-input layout; `None` for layers without a chosen head.
+    pub deltas: Vec<Option<Vec<f32>>>,
+    pub split: Split,
+    pub dataset: TruthfulQa,
+    /// sha256 of the model's config and weight files.
+    pub model_hashes: Vec<(PathBuf, String)>,
+    pub cache_hit: bool,
+}
+
+pub fn run_probe(model: &ModelFiles, recipe: &Recipe, options: &ProbeOptions, progress: &dyn Progress) -> Result<ProbeOutcome> {
+    let mut timings = BTreeMap::new();
+    let mut clock = Instant::now();
+    let mut lap = |name: &str, timings: &mut BTreeMap<String, f64>| {
+        timings.insert(name.to_string(), clock.elapsed().as_secs_f64());
+        clock = Instant::now();
+    };
+    let c = &model.config;
+    let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
+    probes::check_head_count(recipe.heads, layout.layers * layout.heads)?;
+
+    progress.stage("data");
+    let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
+    let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
+    progress.stage("hashing model files");
+    let model_hashes = model.input_hashes()?;
+    lap("data", &mut timings);
+
+    progress.stage("activations");
+    let (probe_acts, tuning_acts, cache_hit) = activations_for(model, recipe, &dataset, &prompts, &model_hashes, options, progress)?;
+    lap("activations", &mut timings);
+
+    progress.stage("probes");
+    let split = probes::split_questions(dataset.questions.len(), recipe.validation_ratio, recipe.seed);
+    let trained = probes::train_probes(&probe_acts, &prompts.probe, &split, layout);
+    let chosen = probes::select_heads(&trained.val_accuracy, recipe.heads)?;
+    let shifts = probes::compute_shifts(
+        &ShiftInputs {
+            probe_acts: &probe_acts,
+            probe_prompts: &prompts.probe,
+            tuning_acts: &tuning_acts,
+            split: &split,
+            probes: &trained,
+            layout,
+            direction: recipe.direction,
+            alpha: recipe.alpha,
+            seed: recipe.seed,
+        },
+        &chosen,
+    );
+    let deltas = probes::per_layer_deltas(&shifts, layout);
+    lap("probes", &mut timings);
+
+    let report = ProbeReport {
+        tool_version: crate::VERSION.into(),
+        model: model.location.hub_repo.clone().unwrap_or_else(|| model.location.spec.clone()),
+        recipe: recipe.clone(),
+        layers: layout.layers,
+        heads_per_layer: layout.heads,
+        head_dim: layout.head_dim,
+        probe_prompts: prompts.probe.len(),
+        tuning_prompts: prompts.tuning.len(),
+        val_accuracy: trained.val_accuracy,
+        heads: chosen.iter().map(|&(l, h)| [l, h]).collect(),
+        train_questions: split.train.clone(),
+        val_questions: split.val.clone(),
+        tuning_question: prompts.tuning_question.clone(),
+        sigma: shifts.iter().map(|s| (s.layer, s.head, s.sigma)).collect(),
+        delta: deltas.iter().enumerate().filter_map(|(l, d)| d.clone().map(|d| (l.to_string(), d))).collect(),
+        timings: Some(timings),
+    };
+    Ok(ProbeOutcome { report, shifts, deltas, split, dataset, model_hashes, cache_hit })
+}
+
+fn activations_for(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    dataset: &TruthfulQa,
+    prompts: &PromptSets,
+    model_hashes: &[(PathBuf, String)],
+    options: &ProbeOptions,
+    progress: &dyn Progress,
+) -> Result<(Activations, Activations, bool)> {
+    let probe_texts: Vec<String> = prompts.probe.iter().map(|p| p.text.clone()).collect();
+    let tuning_texts: Vec<String> = prompts.tuning.iter().map(|p| p.text.clone()).collect();
+    let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
+    let all_texts: Vec<&str> = probe_texts.iter().chain(&tuning_texts).map(String::as_str).collect();
+    let key = cache::CacheKey {
+        tool_version: crate::VERSION,
+        model_hashes: &hashes,
+        dataset_fingerprint: &dataset.fingerprint(),
+        templates: &[&recipe.prompts.probe, &recipe.prompts.tuning],
+        prompts: &all_texts,
+    }
+    .digest();
+    let cache_path = options.cache_dir.as_deref().map(|d| cache::path_for(d, &key));
+    if let Some(path) = &cache_path {
+        if let Some(mut sets) = cache::load(path, &["probe", "tuning"])? {
+            progress.note(&format!("activations: reused {}", path.display()));
+            let tuning = sets.pop().expect("two sets");
+            return Ok((sets.pop().expect("two sets"), tuning, true));
+        }
+    }
+    let device = pick_device(&recipe.device)?;
+    let llama = model.load(&device)?;
+    let tokenizer = model.tokenizer()?;
+    let mut all = probe_texts.clone();
+    all.extend(tuning_texts);
+    let acts = activations::capture_last_token(&llama, &tokenizer, &all, recipe.batch_size, progress)?;
+    let (probe, tuning) = split_rows(acts, probe_texts.len());
+    if let Some(path) = &cache_path {
+        cache::store(path, &[("probe", &probe), ("tuning", &tuning)], &key)?;
+    }
+    Ok((probe, tuning, false))
+}
+
+fn split_rows(acts: Activations, first: usize) -> (Activations, Activations) {
+    let per_row = acts.layers * acts.width;
+    let mut data = acts.data;
+    let rest = data.split_off(first * per_row);
+    (
+        Activations { rows: first, layers: acts.layers, width: acts.width, data },
+        Activations { rows: acts.rows - first, layers: acts.layers, width: acts.width, data: rest },
+    )
+}
+
+/// Writes `report.json` and `heatmap.png` into `dir`.
+pub fn write_probe_outputs(outcome: &ProbeOutcome, dir: &Path) -> Result<()> {
+    outcome.report.write_json(&dir.join("report.json"))?;
+    outcome.report.write_heatmap(&dir.join("heatmap.png"))
+}

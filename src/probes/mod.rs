@@ -1,0 +1,214 @@
+//! Stage 4: per-head probes, head selection, directions and shift sizes — the ITI core.
+
+pub mod logistic;
+pub mod report;
+
+use rayon::prelude::*;
+
+use crate::activations::Activations;
+use crate::data::prompts::Prompt;
+use crate::error::{BakeError, Result};
+use crate::recipe::DirectionKind;
+use crate::rng::SeededRng;
+
+/// Questions (indices in multiple_choice order) used to train and to rank the probes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub train: Vec<usize>,
+    pub val: Vec<usize>,
+}
+
+/// The reference's no-CV split: a seeded permutation of all questions, the first ⌊n(1−r)⌋ train, the rest
+/// validation, each listed in ascending order. By question, so all answers of a question land together.
+pub fn split_questions(n: usize, validation_ratio: f64, seed: u64) -> Split {
+    let permutation = SeededRng::for_purpose(seed, "split").permutation(n);
+    let train_size = (n as f64 * (1.0 - validation_ratio)) as usize;
+    let mut train = permutation[..train_size].to_vec();
+    let mut val = permutation[train_size..].to_vec();
+    train.sort_unstable();
+    val.sort_unstable();
+    Split { train, val }
+}
+
+/// Shape facts the probes need.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLayout {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// One head's features for some prompts, in f64.
+fn head_rows(acts: &Activations, rows: &[usize], layer: usize, head: usize, head_dim: usize) -> Vec<Vec<f64>> {
+    rows.iter().map(|&r| acts.head(r, layer, head, head_dim).iter().map(|&v| v as f64).collect()).collect()
+}
+
+pub struct ProbeResults {
+    /// `[layer][head]`.
+    pub val_accuracy: Vec<Vec<f64>>,
+    /// Flat `layer * heads + head`.
+    pub probes: Vec<logistic::Probe>,
+}
+
+/// Fits one logistic regression (C = 1) per head on the train questions' probe prompts and scores it on the
+/// validation questions' prompts. Heads run in parallel.
+pub fn train_probes(acts: &Activations, prompts: &[Prompt], split: &Split, layout: HeadLayout) -> ProbeResults {
+    let in_split = |questions: &[usize]| -> Vec<usize> {
+        let mut wanted = vec![false; prompts.iter().map(|p| p.question + 1).max().unwrap_or(0)];
+        questions.iter().for_each(|&q| wanted[q] = true);
+        (0..prompts.len()).filter(|&i| wanted[prompts[i].question]).collect()
+    };
+    let (train_rows, val_rows) = (in_split(&split.train), in_split(&split.val));
+    let labels = |rows: &[usize]| -> Vec<bool> { rows.iter().map(|&r| prompts[r].label).collect() };
+    let (train_labels, val_labels) = (labels(&train_rows), labels(&val_rows));
+    let probes: Vec<(logistic::Probe, f64)> = (0..layout.layers * layout.heads)
+        .into_par_iter()
+        .map(|flat| {
+            let (layer, head) = (flat / layout.heads, flat % layout.heads);
+            let train = head_rows(acts, &train_rows, layer, head, layout.head_dim);
+            let train: Vec<&[f64]> = train.iter().map(Vec::as_slice).collect();
+            let probe = logistic::fit(&train, &train_labels, 1.0, 1e-6);
+            let val = head_rows(acts, &val_rows, layer, head, layout.head_dim);
+            let val: Vec<&[f64]> = val.iter().map(Vec::as_slice).collect();
+            let accuracy = probe.accuracy(&val, &val_labels);
+            (probe, accuracy)
+        })
+        .collect();
+    let val_accuracy = probes.chunks(layout.heads).map(|c| c.iter().map(|(_, a)| *a).collect()).collect();
+    ProbeResults { val_accuracy, probes: probes.into_iter().map(|(p, _)| p).collect() }
+}
+
+/// The K heads with the highest validation accuracy. Ties go to the lower layer, then the lower head, so the
+/// choice never depends on sort stability.
+pub fn select_heads(val_accuracy: &[Vec<f64>], k: usize) -> Result<Vec<(usize, usize)>> {
+    let mut all: Vec<(usize, usize)> =
+        val_accuracy.iter().enumerate().flat_map(|(l, row)| (0..row.len()).map(move |h| (l, h))).collect();
+    check_head_count(k, all.len())?;
+    all.sort_by(|a, b| val_accuracy[b.0][b.1].total_cmp(&val_accuracy[a.0][a.1]).then(a.cmp(b)));
+    all.truncate(k);
+    Ok(all)
+}
+
+/// K must not exceed the number of heads (layers × heads per layer).
+pub fn check_head_count(k: usize, available: usize) -> Result<()> {
+    if k > available {
+        return Err(BakeError::Invalid(format!(
+            "heads: K = {k} is more than the model's {available} attention heads (layers × heads)"
+        )));
+    }
+    Ok(())
+}
+
+/// A chosen head's shift.
+#[derive(Debug, Clone)]
+pub struct HeadShift {
+    pub layer: usize,
+    pub head: usize,
+    /// Unit direction θ̂.
+    pub direction: Vec<f64>,
+    /// Standard deviation of the tuning activations projected on θ̂ (population, ddof = 0).
+    pub sigma: f64,
+    /// δ = α σ θ̂.
+    pub delta: Vec<f64>,
+}
+
+fn unit(v: Vec<f64>) -> Vec<f64> {
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if norm == 0.0 { v } else { v.into_iter().map(|x| x / norm).collect() }
+}
+
+/// Everything `compute_shifts` reads.
+pub struct ShiftInputs<'a> {
+    pub probe_acts: &'a Activations,
+    pub probe_prompts: &'a [Prompt],
+    pub tuning_acts: &'a Activations,
+    pub split: &'a Split,
+    pub probes: &'a ProbeResults,
+    pub layout: HeadLayout,
+    pub direction: DirectionKind,
+    pub alpha: f64,
+    pub seed: u64,
+}
+
+/// Directions, σ and δ for each chosen head, in the order given.
+pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Vec<HeadShift> {
+    let d = inputs.layout.head_dim;
+    let mut in_fit = vec![false; inputs.probe_prompts.iter().map(|p| p.question + 1).max().unwrap_or(0)];
+    inputs.split.train.iter().chain(&inputs.split.val).for_each(|&q| in_fit[q] = true);
+    let mut random = SeededRng::for_purpose(inputs.seed, "random-direction");
+    chosen
+        .iter()
+        .map(|&(layer, head)| {
+            let direction = unit(match inputs.direction {
+                DirectionKind::CenterOfMass => center_of_mass(inputs, &in_fit, layer, head),
+                DirectionKind::Probe => inputs.probes.probes[layer * inputs.layout.heads + head].weights.clone(),
+                DirectionKind::Random => (0..d).map(|_| random.normal()).collect(),
+            });
+            let projections: Vec<f64> = (0..inputs.tuning_acts.rows)
+                .map(|r| inputs.tuning_acts.head(r, layer, head, d).iter().zip(&direction).map(|(&x, t)| x as f64 * t).sum())
+                .collect();
+            let sigma = population_std(&projections);
+            let delta = direction.iter().map(|t| inputs.alpha * sigma * t).collect();
+            HeadShift { layer, head, direction, sigma, delta }
+        })
+        .collect()
+}
+
+/// mean(true) − mean(false) of one head over the train and validation questions' probe prompts.
+fn center_of_mass(inputs: &ShiftInputs, in_fit: &[bool], layer: usize, head: usize) -> Vec<f64> {
+    let d = inputs.layout.head_dim;
+    let (mut sum_true, mut sum_false) = (vec![0.0; d], vec![0.0; d]);
+    let (mut n_true, mut n_false) = (0usize, 0usize);
+    for (row, prompt) in inputs.probe_prompts.iter().enumerate() {
+        if !in_fit[prompt.question] {
+            continue;
+        }
+        let (sum, n) = if prompt.label { (&mut sum_true, &mut n_true) } else { (&mut sum_false, &mut n_false) };
+        for (s, &x) in sum.iter_mut().zip(inputs.probe_acts.head(row, layer, head, d)) {
+            *s += x as f64;
+        }
+        *n += 1;
+    }
+    sum_true.iter().zip(&sum_false).map(|(t, f)| t / n_true.max(1) as f64 - f / n_false.max(1) as f64).collect()
+}
+
+fn population_std(values: &[f64]) -> f64 {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+/// One δ vector per layer in o_proj-input layout (head h at h·D..(h+1)·D), `None` where no head was chosen.
+pub fn per_layer_deltas(shifts: &[HeadShift], layout: HeadLayout) -> Vec<Option<Vec<f32>>> {
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; layout.layers];
+    for s in shifts {
+        let layer = out[s.layer].get_or_insert_with(|| vec![0.0; layout.heads * layout.head_dim]);
+        for (i, v) in s.delta.iter().enumerate() {
+            layer[s.head * layout.head_dim + i] = *v as f32;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_by_question_seeded_and_complete() {
+        let a = split_questions(817, 0.2, 42);
+        assert_eq!(a, split_questions(817, 0.2, 42));
+        assert_ne!(a, split_questions(817, 0.2, 43));
+        assert_eq!((a.train.len(), a.val.len()), (653, 164));
+        let mut all: Vec<usize> = a.train.iter().chain(&a.val).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..817).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_layer_then_head() {
+        let acc = vec![vec![0.5, 0.9], vec![0.9, 0.7]];
+        assert_eq!(select_heads(&acc, 3).unwrap(), vec![(0, 1), (1, 0), (1, 1)]);
+        assert!(select_heads(&acc, 5).unwrap_err().to_string().contains("more than"));
+    }
+}
