@@ -17,6 +17,7 @@ pub mod probes;
 pub mod progress;
 pub mod recipe;
 pub mod rng;
+pub mod surgery;
 
 pub use error::{BakeError, Result};
 

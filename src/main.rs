@@ -14,14 +14,55 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "bake", version, about = "Bake Inference-Time Intervention into LLaMA checkpoints as o_proj biases")]
+#[command(
+    name = "bake",
+    version,
+    about = "Bake Inference-Time Intervention into LLaMA checkpoints as o_proj biases",
+    override_usage = "bake --model <MODEL> --recipe <RECIPE> --out <OUT> [OPTIONS]\n       bake <COMMAND>",
+    after_help = "Without a command, bake runs the whole pipeline (see `bake run --help`):\n  \
+                  bake --model llama2_chat_7B --recipe recipes/truthfulqa.yaml --out honest-llama2-chat-7b"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Args)]
+struct BakeArgs {
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// Output folder for the baked checkpoint (written atomically).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    force: bool,
+    /// Largest safetensors shard, in bytes (suffixes KB, MB, GB).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    max_shard_size: u64,
+}
+
+fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let (number, unit) = match upper.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => upper.split_at(i),
+        None => (upper.as_str(), ""),
+    };
+    let scale = match unit.trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return Err(format!("`{text}`: expected a size like 5GB, 500MB or 1048576")),
+    };
+    let n: f64 = number.trim().parse().map_err(|_| format!("`{text}`: expected a size like 5GB, 500MB or 1048576"))?;
+    Ok((n * scale as f64) as u64)
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Bake: activations, probes, shifts, then the checkpoint with o_proj biases (the default command).
+    Run(BakeArgs),
     /// Show what bake understands of a model: shapes, dtype, files, and the memory a bake needs.
     Inspect(InspectArgs),
     /// List the short model names (as in the reference code) and the Hub repositories behind them.
@@ -160,7 +201,13 @@ struct InspectArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `bake --model ...` without a command means `bake run --model ...`.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let first = argv.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    if first.starts_with('-') && !["-h", "--help", "-V", "--version"].contains(&first) {
+        argv.insert(1, "run".into());
+    }
+    let cli = Cli::parse_from(argv);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -172,6 +219,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => run_bake(&args)?,
         Command::Inspect(args) => run_inspect(&args)?,
         Command::Probe(args) => run_probe(&args)?,
         Command::Models => {
@@ -221,7 +269,7 @@ fn run_probe(args: &ProbeArgs) -> Result<()> {
     let model = ModelFiles::open(&args.recipe.model)?;
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &Bars::new())?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    pipeline::write_probe_outputs(&outcome, &args.out)?;
+    pipeline::write_probe_outputs(&outcome.report, &args.out)?;
     print_heads(&outcome);
     eprintln!("bake: wrote {}", args.out.join("report.json").display());
     Ok(())
@@ -237,4 +285,31 @@ fn print_heads(outcome: &pipeline::ProbeOutcome) {
     if r.heads.len() > 10 {
         println!("  ... and {} more", r.heads.len() - 10);
     }
+}
+
+fn run_bake(args: &BakeArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let recipe = args.recipe.load()?;
+    let model = ModelFiles::open(&args.recipe.model)?;
+    bake::export::baked::check_output(&args.out, &model.location.dir, args.force)?;
+    let bars = Bars::new();
+    let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
+    let write_started = std::time::Instant::now();
+    let mut log = String::new();
+    for (stage, seconds) in outcome.report.timings.iter().flatten() {
+        log.push_str(&format!("{stage}: {seconds:.2} s\n"));
+    }
+    let options = bake::export::baked::BakeOptions { out: args.out.clone(), force: args.force, max_shard_bytes: args.max_shard_size };
+    let written = bake::export::baked::write_baked(&model, &recipe, &outcome, &options, &log, &bars)?;
+    print_heads(&outcome);
+    let bytes: u64 = written.iter().map(|f| f.bytes).sum();
+    println!(
+        "wrote {} ({} files, {:.1} MB) in {:.1} s; write step {:.1} s",
+        args.out.display(),
+        written.len(),
+        bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64(),
+        write_started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

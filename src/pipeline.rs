@@ -148,7 +148,7 @@ fn split_rows(acts: Activations, first: usize) -> (Activations, Activations) {
 }
 
 /// Writes `report.json` and `heatmap.png` into `dir`.
-pub fn write_probe_outputs(outcome: &ProbeOutcome, dir: &Path) -> Result<()> {
-    outcome.report.write_json(&dir.join("report.json"))?;
-    outcome.report.write_heatmap(&dir.join("heatmap.png"))
+pub fn write_probe_outputs(report: &ProbeReport, dir: &Path) -> Result<()> {
+    report.write_json(&dir.join("report.json"))?;
+    report.write_heatmap(&dir.join("heatmap.png"))
 }

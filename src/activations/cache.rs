@@ -1,17 +1,16 @@
 //! The on-disk activation cache: one safetensors file per key, written to a temporary file and renamed, so
 //! an interrupt never leaves a file that looks complete.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 
 use super::Activations;
 use crate::error::{BakeError, IoContext, Result};
-use crate::export::shards::hex;
-use crate::model::Checkpoint;
+use crate::export::shards::{hex, write_safetensors, TensorBytes};
+use crate::model::{Checkpoint, StoredDtype};
 
 /// What an activation pass depends on; any change gives another key.
 pub struct CacheKey<'a> {
@@ -75,19 +74,18 @@ pub fn load(path: &Path, names: &[&str]) -> Result<Option<Vec<Activations>>> {
 pub fn store(path: &Path, sets: &[(&str, &Activations)], key: &str) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).at(dir)?;
-    let bytes: Vec<Vec<u8>> = sets.iter().map(|(_, a)| a.data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
-    let views = sets
+    let tensors: Vec<TensorBytes> = sets
         .iter()
-        .zip(&bytes)
-        .map(|((name, a), b)| {
-            let view = TensorView::new(Dtype::F32, vec![a.rows, a.layers, a.width], b)
-                .map_err(|e| BakeError::tensor(path, *name, e.to_string()))?;
-            Ok((name.to_string(), view))
+        .map(|(name, a)| TensorBytes {
+            name: name.to_string(),
+            dtype: StoredDtype::F32,
+            shape: vec![a.rows, a.layers, a.width],
+            bytes: Cow::Owned(StoredDtype::F32.encode(a.data.iter().copied())),
         })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("bake_cache_key".to_string(), key.to_string())]);
+        .collect();
+    let refs: Vec<&TensorBytes> = tensors.iter().collect();
+    let metadata = BTreeMap::from([("bake_cache_key".to_string(), key.to_string())]);
     let temporary = dir.join(format!(".{key}.{}.partial", std::process::id()));
-    safetensors::serialize_to_file(views, Some(metadata), &temporary)
-        .map_err(|e| BakeError::Safetensors { path: temporary.clone(), message: e.to_string() })?;
+    write_safetensors(&temporary, &refs, &metadata, &|_| {})?;
     std::fs::rename(&temporary, path).at(path)
 }

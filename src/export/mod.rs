@@ -1,3 +1,6 @@
 //! Stage 5: writing the baked checkpoint, the pyvene activation diff, the model card and the manifest.
 
+pub mod baked;
+pub mod card;
+pub mod pyvene;
 pub mod shards;

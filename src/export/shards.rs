@@ -57,7 +57,7 @@ pub fn write_checkpoint(
         for t in group {
             weight_map.insert(t.name.clone(), name.clone());
         }
-        written.push(write_safetensors(&dir.join(&name), group, on_bytes)?);
+        written.push(write_safetensors(&dir.join(&name), group, &BTreeMap::new(), on_bytes)?);
     }
     if count > 1 {
         let total_size: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
@@ -84,9 +84,12 @@ fn split_into_shards<'t, 'a>(tensors: &'t [TensorBytes<'a>], max_shard_bytes: u6
 }
 
 /// The safetensors header for `tensors` in the given order, padded with spaces to a multiple of 8 bytes.
-fn header(tensors: &[&TensorBytes]) -> Vec<u8> {
+/// Metadata always holds `format: pt` (what transformers expects) plus `metadata`, in key order.
+fn header(tensors: &[&TensorBytes], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut entries = serde_json::Map::new();
-    entries.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut meta = metadata.clone();
+    meta.insert("format".into(), "pt".into());
+    entries.insert("__metadata__".into(), serde_json::json!(meta));
     let mut offset = 0usize;
     for t in tensors {
         let end = offset + t.bytes.len();
@@ -101,8 +104,14 @@ fn header(tensors: &[&TensorBytes]) -> Vec<u8> {
     json
 }
 
-fn write_safetensors(path: &Path, tensors: &[&TensorBytes], on_bytes: &dyn Fn(u64)) -> Result<WrittenFile> {
-    let header = header(tensors);
+/// Writes one safetensors file holding `tensors` in the given order.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[&TensorBytes],
+    metadata: &BTreeMap<String, String>,
+    on_bytes: &dyn Fn(u64),
+) -> Result<WrittenFile> {
+    let header = header(tensors, metadata);
     let mut out = HashingWriter::create(path)?;
     out.write_all(&(header.len() as u64).to_le_bytes()).at(path)?;
     out.write_all(&header).at(path)?;

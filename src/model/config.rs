@@ -51,6 +51,34 @@ impl StoredDtype {
         }
     }
 
+    /// Little-endian bytes of `values` in this dtype (round to nearest even for bf16/f16, as torch does).
+    pub fn encode(self, values: impl IntoIterator<Item = f32>) -> Vec<u8> {
+        let values = values.into_iter();
+        match self {
+            Self::F32 => values.flat_map(f32::to_le_bytes).collect(),
+            Self::Bf16 => values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            Self::F16 => values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        }
+    }
+
+    /// Values of little-endian bytes in this dtype, widened to f64.
+    pub fn decode(self, bytes: &[u8]) -> Vec<f64> {
+        match self {
+            Self::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Self::Bf16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
+            Self::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
+        }
+    }
+
+    /// The name transformers uses in `torch_dtype`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bfloat16",
+            Self::F16 => "float16",
+            Self::F32 => "float32",
+        }
+    }
+
     pub fn safetensors_name(self) -> &'static str {
         match self {
             Self::Bf16 => "BF16",

@@ -4,8 +4,6 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use half::{bf16, f16};
-
 use super::config::{ModelConfig, StoredDtype};
 use super::weights::expected_tensors;
 use crate::error::{IoContext, Result};
@@ -46,11 +44,7 @@ impl Default for SyntheticSpec {
 
 impl SyntheticSpec {
     pub fn config_json(&self) -> serde_json::Value {
-        let dtype = match self.dtype {
-            StoredDtype::Bf16 => "bfloat16",
-            StoredDtype::F16 => "float16",
-            StoredDtype::F32 => "float32",
-        };
+        let dtype = self.dtype.torch_name();
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -75,14 +69,6 @@ impl SyntheticSpec {
     }
 }
 
-fn encode(values: impl Iterator<Item = f32>, dtype: StoredDtype) -> Vec<u8> {
-    match dtype {
-        StoredDtype::F32 => values.flat_map(f32::to_le_bytes).collect(),
-        StoredDtype::Bf16 => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
-        StoredDtype::F16 => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
-    }
-}
-
 /// Writes `config.json` and random weights (norms near 1, matrices scaled by 1/√fan_in) into `dir`.
 pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec, max_shard_bytes: u64) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
@@ -100,7 +86,7 @@ pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec, max_shard_bytes: 
             let r = (rng.uniform() as f32 * 2.0 - 1.0) * scale;
             if is_norm { 1.0 + r } else { r }
         });
-        let bytes = encode(values, spec.dtype);
+        let bytes = spec.dtype.encode(values);
         tensors.push(TensorBytes { name: t.name, dtype: spec.dtype, shape: t.shape, bytes: Cow::Owned(bytes) });
     }
     write_checkpoint(dir, tensors, max_shard_bytes, &|_| {})?;

@@ -1,0 +1,241 @@
+//! Stage 5b: the baked output folder, written into a hidden staging folder beside `--out` and renamed into
+//! place at the end, so a failure or interrupt never leaves a partial output.
+//!
+//! ```text
+//! OUT/
+//!   config.json                 base config, every key kept, attention_bias: true
+//!   model*.safetensors (+index) every base tensor byte for byte, plus q/k/v/o biases
+//!   tokenizer.json, ...         the base's companion files
+//!   README.md                   model card
+//!   report.json, heatmap.png    the probe stage (no timings: the folder is byte-reproducible)
+//!   activation_diff/            pyvene IntervenableModel.load layout
+//!   activation_diff.safetensors δ per layer, heads/α/σ in the metadata
+//!   bake.json                   manifest: recipe, splits, sha256 of every input and output file
+//!   bake.log                    run-dependent facts (timings); not hashed
+//! ```
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::card;
+use super::pyvene;
+use super::shards::{copy_file, write_checkpoint, write_file, write_safetensors, TensorBytes, WrittenFile};
+use crate::error::{BakeError, IoContext, Result};
+use crate::model::{ModelFiles, StoredDtype};
+use crate::pipeline::{write_probe_outputs, ProbeOutcome};
+use crate::progress::Progress;
+use crate::recipe::Recipe;
+use crate::surgery;
+
+pub const DIFF_DIR: &str = "activation_diff";
+pub const DIFF_SAFETENSORS: &str = "activation_diff.safetensors";
+pub const MANIFEST: &str = "bake.json";
+pub const LOG: &str = "bake.log";
+
+pub struct BakeOptions {
+    pub out: PathBuf,
+    /// Replace an existing `out`.
+    pub force: bool,
+    pub max_shard_bytes: u64,
+}
+
+/// Removes the staging folder unless the bake reached the final rename.
+struct Staging {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn staging_path(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    out.with_file_name(format!(".{name}.bake-partial"))
+}
+
+/// Refuses an existing output without `force`, and an output inside the model folder.
+pub fn check_output(out: &Path, model_dir: &Path, force: bool) -> Result<()> {
+    let refuse = |message: &str| Err(BakeError::Output { path: out.into(), message: message.into() });
+    if out.exists() && !force {
+        return refuse("already exists; pass --force to replace it");
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let parent = parent.canonicalize().at(&parent)?;
+    let model = model_dir.canonicalize().at(model_dir)?;
+    if parent.starts_with(&model) {
+        return refuse(&format!("lies inside the model folder {}; write the baked model elsewhere", model.display()));
+    }
+    Ok(())
+}
+
+/// Writes the whole baked folder for `outcome` and returns the files it holds (manifest included).
+pub fn write_baked(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    outcome: &ProbeOutcome,
+    options: &BakeOptions,
+    log: &str,
+    progress: &dyn Progress,
+) -> Result<Vec<WrittenFile>> {
+    check_output(&options.out, &model.location.dir, options.force)?;
+    let mut staging = Staging { path: staging_path(&options.out), committed: false };
+    if staging.path.exists() {
+        std::fs::remove_dir_all(&staging.path).at(&staging.path)?;
+    }
+    std::fs::create_dir_all(&staging.path).at(&staging.path)?;
+    let dir = staging.path.clone();
+    let dtype = model.dtype();
+
+    progress.stage("write");
+    let mut written = write_weights(model, outcome, dtype, &dir, options.max_shard_bytes, progress)?;
+    written.push(write_config(model, &dir)?);
+    for file in model.location.companion_files() {
+        let name = file.file_name().expect("companion files have names");
+        written.push(copy_file(&file, &dir.join(name))?);
+    }
+    let mut report = outcome.report.clone();
+    report.timings = None;
+    write_probe_outputs(&report, &dir)?;
+    written.extend(["report.json", "heatmap.png"].iter().map(|f| hashed(&dir.join(f))).collect::<Result<Vec<_>>>()?);
+    written.extend(write_activation_diff(model, outcome, dtype, &dir)?);
+    written.push(write_file(&dir.join("README.md"), card::model_card(model, recipe, &report).as_bytes())?);
+    let manifest = manifest(model, recipe, outcome, &written, &dir)?;
+    written.push(write_file(&dir.join(MANIFEST), manifest.as_bytes())?);
+    std::fs::write(dir.join(LOG), log).at(dir.join(LOG))?;
+
+    if options.out.exists() {
+        std::fs::remove_dir_all(&options.out).at(&options.out)?;
+    }
+    std::fs::rename(&dir, &options.out).at(&options.out)?;
+    staging.committed = true;
+    Ok(written.into_iter().map(|f| WrittenFile { path: options.out.join(f.path.strip_prefix(&dir).unwrap_or(&f.path)), ..f }).collect())
+}
+
+fn hashed(path: &Path) -> Result<WrittenFile> {
+    let bytes = std::fs::metadata(path).at(path)?.len();
+    Ok(WrittenFile { path: path.into(), bytes, sha256: super::shards::sha256_file(path)? })
+}
+
+fn write_weights(
+    model: &ModelFiles,
+    outcome: &ProbeOutcome,
+    dtype: StoredDtype,
+    dir: &Path,
+    max_shard_bytes: u64,
+    progress: &dyn Progress,
+) -> Result<Vec<WrittenFile>> {
+    let ck = &model.checkpoint;
+    let biases = surgery::bias_tensors(ck, &model.config, &outcome.deltas, dtype)?;
+    let replaced: std::collections::HashSet<&str> = biases.iter().map(|t| t.name.as_str()).collect();
+    let mut tensors: Vec<TensorBytes> = ck
+        .tensors
+        .iter()
+        .filter(|(name, _)| !replaced.contains(name.as_str()))
+        .map(|(name, e)| TensorBytes { name: name.clone(), dtype: e.dtype, shape: e.shape.clone(), bytes: Cow::Borrowed(ck.bytes(e)) })
+        .collect();
+    tensors.extend(biases);
+    progress.start(tensors.iter().map(|t| t.bytes.len() as u64).sum(), "bytes");
+    let files = write_checkpoint(dir, tensors, max_shard_bytes, &|n| progress.advance(n))?;
+    progress.finish();
+    Ok(files)
+}
+
+/// The base config with every key kept in order and `attention_bias` set.
+fn write_config(model: &ModelFiles, dir: &Path) -> Result<WrittenFile> {
+    let mut config = model.config.raw.clone();
+    config.insert("attention_bias".into(), Value::Bool(true));
+    let text = serde_json::to_string_pretty(&Value::Object(config)).expect("JSON") + "\n";
+    write_file(&dir.join("config.json"), text.as_bytes())
+}
+
+fn write_activation_diff(model: &ModelFiles, outcome: &ProbeOutcome, dtype: StoredDtype, dir: &Path) -> Result<Vec<WrittenFile>> {
+    let width = model.config.attn_width();
+    let diff_dir = dir.join(DIFF_DIR);
+    std::fs::create_dir_all(&diff_dir).at(&diff_dir)?;
+    let shifted: Vec<(usize, &Vec<f32>)> = outcome.deltas.iter().enumerate().filter_map(|(l, d)| d.as_ref().map(|d| (l, d))).collect();
+    let layers: Vec<usize> = shifted.iter().map(|(l, _)| *l).collect();
+    let mut written = vec![write_file(&diff_dir.join("config.json"), pyvene::config_json(&layers, width).as_bytes())?];
+    for (layer, delta) in &shifted {
+        let bytes = pyvene::intervention_file(dtype.encode(delta.iter().copied()), width, dtype);
+        written.push(write_file(&diff_dir.join(pyvene::file_name(*layer)), &bytes)?);
+    }
+    // The safetensors twin: the same δ (same dtype), readable without torch.
+    let twin: Vec<TensorBytes> = shifted
+        .iter()
+        .map(|(l, d)| TensorBytes {
+            name: format!("layers.{l}.self_attn.o_proj.input.delta"),
+            dtype,
+            shape: vec![width],
+            bytes: Cow::Owned(dtype.encode(d.iter().copied())),
+        })
+        .collect();
+    let metadata = BTreeMap::from([
+        ("alpha".to_string(), outcome.report.recipe.alpha.to_string()),
+        ("heads".to_string(), serde_json::to_string(&outcome.report.heads).expect("JSON")),
+        ("sigma".to_string(), serde_json::to_string(&outcome.report.sigma).expect("JSON")),
+        ("hook".to_string(), "model.layers[l].self_attn.o_proj.input".to_string()),
+    ]);
+    let twin_refs: Vec<&TensorBytes> = twin.iter().collect();
+    written.push(write_safetensors(&dir.join(DIFF_SAFETENSORS), &twin_refs, &metadata, &|_| {})?);
+    Ok(written)
+}
+
+fn relative(path: &Path, dir: &Path) -> String {
+    path.strip_prefix(dir).unwrap_or(path).to_string_lossy().replace('\\', "/")
+}
+
+/// `bake.json`: what went in, how, and what came out, each file with its sha256.
+fn manifest(model: &ModelFiles, recipe: &Recipe, outcome: &ProbeOutcome, written: &[WrittenFile], dir: &Path) -> Result<String> {
+    let model_dir = &model.location.dir;
+    let mut inputs: BTreeMap<String, String> =
+        outcome.model_hashes.iter().map(|(p, h)| (format!("model/{}", relative(p, model_dir)), h.clone())).collect();
+    for file in model.location.companion_files() {
+        inputs.insert(format!("model/{}", relative(&file, model_dir)), super::shards::sha256_file(&file)?);
+    }
+    for (p, h) in &outcome.dataset.files {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let config = p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        inputs.insert(format!("dataset/{config}/{name}"), h.clone());
+    }
+    let outputs: BTreeMap<String, Value> =
+        written.iter().map(|f| (relative(&f.path, dir), json!({ "sha256": f.sha256, "bytes": f.bytes }))).collect();
+    let manifest = json!({
+        "tool": "bake",
+        "tool_version": crate::VERSION,
+        "method": "inference-time intervention (Li et al. 2023), baked as o_proj biases b = W_o · δ",
+        "base_model": outcome.report.model,
+        "base_revision": model.location.revision,
+        "recipe": recipe,
+        "recipe_sha256": recipe.sha256(),
+        "seed": recipe.seed,
+        "dtype": model.dtype(),
+        "heads": outcome.report.heads,
+        "train_questions": outcome.split.train,
+        "val_questions": outcome.split.val,
+        "tuning_question": outcome.report.tuning_question,
+        "config_changes": { "attention_bias": { "base": model.config.raw.get("attention_bias"), "baked": true } },
+        "added_tensors": added_tensor_names(model),
+        "inputs": inputs,
+        "outputs": outputs,
+    });
+    Ok(serde_json::to_string_pretty(&manifest).expect("JSON") + "\n")
+}
+
+/// Bias tensors the baked checkpoint has and the base does not.
+fn added_tensor_names(model: &ModelFiles) -> Vec<String> {
+    (0..model.config.num_layers)
+        .flat_map(|l| ["q_proj", "k_proj", "v_proj", "o_proj"].map(|p| format!("model.layers.{l}.self_attn.{p}.bias")))
+        .filter(|n| model.checkpoint.get(n).is_none())
+        .collect()
+}

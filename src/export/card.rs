@@ -1,0 +1,64 @@
+//! The model card (`README.md` with Hugging Face front matter) of a baked model.
+
+use std::fmt::Write;
+
+use crate::model::ModelFiles;
+use crate::probes::report::ProbeReport;
+use crate::recipe::Recipe;
+
+fn licence(model: &ModelFiles) -> Option<String> {
+    // A licence the base states in its own card's front matter, when the folder has one.
+    let card = std::fs::read_to_string(model.location.dir.join("README.md")).ok()?;
+    let front = card.strip_prefix("---")?.split("\n---").next()?;
+    front.lines().find_map(|l| l.strip_prefix("license:").map(|v| v.trim().to_string()))
+}
+
+pub fn model_card(model: &ModelFiles, recipe: &Recipe, report: &ProbeReport) -> String {
+    let base = &report.model;
+    let mut s = String::from("---\n");
+    let _ = writeln!(s, "base_model: {base}");
+    if let Some(l) = licence(model) {
+        let _ = writeln!(s, "license: {l}");
+    }
+    s.push_str("library_name: transformers\ntags:\n- bake\n- inference-time-intervention\n- iti\n- truthfulqa\n---\n\n");
+    let _ = writeln!(s, "# {base}, baked with Inference-Time Intervention\n");
+    let _ = writeln!(
+        s,
+        "This is `{base}` with an Inference-Time Intervention (Li et al., NeurIPS 2023) baked into its weights by \
+         [`bake`](https://crates.io/crates/bake) {}. Linear probes on TruthfulQA picked the {} attention heads whose \
+         outputs best separate true from false answers; each is shifted by α = {} standard deviations along its \
+         {:?} direction. The shift δ of layer l is stored as the `o_proj` bias `b_l = W_o · δ_l`, so it applies at \
+         every position of every forward pass. Every other tensor is byte-identical to the base model \
+         (`bake verify` proves it).\n",
+        crate::VERSION,
+        report.heads.len(),
+        recipe.alpha,
+        recipe.direction
+    );
+    s.push_str("## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n");
+    s.push_str("model = AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH_OR_REPO\")\n```\n\n");
+    s.push_str("The same shift as a pyvene intervention on the base model (`activation_diff/`):\n\n```python\nimport pyvene as pv\n");
+    let _ = writeln!(s, "base = AutoModelForCausalLM.from_pretrained(\"{base}\")");
+    s.push_str("pv_model = pv.IntervenableModel.load(\"PATH/activation_diff\", base)\npv_model.set_device(base.device)\n```\n\n");
+    s.push_str("## Recipe\n\n| field | value |\n| --- | --- |\n");
+    for (k, v) in [
+        ("dataset", format!("{} ({})", recipe.dataset.source, recipe.dataset.split)),
+        ("questions", recipe.limit.map_or("all".to_string(), |n| format!("first {n}"))),
+        ("probe prompt", format!("`{}`", recipe.prompts.probe)),
+        ("tuning prompt", format!("`{}`", recipe.prompts.tuning)),
+        ("heads (K)", recipe.heads.to_string()),
+        ("alpha", recipe.alpha.to_string()),
+        ("direction", format!("{:?}", recipe.direction)),
+        ("validation ratio", recipe.validation_ratio.to_string()),
+        ("seed", recipe.seed.to_string()),
+    ] {
+        let _ = writeln!(s, "| {k} | {v} |");
+    }
+    s.push_str("\n## Chosen heads\n\n| rank | layer | head | probe validation accuracy | σ |\n| --- | --- | --- | --- | --- |\n");
+    for (rank, ([l, h], (_, _, sigma))) in report.heads.iter().zip(&report.sigma).enumerate() {
+        let _ = writeln!(s, "| {} | {l} | {h} | {:.3} | {sigma:.4} |", rank + 1, report.val_accuracy[*l][*h]);
+    }
+    s.push_str("\n`report.json` holds every probe's accuracy, the splits and δ; `bake.json` the sha256 of every input \
+                and output file.\n");
+    s
+}

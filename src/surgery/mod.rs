@@ -1,0 +1,62 @@
+//! Stage 5a: turning per-layer o_proj-input shifts δ_l into checkpoint tensors.
+//!
+//! `o_proj(z + δ) = W_o z + W_o δ`, so the shift becomes the bias `b_l = W_o · δ_l` (plus any bias the base
+//! already had). HF LLaMA's `attention_bias: true` gives q, k, v and o a bias in every layer, so every layer
+//! gets all four: explicit zeros for q/k/v and wherever no head was chosen. Nothing is left for transformers
+//! to initialise at load.
+
+use std::borrow::Cow;
+
+use crate::error::Result;
+use crate::export::shards::TensorBytes;
+use crate::model::{Checkpoint, ModelConfig, StoredDtype};
+
+/// `W_o · δ` accumulated in f64, plus the base's own o_proj bias when it has one.
+pub fn o_proj_bias(checkpoint: &Checkpoint, config: &ModelConfig, layer: usize, delta: Option<&[f32]>) -> Result<Vec<f64>> {
+    let prefix = format!("model.layers.{layer}.self_attn.o_proj");
+    let mut bias = match checkpoint.get(&format!("{prefix}.bias")) {
+        Some(_) => {
+            let entry = checkpoint.expect(&format!("{prefix}.bias"), &[config.hidden_size])?;
+            entry.dtype.decode(checkpoint.bytes(entry))
+        }
+        None => vec![0.0; config.hidden_size],
+    };
+    if let Some(delta) = delta {
+        let entry = checkpoint.expect(&format!("{prefix}.weight"), &[config.hidden_size, config.attn_width()])?;
+        let bytes = checkpoint.bytes(entry);
+        let row_bytes = config.attn_width() * entry.dtype.size_in_bytes();
+        for (out, b) in bias.iter_mut().enumerate() {
+            let row = entry.dtype.decode(&bytes[out * row_bytes..(out + 1) * row_bytes]);
+            *b += row.iter().zip(delta).map(|(w, &d)| w * d as f64).sum::<f64>();
+        }
+    }
+    Ok(bias)
+}
+
+/// Every bias tensor a baked checkpoint holds, in `dtype`. Existing q/k/v biases are carried over unchanged
+/// by the caller (they are copied with the other base tensors), so only missing ones are created here.
+pub fn bias_tensors<'a>(
+    checkpoint: &Checkpoint,
+    config: &ModelConfig,
+    deltas: &[Option<Vec<f32>>],
+    dtype: StoredDtype,
+) -> Result<Vec<TensorBytes<'a>>> {
+    let mut out = Vec::new();
+    for layer in 0..config.num_layers {
+        let prefix = format!("model.layers.{layer}.self_attn");
+        for (proj, width) in [("q_proj", config.attn_width()), ("k_proj", config.kv_width()), ("v_proj", config.kv_width())] {
+            let name = format!("{prefix}.{proj}.bias");
+            if checkpoint.get(&name).is_none() {
+                out.push(TensorBytes { name, dtype, shape: vec![width], bytes: Cow::Owned(dtype.encode(vec![0.0; width])) });
+            }
+        }
+        let bias = o_proj_bias(checkpoint, config, layer, deltas.get(layer).and_then(|d| d.as_deref()))?;
+        out.push(TensorBytes {
+            name: format!("{prefix}.o_proj.bias"),
+            dtype,
+            shape: vec![config.hidden_size],
+            bytes: Cow::Owned(dtype.encode(bias.iter().map(|&v| v as f32))),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,265 @@
+//! `bake` end to end: the baked folder loads in stock transformers and pyvene, equals bake's own shifted
+//! forward, is byte-reproducible, and is never left half-written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use bake::model::{Batch, ModelFiles, Request, Shift};
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+fn recipe() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/truthfulqa.yaml")
+}
+
+fn run_bake(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let shared = common::shared_dir().expect("callers check shared first");
+    Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg("--model")
+        .arg(model)
+        .args(["--recipe", recipe(), "--dataset"])
+        .arg(shared.join("data/truthfulqa"))
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .env("BAKE_CACHE_DIR", std::env::temp_dir().join("bake-test-cache"))
+        .output()
+        .unwrap()
+}
+
+fn bake_ok(model: &Path, out: &Path, extra: &[&str]) {
+    let output = run_bake(model, out, extra);
+    assert!(output.status.success(), "bake failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+fn deltas_from_report(dir: &Path, layers: usize) -> Vec<Option<Tensor>> {
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    (0..layers)
+        .map(|l| {
+            report["delta"].get(l.to_string()).map(|v| {
+                let values: Vec<f32> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+                Tensor::new(values, &Device::Cpu).unwrap()
+            })
+        })
+        .collect()
+}
+
+/// Last-position logits of bake's own forward: on `model_dir`, with `shift` added at every o_proj input.
+fn bake_logits(model_dir: &Path, prompts: &[Vec<u32>], shift: Option<&Shift>) -> Vec<Vec<f32>> {
+    let model = ModelFiles::open(model_dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
+    prompts
+        .iter()
+        .map(|p| {
+            let batch = Batch::right_padded(&[p.clone()], 0, &Device::Cpu).unwrap();
+            let out = model.forward(&batch, &Request { logits: true, shift, ..Default::default() }).unwrap();
+            out.logits.unwrap().get(0).unwrap().get(p.len() - 1).unwrap().to_vec1().unwrap()
+        })
+        .collect()
+}
+
+fn python_check(baked: &Path, base: &Path, prompts: &[Vec<u32>]) -> Option<Value> {
+    let python = match std::env::var_os("BAKE_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None if std::env::var("BAKE_REQUIRE_FIXTURES").is_ok_and(|v| v == "1") => panic!("BAKE_PYTHON not set"),
+        None => {
+            eprintln!("skipped: BAKE_PYTHON not set (transformers and pyvene are the reference)");
+            return None;
+        }
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_baked.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(baked)
+        .arg(base)
+        .arg(serde_json::to_string(prompts).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    Some(serde_json::from_str(stdout.lines().last().unwrap()).unwrap())
+}
+
+fn floats(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| common::max_abs_diff(x, y)).fold(0.0, f32::max)
+}
+
+fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) {
+    let out_root = tempfile::tempdir().unwrap();
+    let out = out_root.path().join("baked");
+    bake_ok(base, &out, extra);
+    let files = ModelFiles::open(base.to_str().unwrap()).unwrap();
+    let tokenizer = files.tokenizer().unwrap();
+    let prompts: Vec<Vec<u32>> = ["Q: What happens if you crack your knuckles a lot? A:", "The capital of France is"]
+        .iter()
+        .map(|p| tokenizer.encode(p).unwrap())
+        .collect();
+    let shift = Shift { per_layer: deltas_from_report(&out, files.config.num_layers), from_position: None };
+    let hooked = bake_logits(base, &prompts, Some(&shift));
+    let baked_own = bake_logits(&out, &prompts, None);
+    let base_own = bake_logits(base, &prompts, None);
+    let hook_vs_bias = max_diff(&hooked, &baked_own);
+    assert!(hook_vs_bias <= own_tolerance, "{}: hooked base vs baked bias differ by {hook_vs_bias}", base.display());
+    assert!(max_diff(&baked_own, &base_own) > 1e-3, "the bake changed nothing");
+
+    let Some(reference) = python_check(&out, base, &prompts) else { return };
+    let loading = &reference["loading"];
+    for key in ["missing_keys", "unexpected_keys", "mismatched_keys", "warnings"] {
+        assert_eq!(loading[key], Value::Array(vec![]), "{key}: {loading}");
+    }
+    let transformers_baked = floats(&reference["baked_logits"]);
+    let diff = max_diff(&transformers_baked, &hooked);
+    eprintln!("{}: transformers(baked) vs bake(base + δ) {diff:.2e}; hook vs bias {hook_vs_bias:.2e}", base.display());
+    assert!(diff <= own_tolerance.max(1e-4), "transformers(baked) vs bake hooked: {diff}");
+    assert!(max_diff(&transformers_baked, &floats(&reference["base_logits"])) > 1e-3);
+    assert_eq!(reference["pyvene_tokens"], reference["baked_tokens"], "pyvene generation differs from the baked model");
+}
+
+#[test]
+fn tiny_gqa_bake_loads_in_transformers_and_pyvene() {
+    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    check_baked_model(&tiny, &["--limit", "30", "--heads", "4"], 1e-4);
+}
+
+#[test]
+fn smollm2_bake_loads_in_transformers_and_pyvene() {
+    let Some(smol) = common::smollm2_dir() else { return };
+    if common::shared_dir().is_none() {
+        return;
+    }
+    // bf16 weights: the stored bias is W_o·δ rounded to bf16, so the hooked forward differs by that rounding.
+    check_baked_model(&smol, &["--limit", "12", "--heads", "16", "--batch-size", "64"], 5e-2);
+}
+
+fn tree_hashes(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_none_or(|x| x != "log") {
+                let name = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.push((name, bake::export::shards::sha256_file(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn two_bakes_are_byte_identical() {
+    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    bake_ok(&tiny, &a, &["--limit", "20", "--heads", "3", "--max-shard-size", "4MB"]);
+    bake_ok(&tiny, &b, &["--limit", "20", "--heads", "3", "--max-shard-size", "4MB", "--no-cache"]);
+    let (ha, hb) = (tree_hashes(&a), tree_hashes(&b));
+    assert!(ha.len() > 10 && ha.iter().any(|(n, _)| n.contains("-of-")), "{ha:?}");
+    assert_eq!(ha, hb);
+    // The manifest lists every file but itself and the log, with the same sha256.
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(a.join("bake.json")).unwrap()).unwrap();
+    for (name, hash) in &ha {
+        if name != "bake.json" {
+            assert_eq!(manifest["outputs"][name]["sha256"].as_str(), Some(hash.as_str()), "{name}");
+        }
+    }
+}
+
+fn assert_refused(output: &Output, needle: &str, out: &Path) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(needle), "`{needle}` not in {stderr}");
+    let parent = out.parent().unwrap();
+    if parent.is_dir() {
+        let leftovers: Vec<_> =
+            std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("bake-partial")).collect();
+        assert!(leftovers.is_empty(), "partial output left: {leftovers:?}");
+    }
+}
+
+#[test]
+fn bad_outputs_are_refused_without_partial_folders() {
+    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let root = tempfile::tempdir().unwrap();
+    let args = ["--limit", "5", "--heads", "2"];
+
+    let existing = root.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::write(existing.join("keep"), "x").unwrap();
+    assert_refused(&run_bake(&tiny, &existing, &args), "already exists; pass --force", &existing);
+    assert!(existing.join("keep").exists());
+
+    let copy = root.path().join("model");
+    std::fs::create_dir(&copy).unwrap();
+    for e in std::fs::read_dir(&tiny).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, copy.join(p.file_name().unwrap())).unwrap();
+    }
+    let inside = copy.join("baked");
+    assert_refused(&run_bake(&copy, &inside, &args), "inside the model folder", &inside);
+
+    let blocker = root.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let unwritable = blocker.join("out");
+    assert_refused(&run_bake(&tiny, &unwritable, &args), "a-file", &unwritable);
+}
+
+#[test]
+fn a_full_disk_leaves_no_partial_output() {
+    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let mount = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(mount.path()).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    let out = mount.path().join("baked");
+    let output = run_bake(&tiny, &out, &["--limit", "5", "--heads", "2"]);
+    let _ = Command::new("umount").arg(mount.path()).status();
+    assert_refused(&output, "No space left on device", &out);
+    assert!(!out.exists());
+}
+
+#[test]
+fn an_interrupted_bake_leaves_no_output_folder() {
+    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let root = tempfile::tempdir().unwrap();
+    // A model big enough that the write step takes a while: tiny-gqa's tokenizer with a 200 MB random body.
+    let model = root.path().join("model");
+    let spec = bake::model::synthetic::SyntheticSpec {
+        layers: 4, hidden: 512, heads: 8, kv_heads: 4, head_dim: 64, intermediate: 1024, vocab: 49152, ..Default::default()
+    };
+    bake::model::synthetic::write_synthetic_model(&model, &spec, u64::MAX).unwrap();
+    std::fs::copy(tiny.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let out = root.path().join("baked");
+    let shared = common::shared_dir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg("--model")
+        .arg(&model)
+        .args(["--recipe", recipe(), "--limit", "3", "--heads", "2", "--no-cache", "--dataset"])
+        .arg(shared.join("data/truthfulqa"))
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = root.path().join(".baked.bake-partial");
+    let started = std::time::Instant::now();
+    while !staging.join("model.safetensors").exists() && started.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists(), "an interrupted bake left {}", out.display());
+    // The next run clears the stale staging folder and succeeds.
+    bake_ok(&model, &out, &["--limit", "3", "--heads", "2"]);
+    assert!(out.join("bake.json").exists() && !staging.exists());
+}

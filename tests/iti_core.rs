@@ -1,0 +1,188 @@
+//! The ITI core: probes against scikit-learn, batching, the activation cache, and bad inputs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bake::activations::capture_last_token;
+use bake::model::ModelFiles;
+use bake::pipeline::{run_probe, ProbeOptions};
+use bake::probes::logistic;
+use bake::progress::Silent;
+use bake::recipe::Recipe;
+use bake::rng::SeededRng;
+use candle_core::Device;
+
+fn python() -> Option<PathBuf> {
+    match std::env::var_os("BAKE_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var("BAKE_REQUIRE_FIXTURES").is_ok_and(|v| v == "1") => panic!("BAKE_PYTHON is not set"),
+        None => {
+            eprintln!("skipped: BAKE_PYTHON not set (a Python with scikit-learn is the reference)");
+            None
+        }
+    }
+}
+
+#[test]
+fn probes_equal_sklearn_accuracies_and_coefficients() {
+    let Some(python) = python() else { return };
+    let (n, d) = (300, 16);
+    let mut rng = SeededRng::new(7);
+    let true_w: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
+    let xs: Vec<Vec<f64>> = (0..n).map(|_| (0..d).map(|_| rng.normal() * 2.0).collect()).collect();
+    let labels: Vec<bool> = xs
+        .iter()
+        .map(|x| x.iter().zip(&true_w).map(|(a, b)| a * b).sum::<f64>() + rng.normal() * 2.0 > 0.5)
+        .collect();
+    let rows: Vec<&[f64]> = xs.iter().map(Vec::as_slice).collect();
+    let (train, val) = rows.split_at(200);
+    let probe = logistic::fit(train, &labels[..200], 1.0, 1e-10);
+    let accuracy = probe.accuracy(val, &labels[200..]);
+
+    let data = serde_json::json!({ "x": xs, "y": labels });
+    let script = r#"
+import json, sys
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+d = json.load(sys.stdin)
+x, y = np.array(d["x"]), np.array(d["y"]).astype(int)
+m = LogisticRegression(C=1.0, tol=1e-12, max_iter=100000).fit(x[:200], y[:200])
+print(json.dumps({"coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0]),
+                  "accuracy": float((m.predict(x[200:]) == y[200:]).mean())}))
+"#;
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(data.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let coef: Vec<f64> = reference["coef"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    for (ours, theirs) in probe.weights.iter().zip(&coef) {
+        assert!((ours - theirs).abs() <= 1e-4, "coefficient {ours} vs sklearn {theirs}");
+    }
+    assert!((probe.intercept - reference["intercept"].as_f64().unwrap()).abs() <= 1e-4);
+    assert!((accuracy - reference["accuracy"].as_f64().unwrap()).abs() <= 1e-4);
+}
+
+fn recipe_for(dataset: &Path, limit: usize) -> Recipe {
+    let mut r = Recipe::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/truthfulqa.yaml"))).unwrap();
+    r.dataset.source = dataset.to_string_lossy().into_owned();
+    r.limit = Some(limit);
+    r.heads = 4;
+    r.batch_size = 8;
+    r
+}
+
+#[test]
+fn batched_activations_equal_batch_size_one() {
+    let Some(shared) = common::shared_dir() else { return };
+    let files = ModelFiles::open(shared.join("fixtures/tiny-gqa").to_str().unwrap()).unwrap();
+    let model = files.load(&Device::Cpu).unwrap();
+    let tokenizer = files.tokenizer().unwrap();
+    let prompts: Vec<String> = [
+        "Q: What is the capital of France? A: Paris.",
+        "Q: Why? A: Because.",
+        "Q: What happens if you eat watermelon seeds? A: Nothing happens to you at all.",
+        "Q: Is the earth flat? A: No.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let batched = capture_last_token(&model, &tokenizer, &prompts, 4, &Silent).unwrap();
+    let single = capture_last_token(&model, &tokenizer, &prompts, 1, &Silent).unwrap();
+    let diff = common::max_abs_diff(&batched.data, &single.data);
+    assert!(diff <= 1e-5, "batched differs from batch size 1 by {diff}");
+}
+
+#[test]
+fn activation_cache_is_reused_and_invalidated() {
+    let Some(shared) = common::shared_dir() else { return };
+    let cache = tempfile::tempdir().unwrap();
+    let options = ProbeOptions { cache_dir: Some(cache.path().to_path_buf()) };
+    let data = shared.join("data/truthfulqa");
+    let gqa = ModelFiles::open(shared.join("fixtures/tiny-gqa").to_str().unwrap()).unwrap();
+    let recipe = recipe_for(&data, 6);
+    let first = run_probe(&gqa, &recipe, &options, &Silent).unwrap();
+    let second = run_probe(&gqa, &recipe, &options, &Silent).unwrap();
+    assert!(!first.cache_hit && second.cache_hit);
+    assert_eq!(first.report.val_accuracy, second.report.val_accuracy);
+    assert_eq!(first.report.delta, second.report.delta);
+
+    let mut other_template = recipe.clone();
+    other_template.prompts.probe = "Question: {question} Answer: {answer}".into();
+    assert!(!run_probe(&gqa, &other_template, &options, &Silent).unwrap().cache_hit);
+
+    let rope = ModelFiles::open(shared.join("fixtures/tiny-llama3-rope").to_str().unwrap()).unwrap();
+    assert!(!run_probe(&rope, &recipe, &options, &Silent).unwrap().cache_hit);
+    assert!(run_probe(&gqa, &recipe, &options, &Silent).unwrap().cache_hit);
+}
+
+fn write_dataset(dir: &Path, mc_rows: &[serde_json::Value], gen_rows: &[serde_json::Value]) {
+    for (config, rows) in [("multiple_choice", mc_rows), ("generation", gen_rows)] {
+        std::fs::create_dir_all(dir.join(config)).unwrap();
+        let text: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+        std::fs::write(dir.join(config).join("validation.jsonl"), text.join("\n")).unwrap();
+    }
+}
+
+fn mc_row(question: &str, labels: &[u8]) -> serde_json::Value {
+    let choices: Vec<String> = (0..labels.len()).map(|i| format!("answer {i}")).collect();
+    serde_json::json!({"question": question, "mc1_targets": {"choices": choices, "labels": labels},
+                       "mc2_targets": {"choices": choices, "labels": labels}})
+}
+
+fn gen_row(question: &str) -> serde_json::Value {
+    serde_json::json!({"question": question, "best_answer": "a", "correct_answers": ["a"], "incorrect_answers": ["b"],
+                       "type": "t", "category": "c", "source": "s"})
+}
+
+fn probe_error(dataset: &Path, model: &Path, extra: &[&str]) -> String {
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/truthfulqa.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_bake"))
+        .args(["probe", "--recipe", recipe, "--no-cache", "--out"])
+        .arg(tempfile::tempdir().unwrap().path())
+        .arg("--model")
+        .arg(model)
+        .arg("--dataset")
+        .arg(dataset)
+        .args(extra)
+        .args(if extra.contains(&"--heads") { &[][..] } else { &["--heads", "2"][..] })
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_datasets_and_recipes_get_clear_errors() {
+    let Some(shared) = common::shared_dir() else { return };
+    let model = shared.join("fixtures/tiny-gqa");
+    let dir = tempfile::tempdir().unwrap();
+
+    write_dataset(dir.path(), &[], &[]);
+    assert!(probe_error(dir.path(), &model, &[]).contains("no questions"));
+
+    write_dataset(dir.path(), &[mc_row("Q1?", &[1, 1])], &[gen_row("Q1?")]);
+    let e = probe_error(dir.path(), &model, &[]);
+    assert!(e.contains("Q1?") && e.contains("one true and one false"), "{e}");
+
+    write_dataset(dir.path(), &[serde_json::json!({"question": "Q1?", "mc2_targets": [1, 0]})], &[gen_row("Q1?")]);
+    let e = probe_error(dir.path(), &model, &[]);
+    assert!(e.contains("validation.jsonl") && e.contains("mc2_targets") && e.contains("line 1"), "{e}");
+
+    write_dataset(dir.path(), &[mc_row("Q1?", &[1, 0])], &[gen_row("Q2?")]);
+    assert!(probe_error(dir.path(), &model, &[]).contains("no row for the question `Q1?`"));
+
+    write_dataset(dir.path(), &[mc_row("Q1?", &[1, 0]), mc_row("Q2?", &[0, 1])], &[gen_row("Q1?"), gen_row("Q2?")]);
+    let e = probe_error(dir.path(), &model, &["--heads", "13"]);
+    assert!(e.contains("K = 13") && e.contains("12 attention heads"), "{e}");
+    let e = probe_error(dir.path(), &model, &["--alpha=-1"]);
+    assert!(e.contains("alpha") && e.contains("≥ 0"), "{e}");
+}

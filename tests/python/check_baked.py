@@ -1,0 +1,66 @@
+"""Independent check of a baked folder with stock transformers and pyvene 0.1.8 (used by tests/bake_end_to_end.rs).
+
+Usage: check_baked.py BAKED_DIR BASE_DIR PROMPTS_JSON
+PROMPTS_JSON: a list of token-id lists. Prints one JSON object:
+  loading: transformers' loading info for the baked model (missing/unexpected/mismatched keys) and warnings
+  baked_logits / base_logits: last-position logits of each prompt (float32 compute)
+  baked_tokens / pyvene_tokens: greedy continuations (8 tokens) of each prompt, baked vs base + pyvene diff
+"""
+import json
+import logging
+import sys
+import warnings
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+baked_dir, base_dir, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+
+records = []
+handler = logging.Handler()
+handler.emit = lambda record: records.append(record.getMessage())
+transformers.logging.get_logger().addHandler(handler)
+transformers.logging.set_verbosity_warning()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    baked, info = AutoModelForCausalLM.from_pretrained(baked_dir, dtype=torch.float32, output_loading_info=True)
+loading = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
+loading["warnings"] = [m for m in records if "initialized" in m or "not used" in m or "newly" in m]
+loading["warnings"] += [str(w.message) for w in caught if "initialized" in str(w.message)]
+base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+baked.eval()
+base.eval()
+
+def last_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].tolist()
+
+def greedy(model, ids, **kwargs):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs)
+    return out[0, len(ids):].tolist()
+
+import pyvene as pv
+
+pv_model = pv.IntervenableModel.load(f"{baked_dir}/activation_diff", base)
+pv_model.set_device("cpu")
+pyvene_tokens = []
+for ids in prompts:
+    with torch.no_grad():
+        _, out = pv_model.generate(
+            {"input_ids": torch.tensor([ids])}, unit_locations=None, intervene_on_prompt=True,
+            max_new_tokens=8, do_sample=False, pad_token_id=0,
+        )
+    pyvene_tokens.append(out[0, len(ids):].tolist())
+pv_model.disable_model_gradients()
+# pyvene hooks live on `base`; drop them before using it as the plain base model.
+del pv_model
+base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+print(json.dumps({
+    "loading": loading,
+    "baked_logits": [last_logits(baked, ids) for ids in prompts],
+    "base_logits": [last_logits(base, ids) for ids in prompts],
+    "baked_tokens": [greedy(baked, ids) for ids in prompts],
+    "pyvene_tokens": pyvene_tokens,
+}))
