@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks against an independent reference measured in the same run.
-#   scripts/bench.sh forward [N_PROMPTS]   bake's forward pass vs transformers, SmolLM2 on CPU (tokens/s)
+#   scripts/bench.sh forward [N_PROMPTS]       bake's forward pass vs transformers, SmolLM2 on CPU (tokens/s)
+#   scripts/bench.sh activations [N_QUESTIONS] bake's activation pass vs PyTorch batch 1 (the reference code's
+#                                              way) and PyTorch batched, same prompts; probes vs scikit-learn
+#   scripts/bench.sh bake-1b                   peak RSS of a bake of a random ~1B LLaMA, and the write step vs cp
 # Needs the environment of scripts/setup-test-env.sh (BAKE_SMOLLM2, BAKE_SHARED, BAKE_PYTHON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +26,41 @@ PY
 import json; r=[json.loads(l) for l in open("/tmp/bake-bench-forward.json")]
 b, t = r[0]["tokens_per_s"], r[1]["tokens_per_s"]; print("ratio bake/transformers: %.2fx" % (b / t))'
     rm -f "$prompts";;
+  activations)
+    n=${2:-40}
+    cargo build --release -q
+    out=$(mktemp -d)
+    ./target/release/bake probe --model "$BAKE_SMOLLM2" --recipe recipes/truthfulqa.yaml --no-cache \
+      --dataset "$BAKE_SHARED/data/truthfulqa" --limit "$n" --out "$out" > /dev/null
+    "$BAKE_PYTHON" -c '
+import json, sys; r = json.load(open(sys.argv[1]))
+n = r["probe_prompts"] + r["tuning_prompts"]; t = r["timings"]
+print(json.dumps({"impl": "bake", "prompts": n, "activation_seconds": round(t["activations"], 2),
+                  "prompts_per_s": round(n / t["activations"], 2), "probe_seconds": round(t["probes"], 2)}))' "$out/report.json" | tee "$out/bake.json"
+    for batch in 1 32; do
+      "$BAKE_PYTHON" scripts/replay_probe.py "$BAKE_SMOLLM2" "$BAKE_SHARED/data/truthfulqa" "$out/report.json" \
+        --batch-size $batch $([ $batch = 1 ] || echo --skip-probes) 2>/dev/null | tail -1 | tee "$out/torch$batch.json"
+    done
+    "$BAKE_PYTHON" -c '
+import json, sys; d = sys.argv[1]
+b, t1, tb = (json.load(open(f"{d}/{n}.json")) for n in ("bake", "torch1", "torch32"))
+print("activations: bake/torch-batch-1 %.2fx, bake/torch-batched %.2fx" % (b["prompts_per_s"] / t1["prompts_per_s"], b["prompts_per_s"] / tb["prompts_per_s"]))
+print("probes: bake %.2f s, sklearn %.2f s (%.1fx); replay agrees: val acc diff %.1e, top-K %s, delta rel diff %.1e" % (
+    b["probe_seconds"], t1["probe_seconds"], t1["probe_seconds"] / b["probe_seconds"], t1["val_accuracy_max_abs_diff"],
+    t1["top_k_agrees_up_to_ties"], t1["delta_max_relative_diff"]))' "$out"
+    rm -rf "$out";;
+  bake-1b)
+    cargo build --release -q --example synthetic_model
+    work=$(mktemp -d)
+    ./target/release/examples/synthetic_model "$work/llama-1b" 16 2048 16 16 128 5632 49152 bf16 "$BAKE_SMOLLM2/tokenizer.json"
+    sync
+    /usr/bin/time -v ./target/release/bake --model "$work/llama-1b" --recipe recipes/truthfulqa.yaml --no-cache \
+      --dataset "$BAKE_SHARED/data/truthfulqa" --limit 3 --heads 8 --max-shard-size 1GB --out "$work/baked" \
+      > "$work/stdout" 2> "$work/time"
+    grep -E "Maximum resident|Elapsed" "$work/time"
+    grep "write step" "$work/stdout"
+    sync; start=$(date +%s.%N); cp -r "$work/llama-1b" "$work/copy"; sync; end=$(date +%s.%N)
+    echo "cp of the base folder: $(echo "$end - $start" | bc) s ($(du -sb "$work/llama-1b" | cut -f1) bytes)"
+    rm -rf "$work";;
   *) echo "unknown benchmark $what" >&2; exit 2;;
 esac

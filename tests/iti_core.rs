@@ -186,3 +186,26 @@ fn bad_datasets_and_recipes_get_clear_errors() {
     let e = probe_error(dir.path(), &model, &["--alpha=-1"]);
     assert!(e.contains("alpha") && e.contains("≥ 0"), "{e}");
 }
+
+#[test]
+fn parquet_and_jsonl_give_the_same_dataset() {
+    let Some(shared) = common::shared_dir() else { return };
+    let jsonl = shared.join("data/truthfulqa");
+    let parquet = tempfile::tempdir().unwrap();
+    for config in ["multiple_choice", "generation"] {
+        std::fs::create_dir(parquet.path().join(config)).unwrap();
+        let name = "validation-00000-of-00001.parquet";
+        std::fs::copy(jsonl.join(config).join(name), parquet.path().join(config).join(name)).unwrap();
+    }
+    let a = bake::data::TruthfulQa::load(jsonl.to_str().unwrap(), "validation", None).unwrap();
+    let b = bake::data::TruthfulQa::load(parquet.path().to_str().unwrap(), "validation", None).unwrap();
+    assert_eq!(a.questions.len(), 817);
+    assert_eq!(a.questions.iter().map(|q| q.mc2.len()).sum::<usize>(), 5882);
+    let generation: usize = a.questions.iter().map(|q| q.correct_answers.len() + q.incorrect_answers.len()).sum();
+    assert_eq!(generation, 5918);
+    let empty = a.questions.iter().flat_map(|q| q.correct_answers.iter().chain(&q.incorrect_answers)).filter(|s| s.is_empty()).count();
+    assert_eq!(empty, 31, "the Hub's empty answers are kept");
+    for (x, y) in a.questions.iter().zip(&b.questions) {
+        assert_eq!((&x.question, &x.mc2, &x.correct_answers, &x.incorrect_answers), (&y.question, &y.mc2, &y.correct_answers, &y.incorrect_answers));
+    }
+}

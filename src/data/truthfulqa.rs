@@ -31,21 +31,23 @@ pub struct TruthfulQa {
 }
 
 impl TruthfulQa {
-    /// Reads `<dir>/multiple_choice/<split>.jsonl` and `<dir>/generation/<split>.jsonl`, keeping the first
-    /// `limit` questions in multiple_choice order.
+    /// Reads the `multiple_choice` and `generation` configs from a local folder in the HF layout
+    /// (`<config>/<split>.jsonl` or `<config>/<split>-00000-of-00001.parquet`) or from a Hub dataset
+    /// repository (its parquet files), keeping the first `limit` questions in multiple_choice order.
     pub fn load(source: &str, split: &str, limit: Option<usize>) -> Result<Self> {
-        let dir = Path::new(source);
-        if !dir.is_dir() {
+        let (mc_path, gen_path) = if Path::new(source).is_dir() {
+            let dir = Path::new(source);
+            (config_file(dir, "multiple_choice", split)?, config_file(dir, "generation", split)?)
+        } else if crate::model::resolve::parse_repo_id(source).is_some_and(|(_, rev)| rev.is_none()) {
+            let file = |config: &str| crate::hub::download_dataset_file(source, &format!("{config}/{split}-00000-of-00001.parquet"));
+            (file("multiple_choice")?, file("generation")?)
+        } else {
             return Err(BakeError::Invalid(format!(
-                "dataset `{source}`: not a local folder. Download truthfulqa/truthful_qa and point `dataset.source` \
-                 (or --dataset) at a folder with multiple_choice/{split}.jsonl and generation/{split}.jsonl \
-                 (loading the Hub's parquet files directly is not supported yet)"
+                "dataset `{source}`: neither a local folder nor a Hub dataset id (org/name)"
             )));
-        }
-        let mc_path = config_file(dir, "multiple_choice", split)?;
-        let gen_path = config_file(dir, "generation", split)?;
-        let mc_rows = read_jsonl(&mc_path)?;
-        let gen_rows = read_jsonl(&gen_path)?;
+        };
+        let mc_rows = read_rows(&mc_path)?;
+        let gen_rows = read_rows(&gen_path)?;
         let mut generation: HashMap<String, (usize, &Value)> = HashMap::new();
         for (line, row) in gen_rows.iter().enumerate() {
             let question = string_field(&gen_path, line, row, "question")?;
@@ -101,16 +103,29 @@ impl TruthfulQa {
 
 fn config_file(dir: &Path, config: &str, split: &str) -> Result<PathBuf> {
     let jsonl = dir.join(config).join(format!("{split}.jsonl"));
-    if jsonl.is_file() {
-        return Ok(jsonl);
-    }
     let parquet = dir.join(config).join(format!("{split}-00000-of-00001.parquet"));
-    let message = if parquet.is_file() {
-        format!("only parquet found ({}); bake reads the jsonl form of the dataset", parquet.display())
+    match (jsonl.is_file(), parquet.is_file()) {
+        (true, _) => Ok(jsonl),
+        (false, true) => Ok(parquet),
+        _ => Err(BakeError::Invalid(format!("{}: missing (nor is there {})", jsonl.display(), parquet.display()))),
+    }
+}
+
+/// Rows of a jsonl or parquet file as JSON objects (parquet lists and structs become arrays and objects).
+fn read_rows(path: &Path) -> Result<Vec<Value>> {
+    if path.extension().is_some_and(|e| e == "parquet") {
+        read_parquet(path)
     } else {
-        "missing".to_string()
-    };
-    Err(BakeError::Output { path: jsonl, message })
+        read_jsonl(path)
+    }
+}
+
+fn read_parquet(path: &Path) -> Result<Vec<Value>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(path).at(path)?;
+    let reader = SerializedFileReader::new(file).map_err(|e| BakeError::parse(path, e))?;
+    let rows = reader.get_row_iter(None).map_err(|e| BakeError::parse(path, e))?;
+    rows.map(|row| row.map(|r| r.to_json_value()).map_err(|e| BakeError::parse(path, e))).collect()
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Value>> {

@@ -74,3 +74,15 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     names.dedup();
     Ok(names)
 }
+
+/// One file of a Hub dataset repository, from the cache when possible.
+pub fn download_dataset_file(repo: &str, file: &str) -> Result<PathBuf> {
+    let (owner, name) = repo.split_once('/').ok_or_else(|| BakeError::Hub(format!("`{repo}` is not org/name")))?;
+    client()?
+        .dataset(owner, name)
+        .download_file()
+        .filename(file)
+        .local_files_only(offline())
+        .send()
+        .map_err(|e| BakeError::Hub(format!("dataset {repo}: {file}: {e}")))
+}
