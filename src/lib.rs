@@ -18,6 +18,7 @@ pub mod progress;
 pub mod recipe;
 pub mod rng;
 pub mod surgery;
+pub mod verify;
 
 pub use error::{BakeError, Result};
 

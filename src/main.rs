@@ -69,6 +69,24 @@ enum Command {
     Models,
     /// Run the ITI core (activations, probes, heads, shifts) and write report.json and heatmap.png.
     Probe(ProbeArgs),
+    /// Prove a baked folder (or Hub repo) is exactly its base plus its diff. Exit 0: all hold; 1: a mismatch;
+    /// 2: verification could not run.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// A baked folder, or a Hub repo id `org/name[@revision]` holding one.
+    target: String,
+    /// The base model (folder, Hub id or short name): enables the tensor, bias and config checks.
+    #[arg(long)]
+    base: Option<String>,
+    /// Also run a forward pass: the logits must move away from the base's and equal base + δ.
+    #[arg(long)]
+    run: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -222,6 +240,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run_bake(&args)?,
         Command::Inspect(args) => run_inspect(&args)?,
         Command::Probe(args) => run_probe(&args)?,
+        Command::Verify(args) => return run_verify(&args),
         Command::Models => {
             for (alias, repo) in ALIASES {
                 println!("{alias:<22} {repo}");
@@ -312,4 +331,22 @@ fn run_bake(args: &BakeArgs) -> Result<()> {
         write_started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
+    let dir = bake::verify::locate(&args.target)?;
+    let options = bake::verify::VerifyOptions { base: args.base.clone(), run: args.run };
+    let progress: Box<dyn Progress> = if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new()) };
+    let report = bake::verify::verify(&dir, &options, progress.as_ref())?;
+    if args.json {
+        println!("{}", serde_json::json!({ "ok": report.ok(), "folder": report.folder, "checks": report.checks, "mismatches": report.mismatches }));
+    } else {
+        for m in &report.mismatches {
+            let tensor = m.tensor.as_deref().map(|t| format!(" tensor `{t}`:")).unwrap_or_default();
+            println!("FAIL [{}] {}:{tensor} {}", m.check, m.file, m.message);
+        }
+        let verdict = if report.ok() { "OK" } else { "FAILED" };
+        println!("{verdict}: {} ({} mismatches; checks: {})", report.folder, report.mismatches.len(), report.checks.join(", "));
+    }
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

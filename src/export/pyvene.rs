@@ -181,3 +181,26 @@ mod tests {
         assert_eq!(file.len(), 8910);
     }
 }
+
+/// Reads the records of a stored (uncompressed) zip, as written by [`stored_zip`] or by `torch.save`.
+/// Returns `None` when the bytes are not such a zip.
+pub fn read_stored_zip(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    let u16_at = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let eocd = (0..bytes.len().saturating_sub(21)).rev().find(|&i| u32_at(i) == Some(0x0605_4b50))?;
+    let (count, mut at) = (u16_at(eocd + 10)?, u32_at(eocd + 16)?);
+    let mut records = Vec::with_capacity(count);
+    for _ in 0..count {
+        if u32_at(at)? != 0x0201_4b50 || u16_at(at + 10)? != 0 {
+            return None; // not a central directory entry, or compressed
+        }
+        let size = u32_at(at + 20)?;
+        let (name_len, extra_len, comment_len) = (u16_at(at + 28)?, u16_at(at + 30)?, u16_at(at + 32)?);
+        let local = u32_at(at + 42)?;
+        let name = String::from_utf8(bytes.get(at + 46..at + 46 + name_len)?.to_vec()).ok()?;
+        let data_start = local + 30 + u16_at(local + 26)? + u16_at(local + 28)?;
+        records.push((name, bytes.get(data_start..data_start + size)?.to_vec()));
+        at += 46 + name_len + extra_len + comment_len;
+    }
+    Some(records)
+}

@@ -86,3 +86,26 @@ pub fn download_dataset_file(repo: &str, file: &str) -> Result<PathBuf> {
         .send()
         .map_err(|e| BakeError::Hub(format!("dataset {repo}: {file}: {e}")))
 }
+
+/// A baked model repository: `bake.json` first, then every file it lists. Returns the snapshot folder.
+pub fn download_baked(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let (owner, name) = repo.split_once('/').ok_or_else(|| BakeError::Hub(format!("`{repo}` is not org/name")))?;
+    let client = client()?;
+    let handle = client.model(owner, name);
+    let fetch = |file: &str| {
+        handle
+            .download_file()
+            .filename(file)
+            .maybe_revision(revision.map(str::to_string))
+            .local_files_only(offline())
+            .send()
+            .map_err(|e| BakeError::Hub(format!("{repo}: {file}: {e}")))
+    };
+    let manifest_path = fetch("bake.json")?;
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| BakeError::io(&manifest_path, e))?;
+    let manifest: serde_json::Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(&manifest_path, e))?;
+    for file in manifest.get("outputs").and_then(|o| o.as_object()).into_iter().flat_map(|o| o.keys()) {
+        fetch(file)?;
+    }
+    Ok(manifest_path.parent().map(Path::to_path_buf).unwrap_or_default())
+}

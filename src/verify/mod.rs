@@ -1,0 +1,362 @@
+//! `bake verify`: proves that a baked folder is exactly its base plus the diff it declares.
+//!
+//! Checks, each reported by name:
+//! 1. `files`: every file's sha256 against `bake.json`; no file missing, none unlisted.
+//! 2. `tensors` (with a base): every base tensor is in the output byte for byte (name, dtype, shape, bytes),
+//!    except the o_proj biases the bake replaces; nothing else is added but q/k/v/o biases.
+//! 3. `biases`: each o_proj bias equals `W_o · δ_l` (+ the base's bias) within the dtype's rounding, with δ
+//!    from the diff; added q/k/v biases are zero.
+//! 4. `diff`: the pyvene files and the safetensors twin hold the same δ for the same layers.
+//! 5. `config`: `config.json` differs from the base's only where the manifest says.
+//! 6. `run` (optional): a forward pass shows the logits moved away from the base's and equal the base with δ
+//!    added at the o_proj input.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{BakeError, IoContext, Result};
+use crate::export::baked::{DIFF_DIR, DIFF_SAFETENSORS, LOG, MANIFEST};
+use crate::export::{pyvene, shards::sha256_file};
+use crate::model::{Checkpoint, ModelFiles, StoredDtype};
+use crate::progress::Progress;
+
+/// One thing that does not hold.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Mismatch {
+    pub check: &'static str,
+    pub file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub folder: String,
+    pub checks: Vec<&'static str>,
+    pub mismatches: Vec<Mismatch>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}
+
+pub struct VerifyOptions {
+    /// The base model (folder, Hub id or short name); without it only checks 1 and 4 run.
+    pub base: Option<String>,
+    pub run: bool,
+}
+
+struct Findings {
+    list: Vec<Mismatch>,
+}
+
+impl Findings {
+    fn add(&mut self, check: &'static str, file: impl Into<String>, tensor: Option<&str>, message: impl Into<String>) {
+        self.list.push(Mismatch { check, file: file.into(), tensor: tensor.map(str::to_string), message: message.into() });
+    }
+}
+
+/// Verifies `dir`. `Err` means verification could not run (missing manifest, unreachable base); mismatches
+/// are in the report.
+pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> Result<VerifyReport> {
+    let manifest_path = dir.join(MANIFEST);
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).at(&manifest_path)?)
+        .map_err(|e| BakeError::parse(&manifest_path, e))?;
+    let mut found = Findings { list: Vec::new() };
+    let mut checks = vec!["files"];
+    progress.stage("verify: files");
+    check_files(dir, &manifest, &mut found)?;
+
+    checks.push("diff");
+    let deltas = check_diff(dir, &mut found);
+
+    if let Some(base_spec) = &options.base {
+        progress.stage("verify: tensors");
+        let base = ModelFiles::open(base_spec)?;
+        check_base_inputs(&base, &manifest, &mut found)?;
+        checks.extend(["tensors", "biases", "config"]);
+        match Checkpoint::weight_files(dir).and_then(Checkpoint::open) {
+            Err(e) => found.add("tensors", "model.safetensors", None, format!("cannot read the baked weights: {e}")),
+            Ok(baked) => {
+                check_tensors(&base, &baked, &mut found);
+                if let Some(deltas) = &deltas {
+                    check_biases(&base, &baked, deltas, &mut found)?;
+                }
+            }
+        }
+        check_config(dir, &base, &manifest, &mut found);
+        if options.run && found.list.is_empty() {
+            progress.stage("verify: run");
+            checks.push("run");
+            if let Some(deltas) = &deltas {
+                check_run(dir, &base, deltas, &mut found)?;
+            }
+        }
+    }
+    Ok(VerifyReport { folder: dir.display().to_string(), checks, mismatches: found.list })
+}
+
+fn files_under(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).at(&d)? {
+            let path = entry.at(&d)?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn check_files(dir: &Path, manifest: &Value, found: &mut Findings) -> Result<()> {
+    let Some(outputs) = manifest.get("outputs").and_then(Value::as_object) else {
+        found.add("files", MANIFEST, None, "has no `outputs` table");
+        return Ok(());
+    };
+    for (name, entry) in outputs {
+        let path = dir.join(name);
+        let expected = entry.get("sha256").and_then(Value::as_str).unwrap_or("");
+        if !path.is_file() {
+            found.add("files", name.as_str(), None, "listed in bake.json but missing");
+        } else if sha256_file(&path)? != expected {
+            found.add("files", name.as_str(), None, format!("sha256 differs from bake.json ({expected})"));
+        }
+    }
+    for name in files_under(dir)? {
+        let exempt = name == MANIFEST || name == LOG;
+        if !exempt && !outputs.contains_key(&name) {
+            found.add("files", name, None, "not listed in bake.json");
+        }
+    }
+    Ok(())
+}
+
+/// δ per layer from the safetensors twin, after checking it against the pyvene files. `None` when unreadable.
+fn check_diff(dir: &Path, found: &mut Findings) -> Option<BTreeMap<usize, Vec<u8>>> {
+    let twin_path = dir.join(DIFF_SAFETENSORS);
+    let twin = match Checkpoint::open(vec![twin_path.clone()]) {
+        Ok(t) => t,
+        Err(e) => {
+            found.add("diff", DIFF_SAFETENSORS, None, e.to_string());
+            return None;
+        }
+    };
+    let mut deltas = BTreeMap::new();
+    for (name, entry) in &twin.tensors {
+        let layer = name.strip_prefix("layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
+        match layer {
+            Some(l) => {
+                deltas.insert(l, twin.bytes(entry).to_vec());
+            }
+            None => found.add("diff", DIFF_SAFETENSORS, Some(name), "unexpected tensor name"),
+        }
+    }
+    let config_path = dir.join(DIFF_DIR).join("config.json");
+    let listed: BTreeSet<usize> = std::fs::read_to_string(&config_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|c| c.get("representations").and_then(Value::as_array).cloned())
+        .map(|reps| {
+            reps.iter()
+                .filter_map(|r| r.get(1).and_then(Value::as_str))
+                .filter_map(|c| c.strip_prefix("model.layers[").and_then(|r| r.split(']').next()).and_then(|l| l.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if listed != deltas.keys().copied().collect() {
+        found.add("diff", format!("{DIFF_DIR}/config.json"), None, format!("lists layers {listed:?}, the twin {:?}", deltas.keys().collect::<Vec<_>>()));
+    }
+    for (layer, bytes) in &deltas {
+        let file = format!("{DIFF_DIR}/{}", pyvene::file_name(*layer));
+        let stored = std::fs::read(dir.join(&file)).ok().and_then(|b| pyvene::read_stored_zip(&b));
+        match stored.and_then(|records| records.into_iter().find(|(n, _)| n.ends_with("/data/0"))) {
+            None => found.add("diff", file, None, "missing, or not a torch zip with a data/0 record"),
+            Some((_, data)) if &data != bytes => found.add("diff", file, None, "δ differs from activation_diff.safetensors"),
+            Some(_) => {}
+        }
+    }
+    Some(deltas)
+}
+
+fn check_base_inputs(base: &ModelFiles, manifest: &Value, found: &mut Findings) -> Result<()> {
+    let Some(inputs) = manifest.get("inputs").and_then(Value::as_object) else { return Ok(()) };
+    for (path, hash) in base.input_hashes()? {
+        let name = format!("model/{}", path.strip_prefix(&base.location.dir).unwrap_or(&path).to_string_lossy());
+        match inputs.get(&name).and_then(Value::as_str) {
+            Some(expected) if expected == hash => {}
+            _ => found.add("tensors", name, None, "the base given differs from the base this folder was baked from"),
+        }
+    }
+    Ok(())
+}
+
+fn is_attention_bias(name: &str) -> bool {
+    ["q_proj", "k_proj", "v_proj", "o_proj"].iter().any(|p| name.ends_with(&format!("self_attn.{p}.bias")))
+}
+
+fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
+    let base_ck = &base.checkpoint;
+    let file_of = |ck: &Checkpoint, e| ck.file_of(e).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    for (name, entry) in &base_ck.tensors {
+        let replaced = name.ends_with("self_attn.o_proj.bias");
+        match baked.get(name) {
+            None => found.add("tensors", "model.safetensors", Some(name), "missing from the baked checkpoint"),
+            Some(b) if b.dtype != entry.dtype || b.shape != entry.shape => found.add(
+                "tensors",
+                file_of(baked, b),
+                Some(name),
+                format!("{:?} {:?} in the base, {:?} {:?} here", entry.dtype, entry.shape, b.dtype, b.shape),
+            ),
+            Some(b) if !replaced && baked.bytes(b) != base_ck.bytes(entry) => {
+                found.add("tensors", file_of(baked, b), Some(name), "bytes differ from the base")
+            }
+            Some(_) => {}
+        }
+    }
+    for name in baked.tensors.keys() {
+        if base_ck.get(name).is_none() && !is_attention_bias(name) {
+            found.add("tensors", "model.safetensors", Some(name), "not in the base and not an attention bias");
+        }
+    }
+}
+
+/// The rounding a value stored in `dtype` may carry, relative to its magnitude.
+fn relative_rounding(dtype: StoredDtype) -> f64 {
+    match dtype {
+        StoredDtype::Bf16 => 2f64.powi(-8),
+        StoredDtype::F16 => 2f64.powi(-11),
+        StoredDtype::F32 => 2f64.powi(-23),
+    }
+}
+
+fn check_biases(base: &ModelFiles, baked: &Checkpoint, deltas: &BTreeMap<usize, Vec<u8>>, found: &mut Findings) -> Result<()> {
+    let c = &base.config;
+    let dtype = base.dtype();
+    for layer in 0..c.num_layers {
+        let prefix = format!("model.layers.{layer}.self_attn");
+        for proj in ["q_proj", "k_proj", "v_proj"] {
+            let name = format!("{prefix}.{proj}.bias");
+            if base.checkpoint.get(&name).is_some() {
+                continue; // compared byte for byte with the base
+            }
+            match baked.get(&name) {
+                None => found.add("biases", "model.safetensors", Some(&name), "missing (attention_bias: true needs it)"),
+                Some(e) if e.dtype.decode(baked.bytes(e)).iter().any(|v| *v != 0.0) => {
+                    found.add("biases", "model.safetensors", Some(&name), "should be zero")
+                }
+                Some(_) => {}
+            }
+        }
+        let name = format!("{prefix}.o_proj.bias");
+        let Some(entry) = baked.get(&name) else {
+            found.add("biases", "model.safetensors", Some(&name), "missing");
+            continue;
+        };
+        let delta: Option<Vec<f32>> = deltas.get(&layer).map(|b| dtype.decode(b).into_iter().map(|v| v as f32).collect());
+        let expected = crate::surgery::o_proj_bias(&base.checkpoint, c, layer, delta.as_deref())?;
+        let stored = entry.dtype.decode(baked.bytes(entry));
+        // δ itself was rounded to the model dtype in the diff, so allow that rounding twice over.
+        let tolerance = |e: f64| 3.0 * relative_rounding(entry.dtype) * e.abs() + 1e-6 * scale(&expected);
+        if let Some((i, (s, e))) = stored.iter().zip(&expected).enumerate().find(|(_, (s, e))| (*s - *e).abs() > tolerance(**e)) {
+            found.add("biases", "model.safetensors", Some(&name), format!("element {i} is {s}, W_o·δ gives {e}"));
+        }
+    }
+    Ok(())
+}
+
+fn scale(values: &[f64]) -> f64 {
+    values.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3)
+}
+
+fn check_config(dir: &Path, base: &ModelFiles, manifest: &Value, found: &mut Findings) {
+    let path = dir.join("config.json");
+    let baked: Option<serde_json::Map<String, Value>> =
+        std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let Some(baked) = baked else {
+        found.add("config", "config.json", None, "missing or not a JSON object");
+        return;
+    };
+    let changes = manifest.get("config_changes").and_then(Value::as_object);
+    let keys: BTreeSet<&String> = baked.keys().chain(base.config.raw.keys()).collect();
+    for key in keys {
+        let (before, after) = (base.config.raw.get(key), baked.get(key));
+        if before == after {
+            continue;
+        }
+        let declared = changes.and_then(|c| c.get(key)).and_then(|c| c.get("baked"));
+        if declared != after {
+            found.add("config", "config.json", None, format!("`{key}` is {after:?}, the base has {before:?}, bake.json declares {declared:?}"));
+        }
+    }
+}
+
+fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<u8>>, found: &mut Findings) -> Result<()> {
+    use crate::model::{Batch, Request, Shift};
+    use candle_core::{Device, Tensor};
+    let device = Device::Cpu;
+    let baked_files = ModelFiles::open(&dir.to_string_lossy())?;
+    let tokenizer = base.tokenizer()?;
+    let dtype = base.dtype();
+    let per_layer = (0..base.config.num_layers)
+        .map(|l| {
+            deltas.get(&l).map(|b| {
+                let values: Vec<f32> = dtype.decode(b).into_iter().map(|v| v as f32).collect();
+                Tensor::new(values, &device)
+            })
+            .transpose()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let shift = Shift { per_layer, from_position: None };
+    let prompts = ["Q: What happens if you eat watermelon seeds? A:", "Q: Is the Earth flat? A:", "The capital of France is"];
+    let sequences: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<_>>()?;
+    let batch = Batch::right_padded(&sequences, 0, &device)?;
+    let last = |out: crate::model::Output| -> Result<Vec<Vec<f32>>> {
+        let logits = out.logits.expect("requested");
+        sequences.iter().enumerate().map(|(i, s)| Ok(logits.get(i)?.get(s.len() - 1)?.to_vec1()?)).collect()
+    };
+    let base_model = base.load(&device)?;
+    let plain = last(base_model.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
+    let hooked = last(base_model.forward(&batch, &Request { logits: true, shift: Some(&shift), ..Default::default() })?)?;
+    drop(base_model);
+    let baked = last(baked_files.load(&device)?.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
+    let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max)
+    };
+    let moved = max_diff(&baked, &plain);
+    let agreement = max_diff(&baked, &hooked);
+    let tolerance = match dtype {
+        StoredDtype::F32 => 1e-3,
+        _ => 0.05 * scale(&hooked.iter().flatten().map(|v| *v as f64).collect::<Vec<_>>()) as f32,
+    };
+    if moved <= 1e-4 {
+        found.add("run", "model.safetensors", None, format!("logits equal the base's (max difference {moved:e}): the bake changed nothing"));
+    }
+    if agreement > tolerance {
+        found.add("run", "model.safetensors", None, format!("logits differ from base + δ by {agreement} (tolerance {tolerance})"));
+    }
+    Ok(())
+}
+
+/// The local folder to verify: `target` itself, or a Hub repository downloaded (manifest first, then every file
+/// it lists).
+pub fn locate(target: &str) -> Result<PathBuf> {
+    let path = Path::new(target);
+    if path.is_dir() {
+        return Ok(path.into());
+    }
+    match crate::model::resolve::parse_repo_id(target) {
+        Some((repo, revision)) => crate::hub::download_baked(&repo, revision.as_deref()),
+        None => Err(BakeError::Invalid(format!("`{target}`: not a folder and not a Hub repo id org/name[@revision]"))),
+    }
+}
