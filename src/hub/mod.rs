@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::{HFClientSync, HFError};
+use hf_hub::repository::RepoType;
+use hf_hub::{HFClientSync, HFError, HFRepositorySync};
 
 use crate::error::{BakeError, Result};
 use crate::model::resolve::COMPANION_FILES;
@@ -19,20 +20,25 @@ fn client() -> Result<HFClientSync> {
     HFClientSync::new().map_err(|e| BakeError::Hub(e.to_string()))
 }
 
+/// One file of a repository at `revision` (default branch when `None`), through the Hub cache.
+fn fetch<T: RepoType>(repo: &HFRepositorySync<T>, file: &str, revision: Option<&str>) -> std::result::Result<PathBuf, HFError> {
+    repo.download_file()
+        .filename(file)
+        .maybe_revision(revision.map(str::to_string))
+        .local_files_only(offline())
+        .send()
+}
+
+fn split_repo(repo: &str) -> Result<(&str, &str)> {
+    repo.split_once('/').ok_or_else(|| BakeError::Hub(format!("`{repo}` is not org/name")))
+}
+
 /// Downloads config, tokenizer files and safetensors weights (nothing else) of a model repository into the
 /// Hub cache and returns the snapshot folder.
 pub fn download_model(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
-    let client = client()?;
-    let (owner, name) = repo.split_once('/').ok_or_else(|| BakeError::Hub(format!("`{repo}` is not org/name")))?;
-    let handle = client.model(owner, name);
-    let fetch = |file: &str| -> std::result::Result<PathBuf, HFError> {
-        handle
-            .download_file()
-            .filename(file)
-            .maybe_revision(revision.map(str::to_string))
-            .local_files_only(offline())
-            .send()
-    };
+    let (owner, name) = split_repo(repo)?;
+    let handle = client()?.model(owner, name);
+    let fetch = |file: &str| fetch(&handle, file, revision);
     let describe = |file: &str, e: HFError| {
         let hint = if offline() { " (HF_HUB_OFFLINE is set: only cached files are used)" } else { "" };
         BakeError::Hub(format!("{repo}: {file}: {e}{hint}"))
@@ -77,30 +83,15 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 
 /// One file of a Hub dataset repository, from the cache when possible.
 pub fn download_dataset_file(repo: &str, file: &str) -> Result<PathBuf> {
-    let (owner, name) = repo.split_once('/').ok_or_else(|| BakeError::Hub(format!("`{repo}` is not org/name")))?;
-    client()?
-        .dataset(owner, name)
-        .download_file()
-        .filename(file)
-        .local_files_only(offline())
-        .send()
-        .map_err(|e| BakeError::Hub(format!("dataset {repo}: {file}: {e}")))
+    let (owner, name) = split_repo(repo)?;
+    fetch(&client()?.dataset(owner, name), file, None).map_err(|e| BakeError::Hub(format!("dataset {repo}: {file}: {e}")))
 }
 
 /// A baked model repository: `bake.json` first, then every file it lists. Returns the snapshot folder.
 pub fn download_baked(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
-    let (owner, name) = repo.split_once('/').ok_or_else(|| BakeError::Hub(format!("`{repo}` is not org/name")))?;
-    let client = client()?;
-    let handle = client.model(owner, name);
-    let fetch = |file: &str| {
-        handle
-            .download_file()
-            .filename(file)
-            .maybe_revision(revision.map(str::to_string))
-            .local_files_only(offline())
-            .send()
-            .map_err(|e| BakeError::Hub(format!("{repo}: {file}: {e}")))
-    };
+    let (owner, name) = split_repo(repo)?;
+    let handle = client()?.model(owner, name);
+    let fetch = |file: &str| fetch(&handle, file, revision).map_err(|e| BakeError::Hub(format!("{repo}: {file}: {e}")));
     let manifest_path = fetch("bake.json")?;
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| BakeError::io(&manifest_path, e))?;
     let manifest: serde_json::Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(&manifest_path, e))?;
