@@ -1,7 +1,7 @@
 //! The YAML recipe: every choice of an ITI bake, with the reference code's defaults in
 //! `recipes/truthfulqa.yaml`. Unknown keys and wrong types are errors with line and column.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -141,12 +141,6 @@ impl Recipe {
         use sha2::{Digest, Sha256};
         let json = serde_json::to_vec(self).expect("recipe serializes");
         crate::export::shards::hex(&Sha256::digest(json))
-    }
-
-    /// The recipe file's own folder, for resolving relative dataset paths.
-    pub fn resolve_relative(base: &Path, source: &str) -> PathBuf {
-        let p = Path::new(source);
-        if p.is_absolute() { p.into() } else { base.join(p) }
     }
 }
 

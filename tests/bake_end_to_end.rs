@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use bake::model::{Batch, ModelFiles, Request, Shift};
@@ -60,14 +60,7 @@ fn bake_logits(model_dir: &Path, prompts: &[Vec<u32>], shift: Option<&Shift>) ->
 }
 
 fn python_check(baked: &Path, base: &Path, prompts: &[Vec<u32>]) -> Option<Value> {
-    let python = match std::env::var_os("BAKE_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None if std::env::var("BAKE_REQUIRE_FIXTURES").is_ok_and(|v| v == "1") => panic!("BAKE_PYTHON not set"),
-        None => {
-            eprintln!("skipped: BAKE_PYTHON not set (transformers and pyvene are the reference)");
-            return None;
-        }
-    };
+    let python = common::python()?;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_baked.py");
     let out = Command::new(python)
         .arg(script)
@@ -218,7 +211,7 @@ fn a_full_disk_leaves_no_partial_output() {
     let mount = tempfile::tempdir().unwrap();
     let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(mount.path()).status();
     if !mounted.is_ok_and(|s| s.success()) {
-        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        common::say_skipped("cannot mount a small tmpfs here (needs root)");
         return;
     }
     let out = mount.path().join("baked");

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use bake::activations::capture_last_token;
@@ -14,20 +14,9 @@ use bake::recipe::Recipe;
 use bake::rng::SeededRng;
 use candle_core::Device;
 
-fn python() -> Option<PathBuf> {
-    match std::env::var_os("BAKE_PYTHON") {
-        Some(p) => Some(PathBuf::from(p)),
-        None if std::env::var("BAKE_REQUIRE_FIXTURES").is_ok_and(|v| v == "1") => panic!("BAKE_PYTHON is not set"),
-        None => {
-            eprintln!("skipped: BAKE_PYTHON not set (a Python with scikit-learn is the reference)");
-            None
-        }
-    }
-}
-
 #[test]
 fn probes_equal_sklearn_accuracies_and_coefficients() {
-    let Some(python) = python() else { return };
+    let Some(python) = common::python() else { return };
     let (n, d) = (300, 16);
     let mut rng = SeededRng::new(7);
     let true_w: Vec<f64> = (0..d).map(|_| rng.normal()).collect();

@@ -13,15 +13,27 @@ fn required() -> bool {
     std::env::var("BAKE_REQUIRE_FIXTURES").is_ok_and(|v| v == "1")
 }
 
+/// Says why a test is skipped. Written straight to stderr: libtest captures `eprintln!`, not the handle.
+pub fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
 fn found_or_skip(what: &str, path: Option<PathBuf>, how: &str) -> Option<PathBuf> {
     match path.filter(|p| p.exists()) {
         Some(p) => Some(p),
         None if required() => panic!("{what} not found and BAKE_REQUIRE_FIXTURES=1: {how}"),
         None => {
-            eprintln!("skipped: {what} not found ({how})");
+            say_skipped(&format!("{what} not found ({how})"));
             None
         }
     }
+}
+
+/// The Python with the references (torch, transformers, scikit-learn, pyvene), from `BAKE_PYTHON`.
+pub fn python() -> Option<PathBuf> {
+    let path = std::env::var_os("BAKE_PYTHON").map(PathBuf::from);
+    found_or_skip("BAKE_PYTHON", path, "set it to a Python with torch, transformers, scikit-learn and pyvene")
 }
 
 pub fn shared_dir() -> Option<PathBuf> {
