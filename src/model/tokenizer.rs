@@ -36,14 +36,4 @@ impl TextTokenizer {
             .map_err(|e| BakeError::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
-
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| BakeError::Tokenizer { path: self.path.clone(), message: e.to_string() })
-    }
 }
