@@ -113,6 +113,7 @@ pub fn write_baked(
     let manifest = manifest(model, recipe, outcome, &written, &dir)?;
     written.push(write_file(&dir.join(MANIFEST), manifest.as_bytes())?);
     std::fs::write(dir.join(LOG), log).at(dir.join(LOG))?;
+    flush_to_disk(&written)?;
 
     if options.out.exists() {
         std::fs::remove_dir_all(&options.out).at(&options.out)?;
@@ -120,6 +121,13 @@ pub fn write_baked(
     std::fs::rename(&dir, &options.out).at(&options.out)?;
     staging.committed = true;
     Ok(written.into_iter().map(|f| WrittenFile { path: options.out.join(f.path.strip_prefix(&dir).unwrap_or(&f.path)), ..f }).collect())
+}
+
+/// Makes every file durable before the rename publishes the folder; the files are flushed together so the
+/// disk can merge the writes.
+fn flush_to_disk(files: &[WrittenFile]) -> Result<()> {
+    use rayon::prelude::*;
+    files.par_iter().try_for_each(|f| std::fs::File::open(&f.path).and_then(|file| file.sync_all()).at(&f.path))
 }
 
 fn hashed(path: &Path) -> Result<WrittenFile> {

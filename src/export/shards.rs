@@ -116,7 +116,7 @@ pub fn write_safetensors(
     out.write_all(&(header.len() as u64).to_le_bytes()).at(path)?;
     out.write_all(&header).at(path)?;
     for t in tensors {
-        out.write_all(&t.bytes).at(path)?;
+        out.write_large(&t.bytes).at(path)?;
         on_bytes(t.bytes.len() as u64);
     }
     out.finish()
@@ -150,9 +150,21 @@ impl HashingWriter {
         Ok(HashingWriter { path: path.into(), inner: BufWriter::with_capacity(8 << 20, file), hasher: Sha256::new(), bytes: 0 })
     }
 
+    /// Writes a large slice with hashing and writing running side by side (no copy: both read `bytes`).
+    fn write_large(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.len() < (1 << 20) {
+            return self.write_all(bytes);
+        }
+        self.inner.flush()?;
+        let (hasher, file) = (&mut self.hasher, self.inner.get_mut());
+        let ((), written) = rayon::join(|| hasher.update(bytes), || file.write_all(bytes));
+        written?;
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
     fn finish(mut self) -> Result<WrittenFile> {
         self.inner.flush().at(&self.path)?;
-        self.inner.get_ref().sync_all().at(&self.path)?;
         Ok(WrittenFile { path: self.path, bytes: self.bytes, sha256: hex(&self.hasher.finalize()) })
     }
 }
