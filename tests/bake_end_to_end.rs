@@ -107,7 +107,12 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) {
     }
     let transformers_baked = floats(&reference["baked_logits"]);
     let diff = max_diff(&transformers_baked, &hooked);
-    eprintln!("{}: transformers(baked) vs bake(base + δ) {diff:.2e}; hook vs bias {hook_vs_bias:.2e}", base.display());
+    let same_weights = max_diff(&transformers_baked, &baked_own);
+    eprintln!(
+        "{}: transformers(baked) vs bake(base + δ) {diff:.2e}, vs bake(baked) {same_weights:.2e}; hook vs bias {hook_vs_bias:.2e}",
+        base.display()
+    );
+    assert!(same_weights <= 1e-4, "transformers and bake disagree on the baked model by {same_weights}");
     assert!(diff <= own_tolerance.max(1e-4), "transformers(baked) vs bake hooked: {diff}");
     assert!(max_diff(&transformers_baked, &floats(&reference["base_logits"])) > 1e-3);
     assert_eq!(reference["pyvene_tokens"], reference["baked_tokens"], "pyvene generation differs from the baked model");
