@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::error::{BakeError, IoContext, Result};
@@ -39,7 +40,7 @@ pub fn write_checkpoint(
     dir: &Path,
     mut tensors: Vec<TensorBytes>,
     max_shard_bytes: u64,
-    on_bytes: &dyn Fn(u64),
+    on_bytes: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<WrittenFile>> {
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     for t in &tensors {
@@ -50,15 +51,22 @@ pub fn write_checkpoint(
     }
     let groups = split_into_shards(&tensors, max_shard_bytes);
     let count = groups.len();
-    let mut written = Vec::new();
-    let mut weight_map = BTreeMap::new();
-    for (i, group) in groups.iter().enumerate() {
-        let name = if count == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) };
-        for t in group {
-            weight_map.insert(t.name.clone(), name.clone());
-        }
-        written.push(write_safetensors(&dir.join(&name), group, &BTreeMap::new(), on_bytes)?);
-    }
+    let names: Vec<String> = (0..count)
+        .map(|i| if count == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) })
+        .collect();
+    let weight_map: BTreeMap<String, String> =
+        groups.iter().zip(&names).flat_map(|(g, name)| g.iter().map(move |t| (t.name.clone(), name.clone()))).collect();
+    // Shards are written in parallel, each flushed to disk as soon as it is complete, so one shard's hashing
+    // overlaps another's writing and the flush of the first overlaps the rest.
+    let mut written = groups
+        .par_iter()
+        .zip(&names)
+        .map(|(group, name)| {
+            let file = write_safetensors(&dir.join(name), group, &BTreeMap::new(), on_bytes)?;
+            File::open(&file.path).and_then(|f| f.sync_all()).at(&file.path)?;
+            Ok(file)
+        })
+        .collect::<Result<Vec<_>>>()?;
     if count > 1 {
         let total_size: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
         let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
