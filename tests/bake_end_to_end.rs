@@ -86,6 +86,8 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) {
     let out_root = tempfile::tempdir().unwrap();
     let out = out_root.path().join("baked");
     bake_ok(base, &out, extra);
+    let verify = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&out).arg("--base").arg(base).arg("--run").output().unwrap();
+    assert!(verify.status.success(), "bake verify: {}", String::from_utf8_lossy(&verify.stdout));
     let files = ModelFiles::open(base.to_str().unwrap()).unwrap();
     let tokenizer = files.tokenizer().unwrap();
     let prompts: Vec<Vec<u32>> = ["Q: What happens if you crack your knuckles a lot? A:", "The capital of France is"]

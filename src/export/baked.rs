@@ -178,14 +178,15 @@ fn write_activation_diff(model: &ModelFiles, outcome: &ProbeOutcome, dtype: Stor
         let bytes = pyvene::intervention_file(dtype.encode(delta.iter().copied()), width, dtype);
         written.push(write_file(&diff_dir.join(pyvene::file_name(*layer)), &bytes)?);
     }
-    // The safetensors twin: the same δ (same dtype), readable without torch.
+    // The safetensors twin, readable without torch: δ exactly as the biases were computed from (f32); the
+    // pyvene files hold it rounded to the model dtype.
     let twin: Vec<TensorBytes> = shifted
         .iter()
         .map(|(l, d)| TensorBytes {
             name: format!("layers.{l}.self_attn.o_proj.input.delta"),
-            dtype,
+            dtype: StoredDtype::F32,
             shape: vec![width],
-            bytes: Cow::Owned(dtype.encode(d.iter().copied())),
+            bytes: Cow::Owned(StoredDtype::F32.encode(d.iter().copied())),
         })
         .collect();
     let metadata = BTreeMap::from([
@@ -193,6 +194,7 @@ fn write_activation_diff(model: &ModelFiles, outcome: &ProbeOutcome, dtype: Stor
         ("heads".to_string(), serde_json::to_string(&outcome.report.heads).expect("JSON")),
         ("sigma".to_string(), serde_json::to_string(&outcome.report.sigma).expect("JSON")),
         ("hook".to_string(), "model.layers[l].self_attn.o_proj.input".to_string()),
+        ("model_dtype".to_string(), dtype.torch_name().to_string()),
     ]);
     let twin_refs: Vec<&TensorBytes> = twin.iter().collect();
     written.push(write_safetensors(&dir.join(DIFF_SAFETENSORS), &twin_refs, &metadata, &|_| {})?);

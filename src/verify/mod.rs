@@ -74,7 +74,8 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
     check_files(dir, &manifest, &mut found)?;
 
     checks.push("diff");
-    let deltas = check_diff(dir, &mut found);
+    let dtype = manifest_dtype(&manifest);
+    let deltas = check_diff(dir, dtype, &mut found);
 
     if let Some(base_spec) = &options.base {
         progress.stage("verify: tensors");
@@ -142,8 +143,18 @@ fn check_files(dir: &Path, manifest: &Value, found: &mut Findings) -> Result<()>
     Ok(())
 }
 
-/// δ per layer from the safetensors twin, after checking it against the pyvene files. `None` when unreadable.
-fn check_diff(dir: &Path, found: &mut Findings) -> Option<BTreeMap<usize, Vec<u8>>> {
+/// The model dtype recorded in the manifest (the dtype of the biases and of the pyvene vectors).
+fn manifest_dtype(manifest: &Value) -> StoredDtype {
+    match manifest.get("dtype").and_then(Value::as_str) {
+        Some("bf16") => StoredDtype::Bf16,
+        Some("f16") => StoredDtype::F16,
+        _ => StoredDtype::F32,
+    }
+}
+
+/// δ per layer (f32) from the safetensors twin, after checking the pyvene files hold it rounded to `dtype`.
+/// `None` when the twin is unreadable.
+fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BTreeMap<usize, Vec<f32>>> {
     let twin_path = dir.join(DIFF_SAFETENSORS);
     let twin = match Checkpoint::open(vec![twin_path.clone()]) {
         Ok(t) => t,
@@ -157,7 +168,8 @@ fn check_diff(dir: &Path, found: &mut Findings) -> Option<BTreeMap<usize, Vec<u8
         let layer = name.strip_prefix("layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
         match layer {
             Some(l) => {
-                deltas.insert(l, twin.bytes(entry).to_vec());
+                let values = entry.dtype.decode(twin.bytes(entry)).into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+                deltas.insert(l, values);
             }
             None => found.add("diff", DIFF_SAFETENSORS, Some(name), "unexpected tensor name"),
         }
@@ -177,12 +189,15 @@ fn check_diff(dir: &Path, found: &mut Findings) -> Option<BTreeMap<usize, Vec<u8
     if listed != deltas.keys().copied().collect() {
         found.add("diff", format!("{DIFF_DIR}/config.json"), None, format!("lists layers {listed:?}, the twin {:?}", deltas.keys().collect::<Vec<_>>()));
     }
-    for (layer, bytes) in &deltas {
+    for (layer, values) in &deltas {
+        let bytes = &dtype.encode(values.iter().copied());
         let file = format!("{DIFF_DIR}/{}", pyvene::file_name(*layer));
         let stored = std::fs::read(dir.join(&file)).ok().and_then(|b| pyvene::read_stored_zip(&b));
         match stored.and_then(|records| records.into_iter().find(|(n, _)| n.ends_with("/data/0"))) {
             None => found.add("diff", file, None, "missing, or not a torch zip with a data/0 record"),
-            Some((_, data)) if &data != bytes => found.add("diff", file, None, "δ differs from activation_diff.safetensors"),
+            Some((_, data)) if &data != bytes => {
+                found.add("diff", file, None, "δ differs from activation_diff.safetensors rounded to the model dtype")
+            }
             Some(_) => {}
         }
     }
@@ -240,9 +255,8 @@ fn relative_rounding(dtype: StoredDtype) -> f64 {
     }
 }
 
-fn check_biases(base: &ModelFiles, baked: &Checkpoint, deltas: &BTreeMap<usize, Vec<u8>>, found: &mut Findings) -> Result<()> {
+fn check_biases(base: &ModelFiles, baked: &Checkpoint, deltas: &BTreeMap<usize, Vec<f32>>, found: &mut Findings) -> Result<()> {
     let c = &base.config;
-    let dtype = base.dtype();
     for layer in 0..c.num_layers {
         let prefix = format!("model.layers.{layer}.self_attn");
         for proj in ["q_proj", "k_proj", "v_proj"] {
@@ -263,11 +277,11 @@ fn check_biases(base: &ModelFiles, baked: &Checkpoint, deltas: &BTreeMap<usize, 
             found.add("biases", "model.safetensors", Some(&name), "missing");
             continue;
         };
-        let delta: Option<Vec<f32>> = deltas.get(&layer).map(|b| dtype.decode(b).into_iter().map(|v| v as f32).collect());
-        let expected = crate::surgery::o_proj_bias(&base.checkpoint, c, layer, delta.as_deref())?;
+        let expected = crate::surgery::o_proj_bias(&base.checkpoint, c, layer, deltas.get(&layer).map(Vec::as_slice))?;
         let stored = entry.dtype.decode(baked.bytes(entry));
-        // δ itself was rounded to the model dtype in the diff, so allow that rounding twice over.
-        let tolerance = |e: f64| 3.0 * relative_rounding(entry.dtype) * e.abs() + 1e-6 * scale(&expected);
+        // The same f64 sum bake computed, so the only difference allowed is the rounding to the stored dtype
+        // (half a unit in the last place; a full one is allowed).
+        let tolerance = |e: f64| relative_rounding(entry.dtype) * e.abs() + 1e-9 * scale(&expected);
         if let Some((i, (s, e))) = stored.iter().zip(&expected).enumerate().find(|(_, (s, e))| (*s - *e).abs() > tolerance(**e)) {
             found.add("biases", "model.safetensors", Some(&name), format!("element {i} is {s}, W_o·δ gives {e}"));
         }
@@ -301,7 +315,7 @@ fn check_config(dir: &Path, base: &ModelFiles, manifest: &Value, found: &mut Fin
     }
 }
 
-fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<u8>>, found: &mut Findings) -> Result<()> {
+fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, found: &mut Findings) -> Result<()> {
     use crate::model::{Batch, Request, Shift};
     use candle_core::{Device, Tensor};
     let device = Device::Cpu;
@@ -309,13 +323,7 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<u8>>, f
     let tokenizer = base.tokenizer()?;
     let dtype = base.dtype();
     let per_layer = (0..base.config.num_layers)
-        .map(|l| {
-            deltas.get(&l).map(|b| {
-                let values: Vec<f32> = dtype.decode(b).into_iter().map(|v| v as f32).collect();
-                Tensor::new(values, &device)
-            })
-            .transpose()
-        })
+        .map(|l| deltas.get(&l).map(|d| Tensor::new(d.as_slice(), &device)).transpose())
         .collect::<candle_core::Result<Vec<_>>>()?;
     let shift = Shift { per_layer, from_position: None };
     let prompts = ["Q: What happens if you eat watermelon seeds? A:", "Q: Is the Earth flat? A:", "The capital of France is"];
