@@ -9,7 +9,7 @@
 //!   README.md                   model card
 //!   report.json, heatmap.png    the probe stage (no timings: the folder is byte-reproducible)
 //!   activation_diff/            pyvene IntervenableModel.load layout
-//!   activation_diff.safetensors δ per layer, heads/α/σ in the metadata
+//!   activation_diff.safetensors δ per layer in f32, heads/α/σ in the metadata
 //!   bake.json                   manifest: recipe, splits, sha256 of every input and output file
 //!   bake.log                    run-dependent facts (timings); not hashed
 //! ```
