@@ -274,9 +274,10 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
     }
     let m = &report.bake_memory_estimate;
     println!(
-        "bake memory  ~{:.2} GiB (f32 weights {:.2} + activations {:.2} + writer {:.2})",
+        "bake memory  ~{:.2} GiB (f32 weights {:.2} + mapped weights {:.2} + activations {:.2} + writer {:.2})",
         gib(m.total_bytes),
         gib(m.weights_f32_bytes),
+        gib(m.mapped_weights_bytes),
         gib(m.activations_bytes),
         gib(m.writer_bytes)
     );

@@ -104,16 +104,15 @@ fn activations_for(
     options: &ProbeOptions,
     progress: &dyn Progress,
 ) -> Result<(Activations, Activations, bool)> {
-    let probe_texts: Vec<String> = prompts.probe.iter().map(|p| p.text.clone()).collect();
-    let tuning_texts: Vec<String> = prompts.tuning.iter().map(|p| p.text.clone()).collect();
+    // Probe prompts first, then tuning prompts: one pass, one cache entry, split afterwards.
+    let texts: Vec<&str> = prompts.probe.iter().chain(&prompts.tuning).map(|p| p.text.as_str()).collect();
     let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
-    let all_texts: Vec<&str> = probe_texts.iter().chain(&tuning_texts).map(String::as_str).collect();
     let key = cache::CacheKey {
         tool_version: crate::VERSION,
         model_hashes: &hashes,
         dataset_fingerprint: &dataset.fingerprint(),
         templates: &[&recipe.prompts.probe, &recipe.prompts.tuning],
-        prompts: &all_texts,
+        prompts: &texts,
     }
     .digest();
     let cache_path = options.cache_dir.as_deref().map(|d| cache::path_for(d, &key));
@@ -127,10 +126,8 @@ fn activations_for(
     let device = pick_device(&recipe.device)?;
     let llama = model.load(&device)?;
     let tokenizer = model.tokenizer()?;
-    let mut all = probe_texts.clone();
-    all.extend(tuning_texts);
-    let acts = activations::capture_last_token(&llama, &tokenizer, &all, recipe.batch_size, progress)?;
-    let (probe, tuning) = split_rows(acts, probe_texts.len());
+    let acts = activations::capture_last_token(&llama, &tokenizer, &texts, recipe.batch_size, progress)?;
+    let (probe, tuning) = split_rows(acts, prompts.probe.len());
     if let Some(path) = &cache_path {
         cache::store(path, &[("probe", &probe), ("tuning", &tuning)], &key)?;
     }

@@ -40,12 +40,12 @@ impl Activations {
 pub fn capture_last_token(
     model: &Llama,
     tokenizer: &TextTokenizer,
-    prompts: &[String],
+    prompts: &[impl AsRef<str>],
     batch_size: usize,
     progress: &dyn Progress,
 ) -> Result<Activations> {
     let c = &model.config;
-    let tokens: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<_>>()?;
+    let tokens: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p.as_ref())).collect::<Result<_>>()?;
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| (tokens[i].len(), i));
     let pad = c.pad_token_id.or(c.eos_token_ids.first().copied()).unwrap_or(0);

@@ -18,6 +18,8 @@ pub struct FileSummary {
 pub struct MemoryEstimate {
     /// f32 weights held by the CPU activation pass.
     pub weights_f32_bytes: u64,
+    /// The stored weights, memory-mapped; their pages count towards RSS while they are read.
+    pub mapped_weights_bytes: u64,
     /// Captured o_proj inputs for the full TruthfulQA prompt set, f32.
     pub activations_bytes: u64,
     /// The largest tensor the writer holds at once (it streams everything else from the memory map).
@@ -62,6 +64,7 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
     let activations_bytes = TRUTHFULQA_PROMPTS * (c.num_layers * c.attn_width()) as u64 * 4;
     let weights_f32_bytes = parameters * 4;
     let writer_bytes = ck.tensors.values().map(|e| (e.end - e.start) as u64).max().unwrap_or(0);
+    let mapped_weights_bytes = ck.total_bytes();
     Inspection {
         model: model.location.spec.clone(),
         hub_repo: model.location.hub_repo.clone(),
@@ -82,9 +85,10 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
         files,
         bake_memory_estimate: MemoryEstimate {
             weights_f32_bytes,
+            mapped_weights_bytes,
             activations_bytes,
             writer_bytes,
-            total_bytes: weights_f32_bytes + activations_bytes + writer_bytes,
+            total_bytes: weights_f32_bytes + mapped_weights_bytes + activations_bytes + writer_bytes,
         },
     }
 }
