@@ -98,19 +98,22 @@ pub fn write_baked(
     let dtype = model.dtype();
 
     progress.stage("write");
-    let mut written = write_weights(model, outcome, dtype, &dir, options.max_shard_bytes, progress)?;
+    let (mut written, added_tensors) = write_weights(model, outcome, dtype, &dir, options.max_shard_bytes, progress)?;
     written.push(write_config(model, &dir)?);
+    let companions_from = written.len();
     for file in model.location.companion_files() {
         let name = file.file_name().expect("companion files have names");
         written.push(copy_file(&file, &dir.join(name))?);
     }
+    // A copy has its source's sha256, so the copies' hashes are the inputs' hashes.
+    let companions: Vec<WrittenFile> = written[companions_from..].to_vec();
     let mut report = outcome.report.clone();
     report.timings = None;
     write_probe_outputs(&report, &dir)?;
     written.extend(["report.json", "heatmap.png"].iter().map(|f| hashed(&dir.join(f))).collect::<Result<Vec<_>>>()?);
     written.extend(write_activation_diff(model, outcome, dtype, &dir)?);
     written.push(write_file(&dir.join("README.md"), card::model_card(model, recipe, &report).as_bytes())?);
-    let manifest = manifest(model, recipe, outcome, &written, &dir)?;
+    let manifest = manifest(model, recipe, outcome, &companions, &added_tensors, &written, &dir)?;
     written.push(write_file(&dir.join(MANIFEST), manifest.as_bytes())?);
     std::fs::write(dir.join(LOG), log).at(dir.join(LOG))?;
     flush_to_disk(&written)?;
@@ -142,9 +145,10 @@ fn write_weights(
     dir: &Path,
     max_shard_bytes: u64,
     progress: &dyn Progress,
-) -> Result<Vec<WrittenFile>> {
+) -> Result<(Vec<WrittenFile>, Vec<String>)> {
     let ck = &model.checkpoint;
     let biases = surgery::bias_tensors(ck, &model.config, &outcome.deltas, dtype)?;
+    let added: Vec<String> = biases.iter().filter(|t| ck.get(&t.name).is_none()).map(|t| t.name.clone()).collect();
     let replaced: std::collections::HashSet<&str> = biases.iter().map(|t| t.name.as_str()).collect();
     let mut tensors: Vec<TensorBytes> = ck
         .tensors
@@ -156,7 +160,7 @@ fn write_weights(
     progress.start(tensors.iter().map(|t| t.bytes.len() as u64).sum(), "bytes");
     let files = write_checkpoint(dir, tensors, max_shard_bytes, &|n| progress.advance(n))?;
     progress.finish();
-    Ok(files)
+    Ok((files, added))
 }
 
 /// The base config with every key kept in order and `attention_bias` set.
@@ -206,12 +210,20 @@ fn relative(path: &Path, dir: &Path) -> String {
 }
 
 /// `bake.json`: what went in, how, and what came out, each file with its sha256.
-fn manifest(model: &ModelFiles, recipe: &Recipe, outcome: &ProbeOutcome, written: &[WrittenFile], dir: &Path) -> Result<String> {
+fn manifest(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    outcome: &ProbeOutcome,
+    companions: &[WrittenFile],
+    added_tensors: &[String],
+    written: &[WrittenFile],
+    dir: &Path,
+) -> Result<String> {
     let model_dir = &model.location.dir;
     let mut inputs: BTreeMap<String, String> =
         outcome.model_hashes.iter().map(|(p, h)| (format!("model/{}", relative(p, model_dir)), h.clone())).collect();
-    for file in model.location.companion_files() {
-        inputs.insert(format!("model/{}", relative(&file, model_dir)), super::shards::sha256_file(&file)?);
+    for copy in companions {
+        inputs.insert(format!("model/{}", relative(&copy.path, dir)), copy.sha256.clone());
     }
     for (p, h) in &outcome.dataset.files {
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -235,17 +247,9 @@ fn manifest(model: &ModelFiles, recipe: &Recipe, outcome: &ProbeOutcome, written
         "val_questions": outcome.split.val,
         "tuning_question": outcome.report.tuning_question,
         "config_changes": { "attention_bias": { "base": model.config.raw.get("attention_bias"), "baked": true } },
-        "added_tensors": added_tensor_names(model),
+        "added_tensors": added_tensors,
         "inputs": inputs,
         "outputs": outputs,
     });
     Ok(serde_json::to_string_pretty(&manifest).expect("JSON") + "\n")
-}
-
-/// Bias tensors the baked checkpoint has and the base does not.
-fn added_tensor_names(model: &ModelFiles) -> Vec<String> {
-    (0..model.config.num_layers)
-        .flat_map(|l| ["q_proj", "k_proj", "v_proj", "o_proj"].map(|p| format!("model.layers.{l}.self_attn.{p}.bias")))
-        .filter(|n| model.checkpoint.get(n).is_none())
-        .collect()
 }
