@@ -9,6 +9,7 @@
 pub mod activations;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod hub;
 pub mod model;

@@ -69,9 +69,88 @@ enum Command {
     Models,
     /// Run the ITI core (activations, probes, heads, shifts) and write report.json and heatmap.png.
     Probe(ProbeArgs),
+    /// Publish a baked folder to the Hugging Face Hub in one commit (only files the remote lacks), then check
+    /// the remote weights' LFS sha256 against the manifest. Token: HF_TOKEN or the HF token file.
+    Push(PushArgs),
+    /// TruthfulQA MC1/MC2 (reference and leaderboard protocols) and CE/KL: the base, a baked folder made
+    /// from it (--baked), or ITI fitted and applied fold by fold (--cv 2).
+    Eval(EvalArgs),
     /// Prove a baked folder (or Hub repo) is exactly its base plus its diff. Exit 0: all hold; 1: a mismatch;
     /// 2: verification could not run.
     Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct PushArgs {
+    /// The baked folder.
+    dir: PathBuf,
+    /// Target repository `org/name` (created when missing).
+    #[arg(long)]
+    repo: String,
+    /// Create the repository as private.
+    #[arg(long)]
+    private: bool,
+    /// Branch to commit to (default main; created when missing).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Open a pull request instead of committing to the branch.
+    #[arg(long)]
+    create_pr: bool,
+    /// Show what would be uploaded; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// A baked folder made from --model: evaluated beside the base (KL against the base).
+    #[arg(long, conflicts_with = "cv")]
+    baked: Option<PathBuf>,
+    /// Cross-validate ITI over N contiguous folds (the reference uses 2): fit on the other folds, apply to the
+    /// held-out one as a bias (every position) and as the reference's hook (from the prompt's end).
+    #[arg(long, value_name = "N")]
+    cv: Option<usize>,
+    /// Which multiple-choice protocols to run.
+    #[arg(long, value_enum, default_value = "both")]
+    protocol: ProtocolArg,
+    /// The reference protocol's instruction prompt.
+    #[arg(long, value_enum, default_value = "default")]
+    instruction: Instruction,
+    /// How answer tokens are found: from token offsets (any tokenizer), or the reference's
+    /// `len(tok(prompt)) + 3` slice (LLaMA-1/2 tokenizers only).
+    #[arg(long, value_enum, default_value = "offsets")]
+    answer_tokens: AnswerTokensArg,
+    /// Documents sampled from the corpus for CE and KL (overrides the recipe's `corpus.documents`).
+    #[arg(long)]
+    documents: Option<usize>,
+    /// Print the results as JSON instead of a markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    Reference,
+    Leaderboard,
+    Both,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Instruction {
+    Default,
+    Informative,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AnswerTokensArg {
+    Offsets,
+    ReferenceSlice,
 }
 
 #[derive(Args)]
@@ -94,9 +173,9 @@ struct RecipeArgs {
     /// A model folder, a Hub repo id `org/name[@revision]`, or a short name (see `bake models`).
     #[arg(long, short)]
     model: String,
-    /// The YAML recipe (see recipes/truthfulqa.yaml).
+    /// The YAML recipe (default: the built-in recipes/truthfulqa.yaml).
     #[arg(long, short)]
-    recipe: PathBuf,
+    recipe: Option<PathBuf>,
     /// Shift strength α (overrides the recipe).
     #[arg(long)]
     alpha: Option<f64>,
@@ -124,6 +203,9 @@ struct RecipeArgs {
     /// Do not read or write the activation cache ($BAKE_CACHE_DIR, default ~/.cache/bake/activations).
     #[arg(long)]
     no_cache: bool,
+    /// Text corpus for CE and KL in `bake eval` (.jsonl with a `text` field, or plain text).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -144,7 +226,10 @@ struct ProbeArgs {
 
 impl RecipeArgs {
     fn load(&self) -> Result<Recipe> {
-        let mut recipe = Recipe::load(&self.recipe)?;
+        let mut recipe = match &self.recipe {
+            Some(path) => Recipe::load(path)?,
+            None => Recipe::shipped(),
+        };
         recipe.apply(&Overrides {
             alpha: self.alpha,
             heads: self.heads,
@@ -158,8 +243,9 @@ impl RecipeArgs {
                 Direction::Probe => DirectionKind::Probe,
                 Direction::Random => DirectionKind::Random,
             }),
+            corpus: self.corpus.clone(),
         });
-        recipe.validate(&self.recipe)?;
+        recipe.validate(self.recipe.as_deref().unwrap_or(std::path::Path::new("recipes/truthfulqa.yaml")))?;
         Ok(recipe)
     }
 
@@ -241,6 +327,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(args) => run_inspect(&args)?,
         Command::Probe(args) => run_probe(&args)?,
         Command::Verify(args) => return run_verify(&args),
+        Command::Eval(args) => run_eval(&args)?,
+        Command::Push(args) => run_push(&args)?,
         Command::Models => {
             for (alias, repo) in ALIASES {
                 println!("{alias:<22} {repo}");
@@ -350,4 +438,77 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
         println!("{verdict}: {} ({} mismatches; checks: {})", report.folder, report.mismatches.len(), report.checks.join(", "));
     }
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn run_eval(args: &EvalArgs) -> Result<()> {
+    use bake::eval::{self, mc};
+    let mut recipe = args.recipe.load()?;
+    if let (Some(n), Some(corpus)) = (args.documents, recipe.corpus.as_mut()) {
+        corpus.documents = n;
+    }
+    let model = ModelFiles::open(&args.recipe.model)?;
+    let options = eval::EvalOptions {
+        protocols: match args.protocol {
+            ProtocolArg::Reference => vec![mc::Protocol::Reference],
+            ProtocolArg::Leaderboard => vec![mc::Protocol::Leaderboard],
+            ProtocolArg::Both => vec![mc::Protocol::Reference, mc::Protocol::Leaderboard],
+        },
+        instruction: match args.instruction {
+            Instruction::Default => mc::INSTRUCTION_DEFAULT.into(),
+            Instruction::Informative => mc::INSTRUCTION_INFORMATIVE.into(),
+            Instruction::None => String::new(),
+        },
+        answer_tokens: match args.answer_tokens {
+            AnswerTokensArg::Offsets => mc::AnswerTokens::Offsets,
+            AnswerTokensArg::ReferenceSlice => mc::AnswerTokens::ReferenceSlice,
+        },
+        corpus: recipe.corpus.clone(),
+    };
+    let bars = Bars::new();
+    let report = match (args.cv, &args.baked) {
+        (Some(folds), _) => eval::cross_validate(&model, &recipe, folds, &options, &args.recipe.probe_options(), &bars)?,
+        (None, Some(dir)) => {
+            let baked = ModelFiles::open(&dir.to_string_lossy())?;
+            eval::evaluate(&model, Some(&baked), &recipe, &options, &bars)?
+        }
+        (None, None) => eval::evaluate(&model, None, &recipe, &options, &bars)?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", eval::markdown_table(&report));
+        let documents = report.documents.map(|d| format!(", CE/KL over {d} documents")).unwrap_or_default();
+        println!("\n{} questions{documents}; {:.0} s", report.questions, report.timings["total"]);
+    }
+    Ok(())
+}
+
+fn run_push(args: &PushArgs) -> Result<()> {
+    let options = bake::hub::push::PushOptions {
+        repo: args.repo.clone(),
+        private: args.private,
+        revision: args.revision.clone(),
+        create_pr: args.create_pr,
+        dry_run: args.dry_run,
+    };
+    let progress: Box<dyn Progress> = if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new()) };
+    let report = bake::hub::push::push(&args.dir, &options, progress.as_ref())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let uploads: Vec<_> = report.files.iter().filter(|f| f.upload).collect();
+    for f in &report.files {
+        println!("{} {} ({} bytes)", if f.upload { "upload   " } else { "unchanged" }, f.path, f.bytes);
+    }
+    let action = if report.dry_run { "would upload" } else { "uploaded" };
+    let created = if report.repo_created { if report.dry_run { " (would create the repository)" } else { " (repository created)" } } else { "" };
+    println!("{action} {} of {} files to {}@{}{created}", uploads.len(), report.files.len(), report.repo, report.revision);
+    if let Some(url) = report.pr_url.as_ref().or(report.commit_url.as_ref()) {
+        println!("{url}");
+    }
+    if !report.dry_run {
+        println!("remote LFS sha256 matches the manifest for {} weight files", report.verified.len());
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@ use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
 use crate::error::Result;
 use crate::model::{pick_device, ModelFiles};
 use crate::probes::report::ProbeReport;
-use crate::probes::{self, HeadLayout, HeadShift, ShiftInputs, Split};
+use crate::probes::{self, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Split};
 use crate::progress::Progress;
 use crate::recipe::Recipe;
 
@@ -55,23 +55,8 @@ pub fn run_probe(model: &ModelFiles, recipe: &Recipe, options: &ProbeOptions, pr
 
     progress.stage("probes");
     let split = probes::split_questions(dataset.questions.len(), recipe.validation_ratio, recipe.seed);
-    let trained = probes::train_probes(&probe_acts, &prompts.probe, &split, layout);
-    let chosen = probes::select_heads(&trained.val_accuracy, recipe.heads)?;
-    let shifts = probes::compute_shifts(
-        &ShiftInputs {
-            probe_acts: &probe_acts,
-            probe_prompts: &prompts.probe,
-            tuning_acts: &tuning_acts,
-            split: &split,
-            probes: &trained,
-            layout,
-            direction: recipe.direction,
-            alpha: recipe.alpha,
-            seed: recipe.seed,
-        },
-        &chosen,
-    );
-    let deltas = probes::per_layer_deltas(&shifts, layout);
+    let fitted = fit_shifts(recipe, &Fit { probe_acts: &probe_acts, tuning_acts: &tuning_acts, prompts: &prompts, split: &split, layout, sigma_questions: None })?;
+    let (trained, chosen, shifts, deltas) = (fitted.probes, fitted.chosen, fitted.shifts, fitted.deltas);
     lap("probes", &mut timings);
 
     let report = ProbeReport {
@@ -95,7 +80,50 @@ pub fn run_probe(model: &ModelFiles, recipe: &Recipe, options: &ProbeOptions, pr
     Ok(ProbeOutcome { report, shifts, deltas, split, dataset, model_hashes, cache_hit })
 }
 
-fn activations_for(
+/// What the probe stage fits on: activations, prompts and which questions play which part.
+pub struct Fit<'a> {
+    pub probe_acts: &'a Activations,
+    pub tuning_acts: &'a Activations,
+    pub prompts: &'a PromptSets,
+    pub split: &'a Split,
+    pub layout: HeadLayout,
+    /// σ over these questions' tuning prompts (`None`: all).
+    pub sigma_questions: Option<&'a [usize]>,
+}
+
+pub struct Fitted {
+    pub probes: ProbeResults,
+    pub chosen: Vec<(usize, usize)>,
+    pub shifts: Vec<HeadShift>,
+    pub deltas: Vec<Option<Vec<f32>>>,
+}
+
+/// Probes on the split, the top K heads, their directions, σ and δ.
+pub fn fit_shifts(recipe: &Recipe, fit: &Fit) -> Result<Fitted> {
+    let trained = probes::train_probes(fit.probe_acts, &fit.prompts.probe, fit.split, fit.layout);
+    let chosen = probes::select_heads(&trained.val_accuracy, recipe.heads)?;
+    let shifts = probes::compute_shifts(
+        &ShiftInputs {
+            probe_acts: fit.probe_acts,
+            probe_prompts: &fit.prompts.probe,
+            tuning_acts: fit.tuning_acts,
+            tuning_prompts: &fit.prompts.tuning,
+            sigma_questions: fit.sigma_questions,
+            split: fit.split,
+            probes: &trained,
+            layout: fit.layout,
+            direction: recipe.direction,
+            alpha: recipe.alpha,
+            seed: recipe.seed,
+        },
+        &chosen,
+    );
+    let deltas = probes::per_layer_deltas(&shifts, fit.layout);
+    Ok(Fitted { probes: trained, chosen, shifts, deltas })
+}
+
+/// The probe and tuning activations of every prompt, from the cache when it holds them.
+pub fn activations_for(
     model: &ModelFiles,
     recipe: &Recipe,
     dataset: &TruthfulQa,

@@ -6,6 +6,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BakeError, IoContext, Result};
+pub use crate::eval::corpus::CorpusSpec;
+
+/// `recipes/truthfulqa.yaml`, built in: the recipe used when none is given.
+pub const SHIPPED: &str = include_str!("../recipes/truthfulqa.yaml");
 
 /// How the truthful direction of a head is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +64,9 @@ pub struct Recipe {
     /// Only the first N questions in multiple_choice order (null: all).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// The text corpus `bake eval` measures CE and KL on (null: none).
+    #[serde(default)]
+    pub corpus: Option<CorpusSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,12 +86,25 @@ pub struct Overrides {
     pub batch_size: Option<usize>,
     pub device: Option<String>,
     pub direction: Option<DirectionKind>,
+    pub corpus: Option<std::path::PathBuf>,
 }
 
 impl Recipe {
+    /// Reads a recipe file. A relative corpus path is taken relative to the recipe's folder.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;
-        Self::parse(path, &text)
+        let mut recipe = Self::parse(path, &text)?;
+        if let (Some(corpus), Some(dir)) = (&mut recipe.corpus, path.parent()) {
+            if corpus.path.is_relative() {
+                corpus.path = dir.join(&corpus.path);
+            }
+        }
+        Ok(recipe)
+    }
+
+    /// The built-in `recipes/truthfulqa.yaml`.
+    pub fn shipped() -> Self {
+        Self::parse(Path::new("recipes/truthfulqa.yaml"), SHIPPED).expect("the shipped recipe is valid")
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
@@ -105,6 +125,9 @@ impl Recipe {
         if let Some(v) = o.batch_size { self.batch_size = v }
         if let Some(v) = &o.device { self.device = v.clone() }
         if let Some(v) = o.direction { self.direction = v }
+        if let Some(v) = &o.corpus {
+            self.corpus.get_or_insert_with(|| CorpusSpec::new(v.clone())).path = v.clone();
+        }
     }
 
     /// Checks the ranges that types cannot express. `path` names the recipe in errors.

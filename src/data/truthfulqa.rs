@@ -17,6 +17,9 @@ pub struct Question {
     pub mc2: Vec<(String, bool)>,
     /// mc1 choices; the first is the correct one.
     pub mc1: Vec<String>,
+    /// The question as the generation config (and the reference's CSV) spells it; it differs from
+    /// `question` by a trailing space once. The MC evaluation prompts use it.
+    pub generation_question: String,
     pub best_answer: String,
     /// Generation-config answers as listed (empty strings kept, as the reference does).
     pub correct_answers: Vec<String>,
@@ -78,6 +81,7 @@ impl TruthfulQa {
                 question,
                 mc2,
                 mc1,
+                generation_question: string_field(&gen_path, gen_line, gen_row, "question")?,
                 best_answer: string_field(&gen_path, gen_line, gen_row, "best_answer")?,
                 correct_answers: strings_field(&gen_path, gen_line, gen_row, "correct_answers")?,
                 incorrect_answers: strings_field(&gen_path, gen_line, gen_row, "incorrect_answers")?,

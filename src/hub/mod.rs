@@ -100,3 +100,4 @@ pub fn download_baked(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
     }
     Ok(manifest_path.parent().map(Path::to_path_buf).unwrap_or_default())
 }
+pub mod push;

@@ -68,9 +68,25 @@ pub struct Shift {
     pub from_position: Option<Vec<usize>>,
 }
 
+/// Rotated keys and values of a prompt prefix shared by many sequences (the TruthfulQA instruction and
+/// primer): computed once, then attended to by every batch that continues it.
+#[derive(Clone)]
+pub struct Prefix {
+    pub len: usize,
+    /// Per layer, `[heads, head_dim, len]` (KV heads repeated for GQA, transposed for the score product).
+    keys_t: Vec<Tensor>,
+    /// Per layer, `[heads, len, head_dim]`.
+    values: Vec<Tensor>,
+}
+
 /// What a caller wants from one forward pass.
 #[derive(Default)]
 pub struct Request<'a> {
+    /// The batch continues this prefix: its positions start at `prefix.len`. Capture and shift positions
+    /// still count from the batch's first token.
+    pub prefix: Option<&'a Prefix>,
+    /// Keep every layer's keys and values, to use the (single-sequence) batch as a [`Prefix`] later.
+    pub keep_kv: bool,
     /// Read the o_proj input of every layer at one position per sequence.
     pub capture_at: Option<&'a [usize]>,
     pub shift: Option<&'a Shift>,
@@ -84,6 +100,8 @@ pub struct Output {
     pub o_proj_inputs: Vec<Tensor>,
     /// `[batch, seq, vocab]` when requested.
     pub logits: Option<Tensor>,
+    /// With `keep_kv`.
+    pub prefix: Option<Prefix>,
 }
 
 impl Llama {
@@ -145,8 +163,13 @@ impl Llama {
                 return Err(BakeError::Invalid("capture positions must lie inside each prompt".into()));
             }
         }
-        let (cos, sin) = self.rotary_tables(t)?;
-        let mask = attention_mask(&batch.lengths, t, &self.device)?;
+        let past = request.prefix.map_or(0, |p| p.len);
+        if request.keep_kv && (b != 1 || past != 0) {
+            return Err(BakeError::Invalid("a prefix is built from one sequence, without a prefix of its own".into()));
+        }
+        let (cos, sin) = self.rotary_tables(past, t)?;
+        // Expanded over the heads once, so each layer's addition is a plain elementwise one.
+        let mask = attention_mask(&batch.lengths, past, t, &self.device)?.broadcast_as((b, c.num_heads, t, past + t))?.contiguous()?;
         let capture_rows = match request.capture_at {
             Some(p) => Some(Tensor::from_vec(
                 p.iter().enumerate().map(|(i, &pos)| (i * t + pos) as u32).collect::<Vec<_>>(),
@@ -163,9 +186,17 @@ impl Llama {
 
         let mut x = self.embed_tokens.embedding(&batch.ids.flatten_all()?)?.reshape((b, t, c.hidden_size))?;
         let mut captured = Vec::new();
+        let mut kept = Prefix { len: t, keys_t: Vec::new(), values: Vec::new() };
+        let group = c.num_heads / c.num_kv_heads;
+        let shared_heads = |x: Tensor| -> Result<Tensor> { Ok(candle_transformers::utils::repeat_kv(x, group)?.squeeze(0)?) };
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let mut attn = self.attention(layer, &normed, &cos, &sin, &mask)?;
+            let past_kv = request.prefix.map(|p| (&p.keys_t[l], &p.values[l]));
+            let (mut attn, k, v) = self.attention(layer, &normed, &cos, &sin, &mask, past_kv)?;
+            if request.keep_kv {
+                kept.keys_t.push(shared_heads(k)?.transpose(1, 2)?.contiguous()?);
+                kept.values.push(shared_heads(v)?.contiguous()?);
+            }
             if let Some(delta) = request.shift.and_then(|s| s.per_layer.get(l)).and_then(Option::as_ref) {
                 let delta = delta.reshape((1, 1, c.attn_width()))?;
                 attn = match &shift_mask {
@@ -191,11 +222,21 @@ impl Llama {
         } else {
             None
         };
-        Ok(Output { o_proj_inputs: captured, logits })
+        let prefix = request.keep_kv.then_some(kept);
+        Ok(Output { o_proj_inputs: captured, logits, prefix })
     }
 
-    /// Self-attention up to (not including) o_proj: returns the o_proj input `[b, t, heads * head_dim]`.
-    fn attention(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Self-attention up to (not including) o_proj: returns the o_proj input `[b, t, heads * head_dim]` and
+    /// this batch's rotated keys and values `[b, kv_heads, t, head_dim]`.
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        past: Option<(&Tensor, &Tensor)>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
@@ -205,19 +246,36 @@ impl Llama {
         let k = candle_nn::rotary_emb::rope(&heads(&layer.k_proj, c.num_kv_heads)?, cos, sin)?;
         let v = heads(&layer.v_proj, c.num_kv_heads)?;
         let group = c.num_heads / c.num_kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, group)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, group)?.contiguous()?;
+        let own_k = candle_transformers::utils::repeat_kv(k.clone(), group)?.contiguous()?;
+        let own_v = candle_transformers::utils::repeat_kv(v.clone(), group)?.contiguous()?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = weights.matmul(&v)?; // [b, heads, t, head_dim]
-        Ok(out.transpose(1, 2)?.reshape((b, t, c.attn_width()))?)
+        let own_scores = q.matmul(&own_k.t()?)?;
+        let out = match past {
+            None => {
+                let weights = candle_nn::ops::softmax_last_dim(&(own_scores * scale)?.broadcast_add(mask)?)?;
+                weights.matmul(&own_v)?
+            }
+            Some((keys_t, values)) => {
+                // The prefix is the same for every sequence: one product per head over all b·t queries,
+                // instead of b·heads small ones.
+                let p = keys_t.dim(2)?;
+                let by_head = q.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, c.head_dim))?;
+                let prefix_scores = by_head.matmul(keys_t)?.reshape((c.num_heads, b, t, p))?.transpose(0, 1)?.contiguous()?;
+                let scores = (Tensor::cat(&[&prefix_scores, &own_scores], 3)? * scale)?.broadcast_add(mask)?;
+                let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+                let prefix_weights = weights.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, p))?;
+                let from_prefix = prefix_weights.matmul(values)?.reshape((c.num_heads, b, t, c.head_dim))?.transpose(0, 1)?;
+                (from_prefix + weights.narrow(3, p, t)?.contiguous()?.matmul(&own_v)?)?
+            }
+        }; // [b, heads, t, head_dim]
+        Ok((out.transpose(1, 2)?.reshape((b, t, c.attn_width()))?, k, v))
     }
 
-    fn rotary_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin of the rotary angles for positions `start..start + t`.
+    fn rotary_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut angles = Vec::with_capacity(t * half);
-        for pos in 0..t {
+        for pos in start..start + t {
             angles.extend(self.inv_freq.iter().map(|f| pos as f32 * f));
         }
         let angles = Tensor::from_vec(angles, (t, half), &self.device)?;
@@ -256,16 +314,18 @@ pub fn inverse_frequencies(c: &ModelConfig) -> Vec<f32> {
     }
 }
 
-/// `[b, 1, t, t]`: 0 where query i may attend key j (j ≤ i and j is a real token), −∞ elsewhere.
-fn attention_mask(lengths: &[usize], t: usize, device: &Device) -> Result<Tensor> {
-    let mut mask = Vec::with_capacity(lengths.len() * t * t);
+/// `[b, 1, t, past + t]`: 0 where query i may attend key j (every prefix key; j ≤ i among the batch's own
+/// keys, if j is a real token), −∞ elsewhere.
+fn attention_mask(lengths: &[usize], past: usize, t: usize, device: &Device) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(lengths.len() * t * (past + t));
     for &n in lengths {
         for i in 0..t {
-            // A padded query row still sees the real prefix, so it stays finite.
+            mask.extend(std::iter::repeat_n(0.0f32, past));
+            // A padded query row still sees the real tokens before it, so it stays finite.
             mask.extend((0..t).map(|j| if j <= i && j < n { 0.0f32 } else { f32::NEG_INFINITY }));
         }
     }
-    Ok(Tensor::from_vec(mask, (lengths.len(), 1, t, t), device)?)
+    Ok(Tensor::from_vec(mask, (lengths.len(), 1, t, past + t), device)?)
 }
 
 /// `[b, t, 1]`: 1 from each sequence's start position on, 0 before.

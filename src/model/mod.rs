@@ -9,7 +9,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, StoredDtype};
-pub use forward::{Batch, Llama, Output, Request, Shift};
+pub use forward::{Batch, Llama, Output, Prefix, Request, Shift};
 pub use resolve::ModelLocation;
 pub use tokenizer::TextTokenizer;
 pub use weights::Checkpoint;

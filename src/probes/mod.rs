@@ -21,13 +21,27 @@ pub struct Split {
 /// The reference's no-CV split: a seeded permutation of all questions, the first ⌊n(1−r)⌋ train, the rest
 /// validation, each listed in ascending order. By question, so all answers of a question land together.
 pub fn split_questions(n: usize, validation_ratio: f64, seed: u64) -> Split {
-    let permutation = SeededRng::for_purpose(seed, "split").permutation(n);
+    split_among(&(0..n).collect::<Vec<_>>(), validation_ratio, seed)
+}
+
+/// The same split over some questions only (the training fold of a cross-validation).
+pub fn split_among(questions: &[usize], validation_ratio: f64, seed: u64) -> Split {
+    let n = questions.len();
+    let permutation: Vec<usize> = SeededRng::for_purpose(seed, "split").permutation(n).iter().map(|&i| questions[i]).collect();
     let train_size = (n as f64 * (1.0 - validation_ratio)) as usize;
     let mut train = permutation[..train_size].to_vec();
     let mut val = permutation[train_size..].to_vec();
     train.sort_unstable();
     val.sort_unstable();
     Split { train, val }
+}
+
+/// `mask[q]`: question q is one of `questions` (indexable by every prompt's question).
+fn question_mask(prompts: &[Prompt], questions: &[usize]) -> Vec<bool> {
+    let size = prompts.iter().map(|p| p.question + 1).chain(questions.iter().map(|q| q + 1)).max().unwrap_or(0);
+    let mut mask = vec![false; size];
+    questions.iter().for_each(|&q| mask[q] = true);
+    mask
 }
 
 /// Shape facts the probes need.
@@ -54,8 +68,7 @@ pub struct ProbeResults {
 /// validation questions' prompts. Heads run in parallel.
 pub fn train_probes(acts: &Activations, prompts: &[Prompt], split: &Split, layout: HeadLayout) -> ProbeResults {
     let in_split = |questions: &[usize]| -> Vec<usize> {
-        let mut wanted = vec![false; prompts.iter().map(|p| p.question + 1).max().unwrap_or(0)];
-        questions.iter().for_each(|&q| wanted[q] = true);
+        let wanted = question_mask(prompts, questions);
         (0..prompts.len()).filter(|&i| wanted[prompts[i].question]).collect()
     };
     let (train_rows, val_rows) = (in_split(&split.train), in_split(&split.val));
@@ -122,6 +135,9 @@ pub struct ShiftInputs<'a> {
     pub probe_acts: &'a Activations,
     pub probe_prompts: &'a [Prompt],
     pub tuning_acts: &'a Activations,
+    pub tuning_prompts: &'a [Prompt],
+    /// σ is measured over these questions' tuning prompts; `None`: all of them (the reference's bake).
+    pub sigma_questions: Option<&'a [usize]>,
     pub split: &'a Split,
     pub probes: &'a ProbeResults,
     pub layout: HeadLayout,
@@ -133,9 +149,16 @@ pub struct ShiftInputs<'a> {
 /// Directions, σ and δ for each chosen head, in the order given.
 pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Vec<HeadShift> {
     let d = inputs.layout.head_dim;
-    let mut in_fit = vec![false; inputs.probe_prompts.iter().map(|p| p.question + 1).max().unwrap_or(0)];
-    inputs.split.train.iter().chain(&inputs.split.val).for_each(|&q| in_fit[q] = true);
+    let fit_questions: Vec<usize> = inputs.split.train.iter().chain(&inputs.split.val).copied().collect();
+    let in_fit = question_mask(inputs.probe_prompts, &fit_questions);
     let mut random = SeededRng::for_purpose(inputs.seed, "random-direction");
+    let sigma_rows: Vec<usize> = match inputs.sigma_questions {
+        None => (0..inputs.tuning_acts.rows).collect(),
+        Some(questions) => {
+            let wanted = question_mask(inputs.tuning_prompts, questions);
+            (0..inputs.tuning_acts.rows).filter(|&r| wanted[inputs.tuning_prompts[r].question]).collect()
+        }
+    };
     chosen
         .iter()
         .map(|&(layer, head)| {
@@ -144,8 +167,9 @@ pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Vec<He
                 DirectionKind::Probe => inputs.probes.probes[layer * inputs.layout.heads + head].weights.clone(),
                 DirectionKind::Random => (0..d).map(|_| random.normal()).collect(),
             });
-            let projections: Vec<f64> = (0..inputs.tuning_acts.rows)
-                .map(|r| inputs.tuning_acts.head(r, layer, head, d).iter().zip(&direction).map(|(&x, t)| x as f64 * t).sum())
+            let projections: Vec<f64> = sigma_rows
+                .iter()
+                .map(|&r| inputs.tuning_acts.head(r, layer, head, d).iter().zip(&direction).map(|(&x, t)| x as f64 * t).sum())
                 .collect();
             let sigma = population_std(&projections);
             let delta = direction.iter().map(|t| inputs.alpha * sigma * t).collect();

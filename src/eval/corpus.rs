@@ -1,0 +1,131 @@
+//! The text corpus for CE and KL: documents from a local text or jsonl file, a seeded sample of them, each
+//! cut to its first tokens (the reference takes 100 OpenWebText documents × 128 tokens).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BakeError, IoContext, Result};
+use crate::model::TextTokenizer;
+use crate::rng::SeededRng;
+
+/// Which documents to read and how many tokens of each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusSpec {
+    /// A `.jsonl` file (one document per line, in its `text` field) or a plain text file (documents separated
+    /// by blank lines).
+    pub path: PathBuf,
+    /// How many documents are sampled (all when the file has fewer).
+    #[serde(default = "default_documents")]
+    pub documents: usize,
+    /// Tokens per document, special tokens included.
+    #[serde(default = "default_tokens")]
+    pub tokens: usize,
+}
+
+impl CorpusSpec {
+    /// `path` with the default sample: 100 documents × 128 tokens.
+    pub fn new(path: PathBuf) -> Self {
+        CorpusSpec { path, documents: default_documents(), tokens: default_tokens() }
+    }
+}
+
+fn default_documents() -> usize {
+    100
+}
+
+fn default_tokens() -> usize {
+    128
+}
+
+/// The sampled documents, tokenized and cut.
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    pub path: PathBuf,
+    /// Index of each sampled document among the file's non-empty documents, in sample order.
+    pub picked: Vec<usize>,
+    pub documents: Vec<Vec<u32>>,
+}
+
+/// Reads the file's documents (non-empty after trimming).
+pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    let documents: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                let row: serde_json::Value =
+                    serde_json::from_str(l).map_err(|e| BakeError::parse(path, format!("line {}: {e}", i + 1)))?;
+                row.get("text").and_then(|t| t.as_str()).map(str::to_string).ok_or_else(|| {
+                    BakeError::field(path, "text", format!("line {}: expected a string field `text`", i + 1))
+                })
+            })
+            .collect::<Result<_>>()?
+    } else {
+        split_paragraphs(&text)
+    };
+    let documents: Vec<String> = documents.into_iter().filter(|d| !d.trim().is_empty()).collect();
+    if documents.is_empty() {
+        return Err(BakeError::Invalid(format!("{}: the corpus holds no documents (it is empty)", path.display())));
+    }
+    Ok(documents)
+}
+
+/// Blocks of text separated by lines that are empty or hold only spaces.
+fn split_paragraphs(text: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            if !out.last().expect("never empty").is_empty() {
+                out.push(String::new());
+            }
+        } else {
+            let current = out.last_mut().expect("never empty");
+            if !current.is_empty() {
+                current.push('\n');
+            }
+            current.push_str(line);
+        }
+    }
+    out
+}
+
+/// A seeded sample of `spec.documents` documents, each tokenized and cut to `spec.tokens` tokens. Documents
+/// of fewer than two tokens have no next-token prediction and are skipped.
+pub fn load(spec: &CorpusSpec, tokenizer: &TextTokenizer, seed: u64) -> Result<Corpus> {
+    if spec.tokens < 2 || spec.documents == 0 {
+        return Err(BakeError::Invalid(format!(
+            "corpus {}: documents must be ≥ 1 and tokens ≥ 2 (found {} and {})",
+            spec.path.display(),
+            spec.documents,
+            spec.tokens
+        )));
+    }
+    let texts = read_documents(&spec.path)?;
+    let mut corpus = Corpus { path: spec.path.clone(), picked: Vec::new(), documents: Vec::new() };
+    for i in SeededRng::for_purpose(seed, "corpus").permutation(texts.len()) {
+        if corpus.documents.len() == spec.documents {
+            break;
+        }
+        let mut ids = tokenizer.encode(&texts[i])?;
+        ids.truncate(spec.tokens);
+        if ids.len() >= 2 {
+            corpus.picked.push(i);
+            corpus.documents.push(ids);
+        }
+    }
+    Ok(corpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paragraphs_split_on_blank_lines() {
+        let docs = split_paragraphs(" = A = \n \n line one\nline two\n\n\n last \n");
+        assert_eq!(docs, vec![" = A = ", " line one\nline two", " last ", ""]);
+    }
+}

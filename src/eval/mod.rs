@@ -1,0 +1,356 @@
+//! Stage 7: `bake eval`: TruthfulQA MC1/MC2 (two protocols) and CE/KL on a text corpus, for the base, a
+//! baked folder, or ITI fitted and applied fold by fold (the reference's 2-fold protocol).
+
+pub mod corpus;
+pub mod mc;
+pub mod score;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::data::{build_prompt_sets, TruthfulQa};
+use crate::error::{BakeError, IoContext, Result};
+use crate::model::{pick_device, Llama, ModelFiles, TextTokenizer};
+use crate::pipeline::{self, Fit, ProbeOptions};
+use crate::probes::{self, HeadLayout};
+use crate::progress::Progress;
+use crate::recipe::Recipe;
+use corpus::CorpusSpec;
+use mc::{AnswerTokens, McScores, Protocol};
+use score::{Hook, HookMode, LanguageScores, Variant};
+
+/// How to evaluate, beyond the recipe (dataset, limit, seed, batch size, device).
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub protocols: Vec<Protocol>,
+    /// The reference protocol's instruction ("" for none).
+    pub instruction: String,
+    pub answer_tokens: AnswerTokens,
+    /// CE and KL are measured when a corpus is given.
+    pub corpus: Option<CorpusSpec>,
+}
+
+/// Mean MC1 and MC2 of one protocol.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct McSummary {
+    pub mc1: f64,
+    pub mc2: f64,
+    pub questions: usize,
+}
+
+/// One line of the results table.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Row {
+    pub name: String,
+    /// Keyed by protocol name (`reference`, `leaderboard`).
+    pub mc: BTreeMap<String, McSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ce: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fold {
+    pub fold: usize,
+    /// The held-out questions (indices in multiple_choice order) the rows are measured on.
+    pub test_questions: Vec<usize>,
+    pub heads: Vec<[usize; 2]>,
+    pub rows: Vec<Row>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub questions: usize,
+    /// Documents the CE and KL are averaged over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub documents: Option<usize>,
+    /// Which documents of the corpus file were sampled (indices among its non-empty documents).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub documents_picked: Option<Vec<usize>>,
+    /// The result; with cross-validation, the unweighted mean over the folds.
+    pub rows: Vec<Row>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub folds: Vec<Fold>,
+    pub timings: BTreeMap<String, f64>,
+}
+
+/// What every evaluation loads first.
+struct Setup {
+    data: TruthfulQa,
+    tokenizer: TextTokenizer,
+    base: Llama,
+    pad_id: u32,
+    corpus: Option<corpus::Corpus>,
+}
+
+fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, progress: &dyn Progress) -> Result<Setup> {
+    progress.stage("eval: data");
+    let data = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
+    let tokenizer = model.tokenizer()?;
+    let corpus = options.corpus.as_ref().map(|spec| corpus::load(spec, &tokenizer, recipe.seed)).transpose()?;
+    let base = model.load(&pick_device(&recipe.device)?)?;
+    let c = &model.config;
+    let pad_id = c.pad_token_id.or(c.eos_token_ids.first().copied()).unwrap_or(0);
+    Ok(Setup { data, tokenizer, base, pad_id, corpus })
+}
+
+impl Setup {
+    fn score(&self, variant: Variant, protocol: Protocol, questions: &[usize], options: &EvalOptions, recipe: &Recipe, progress: &dyn Progress) -> Result<McScores> {
+        let set = mc::build(protocol, &self.data, questions, &self.tokenizer, &options.instruction, options.answer_tokens)?;
+        let scores = score::score_items(variant, &set.items, recipe.batch_size, self.pad_id, progress)?;
+        Ok(set.combine(&scores))
+    }
+
+    fn language(&self, edited: &[Variant], recipe: &Recipe, progress: &dyn Progress) -> Result<Option<(LanguageScores, Vec<LanguageScores>)>> {
+        let Some(corpus) = &self.corpus else { return Ok(None) };
+        progress.stage("eval: CE and KL");
+        score::language_scores(&self.base, edited, &corpus.documents, recipe.batch_size, self.pad_id, progress).map(Some)
+    }
+}
+
+fn summary(scores: &McScores, questions: Option<&[usize]>) -> McSummary {
+    let (mc1, mc2, questions) = scores.mean_over(questions);
+    McSummary { mc1, mc2, questions }
+}
+
+fn row(name: &str, scores: &[McScores], questions: Option<&[usize]>, language: Option<LanguageScores>) -> Row {
+    Row {
+        name: name.into(),
+        mc: scores.iter().map(|s| (s.protocol.name().to_string(), summary(s, questions))).collect(),
+        ce: language.map(|l| l.ce),
+        kl: language.map(|l| l.kl),
+    }
+}
+
+/// Evaluates the base model and, when given, a baked folder made from it.
+pub fn evaluate(
+    model: &ModelFiles,
+    baked: Option<&ModelFiles>,
+    recipe: &Recipe,
+    options: &EvalOptions,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    let started = Instant::now();
+    if let Some(b) = baked {
+        check_same_base(&b.location.dir, model)?;
+    }
+    let setup = set_up(model, recipe, options, progress)?;
+    let questions: Vec<usize> = (0..setup.data.questions.len()).collect();
+    let baked_model = baked.map(|b| b.load(setup.base.device())).transpose()?;
+    let mut base_scores = Vec::new();
+    let mut baked_scores = Vec::new();
+    for &protocol in &options.protocols {
+        progress.stage(&format!("eval: {} protocol, base", protocol.name()));
+        base_scores.push(setup.score(Variant { model: &setup.base, hook: None }, protocol, &questions, options, recipe, progress)?);
+        if let Some(m) = &baked_model {
+            progress.stage(&format!("eval: {} protocol, baked", protocol.name()));
+            baked_scores.push(setup.score(Variant { model: m, hook: None }, protocol, &questions, options, recipe, progress)?);
+        }
+    }
+    let edited: Vec<Variant> = baked_model.iter().map(|m| Variant { model: m, hook: None }).collect();
+    let language = setup.language(&edited, recipe, progress)?;
+    let mut rows = vec![row("base", &base_scores, None, language.as_ref().map(|l| l.0))];
+    if baked.is_some() {
+        rows.push(row("baked", &baked_scores, None, language.as_ref().map(|l| l.1[0])));
+    }
+    Ok(EvalReport {
+        model: model.location.spec.clone(),
+        questions: questions.len(),
+        documents: setup.corpus.as_ref().map(|c| c.documents.len()),
+        documents_picked: setup.corpus.as_ref().map(|c| c.picked.clone()),
+        rows,
+        folds: Vec::new(),
+        timings: BTreeMap::from([("total".to_string(), started.elapsed().as_secs_f64())]),
+    })
+}
+
+/// Contiguous folds in multiple_choice order, the first ones one longer (numpy's `array_split`).
+pub fn contiguous_folds(n: usize, k: usize) -> Vec<Vec<usize>> {
+    let (size, extra) = (n / k, n % k);
+    let mut start = 0;
+    (0..k)
+        .map(|i| {
+            let len = size + usize::from(i < extra);
+            start += len;
+            (start - len..start).collect()
+        })
+        .collect()
+}
+
+/// The reference's cross-validation: per fold, heads, directions and σ are fitted on the other folds (80/20
+/// train/validation) and the shift is applied to the held-out fold, as a bias at every position and as the
+/// reference's hook from the prompt's end. CE and KL use the every-position shift (the reference's hook edits
+/// every position of a plain document too), so both ITI rows of a fold share them.
+pub fn cross_validate(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    folds: usize,
+    options: &EvalOptions,
+    probe_options: &ProbeOptions,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    let started = Instant::now();
+    let setup = set_up(model, recipe, options, progress)?;
+    let n = setup.data.questions.len();
+    if folds < 2 || folds > n {
+        return Err(BakeError::Invalid(format!("--cv {folds}: expected between 2 and the number of questions ({n})")));
+    }
+    let c = &model.config;
+    let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
+    probes::check_head_count(recipe.heads, layout.layers * layout.heads)?;
+    let prompts = build_prompt_sets(&setup.data, &recipe.prompts, recipe.seed);
+    let hashes = model.input_hashes()?;
+    progress.stage("activations");
+    let (probe_acts, tuning_acts, _) = pipeline::activations_for(model, recipe, &setup.data, &prompts, &hashes, probe_options, progress)?;
+
+    let fold_questions = contiguous_folds(n, folds);
+    let mut fitted = Vec::new();
+    for (i, test) in fold_questions.iter().enumerate() {
+        progress.stage(&format!("eval: fold {i}: probes"));
+        let train: Vec<usize> = (0..n).filter(|q| !test.contains(q)).collect();
+        let split = probes::split_among(&train, recipe.validation_ratio, recipe.seed);
+        let fit = Fit { probe_acts: &probe_acts, tuning_acts: &tuning_acts, prompts: &prompts, split: &split, layout, sigma_questions: Some(&train) };
+        let f = pipeline::fit_shifts(recipe, &fit)?;
+        let device = setup.base.device();
+        let hooks = (Hook::new(&f.deltas, HookMode::EveryPosition, device)?, Hook::new(&f.deltas, HookMode::FromPromptEnd, device)?);
+        fitted.push((f.chosen, hooks));
+    }
+
+    let all: Vec<usize> = (0..n).collect();
+    let mut base_scores = Vec::new();
+    let mut fold_scores: Vec<(Vec<McScores>, Vec<McScores>)> = vec![(Vec::new(), Vec::new()); folds];
+    for &protocol in &options.protocols {
+        progress.stage(&format!("eval: {} protocol, base", protocol.name()));
+        base_scores.push(setup.score(Variant { model: &setup.base, hook: None }, protocol, &all, options, recipe, progress)?);
+        for (i, ((_, (bias, hook)), test)) in fitted.iter().zip(&fold_questions).enumerate() {
+            let (bias_out, hook_out) = &mut fold_scores[i];
+            for (mode, variant_hook, out) in [("bias", bias, bias_out), ("hook", hook, hook_out)] {
+                progress.stage(&format!("eval: {} protocol, fold {i}, ITI as {mode}", protocol.name()));
+                out.push(setup.score(Variant { model: &setup.base, hook: Some(variant_hook) }, protocol, test, options, recipe, progress)?);
+            }
+        }
+    }
+    let edited: Vec<Variant> = fitted.iter().map(|(_, (bias, _))| Variant { model: &setup.base, hook: Some(bias) }).collect();
+    let language = setup.language(&edited, recipe, progress)?;
+
+    let mut fold_reports = Vec::new();
+    for (i, test) in fold_questions.iter().enumerate() {
+        let base_language = language.as_ref().map(|l| l.0);
+        let fold_language = language.as_ref().map(|l| l.1[i]);
+        fold_reports.push(Fold {
+            fold: i,
+            test_questions: test.clone(),
+            heads: fitted[i].0.iter().map(|&(l, h)| [l, h]).collect(),
+            rows: vec![
+                row("base", &base_scores, Some(test), base_language),
+                row("ITI (bias, every position)", &fold_scores[i].0, None, fold_language),
+                row("ITI (hook, from prompt end)", &fold_scores[i].1, None, fold_language),
+            ],
+        });
+    }
+    Ok(EvalReport {
+        model: model.location.spec.clone(),
+        questions: n,
+        documents: setup.corpus.as_ref().map(|c| c.documents.len()),
+        documents_picked: setup.corpus.as_ref().map(|c| c.picked.clone()),
+        rows: mean_rows(&fold_reports),
+        folds: fold_reports,
+        timings: BTreeMap::from([("total".to_string(), started.elapsed().as_secs_f64())]),
+    })
+}
+
+/// Unweighted mean of each row over the folds, as the reference aggregates.
+fn mean_rows(folds: &[Fold]) -> Vec<Row> {
+    let k = folds.len() as f64;
+    let mean = |f: &dyn Fn(&Fold) -> f64| folds.iter().map(f).sum::<f64>() / k;
+    folds[0]
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(r, first)| Row {
+            name: first.name.clone(),
+            mc: first
+                .mc
+                .keys()
+                .map(|p| {
+                    let s = McSummary {
+                        mc1: mean(&|f| f.rows[r].mc[p].mc1),
+                        mc2: mean(&|f| f.rows[r].mc[p].mc2),
+                        questions: folds.iter().map(|f| f.rows[r].mc[p].questions).sum(),
+                    };
+                    (p.clone(), s)
+                })
+                .collect(),
+            ce: first.ce.map(|_| mean(&|f| f.rows[r].ce.unwrap_or(0.0))),
+            kl: first.kl.map(|_| mean(&|f| f.rows[r].kl.unwrap_or(0.0))),
+        })
+        .collect()
+}
+
+/// A baked folder must come from this base: every weight file's sha256 in its manifest's inputs must be the
+/// base's.
+pub fn check_same_base(baked_dir: &Path, base: &ModelFiles) -> Result<()> {
+    let manifest_path = baked_dir.join(crate::export::baked::MANIFEST);
+    let text = std::fs::read_to_string(&manifest_path).at(&manifest_path)?;
+    let manifest: Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(&manifest_path, e))?;
+    let inputs = manifest.get("inputs").and_then(Value::as_object).ok_or_else(|| {
+        BakeError::field(&manifest_path, "inputs", "an object of input files and their sha256 (is this a bake output?)")
+    })?;
+    for (path, hash) in base.input_hashes()? {
+        let Ok(relative) = path.strip_prefix(&base.location.dir) else { continue };
+        let key = format!("model/{}", relative.to_string_lossy().replace('\\', "/"));
+        let recorded = inputs.get(&key).and_then(Value::as_str);
+        if recorded != Some(hash.as_str()) {
+            return Err(BakeError::Invalid(format!(
+                "{}: baked from a different base: `{key}` has sha256 {} in the manifest, {} in {}",
+                manifest_path.display(),
+                recorded.unwrap_or("(absent)"),
+                hash,
+                base.location.dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The results as a markdown table: one column pair per protocol, then CE and KL.
+pub fn markdown_table(report: &EvalReport) -> String {
+    let protocols: Vec<String> = report.rows.first().map(|r| r.mc.keys().cloned().collect()).unwrap_or_default();
+    let mut header = "| model |".to_string();
+    let mut rule = "|---|".to_string();
+    for p in &protocols {
+        header.push_str(&format!(" MC1 ({p}) | MC2 ({p}) |"));
+        rule.push_str("---|---|");
+    }
+    header.push_str(" CE | KL |");
+    rule.push_str("---|---|");
+    let mut out = format!("{header}\n{rule}\n");
+    let number = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "—".into());
+    for r in &report.rows {
+        out.push_str(&format!("| {} |", r.name));
+        for p in &protocols {
+            let s = &r.mc[p];
+            out.push_str(&format!(" {:.4} | {:.4} |", s.mc1, s.mc2));
+        }
+        out.push_str(&format!(" {} | {} |\n", number(r.ce), number(r.kl)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_are_contiguous_like_array_split() {
+        let f = contiguous_folds(817, 2);
+        assert_eq!((f[0].len(), f[1].len()), (409, 408));
+        assert_eq!((f[0][0], f[0][408], f[1][0], f[1][407]), (0, 408, 409, 816));
+    }
+}

@@ -1,0 +1,165 @@
+//! Log-probability scoring of many sequences that share a long prefix, with or without the ITI shift.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::mc::Item;
+use crate::error::Result;
+use crate::model::{Batch, Llama, Request, Shift};
+use crate::progress::Progress;
+
+/// Where the reference's runtime hook adds δ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookMode {
+    /// Every position, as a baked o_proj bias does.
+    EveryPosition,
+    /// From the prompt's last token on (the reference's hook on multiple-choice prompts).
+    FromPromptEnd,
+}
+
+/// δ per layer added at the o_proj input at run time.
+#[derive(Clone)]
+pub struct Hook {
+    pub deltas: Vec<Option<Tensor>>,
+    pub mode: HookMode,
+}
+
+impl Hook {
+    pub fn new(deltas: &[Option<Vec<f32>>], mode: HookMode, device: &Device) -> Result<Self> {
+        let deltas = deltas
+            .iter()
+            .map(|d| d.as_ref().map(|d| Tensor::from_slice(d, d.len(), device)).transpose())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Hook { deltas, mode })
+    }
+
+    fn shift(&self, from_position: Option<Vec<usize>>) -> Shift {
+        Shift { per_layer: self.deltas.clone(), from_position }
+    }
+}
+
+/// A model as evaluated: its weights, and the hook if it runs with one.
+#[derive(Clone, Copy)]
+pub struct Variant<'a> {
+    pub model: &'a Llama,
+    pub hook: Option<&'a Hook>,
+}
+
+/// Longest common prefix of all sequences.
+fn common_prefix(items: &[Item]) -> usize {
+    let Some(first) = items.first() else { return 0 };
+    items.iter().fold(first.ids.len(), |n, item| n.min(first.ids.iter().zip(&item.ids).take_while(|(a, b)| a == b).count()))
+}
+
+/// Sum of each item's answer-token log-probabilities. The token prefix every item shares (instruction and
+/// primer) runs once; its keys and values are reused by every batch.
+pub fn score_items(variant: Variant, items: &[Item], batch_size: usize, pad_id: u32, progress: &dyn Progress) -> Result<Vec<f64>> {
+    let model = variant.model;
+    // The prefix must end before the first scored prediction, and before any shifted position.
+    let mut shared = common_prefix(items);
+    for item in items {
+        shared = shared.min(item.answer_from - 1);
+        if variant.hook.is_some_and(|h| h.mode == HookMode::FromPromptEnd) {
+            shared = shared.min(item.prompt_last);
+        }
+    }
+    let every_position = variant.hook.filter(|h| h.mode == HookMode::EveryPosition).map(|h| h.shift(None));
+    let prefix = match shared {
+        0 => None,
+        n => {
+            let batch = Batch::right_padded(&[items[0].ids[..n].to_vec()], pad_id, model.device())?;
+            let request = Request { keep_kv: true, shift: every_position.as_ref(), ..Default::default() };
+            model.forward(&batch, &request)?.prefix
+        }
+    };
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| (items[i].ids.len(), i));
+    let mut scores = vec![0.0; items.len()];
+    progress.start(items.len() as u64, "answers");
+    for chunk in order.chunks(batch_size.max(1)) {
+        let suffixes: Vec<Vec<u32>> = chunk.iter().map(|&i| items[i].ids[shared..].to_vec()).collect();
+        let batch = Batch::right_padded(&suffixes, pad_id, model.device())?;
+        let shift = match variant.hook {
+            None => None,
+            Some(h) if h.mode == HookMode::EveryPosition => every_position.clone(),
+            Some(h) => Some(h.shift(Some(chunk.iter().map(|&i| items[i].prompt_last - shared).collect()))),
+        };
+        let request = Request { prefix: prefix.as_ref(), shift: shift.as_ref(), logits: true, ..Default::default() };
+        let logits = model.forward(&batch, &request)?.logits.expect("logits requested");
+        for (row, &i) in chunk.iter().enumerate() {
+            let item = &items[i];
+            // Position p predicts token p + 1.
+            let first = item.answer_from - 1 - shared;
+            let count = item.ids.len() - item.answer_from;
+            scores[i] = sum_log_probs(&logits.get(row)?.narrow(0, first, count)?, &item.ids[item.answer_from..])?;
+        }
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish();
+    Ok(scores)
+}
+
+/// Σ log softmax(logits[k])[targets[k]], in f64.
+fn sum_log_probs(logits: &Tensor, targets: &[u32]) -> Result<f64> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let targets = Tensor::from_slice(targets, targets.len(), logits.device())?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok(picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// Cross-entropy and KL(base ‖ edited) per token on a set of documents.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LanguageScores {
+    /// Mean over documents of the mean next-token negative log-likelihood.
+    pub ce: f64,
+    /// Mean over documents of Σ_positions KL(p_base ‖ p_edited) / positions; 0 for the base itself.
+    pub kl: f64,
+}
+
+/// CE of the base and of every edited variant, and each edited variant's KL against the base, over
+/// `documents` (token ids). Every document runs through the base once per batch, so no logits are stored.
+pub fn language_scores(
+    base: &Llama,
+    edited: &[Variant],
+    documents: &[Vec<u32>],
+    batch_size: usize,
+    pad_id: u32,
+    progress: &dyn Progress,
+) -> Result<(LanguageScores, Vec<LanguageScores>)> {
+    let mut base_ce = 0.0;
+    let mut sums = vec![(0.0, 0.0); edited.len()];
+    progress.start(documents.len() as u64, "documents");
+    for chunk in documents.chunks(batch_size.max(1)) {
+        let batch = Batch::right_padded(chunk, pad_id, base.device())?;
+        let logits = |v: Variant| -> Result<Tensor> {
+            let shift = v.hook.map(|h| h.shift(None));
+            let request = Request { shift: shift.as_ref(), logits: true, ..Default::default() };
+            Ok(v.model.forward(&batch, &request)?.logits.expect("logits requested"))
+        };
+        let base_logits = logits(Variant { model: base, hook: None })?;
+        let edited_logits: Vec<Tensor> = edited.iter().map(|&v| logits(v)).collect::<Result<_>>()?;
+        for (row, doc) in chunk.iter().enumerate() {
+            let base_row = base_logits.get(row)?.narrow(0, 0, doc.len())?;
+            base_ce += crate::model::forward::mean_next_token_nll(&base_row, doc)?;
+            for (sum, e) in sums.iter_mut().zip(&edited_logits) {
+                let row_logits = e.get(row)?.narrow(0, 0, doc.len())?;
+                sum.0 += crate::model::forward::mean_next_token_nll(&row_logits, doc)?;
+                sum.1 += mean_kl(&base_row, &row_logits)?;
+            }
+        }
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish();
+    let n = documents.len().max(1) as f64;
+    Ok((
+        LanguageScores { ce: base_ce / n, kl: 0.0 },
+        sums.into_iter().map(|(ce, kl)| LanguageScores { ce: ce / n, kl: kl / n }).collect(),
+    ))
+}
+
+/// Σ_t KL(softmax(p_t) ‖ softmax(q_t)) / T over the rows of two `[T, vocab]` logit matrices.
+fn mean_kl(p_logits: &Tensor, q_logits: &Tensor) -> Result<f64> {
+    let logp = candle_nn::ops::log_softmax(p_logits, D::Minus1)?;
+    let logq = candle_nn::ops::log_softmax(q_logits, D::Minus1)?;
+    let kl = (logp.exp()? * (&logp - &logq)?)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    Ok(kl / p_logits.dim(0)? as f64)
+}

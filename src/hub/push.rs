@@ -1,0 +1,327 @@
+//! `bake push`: publish a baked folder to the Hub in one commit, uploading only what the remote lacks, then
+//! prove the remote weight files are the ones the manifest lists.
+//!
+//! The commit goes through hf-hub 1.0's upload API (repository creation, preupload, LFS batch, commit). The
+//! tree listing is read here: hf-hub 1.0 looks for `lfs.sha256`, while the Hub sends the LFS sha256 as
+//! `lfs.oid`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hf_hub::repository::CommitOperation;
+use hf_hub::{HFClientSync, HFError};
+use serde::Serialize;
+use serde_json::Value;
+use sha1::Digest;
+
+use crate::error::{BakeError, IoContext, Result};
+use crate::export::baked::{LOG, MANIFEST};
+use crate::export::shards::sha256_file;
+use crate::progress::Progress;
+
+pub struct PushOptions {
+    /// `org/name`.
+    pub repo: String,
+    pub private: bool,
+    /// Branch to commit to (default `main`); created from `main` when missing.
+    pub revision: Option<String>,
+    pub create_pr: bool,
+    /// Compare with the remote and report, without changing anything.
+    pub dry_run: bool,
+}
+
+/// A local file and how it compares with the remote.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// `false`: the remote already holds these bytes.
+    pub upload: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PushReport {
+    pub repo: String,
+    pub revision: String,
+    pub repo_created: bool,
+    pub files: Vec<PlannedFile>,
+    pub commit_message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pr_url: Option<String>,
+    /// Weight files whose remote LFS sha256 was checked against the manifest after the upload.
+    pub verified: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// What the remote holds for one path.
+#[derive(Debug, Clone, PartialEq)]
+struct RemoteFile {
+    size: u64,
+    /// Git blob id (SHA-1 of `blob <size>\0<bytes>`).
+    oid: String,
+    /// sha256 of the content, for LFS files.
+    lfs_sha256: Option<String>,
+}
+
+/// The token hf-hub will send, in its order (HF_TOKEN, HF_TOKEN_PATH, $HF_HOME/token), so that it can be
+/// kept out of every message.
+fn token() -> Option<String> {
+    if std::env::var("HF_HUB_DISABLE_IMPLICIT_TOKEN").is_ok_and(|v| !v.is_empty()) {
+        return None;
+    }
+    if let Ok(t) = std::env::var("HF_TOKEN") {
+        if !t.is_empty() {
+            return Some(t);
+        }
+    }
+    let from_file = |p: PathBuf| std::fs::read_to_string(p).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+    if let Some(t) = std::env::var_os("HF_TOKEN_PATH").and_then(|p| from_file(p.into())) {
+        return Some(t);
+    }
+    let home = std::env::var_os("HF_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface")))?;
+    from_file(home.join("token"))
+}
+
+fn endpoint() -> String {
+    std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "https://huggingface.co".into()).trim_end_matches('/').to_string()
+}
+
+/// A Hub error as a message that never contains the token, with advice for the usual causes.
+fn hub_error(repo: &str, what: &str, error: impl std::fmt::Display) -> BakeError {
+    let mut message = format!("{repo}: {what}: {error}");
+    if let Some(t) = token() {
+        message = message.replace(&t, "***");
+    }
+    let text = message.to_lowercase();
+    if text.contains("401") || text.contains("unauthorized") || text.contains("authentication") || text.contains("403") {
+        message.push_str(" (check the token in HF_TOKEN or the Hugging Face token file: it must have write access)");
+    }
+    BakeError::Hub(message)
+}
+
+/// Every file of the folder to publish, with repository paths (`/`-separated); `bake.log` stays local.
+fn local_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).at(dir)?.collect::<std::io::Result<_>>().at(dir)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, root, out)?;
+            } else {
+                let relative = path.strip_prefix(root).expect("below root").to_string_lossy().replace('\\', "/");
+                if relative != LOG {
+                    out.push((relative, path));
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
+}
+
+/// The git blob id of a file, as the Hub reports it for non-LFS files.
+fn git_blob_id(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).at(path)?;
+    let mut hasher = sha1::Sha1::new();
+    hasher.update(format!("blob {}\0", bytes.len()).as_bytes());
+    hasher.update(&bytes);
+    Ok(crate::export::shards::hex(&hasher.finalize()))
+}
+
+fn encode_revision(revision: &str) -> String {
+    revision.replace('/', "%2F")
+}
+
+/// `GET /api/models/{repo}/tree/{revision}?recursive=true`, following `Link: <...>; rel="next"`. `None`
+/// when the repository (or the revision) does not exist.
+fn remote_tree(repo: &str, revision: &str) -> Result<Option<BTreeMap<String, RemoteFile>>> {
+    let client = reqwest::blocking::Client::new();
+    let mut url = Some(format!("{}/api/models/{repo}/tree/{}?recursive=true", endpoint(), encode_revision(revision)));
+    let mut files = BTreeMap::new();
+    while let Some(u) = url.take() {
+        let mut request = client.get(&u);
+        if let Some(t) = token() {
+            request = request.bearer_auth(t);
+        }
+        let response = request.send().map_err(|e| hub_error(repo, "listing the repository", e))?;
+        let status = response.status();
+        if status.as_u16() == 404 {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let body = response.text().unwrap_or_default();
+            return Err(hub_error(repo, "listing the repository", format!("HTTP {status}: {body}")));
+        }
+        url = next_link(response.headers());
+        let entries: Vec<Value> = response.json().map_err(|e| hub_error(repo, "reading the tree listing", e))?;
+        for e in entries.iter().filter(|e| e["type"] == "file") {
+            let path = e["path"].as_str().unwrap_or_default().to_string();
+            let lfs = e.get("lfs").filter(|l| l.is_object());
+            files.insert(
+                path,
+                RemoteFile {
+                    size: e["size"].as_u64().unwrap_or(0),
+                    oid: e["oid"].as_str().unwrap_or_default().to_string(),
+                    lfs_sha256: lfs.and_then(|l| l.get("oid").or_else(|| l.get("sha256"))).and_then(Value::as_str).map(str::to_string),
+                },
+            );
+        }
+    }
+    Ok(Some(files))
+}
+
+fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let link = headers.get(reqwest::header::LINK)?.to_str().ok()?;
+    link.split(',').find(|part| part.contains("rel=\"next\"")).and_then(|part| {
+        let start = part.find('<')? + 1;
+        let end = part.find('>')?;
+        Some(part[start..end].to_string())
+    })
+}
+
+/// Does the remote already hold exactly this file?
+fn same_as_remote(remote: Option<&RemoteFile>, path: &Path, bytes: u64, sha256: &str) -> Result<bool> {
+    let Some(r) = remote else { return Ok(false) };
+    if r.size != bytes {
+        return Ok(false);
+    }
+    match &r.lfs_sha256 {
+        Some(h) => Ok(h == sha256),
+        None => Ok(r.oid == git_blob_id(path)?),
+    }
+}
+
+fn commit_message(manifest: &Value) -> (String, String) {
+    let heads = manifest["heads"].as_array().map_or(0, Vec::len);
+    let alpha = &manifest["recipe"]["alpha"];
+    let base = manifest["base_model"].as_str().unwrap_or("?");
+    let summary = format!("bake: ITI on {base} ({heads} heads, alpha {alpha})");
+    let description = format!(
+        "Inference-Time Intervention baked as o_proj biases by bake {} (recipe sha256 {}).\n\nCheck it with `bake verify <this repo> --base {base}`.",
+        manifest["tool_version"].as_str().unwrap_or("?"),
+        manifest["recipe_sha256"].as_str().unwrap_or("?")
+    );
+    (summary, description)
+}
+
+/// Publishes `dir` to `options.repo`. The folder must pass `bake verify`'s file check first.
+pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Result<PushReport> {
+    let (owner, name) = options
+        .repo
+        .split_once('/')
+        .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| BakeError::Invalid(format!("--repo `{}`: expected org/name", options.repo)))?;
+    progress.stage("push: checking the folder against its manifest");
+    let check = crate::verify::verify(dir, &crate::verify::VerifyOptions { base: None, run: false }, progress)?;
+    if let Some(m) = check.mismatches.first() {
+        return Err(BakeError::Invalid(format!(
+            "{}: refusing to push a folder that fails `bake verify` ({} mismatches; first: {}: {})",
+            dir.display(),
+            check.mismatches.len(),
+            m.file,
+            m.message
+        )));
+    }
+    let manifest_path = dir.join(MANIFEST);
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).at(&manifest_path)?)
+        .map_err(|e| BakeError::parse(&manifest_path, e))?;
+
+    let repo = &options.repo;
+    let revision = options.revision.clone().unwrap_or_else(|| "main".into());
+    progress.stage("push: comparing with the remote");
+    let repo_exists = remote_tree(repo, "main")?.is_some();
+    let remote = if repo_exists { remote_tree(repo, &revision)? } else { None };
+    let branch_missing = repo_exists && remote.is_none();
+    let remote = remote.unwrap_or_default();
+    let mut files = Vec::new();
+    for (path_in_repo, path) in local_files(dir)? {
+        let bytes = std::fs::metadata(&path).at(&path)?.len();
+        let sha256 = sha256_file(&path)?;
+        let upload = !same_as_remote(remote.get(&path_in_repo), &path, bytes, &sha256)?;
+        files.push(PlannedFile { path: path_in_repo, bytes, sha256, upload });
+    }
+    let (summary, description) = commit_message(&manifest);
+    let mut report = PushReport {
+        repo: repo.clone(),
+        revision: revision.clone(),
+        repo_created: !repo_exists,
+        files,
+        commit_message: summary.clone(),
+        commit_url: None,
+        pr_url: None,
+        verified: Vec::new(),
+        dry_run: options.dry_run,
+    };
+    if options.dry_run {
+        return Ok(report);
+    }
+
+    let client = HFClientSync::new().map_err(|e| hub_error(repo, "starting the Hub client", e))?;
+    if !repo_exists {
+        progress.stage("push: creating the repository");
+        client
+            .create_repository()
+            .repo_id(repo)
+            .repo_type(hf_hub::repository::RepoTypeModel)
+            .private(options.private)
+            .exist_ok(true)
+            .send()
+            .map_err(|e| hub_error(repo, "creating the repository", e))?;
+    }
+    let handle = client.model(owner, name);
+    if branch_missing || (!repo_exists && revision != "main") {
+        handle.create_branch().branch(&revision).send().map_err(|e| hub_error(repo, &format!("creating branch {revision}"), e))?;
+    }
+    let operations: Vec<CommitOperation> = report
+        .files
+        .iter()
+        .filter(|f| f.upload)
+        .map(|f| CommitOperation::add_file(f.path.clone(), dir.join(&f.path)))
+        .collect();
+    let mut checked_revision = revision.clone();
+    if operations.is_empty() {
+        progress.note(&format!("{repo}@{revision} already holds every file; nothing to upload"));
+    } else {
+        progress.stage(&format!("push: uploading {} files in one commit", operations.len()));
+        let info = handle
+            .create_commit()
+            .operations(operations)
+            .commit_message(summary)
+            .commit_description(description)
+            .revision(revision.clone())
+            .create_pr(options.create_pr)
+            .send()
+            .map_err(|e: HFError| hub_error(repo, "committing", e))?;
+        if let Some(n) = info.pr_num {
+            checked_revision = format!("refs/pr/{n}");
+        }
+        report.commit_url = info.commit_url;
+        report.pr_url = info.pr_url;
+    }
+
+    progress.stage("push: checking the remote weights against the manifest");
+    let after = remote_tree(repo, &checked_revision)?.unwrap_or_default();
+    for f in report.files.iter().filter(|f| f.path.ends_with(".safetensors")) {
+        let found = after.get(&f.path);
+        match found.and_then(|r| r.lfs_sha256.as_deref()) {
+            Some(h) if h == f.sha256 => report.verified.push(f.path.clone()),
+            other => {
+                return Err(BakeError::Hub(format!(
+                    "{repo}@{checked_revision}: `{}` on the Hub has LFS sha256 {}, the manifest says {}: the upload is not the baked file",
+                    f.path,
+                    other.unwrap_or(if found.is_some() { "(not stored in LFS)" } else { "(missing)" }),
+                    f.sha256
+                )))
+            }
+        }
+    }
+    Ok(report)
+}

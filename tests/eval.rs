@@ -1,0 +1,191 @@
+//! `bake eval`: MC1/MC2 and CE agree with an independent transformers computation; a baked model scores
+//! as the base with the shift hooked at every position; the shared-prefix forward equals the full one; bad
+//! inputs get clear errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use bake::data::TruthfulQa;
+use bake::eval::mc::{self, AnswerTokens, Protocol};
+use bake::eval::score::{self, Hook, HookMode, Variant};
+use bake::model::{Batch, ModelFiles, Request};
+use bake::progress::Silent;
+use candle_core::Device;
+use serde_json::Value;
+
+fn bake_eval(model: &Path, extra: &[&str]) -> Output {
+    let shared = common::shared_dir().expect("callers check shared first");
+    Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg("eval")
+        .arg("--model")
+        .arg(model)
+        .arg("--dataset")
+        .arg(shared.join("data/truthfulqa"))
+        .args(extra)
+        .env("BAKE_CACHE_DIR", std::env::temp_dir().join("bake-test-cache"))
+        .output()
+        .unwrap()
+}
+
+fn eval_json(model: &Path, extra: &[&str]) -> Value {
+    let out = bake_eval(model, &[extra, &["--json"]].concat());
+    assert!(out.status.success(), "bake eval failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn smollm2_scores_agree_with_transformers() {
+    let (Some(shared), Some(model), Some(python)) = (common::shared_dir(), common::smollm2_dir(), common::python()) else { return };
+    let corpus = shared.join("data/wikitext2/test.jsonl");
+    let limit = "8";
+    let ours = eval_json(&model, &["--limit", limit, "--corpus", corpus.to_str().unwrap(), "--documents", "6"]);
+    let picked = ours["documents_picked"].to_string();
+    let out = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/eval_reference.py"))
+        .arg(&model)
+        .arg(shared.join("data/truthfulqa"))
+        .args([limit, corpus.to_str().unwrap(), &picked, "128"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let base = &ours["rows"][0];
+    for protocol in ["reference", "leaderboard"] {
+        for metric in ["mc1", "mc2"] {
+            let (a, b) = (base["mc"][protocol][metric].as_f64().unwrap(), reference[protocol][metric].as_f64().unwrap());
+            eprintln!("{protocol} {metric}: bake {a:.6}, transformers {b:.6}");
+            assert!((a - b).abs() <= 0.005, "{protocol} {metric}: bake {a}, transformers {b}");
+        }
+        assert_eq!(base["mc"][protocol]["questions"], 8);
+    }
+    let (a, b) = (base["ce"].as_f64().unwrap(), reference["ce"].as_f64().unwrap());
+    eprintln!("ce: bake {a:.6}, transformers {b:.6}");
+    assert!((a - b).abs() <= 0.01, "CE: bake {a}, transformers {b}");
+    assert_eq!(base["kl"], 0.0);
+}
+
+#[test]
+fn the_shared_prefix_forward_equals_the_full_forward() {
+    for (name, dir, _) in common::reference_models() {
+        let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
+        let vocab = model.config.vocab_size as u32;
+        let prefix_ids: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % vocab).collect();
+        let tails: Vec<Vec<u32>> = vec![vec![11 % vocab, 12 % vocab, 13 % vocab], vec![7 % vocab]];
+        let prefix_batch = Batch::right_padded(&[prefix_ids.clone()], 0, &Device::Cpu).unwrap();
+        let prefix = model.forward(&prefix_batch, &Request { keep_kv: true, ..Default::default() }).unwrap().prefix.unwrap();
+        let tail_batch = Batch::right_padded(&tails, 0, &Device::Cpu).unwrap();
+        let with_prefix = model.forward(&tail_batch, &Request { prefix: Some(&prefix), logits: true, ..Default::default() }).unwrap();
+        for (row, tail) in tails.iter().enumerate() {
+            let full: Vec<u32> = prefix_ids.iter().chain(tail).copied().collect();
+            let batch = Batch::right_padded(&[full.clone()], 0, &Device::Cpu).unwrap();
+            let whole = model.forward(&batch, &Request { logits: true, ..Default::default() }).unwrap().logits.unwrap();
+            for (i, _) in tail.iter().enumerate() {
+                let a: Vec<f32> = with_prefix.logits.as_ref().unwrap().get(row).unwrap().get(i).unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = whole.get(0).unwrap().get(prefix_ids.len() + i).unwrap().to_vec1().unwrap();
+                let diff = common::max_abs_diff(&a, &b);
+                assert!(diff < 1e-4, "{name}: tail {row} position {i}: prefix forward differs by {diff}");
+            }
+        }
+    }
+}
+
+fn bake_tiny(out: &Path) -> PathBuf {
+    let shared = common::shared_dir().unwrap();
+    let tiny = shared.join("fixtures/tiny-gqa");
+    let status = Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg("--model")
+        .arg(&tiny)
+        .arg("--dataset")
+        .arg(shared.join("data/truthfulqa"))
+        .args(["--limit", "12", "--heads", "6", "--alpha", "40", "--out"])
+        .arg(out)
+        .env("BAKE_CACHE_DIR", std::env::temp_dir().join("bake-test-cache"))
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    tiny
+}
+
+/// δ per layer from the baked folder's safetensors twin.
+fn baked_deltas(dir: &Path, layers: usize) -> Vec<Option<Vec<f32>>> {
+    let twin = bake::model::Checkpoint::open(vec![dir.join("activation_diff.safetensors")]).unwrap();
+    (0..layers)
+        .map(|l| {
+            let name = format!("layers.{l}.self_attn.o_proj.input.delta");
+            twin.get(&name).map(|_| twin.load_f32(&name, &[twin.get(&name).unwrap().shape[0]], &Device::Cpu).unwrap().to_vec1().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
+    let Some(shared) = common::shared_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("baked");
+    let base_dir = bake_tiny(&out);
+    let base_files = ModelFiles::open(base_dir.to_str().unwrap()).unwrap();
+    let baked_files = ModelFiles::open(out.to_str().unwrap()).unwrap();
+    let tokenizer = base_files.tokenizer().unwrap();
+    let base = base_files.load(&Device::Cpu).unwrap();
+    let baked = baked_files.load(&Device::Cpu).unwrap();
+    let deltas = baked_deltas(&out, base.config.num_layers);
+    assert!(deltas.iter().any(Option::is_some));
+    let every = Hook::new(&deltas, HookMode::EveryPosition, &Device::Cpu).unwrap();
+    let from_end = Hook::new(&deltas, HookMode::FromPromptEnd, &Device::Cpu).unwrap();
+    let data = TruthfulQa::load(shared.join("data/truthfulqa").to_str().unwrap(), "validation", Some(12)).unwrap();
+    let questions: Vec<usize> = (0..12).collect();
+    for protocol in [Protocol::Reference, Protocol::Leaderboard] {
+        let set = mc::build(protocol, &data, &questions, &tokenizer, mc::INSTRUCTION_DEFAULT, AnswerTokens::Offsets).unwrap();
+        let score = |v: Variant| score::score_items(v, &set.items, 8, 0, &Silent).unwrap();
+        let plain = score(Variant { model: &base, hook: None });
+        let hooked = score(Variant { model: &base, hook: Some(&every) });
+        let from_prompt_end = score(Variant { model: &base, hook: Some(&from_end) });
+        let direct = score(Variant { model: &baked, hook: None });
+        let worst = hooked.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let moved = plain.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let hook_moved = from_prompt_end.iter().zip(&hooked).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        eprintln!("{protocol:?}: baked vs hooked {worst:.2e}; baked vs base {moved:.3}; hook modes differ by {hook_moved:.3}");
+        assert!(worst < 1e-3, "{protocol:?}: baked and hooked scores differ by {worst}");
+        assert!(moved > 100.0 * worst.max(1e-6), "{protocol:?}: the bake did not move the scores ({moved})");
+        assert!(hook_moved > 100.0 * worst.max(1e-6), "{protocol:?}: the two hook modes should differ ({hook_moved})");
+        let (a, b) = (set.combine(&hooked), set.combine(&direct));
+        assert_eq!(a.mc1, b.mc1);
+        assert!(a.mc2.iter().zip(&b.mc2).all(|(x, y)| (x - y).abs() < 1e-4));
+    }
+}
+
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
+    }
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let Some(shared) = common::shared_dir() else { return };
+    let tiny = shared.join("fixtures/tiny-gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.jsonl");
+    assert_fails(&bake_eval(&tiny, &["--limit", "2", "--corpus", missing.to_str().unwrap()]), &["missing.jsonl"]);
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    assert_fails(&bake_eval(&tiny, &["--limit", "2", "--corpus", empty.to_str().unwrap()]), &["empty.txt", "no documents"]);
+
+    let no_tokenizer = tmp.path().join("no-tokenizer");
+    std::fs::create_dir(&no_tokenizer).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny.join(f), no_tokenizer.join(f)).unwrap();
+    }
+    assert_fails(&bake_eval(&no_tokenizer, &["--limit", "2"]), &["tokenizer.json", "missing"]);
+
+    // A folder baked from tiny-gqa, evaluated against another base.
+    let baked = tmp.path().join("baked");
+    bake_tiny(&baked);
+    let other = shared.join("fixtures/tiny-llama3-rope");
+    let out = bake_eval(&other, &["--limit", "2", "--baked", baked.to_str().unwrap()]);
+    assert_fails(&out, &["bake.json", "different base", "sha256", "tiny-llama3-rope"]);
+}
