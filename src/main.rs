@@ -125,6 +125,10 @@ struct EvalArgs {
     /// `len(tok(prompt)) + 3` slice (LLaMA-1/2 tokenizers only).
     #[arg(long, value_enum, default_value = "offsets")]
     answer_tokens: AnswerTokensArg,
+    /// Put the results table into the model card (README.md) of this baked folder, and its new hash into
+    /// the folder's manifest.
+    #[arg(long, value_name = "DIR")]
+    card: Option<PathBuf>,
     /// Documents sampled from the corpus for CE and KL (overrides the recipe's `corpus.documents`).
     #[arg(long)]
     documents: Option<usize>,
@@ -473,6 +477,22 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
         }
         (None, None) => eval::evaluate(&model, None, &recipe, &options, &bars)?,
     };
+    if let Some(dir) = &args.card {
+        let how = match (args.cv, &args.baked) {
+            (Some(k), _) => format!("ITI fitted and applied with {k}-fold cross-validation (mean over folds)"),
+            (None, Some(_)) => "this model (baked) against its base".to_string(),
+            (None, None) => "the base model".to_string(),
+        };
+        let documents = report.documents.map(|d| format!(" CE and KL(base ‖ edited) per token over {d} documents.")).unwrap_or_default();
+        let section = format!(
+            "TruthfulQA, {} questions, {how}; MC1/MC2 as fractions.{documents} Measured with bake {}.\n\n{}",
+            report.questions,
+            env!("CARGO_PKG_VERSION"),
+            eval::markdown_table(&report)
+        );
+        bake::export::card::put_evaluation(dir, &section)?;
+        eprintln!("bake: wrote the table into {}", dir.join("README.md").display());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

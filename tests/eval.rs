@@ -189,3 +189,21 @@ fn bad_inputs_get_clear_errors() {
     let out = bake_eval(&other, &["--limit", "2", "--baked", baked.to_str().unwrap()]);
     assert_fails(&out, &["bake.json", "different base", "sha256", "tiny-llama3-rope"]);
 }
+
+#[test]
+fn the_table_goes_into_the_model_card_and_the_folder_still_verifies() {
+    let Some(_) = common::shared_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let baked = tmp.path().join("baked");
+    let base = bake_tiny(&baked);
+    let dir = baked.to_str().unwrap();
+    for _ in 0..2 {
+        let out = bake_eval(&base, &["--limit", "3", "--baked", dir, "--card", dir]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let card = std::fs::read_to_string(baked.join("README.md")).unwrap();
+    assert_eq!(card.matches("## Evaluation (`bake eval`)").count(), 1, "{card}");
+    assert!(card.contains("| baked |") && card.contains("MC1 (reference)"), "{card}");
+    let verify = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&baked).arg("--base").arg(&base).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}

@@ -62,3 +62,53 @@ pub fn model_card(model: &ModelFiles, recipe: &Recipe, report: &ProbeReport) -> 
                 and output file.\n");
     s
 }
+
+const EVAL_START: &str = "<!-- bake eval -->";
+const EVAL_END: &str = "<!-- /bake eval -->";
+
+/// `card` with its evaluation section set to `section` (replaced when present, appended otherwise).
+pub fn with_evaluation(card: &str, section: &str) -> String {
+    let block = format!("{EVAL_START}\n## Evaluation (`bake eval`)\n\n{section}{EVAL_END}\n");
+    match (card.find(EVAL_START), card.find(EVAL_END)) {
+        (Some(start), Some(end)) if end > start => format!("{}{block}{}", &card[..start], &card[end + EVAL_END.len() + 1..]),
+        _ => format!("{}\n{block}", card.trim_end_matches('\n').to_string() + "\n"),
+    }
+}
+
+/// Puts `section` into the model card of the baked folder `dir` and records the card's new sha256 in the
+/// manifest, each file replaced atomically, so `bake verify` and `bake push` keep working.
+pub fn put_evaluation(dir: &std::path::Path, section: &str) -> crate::Result<()> {
+    use crate::error::{BakeError, IoContext};
+    use super::baked::MANIFEST;
+    let card_path = dir.join("README.md");
+    let manifest_path = dir.join(MANIFEST);
+    let manifest_text = std::fs::read_to_string(&manifest_path).at(&manifest_path)?;
+    let mut manifest: serde_json::Value = serde_json::from_str(&manifest_text).map_err(|e| BakeError::parse(&manifest_path, e))?;
+    if !manifest["outputs"].is_object() {
+        return Err(BakeError::field(&manifest_path, "outputs", "an object of output files (is this a bake output?)"));
+    }
+    let card = std::fs::read_to_string(&card_path).at(&card_path)?;
+    let replace = |path: &std::path::Path, bytes: &[u8]| -> crate::Result<super::shards::WrittenFile> {
+        let staging = path.with_extension("bake-partial");
+        let written = super::shards::write_file(&staging, bytes)?;
+        std::fs::rename(&staging, path).at(path)?;
+        Ok(written)
+    };
+    let written = replace(&card_path, with_evaluation(&card, section).as_bytes())?;
+    manifest["outputs"]["README.md"] = serde_json::json!({ "sha256": written.sha256, "bytes": written.bytes });
+    replace(&manifest_path, (serde_json::to_string_pretty(&manifest).expect("JSON") + "\n").as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_evaluation;
+
+    #[test]
+    fn the_evaluation_section_is_appended_then_replaced() {
+        let once = with_evaluation("# card\n", "| a |\n");
+        assert!(once.starts_with("# card\n\n<!-- bake eval -->") && once.contains("| a |"));
+        let twice = with_evaluation(&(once.clone() + "tail\n"), "| b |\n");
+        assert!(twice.contains("| b |") && !twice.contains("| a |") && twice.ends_with("tail\n"), "{twice}");
+    }
+}
