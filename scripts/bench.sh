@@ -3,6 +3,8 @@
 #   scripts/bench.sh forward [N_PROMPTS]       bake's forward pass vs transformers, SmolLM2 on CPU (tokens/s)
 #   scripts/bench.sh activations [N_QUESTIONS] bake's activation pass vs PyTorch batch 1 (the reference code's
 #                                              way) and PyTorch batched, same prompts; probes vs scikit-learn
+#   scripts/bench.sh eval [N_QUESTIONS]        bake eval (both protocols + CE on 20 wikitext-2 documents) vs the
+#                                              same computation in transformers (tests/python/eval_reference.py)
 #   scripts/bench.sh bake-1b                   peak RSS of a bake of a random ~1B LLaMA, and the write step vs cp
 # Needs the environment of scripts/setup-test-env.sh (BAKE_SMOLLM2, BAKE_SHARED, BAKE_PYTHON).
 set -euo pipefail
@@ -48,6 +50,28 @@ print("activations: bake/torch-batch-1 %.2fx, bake/torch-batched %.2fx" % (b["pr
 print("probes: bake %.2f s, sklearn %.2f s (%.1fx); replay agrees: val acc diff %.1e, top-K %s, delta rel diff %.1e" % (
     b["probe_seconds"], t1["probe_seconds"], t1["probe_seconds"] / b["probe_seconds"], t1["val_accuracy_max_abs_diff"],
     t1["top_k_agrees_up_to_ties"], t1["delta_max_relative_diff"]))' "$out"
+    rm -rf "$out";;
+  eval)
+    n=${2:-817}
+    cargo build --release -q
+    out=$(mktemp -d)
+    corpus="$BAKE_SHARED/data/wikitext2/test.jsonl"
+    start=$(date +%s.%N)
+    ./target/release/bake eval --model "$BAKE_SMOLLM2" --dataset "$BAKE_SHARED/data/truthfulqa" --limit "$n" \
+      --corpus "$corpus" --documents 20 --json 2> /dev/null > "$out/bake.json"
+    end=$(date +%s.%N)
+    picked=$("$BAKE_PYTHON" -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["documents_picked"]))' "$out/bake.json")
+    "$BAKE_PYTHON" tests/python/eval_reference.py "$BAKE_SMOLLM2" "$BAKE_SHARED/data/truthfulqa" "$n" "$corpus" "$picked" 128 \
+      2> /dev/null > "$out/torch.json"
+    "$BAKE_PYTHON" -c '
+import json, sys; d, bake_s = sys.argv[1], float(sys.argv[2])
+b, t = json.load(open(f"{d}/bake.json")), json.load(open(f"{d}/torch.json"))
+row = b["rows"][0]
+for p in ("reference", "leaderboard"):
+    print("%-11s MC1 bake %.4f transformers %.4f | MC2 bake %.4f transformers %.4f" % (p, row["mc"][p]["mc1"], t[p]["mc1"], row["mc"][p]["mc2"], t[p]["mc2"]))
+print("CE bake %.4f transformers %.4f" % (row["ce"], t["ce"]))
+print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loaded): %.2fx" % (b["questions"], bake_s, t["seconds"], t["seconds"] / bake_s))' \
+      "$out" "$(echo "$end - $start" | bc)"
     rm -rf "$out";;
   bake-1b)
     cargo build --release -q --example synthetic_model

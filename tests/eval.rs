@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use bake::data::TruthfulQa;
@@ -14,6 +14,9 @@ use bake::model::{Batch, ModelFiles, Request};
 use bake::progress::Silent;
 use candle_core::Device;
 use serde_json::Value;
+
+/// A strong shift on a few heads, so the bake visibly moves the scores.
+const TINY_BAKE: &[&str] = &["--limit", "12", "--heads", "6", "--alpha", "40"];
 
 fn bake_eval(model: &Path, extra: &[&str]) -> Output {
     let shared = common::shared_dir().expect("callers check shared first");
@@ -91,23 +94,6 @@ fn the_shared_prefix_forward_equals_the_full_forward() {
     }
 }
 
-fn bake_tiny(out: &Path) -> PathBuf {
-    let shared = common::shared_dir().unwrap();
-    let tiny = shared.join("fixtures/tiny-gqa");
-    let status = Command::new(env!("CARGO_BIN_EXE_bake"))
-        .arg("--model")
-        .arg(&tiny)
-        .arg("--dataset")
-        .arg(shared.join("data/truthfulqa"))
-        .args(["--limit", "12", "--heads", "6", "--alpha", "40", "--out"])
-        .arg(out)
-        .env("BAKE_CACHE_DIR", std::env::temp_dir().join("bake-test-cache"))
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    tiny
-}
-
 /// δ per layer from the baked folder's safetensors twin.
 fn baked_deltas(dir: &Path, layers: usize) -> Vec<Option<Vec<f32>>> {
     let twin = bake::model::Checkpoint::open(vec![dir.join("activation_diff.safetensors")]).unwrap();
@@ -124,7 +110,7 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     let Some(shared) = common::shared_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("baked");
-    let base_dir = bake_tiny(&out);
+    let base_dir = common::bake_tiny(&out, TINY_BAKE);
     let base_files = ModelFiles::open(base_dir.to_str().unwrap()).unwrap();
     let baked_files = ModelFiles::open(out.to_str().unwrap()).unwrap();
     let tokenizer = base_files.tokenizer().unwrap();
@@ -184,7 +170,7 @@ fn bad_inputs_get_clear_errors() {
 
     // A folder baked from tiny-gqa, evaluated against another base.
     let baked = tmp.path().join("baked");
-    bake_tiny(&baked);
+    common::bake_tiny(&baked, TINY_BAKE);
     let other = shared.join("fixtures/tiny-llama3-rope");
     let out = bake_eval(&other, &["--limit", "2", "--baked", baked.to_str().unwrap()]);
     assert_fails(&out, &["bake.json", "different base", "sha256", "tiny-llama3-rope"]);
@@ -195,7 +181,7 @@ fn the_table_goes_into_the_model_card_and_the_folder_still_verifies() {
     let Some(_) = common::shared_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let baked = tmp.path().join("baked");
-    let base = bake_tiny(&baked);
+    let base = common::bake_tiny(&baked, TINY_BAKE);
     let dir = baked.to_str().unwrap();
     for _ in 0..2 {
         let out = bake_eval(&base, &["--limit", "3", "--baked", dir, "--card", dir]);

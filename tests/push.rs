@@ -17,6 +17,8 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha2::Digest;
 
+/// Several shards, so the LFS checks see more than one weight file.
+const TINY_BAKE: &[&str] = &["--limit", "12", "--heads", "4", "--max-shard-size", "4MB"];
 const TOKEN: &str = "hf_mockTOKEN1234567890";
 
 #[derive(Default)]
@@ -229,21 +231,6 @@ fn push_json(dir: &Path, endpoint: &str, extra: &[&str]) -> Value {
     serde_json::from_str(&stdout).unwrap()
 }
 
-fn bake_tiny(out: &Path) {
-    let shared = common::shared_dir().unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_bake"))
-        .arg("--model")
-        .arg(shared.join("fixtures/tiny-gqa"))
-        .arg("--dataset")
-        .arg(shared.join("data/truthfulqa"))
-        .args(["--limit", "12", "--heads", "4", "--max-shard-size", "4MB", "--out"])
-        .arg(out)
-        .env("BAKE_CACHE_DIR", std::env::temp_dir().join("bake-test-cache"))
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-}
-
 fn uploaded(report: &Value) -> Vec<String> {
     report["files"].as_array().unwrap().iter().filter(|f| f["upload"] == true).map(|f| f["path"].as_str().unwrap().to_string()).collect()
 }
@@ -287,7 +274,7 @@ fn push_creates_uploads_once_and_checks_the_remote() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir: PathBuf = tmp.path().join("baked");
-    bake_tiny(&dir);
+    common::bake_tiny(&dir, TINY_BAKE);
     let (endpoint, hub) = serve();
     let repo = ["--repo", "test-org/honest-tiny"];
 
@@ -335,7 +322,7 @@ fn push_failures_are_clear() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("baked");
-    bake_tiny(&dir);
+    common::bake_tiny(&dir, TINY_BAKE);
     let (endpoint, hub) = serve();
 
     // Transient server errors are retried.

@@ -2,28 +2,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use bake::model::Checkpoint;
 use serde_json::Value;
-
-fn bake_tiny(out: &Path) -> PathBuf {
-    let shared = common::shared_dir().unwrap();
-    let tiny = shared.join("fixtures/tiny-gqa");
-    let status = Command::new(env!("CARGO_BIN_EXE_bake"))
-        .arg("--model")
-        .arg(&tiny)
-        .args(["--recipe", concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/truthfulqa.yaml"), "--dataset"])
-        .arg(shared.join("data/truthfulqa"))
-        .args(["--limit", "20", "--heads", "4", "--max-shard-size", "4MB", "--out"])
-        .arg(out)
-        .env("BAKE_CACHE_DIR", std::env::temp_dir().join("bake-test-cache"))
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    tiny
-}
 
 fn verify(dir: &Path, base: &Path, extra: &[&str]) -> (i32, Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_bake"))
@@ -76,7 +59,7 @@ fn verify_passes_a_fresh_bake_and_catches_every_one_byte_change() {
     }
     let root = tempfile::tempdir().unwrap();
     let good = root.path().join("good");
-    let base = bake_tiny(&good);
+    let base = common::bake_tiny(&good, &["--limit", "20", "--heads", "4", "--max-shard-size", "4MB"]);
     let (code, report) = verify(&good, &base, &["--run"]);
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["checks"].as_array().unwrap().len(), 6);
