@@ -37,6 +37,9 @@ struct BakeArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     force: bool,
+    /// Show the execution plan of the activation pass (mode, peak host memory, bytes read) and stop.
+    #[arg(long)]
+    dry_run: bool,
     /// Largest safetensors shard, in bytes (suffixes KB, MB, GB).
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     max_shard_size: u64,
@@ -207,6 +210,10 @@ struct RecipeArgs {
     /// Do not read or write the activation cache ($BAKE_CACHE_DIR, default ~/.cache/bake/activations).
     #[arg(long)]
     no_cache: bool,
+    /// Host memory budget (e.g. 8GB): the activation pass runs layer by layer when the whole model would not
+    /// fit (see `bake --dry-run`).
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Text corpus for CE and KL in `bake eval` (.jsonl with a `text` field, or plain text).
     #[arg(long)]
     corpus: Option<PathBuf>,
@@ -254,7 +261,7 @@ impl RecipeArgs {
     }
 
     fn probe_options(&self) -> ProbeOptions {
-        ProbeOptions { cache_dir: (!self.no_cache).then(bake::activations::cache::default_dir) }
+        ProbeOptions { cache_dir: (!self.no_cache).then(bake::activations::cache::default_dir), max_memory: self.max_memory }
     }
 }
 
@@ -403,6 +410,12 @@ fn run_bake(args: &BakeArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
+    if args.dry_run {
+        let plan = pipeline::plan_run(&model, &recipe, args.recipe.max_memory)?;
+        println!("activation pass: {}", plan.describe());
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(());
+    }
     bake::export::baked::check_output(&args.out, &model.location.dir, args.force)?;
     let bars = Bars::new();
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::activations::plan::{Mode, Plan};
 use crate::activations::{self, cache, Activations};
 use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
 use crate::error::Result;
@@ -16,6 +17,8 @@ use crate::recipe::Recipe;
 pub struct ProbeOptions {
     /// `None` disables the activation cache.
     pub cache_dir: Option<PathBuf>,
+    /// Host memory budget; the activation pass streams layers when the resident model would not fit.
+    pub max_memory: Option<u64>,
 }
 
 /// Everything the probe stage produced, for the report and for baking.
@@ -152,14 +155,32 @@ pub fn activations_for(
         }
     }
     let device = pick_device(&recipe.device)?;
-    let llama = model.load(&device)?;
     let tokenizer = model.tokenizer()?;
-    let acts = activations::capture_last_token(&llama, &tokenizer, &texts, recipe.batch_size, progress)?;
+    let plan = plan_for(model, &tokenizer, &texts, options.max_memory)?;
+    progress.note(&format!("activations: {}", plan.describe()));
+    let acts = match plan.mode {
+        Mode::Resident => activations::capture_last_token(&model.load(&device)?, &tokenizer, &texts, recipe.batch_size, progress)?,
+        Mode::Streamed => activations::capture_last_token_streamed(model, &device, &tokenizer, &texts, recipe.batch_size, progress)?,
+    };
     let (probe, tuning) = split_rows(acts, prompts.probe.len());
     if let Some(path) = &cache_path {
         cache::store(path, &[("probe", &probe), ("tuning", &tuning)], &key)?;
     }
     Ok((probe, tuning, false))
+}
+
+/// The execution plan of a run's activation pass, without running it.
+pub fn plan_run(model: &ModelFiles, recipe: &Recipe, budget: Option<u64>) -> Result<Plan> {
+    let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
+    let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
+    let texts: Vec<&str> = prompts.probe.iter().chain(&prompts.tuning).map(|p| p.text.as_str()).collect();
+    plan_for(model, &model.tokenizer()?, &texts, budget)
+}
+
+/// The execution plan of the activation pass over `texts`.
+pub fn plan_for(model: &ModelFiles, tokenizer: &crate::model::TextTokenizer, texts: &[&str], budget: Option<u64>) -> Result<Plan> {
+    let tokens = texts.iter().map(|t| tokenizer.encode(t).map(|ids| ids.len())).sum::<Result<usize>>()?;
+    activations::plan::plan(model, texts.len(), tokens, budget)
 }
 
 fn split_rows(acts: Activations, first: usize) -> (Activations, Activations) {

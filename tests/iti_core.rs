@@ -94,7 +94,7 @@ fn batched_activations_equal_batch_size_one() {
 fn activation_cache_is_reused_and_invalidated() {
     let Some(shared) = common::shared_dir() else { return };
     let cache = tempfile::tempdir().unwrap();
-    let options = ProbeOptions { cache_dir: Some(cache.path().to_path_buf()) };
+    let options = ProbeOptions { cache_dir: Some(cache.path().to_path_buf()), max_memory: None };
     let data = shared.join("data/truthfulqa");
     let gqa = ModelFiles::open(shared.join("fixtures/tiny-gqa").to_str().unwrap()).unwrap();
     let recipe = recipe_for(&data, 6);

@@ -2,11 +2,14 @@
 //! the input of every layer's o_proj at the prompt's last token is kept in f32. Results are cached on disk.
 
 pub mod cache;
+pub mod plan;
 
 use candle_core::Device;
 
 use crate::error::Result;
-use crate::model::{Batch, Llama, Request, TextTokenizer};
+use candle_core::Tensor;
+
+use crate::model::{Batch, Llama, ModelFiles, Request, TextTokenizer};
 use crate::progress::Progress;
 
 /// o_proj inputs, `[rows][layers][width]` row-major, f32. Row i belongs to prompt i.
@@ -35,8 +38,37 @@ impl Activations {
     }
 }
 
-/// Runs every prompt and captures the o_proj inputs at its last token. Prompts are sorted by token length
-/// and cut into batches of `batch_size`, so padding stays small; rows come back in the prompts' order.
+/// Prompt indices cut into batches of `batch_size`, sorted by token length so padding stays small.
+fn length_sorted_batches(tokens: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..tokens.len()).collect();
+    order.sort_by_key(|&i| (tokens[i].len(), i));
+    order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+}
+
+fn padded_batch(tokens: &[Vec<u32>], chunk: &[usize], pad: u32, device: &Device) -> Result<Batch> {
+    let sequences: Vec<Vec<u32>> = chunk.iter().map(|&i| tokens[i].clone()).collect();
+    Batch::right_padded(&sequences, pad, device)
+}
+
+/// Copies one layer's captured rows `[batch, width]` to their prompts' rows.
+fn store(out: &mut Activations, chunk: &[usize], layer: usize, captured: &Tensor) -> Result<()> {
+    let rows: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
+    for (&prompt, values) in chunk.iter().zip(&rows) {
+        out.set_layer_row(prompt, layer, values);
+    }
+    Ok(())
+}
+
+fn tokenize(tokenizer: &TextTokenizer, prompts: &[impl AsRef<str>]) -> Result<Vec<Vec<u32>>> {
+    prompts.iter().map(|p| tokenizer.encode(p.as_ref())).collect()
+}
+
+fn pad_id(c: &crate::model::ModelConfig) -> u32 {
+    c.pad_token_id.or(c.eos_token_ids.first().copied()).unwrap_or(0)
+}
+
+/// Runs every prompt and captures the o_proj inputs at its last token, with the whole model resident. Rows
+/// come back in the prompts' order.
 pub fn capture_last_token(
     model: &Llama,
     tokenizer: &TextTokenizer,
@@ -45,25 +77,52 @@ pub fn capture_last_token(
     progress: &dyn Progress,
 ) -> Result<Activations> {
     let c = &model.config;
-    let tokens: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p.as_ref())).collect::<Result<_>>()?;
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| (tokens[i].len(), i));
-    let pad = c.pad_token_id.or(c.eos_token_ids.first().copied()).unwrap_or(0);
+    let tokens = tokenize(tokenizer, prompts)?;
     let mut out = Activations::zeros(prompts.len(), c.num_layers, c.attn_width());
     progress.start(prompts.len() as u64, "prompts");
-    for chunk in order.chunks(batch_size.max(1)) {
-        let sequences: Vec<Vec<u32>> = chunk.iter().map(|&i| tokens[i].clone()).collect();
-        let batch = Batch::right_padded(&sequences, pad, model.device())?;
+    for chunk in length_sorted_batches(&tokens, batch_size) {
+        let batch = padded_batch(&tokens, &chunk, pad_id(c), model.device())?;
         let last = batch.last_positions();
         let output = model.forward(&batch, &Request { capture_at: Some(&last), ..Default::default() })?;
         for (layer, captured) in output.o_proj_inputs.iter().enumerate() {
-            let rows: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
-            for (&prompt, values) in chunk.iter().zip(&rows) {
-                out.set_layer_row(prompt, layer, values);
-            }
+            store(&mut out, &chunk, layer, captured)?;
         }
         progress.advance(chunk.len() as u64);
     }
+    progress.finish();
+    Ok(out)
+}
+
+/// The same capture run layer by layer ([`Llama::capture_streamed`]): one layer's weights resident at a
+/// time, every prompt's hidden states kept in memory between layers.
+pub fn capture_last_token_streamed(
+    files: &ModelFiles,
+    device: &Device,
+    tokenizer: &TextTokenizer,
+    prompts: &[impl AsRef<str>],
+    batch_size: usize,
+    progress: &dyn Progress,
+) -> Result<Activations> {
+    let c = &files.config;
+    let tokens = tokenize(tokenizer, prompts)?;
+    let chunks = length_sorted_batches(&tokens, batch_size);
+    let batches: Vec<(Batch, Vec<usize>)> = chunks
+        .iter()
+        .map(|chunk| padded_batch(&tokens, chunk, pad_id(c), device).map(|b| {
+            let last = b.last_positions();
+            (b, last)
+        }))
+        .collect::<Result<_>>()?;
+    let mut out = Activations::zeros(prompts.len(), c.num_layers, c.attn_width());
+    progress.start(c.num_layers as u64, "layers");
+    Llama::capture_streamed(
+        c.clone(),
+        &files.checkpoint,
+        device,
+        &batches,
+        |layer, i, captured| store(&mut out, &chunks[i], layer, &captured),
+        |_| progress.advance(1),
+    )?;
     progress.finish();
     Ok(out)
 }

@@ -104,12 +104,10 @@ pub struct Output {
     pub prefix: Option<Prefix>,
 }
 
-impl Llama {
-    /// Loads every weight as f32 onto `device`. The checkpoint must have been validated against `config`.
-    pub fn load(config: ModelConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        checkpoint.validate(&config)?;
-        let c = &config;
-        let (h, a, kv, i, v) = (c.hidden_size, c.attn_width(), c.kv_width(), c.intermediate_size, c.vocab_size);
+impl Layer {
+    /// Layer `l`'s weights (and any biases) as f32 on `device`.
+    fn load(c: &ModelConfig, checkpoint: &Checkpoint, l: usize, device: &Device) -> Result<Self> {
+        let (h, a, kv, i) = (c.hidden_size, c.attn_width(), c.kv_width(), c.intermediate_size);
         let tensor = |name: &str, shape: &[usize]| checkpoint.load_f32(name, shape, device);
         let linear = |prefix: &str, rows: usize, cols: usize| -> Result<Linear> {
             let weight = tensor(&format!("{prefix}.weight"), &[rows, cols])?;
@@ -120,32 +118,62 @@ impl Llama {
             };
             Ok(Linear::new(weight, bias))
         };
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for l in 0..c.num_layers {
-            let p = format!("model.layers.{l}");
-            layers.push(Layer {
-                input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q_proj: linear(&format!("{p}.self_attn.q_proj"), a, h)?,
-                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, h)?,
-                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, h)?,
-                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, a)?,
-                gate_proj: linear(&format!("{p}.mlp.gate_proj"), i, h)?,
-                up_proj: linear(&format!("{p}.mlp.up_proj"), i, h)?,
-                down_proj: linear(&format!("{p}.mlp.down_proj"), h, i)?,
-            });
-        }
-        let embed_tokens = tensor("model.embed_tokens.weight", &[v, h])?;
+        let p = format!("model.layers.{l}");
+        Ok(Layer {
+            input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+            post_attention_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            q_proj: linear(&format!("{p}.self_attn.q_proj"), a, h)?,
+            k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, h)?,
+            v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, h)?,
+            o_proj: linear(&format!("{p}.self_attn.o_proj"), h, a)?,
+            gate_proj: linear(&format!("{p}.mlp.gate_proj"), i, h)?,
+            up_proj: linear(&format!("{p}.mlp.up_proj"), i, h)?,
+            down_proj: linear(&format!("{p}.mlp.down_proj"), h, i)?,
+        })
+    }
+}
+
+/// Per-batch tensors every layer reads: rotary tables, masks and the rows to capture.
+struct Context {
+    b: usize,
+    t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    capture_rows: Option<Tensor>,
+    shift_mask: Option<Tensor>,
+}
+
+/// What one layer gives back besides the new hidden states.
+struct StepOutput {
+    captured: Option<Tensor>,
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl Llama {
+    /// Loads every weight as f32 onto `device`. The checkpoint must have been validated against `config`.
+    pub fn load(config: ModelConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
+        let mut model = Self::load_shell(config, checkpoint, device)?;
+        model.layers = (0..model.config.num_layers).map(|l| Layer::load(&model.config, checkpoint, l, device)).collect::<Result<_>>()?;
+        Ok(model)
+    }
+
+    /// Everything but the decoder layers (embeddings, final norm, head), for the layer-streamed pass.
+    fn load_shell(config: ModelConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
+        checkpoint.validate(&config)?;
+        let c = &config;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let embed_tokens = checkpoint.load_f32("model.embed_tokens.weight", &[v, h], device)?;
         let lm_head = match checkpoint.get("lm_head.weight") {
-            Some(_) if !c.tie_word_embeddings => tensor("lm_head.weight", &[v, h])?,
+            Some(_) if !c.tie_word_embeddings => checkpoint.load_f32("lm_head.weight", &[v, h], device)?,
             _ => embed_tokens.clone(),
         };
         Ok(Llama {
             inv_freq: inverse_frequencies(c),
-            norm: tensor("model.norm.weight", &[h])?,
+            norm: checkpoint.load_f32("model.norm.weight", &[h], device)?,
             embed_tokens,
             lm_head,
-            layers,
+            layers: Vec::new(),
             device: device.clone(),
             config,
         })
@@ -156,6 +184,38 @@ impl Llama {
     }
 
     pub fn forward(&self, batch: &Batch, request: &Request) -> Result<Output> {
+        let ctx = self.context(batch, request)?;
+        let mut x = self.embed(batch)?;
+        let mut captured = Vec::new();
+        let mut kept = Prefix { len: ctx.t, keys_t: Vec::new(), values: Vec::new() };
+        let group = self.config.num_heads / self.config.num_kv_heads;
+        let shared_heads = |x: Tensor| -> Result<Tensor> { Ok(candle_transformers::utils::repeat_kv(x, group)?.squeeze(0)?) };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let last = l + 1 == self.layers.len() && !request.logits;
+            let step = self.step(l, layer, &mut x, &ctx, request, last)?;
+            captured.extend(step.captured);
+            if let Some((k, v)) = step.kv {
+                kept.keys_t.push(shared_heads(k)?.transpose(1, 2)?.contiguous()?);
+                kept.values.push(shared_heads(v)?.contiguous()?);
+            }
+        }
+        let logits = if request.logits {
+            let normed = candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
+            Some(normed.broadcast_matmul(&self.lm_head.t()?)?)
+        } else {
+            None
+        };
+        let prefix = request.keep_kv.then_some(kept);
+        Ok(Output { o_proj_inputs: captured, logits, prefix })
+    }
+
+    /// The token embeddings of a batch, `[b, t, hidden]`.
+    fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        let (b, t) = batch.ids.dims2()?;
+        Ok(self.embed_tokens.embedding(&batch.ids.flatten_all()?)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    fn context(&self, batch: &Batch, request: &Request) -> Result<Context> {
         let (b, t) = batch.ids.dims2()?;
         let c = &self.config;
         if let Some(positions) = request.capture_at {
@@ -182,48 +242,72 @@ impl Llama {
             Some(from) => Some(position_mask(from, t, &self.device)?),
             None => None,
         };
-        let eps = c.rms_norm_eps as f32;
+        Ok(Context { b, t, cos, sin, mask, capture_rows, shift_mask })
+    }
 
-        let mut x = self.embed_tokens.embedding(&batch.ids.flatten_all()?)?.reshape((b, t, c.hidden_size))?;
-        let mut captured = Vec::new();
-        let mut kept = Prefix { len: t, keys_t: Vec::new(), values: Vec::new() };
-        let group = c.num_heads / c.num_kv_heads;
-        let shared_heads = |x: Tensor| -> Result<Tensor> { Ok(candle_transformers::utils::repeat_kv(x, group)?.squeeze(0)?) };
-        for (l, layer) in self.layers.iter().enumerate() {
-            let normed = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let past_kv = request.prefix.map(|p| (&p.keys_t[l], &p.values[l]));
-            let (mut attn, k, v) = self.attention(layer, &normed, &cos, &sin, &mask, past_kv)?;
-            if request.keep_kv {
-                kept.keys_t.push(shared_heads(k)?.transpose(1, 2)?.contiguous()?);
-                kept.values.push(shared_heads(v)?.contiguous()?);
-            }
-            if let Some(delta) = request.shift.and_then(|s| s.per_layer.get(l)).and_then(Option::as_ref) {
-                let delta = delta.reshape((1, 1, c.attn_width()))?;
-                attn = match &shift_mask {
-                    None => attn.broadcast_add(&delta)?,
-                    Some(m) => attn.broadcast_add(&m.broadcast_mul(&delta)?)?,
-                };
-            }
-            if let Some(rows) = &capture_rows {
-                captured.push(attn.reshape((b * t, c.attn_width()))?.index_select(rows, 0)?);
-            }
-            let is_last = l + 1 == self.layers.len();
-            if is_last && !request.logits {
-                break;
-            }
-            x = (x + layer.o_proj.forward(&attn)?)?;
-            let normed = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
-            let gated = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
-            x = (x + layer.down_proj.forward(&(gated * layer.up_proj.forward(&normed)?)?)?)?;
+    /// Runs decoder layer `l` on the hidden states `x` in place: attention, the shift and the capture at its
+    /// o_proj input, then (unless `stop_after_attention`) o_proj and the MLP. Both the resident forward and
+    /// the layer-streamed pass go through here.
+    fn step(&self, l: usize, layer: &Layer, x: &mut Tensor, ctx: &Context, request: &Request, stop_after_attention: bool) -> Result<StepOutput> {
+        let c = &self.config;
+        let eps = c.rms_norm_eps as f32;
+        let normed = candle_nn::ops::rms_norm(x, &layer.input_norm, eps)?;
+        let past_kv = request.prefix.map(|p| (&p.keys_t[l], &p.values[l]));
+        let (mut attn, k, v) = self.attention(layer, &normed, &ctx.cos, &ctx.sin, &ctx.mask, past_kv)?;
+        if let Some(delta) = request.shift.and_then(|s| s.per_layer.get(l)).and_then(Option::as_ref) {
+            let delta = delta.reshape((1, 1, c.attn_width()))?;
+            attn = match &ctx.shift_mask {
+                None => attn.broadcast_add(&delta)?,
+                Some(m) => attn.broadcast_add(&m.broadcast_mul(&delta)?)?,
+            };
         }
-        let logits = if request.logits {
-            let normed = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-            Some(normed.broadcast_matmul(&self.lm_head.t()?)?)
-        } else {
-            None
+        let captured = match &ctx.capture_rows {
+            Some(rows) => Some(attn.reshape((ctx.b * ctx.t, c.attn_width()))?.index_select(rows, 0)?),
+            None => None,
         };
-        let prefix = request.keep_kv.then_some(kept);
-        Ok(Output { o_proj_inputs: captured, logits, prefix })
+        let kv = request.keep_kv.then_some((k, v));
+        if !stop_after_attention {
+            let mut h = (&*x + layer.o_proj.forward(&attn)?)?;
+            let normed = candle_nn::ops::rms_norm(&h, &layer.post_attention_norm, eps)?;
+            let gated = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
+            h = (&h + layer.down_proj.forward(&(gated * layer.up_proj.forward(&normed)?)?)?)?;
+            *x = h;
+        }
+        Ok(StepOutput { captured, kv })
+    }
+
+    /// The capture-only pass run layer-major: every batch's hidden states go through layer l before layer
+    /// l + 1 is read, so only one layer's weights are ever resident (read from the map, used, dropped, and
+    /// their mapped pages released). `sink(layer, batch, captured)` receives each batch's o_proj inputs at
+    /// `capture[batch]`, exactly as [`Llama::forward`] would capture them.
+    pub fn capture_streamed(
+        config: ModelConfig,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        batches: &[(Batch, Vec<usize>)],
+        mut sink: impl FnMut(usize, usize, Tensor) -> Result<()>,
+        mut layer_done: impl FnMut(usize),
+    ) -> Result<()> {
+        let mut shell = Self::load_shell(config, checkpoint, device)?;
+        let mut hidden: Vec<Tensor> = batches.iter().map(|(batch, _)| shell.embed(batch)).collect::<Result<_>>()?;
+        // The pass ends at the last layer's attention: the embeddings and the head are not needed again.
+        shell.embed_tokens = Tensor::zeros(0, DType::F32, device)?;
+        shell.lm_head = shell.embed_tokens.clone();
+        checkpoint.release(&["model.embed_tokens.weight", "lm_head.weight"]);
+        let layers = shell.config.num_layers;
+        for l in 0..layers {
+            let layer = Layer::load(&shell.config, checkpoint, l, device)?;
+            for (i, ((batch, at), x)) in batches.iter().zip(hidden.iter_mut()).enumerate() {
+                let request = Request { capture_at: Some(at), ..Default::default() };
+                let ctx = shell.context(batch, &request)?;
+                let step = shell.step(l, &layer, x, &ctx, &request, l + 1 == layers)?;
+                sink(l, i, step.captured.expect("capture requested"))?;
+            }
+            drop(layer);
+            checkpoint.release(&checkpoint.layer_tensor_names(l));
+            layer_done(l);
+        }
+        Ok(())
     }
 
     /// Self-attention up to (not including) o_proj: returns the o_proj input `[b, t, heads * head_dim]` and

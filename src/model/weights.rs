@@ -90,6 +90,30 @@ impl Checkpoint {
         self.maps.iter().map(|m| m.len() as u64).sum()
     }
 
+    /// Hands the mapped pages of these tensors back to the kernel, so that a layer already read stops counting
+    /// towards the process's resident memory. Absent names are ignored.
+    pub fn release<S: AsRef<str>>(&self, names: &[S]) {
+        for entry in names.iter().filter_map(|n| self.get(n.as_ref())) {
+            // SAFETY: the map is a read-only view of a file that bake does not modify; dropping its pages only
+            // means a later read faults them in again from the file, with the same contents.
+            let _ = unsafe {
+                self.maps[entry.file].unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start)
+            };
+        }
+    }
+
+    /// Names of every stored tensor of decoder layer `l`.
+    pub fn layer_tensor_names(&self, l: usize) -> Vec<String> {
+        let prefix = format!("model.layers.{l}.");
+        self.tensors.keys().filter(|n| n.starts_with(&prefix)).cloned().collect()
+    }
+
+    /// Bytes stored for decoder layer `l`.
+    pub fn layer_bytes(&self, l: usize) -> u64 {
+        let prefix = format!("model.layers.{l}.");
+        self.tensors.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, e)| (e.end - e.start) as u64).sum()
+    }
+
     /// The dtype most of the parameters are stored in.
     pub fn dominant_dtype(&self) -> Option<StoredDtype> {
         let mut bytes: BTreeMap<&str, (StoredDtype, usize)> = BTreeMap::new();

@@ -1,0 +1,63 @@
+//! The layer-streamed activation pass captures what the resident pass captures, and a memory budget picks it.
+
+mod common;
+
+use std::process::Command;
+
+use bake::activations::{capture_last_token, capture_last_token_streamed};
+use bake::data::{build_prompt_sets, TruthfulQa};
+use bake::model::{ModelFiles, TextTokenizer};
+use bake::progress::Silent;
+use candle_core::Device;
+
+#[test]
+fn streamed_and_resident_passes_capture_the_same_activations() {
+    let Some(shared) = common::shared_dir() else { return };
+    let data = TruthfulQa::load(shared.join("data/truthfulqa").to_str().unwrap(), "validation", Some(6)).unwrap();
+    let prompts = build_prompt_sets(&data, &bake::recipe::Recipe::shipped().prompts, 42);
+    let texts: Vec<&str> = prompts.probe.iter().chain(&prompts.tuning).map(|p| p.text.as_str()).collect();
+    // The tiny checkpoints share SmolLM2's vocabulary; tiny-llama3-rope ships no tokenizer of its own.
+    let tokenizer = TextTokenizer::load(&shared.join("fixtures/tiny-gqa/tokenizer.json")).unwrap();
+    for (name, dir, _) in common::reference_models() {
+        let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
+        let resident = capture_last_token(&files.load(&Device::Cpu).unwrap(), &tokenizer, &texts, 7, &Silent).unwrap();
+        let streamed = capture_last_token_streamed(&files, &Device::Cpu, &tokenizer, &texts, 7, &Silent).unwrap();
+        assert_eq!((streamed.rows, streamed.layers, streamed.width), (resident.rows, resident.layers, resident.width));
+        let diff = common::max_abs_diff(&streamed.data, &resident.data);
+        eprintln!("{name}: {} prompts, streamed vs resident max |Δ| = {diff:e}", texts.len());
+        assert!(diff <= 1e-6, "{name}: streamed activations differ by {diff}");
+    }
+}
+
+#[test]
+fn a_memory_budget_picks_the_mode_or_refuses() {
+    let Some(shared) = common::shared_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = |budget: &str| {
+        Command::new(env!("CARGO_BIN_EXE_bake"))
+            .arg("--model")
+            .arg(shared.join("fixtures/tiny-gqa"))
+            .arg("--dataset")
+            .arg(shared.join("data/truthfulqa"))
+            .args(["--limit", "5", "--dry-run", "--max-memory", budget, "--out"])
+            .arg(tmp.path().join("never"))
+            .output()
+            .unwrap()
+    };
+    let roomy = plan("8GB");
+    assert!(roomy.status.success() && String::from_utf8_lossy(&roomy.stdout).contains("\"mode\": \"resident\""));
+    let tight = plan("330MB");
+    assert!(tight.status.success(), "{}", String::from_utf8_lossy(&tight.stderr));
+    assert!(String::from_utf8_lossy(&tight.stdout).contains("\"mode\": \"streamed\""), "{}", String::from_utf8_lossy(&tight.stdout));
+    let too_small = plan("50MB");
+    let stderr = String::from_utf8_lossy(&too_small.stderr);
+    assert_eq!(too_small.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-memory") && stderr.contains("streamed"), "{stderr}");
+    assert!(!tmp.path().join("never").exists());
+
+    // A real bake under the tight budget streams and verifies.
+    let out = tmp.path().join("baked");
+    let base = common::bake_tiny(&out, &["--limit", "5", "--heads", "4", "--max-memory", "330MB", "--no-cache"]);
+    let verify = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&out).arg("--base").arg(&base).arg("--run").output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
