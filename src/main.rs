@@ -380,6 +380,7 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
         gib(m.activations_bytes),
         gib(m.writer_bytes)
     );
+    println!("activations  full TruthfulQA set: {}", report.activation_plan.describe());
     Ok(())
 }
 

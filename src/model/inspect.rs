@@ -7,6 +7,8 @@ use crate::model::config::StoredDtype;
 
 /// Number of prompts the TruthfulQA recipe runs (5882 probe + 5918 tuning prompts).
 pub const TRUTHFULQA_PROMPTS: u64 = 11_800;
+/// Their tokens in all, as the SmolLM2 tokenizer counts them (403k; LLaMA tokenizers give about as many).
+pub const TRUTHFULQA_TOKENS: u64 = 403_000;
 
 #[derive(Debug, Serialize)]
 pub struct FileSummary {
@@ -47,9 +49,13 @@ pub struct Inspection {
     pub files: Vec<FileSummary>,
     pub total_bytes: u64,
     pub bake_memory_estimate: MemoryEstimate,
+    /// The activation pass over the full TruthfulQA set in both modes (no budget: resident is chosen).
+    pub activation_plan: crate::activations::plan::Plan,
 }
 
 pub fn inspect(model: &ModelFiles) -> Inspection {
+    let activation_plan = crate::activations::plan::plan(model, TRUTHFULQA_PROMPTS as usize, TRUTHFULQA_TOKENS as usize, None)
+        .expect("without a budget a plan always exists");
     let c = &model.config;
     let ck = &model.checkpoint;
     let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();
@@ -83,6 +89,7 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
         has_attention_biases: ck.tensors.keys().any(|n| n.ends_with("_proj.bias")),
         total_bytes: files.iter().map(|f| f.bytes).sum(),
         files,
+        activation_plan,
         bake_memory_estimate: MemoryEstimate {
             weights_f32_bytes,
             mapped_weights_bytes,
