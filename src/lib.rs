@@ -3,8 +3,13 @@
 //! the checkpoint as `o_proj` biases.
 //!
 //! The modules follow the pipeline, each passing a typed value to the next:
-//! [`model`] (resolve, config, weights, forward pass) →
-//! [`hub`] (Hugging Face Hub access).
+//! [`model`] (resolve, config, weights, forward pass: a `ModelFiles`, then a `Llama`) →
+//! [`data`] (TruthfulQA and the prompt sets: `PromptSets`) →
+//! [`activations`] (resident or layer-streamed capture: `Activations`) →
+//! [`probes`] (probes, heads, directions, σ, δ: `HeadShift`s and per-layer deltas) →
+//! [`surgery`] (δ → o_proj biases) → [`export`] (the baked folder and its manifest).
+//! Around it: [`pipeline`] (the probe stages in one call), [`verify`] (a baked folder is base + diff),
+//! [`eval`] (MC1/MC2, CE/KL, cross-validation) and [`hub`] (downloads and `bake push`).
 
 pub mod activations;
 pub mod data;
