@@ -126,6 +126,6 @@ mod tests {
     #[test]
     fn paragraphs_split_on_blank_lines() {
         let docs = split_paragraphs(" = A = \n \n line one\nline two\n\n\n last \n");
-        assert_eq!(docs, vec![" = A = ", " line one\nline two", " last ", ""]);
+        assert_eq!(docs, vec![" = A = ", " line one\nline two", " last "]);
     }
 }
