@@ -135,8 +135,8 @@ pub fn activations_for(
     options: &ProbeOptions,
     progress: &dyn Progress,
 ) -> Result<(Activations, Activations, bool)> {
-    // Probe prompts first, then tuning prompts: one pass, one cache entry, split afterwards.
-    let texts: Vec<&str> = prompts.probe.iter().chain(&prompts.tuning).map(|p| p.text.as_str()).collect();
+    // One pass and one cache entry for both sets, split afterwards.
+    let texts = prompts.texts();
     let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
     let key = cache::CacheKey {
         tool_version: crate::VERSION,
@@ -155,12 +155,12 @@ pub fn activations_for(
         }
     }
     let device = pick_device(&recipe.device)?;
-    let tokenizer = model.tokenizer()?;
-    let plan = plan_for(model, &tokenizer, &texts, options.max_memory)?;
+    let tokens = activations::tokenize(&model.tokenizer()?, &texts)?;
+    let plan = plan_for(model, &tokens, options.max_memory)?;
     progress.note(&format!("activations: {}", plan.describe()));
     let acts = match plan.mode {
-        Mode::Resident => activations::capture_last_token(&model.load(&device)?, &tokenizer, &texts, recipe.batch_size, progress)?,
-        Mode::Streamed => activations::capture_last_token_streamed(model, &device, &tokenizer, &texts, recipe.batch_size, progress)?,
+        Mode::Resident => activations::capture_last_token(&model.load(&device)?, &tokens, recipe.batch_size, progress)?,
+        Mode::Streamed => activations::capture_last_token_streamed(model, &device, &tokens, recipe.batch_size, progress)?,
     };
     let (probe, tuning) = split_rows(acts, prompts.probe.len());
     if let Some(path) = &cache_path {
@@ -173,14 +173,12 @@ pub fn activations_for(
 pub fn plan_run(model: &ModelFiles, recipe: &Recipe, budget: Option<u64>) -> Result<Plan> {
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
-    let texts: Vec<&str> = prompts.probe.iter().chain(&prompts.tuning).map(|p| p.text.as_str()).collect();
-    plan_for(model, &model.tokenizer()?, &texts, budget)
+    plan_for(model, &activations::tokenize(&model.tokenizer()?, &prompts.texts())?, budget)
 }
 
-/// The execution plan of the activation pass over `texts`.
-pub fn plan_for(model: &ModelFiles, tokenizer: &crate::model::TextTokenizer, texts: &[&str], budget: Option<u64>) -> Result<Plan> {
-    let tokens = texts.iter().map(|t| tokenizer.encode(t).map(|ids| ids.len())).sum::<Result<usize>>()?;
-    activations::plan::plan(model, texts.len(), tokens, budget)
+/// The execution plan of the activation pass over these tokenized prompts.
+fn plan_for(model: &ModelFiles, tokens: &[Vec<u32>], budget: Option<u64>) -> Result<Plan> {
+    activations::plan::plan(model, tokens.len(), tokens.iter().map(Vec::len).sum(), budget)
 }
 
 fn split_rows(acts: Activations, first: usize) -> (Activations, Activations) {

@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use bake::activations::capture_last_token;
+use bake::activations::{capture_last_token, tokenize};
 use bake::model::ModelFiles;
 use bake::pipeline::{run_probe, ProbeOptions};
 use bake::probes::logistic;
@@ -84,8 +84,9 @@ fn batched_activations_equal_batch_size_one() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let batched = capture_last_token(&model, &tokenizer, &prompts, 4, &Silent).unwrap();
-    let single = capture_last_token(&model, &tokenizer, &prompts, 1, &Silent).unwrap();
+    let tokens = tokenize(&tokenizer, &prompts).unwrap();
+    let batched = capture_last_token(&model, &tokens, 4, &Silent).unwrap();
+    let single = capture_last_token(&model, &tokens, 1, &Silent).unwrap();
     let diff = common::max_abs_diff(&batched.data, &single.data);
     assert!(diff <= 1e-5, "batched differs from batch size 1 by {diff}");
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use bake::activations::{capture_last_token, capture_last_token_streamed};
+use bake::activations::{capture_last_token, capture_last_token_streamed, tokenize};
 use bake::data::{build_prompt_sets, TruthfulQa};
 use bake::model::{ModelFiles, TextTokenizer};
 use bake::progress::Silent;
@@ -15,13 +15,14 @@ fn streamed_and_resident_passes_capture_the_same_activations() {
     let Some(shared) = common::shared_dir() else { return };
     let data = TruthfulQa::load(shared.join("data/truthfulqa").to_str().unwrap(), "validation", Some(6)).unwrap();
     let prompts = build_prompt_sets(&data, &bake::recipe::Recipe::shipped().prompts, 42);
-    let texts: Vec<&str> = prompts.probe.iter().chain(&prompts.tuning).map(|p| p.text.as_str()).collect();
+    let texts = prompts.texts();
     // The tiny checkpoints share SmolLM2's vocabulary; tiny-llama3-rope ships no tokenizer of its own.
     let tokenizer = TextTokenizer::load(&shared.join("fixtures/tiny-gqa/tokenizer.json")).unwrap();
+    let tokens = tokenize(&tokenizer, &texts).unwrap();
     for (name, dir, _) in common::reference_models() {
         let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
-        let resident = capture_last_token(&files.load(&Device::Cpu).unwrap(), &tokenizer, &texts, 7, &Silent).unwrap();
-        let streamed = capture_last_token_streamed(&files, &Device::Cpu, &tokenizer, &texts, 7, &Silent).unwrap();
+        let resident = capture_last_token(&files.load(&Device::Cpu).unwrap(), &tokens, 7, &Silent).unwrap();
+        let streamed = capture_last_token_streamed(&files, &Device::Cpu, &tokens, 7, &Silent).unwrap();
         assert_eq!((streamed.rows, streamed.layers, streamed.width), (resident.rows, resident.layers, resident.width));
         let diff = common::max_abs_diff(&streamed.data, &resident.data);
         eprintln!("{name}: {} prompts, streamed vs resident max |Δ| = {diff:e}", texts.len());

@@ -59,29 +59,19 @@ fn store(out: &mut Activations, chunk: &[usize], layer: usize, captured: &Tensor
     Ok(())
 }
 
-fn tokenize(tokenizer: &TextTokenizer, prompts: &[impl AsRef<str>]) -> Result<Vec<Vec<u32>>> {
+/// Every prompt's token ids, as the activation pass (and its plan) read them.
+pub fn tokenize(tokenizer: &TextTokenizer, prompts: &[impl AsRef<str>]) -> Result<Vec<Vec<u32>>> {
     prompts.iter().map(|p| tokenizer.encode(p.as_ref())).collect()
 }
 
-fn pad_id(c: &crate::model::ModelConfig) -> u32 {
-    c.pad_token_id.or(c.eos_token_ids.first().copied()).unwrap_or(0)
-}
-
-/// Runs every prompt and captures the o_proj inputs at its last token, with the whole model resident. Rows
-/// come back in the prompts' order.
-pub fn capture_last_token(
-    model: &Llama,
-    tokenizer: &TextTokenizer,
-    prompts: &[impl AsRef<str>],
-    batch_size: usize,
-    progress: &dyn Progress,
-) -> Result<Activations> {
+/// Runs every tokenized prompt and captures the o_proj inputs at its last token, with the whole model
+/// resident. Rows come back in the prompts' order.
+pub fn capture_last_token(model: &Llama, tokens: &[Vec<u32>], batch_size: usize, progress: &dyn Progress) -> Result<Activations> {
     let c = &model.config;
-    let tokens = tokenize(tokenizer, prompts)?;
-    let mut out = Activations::zeros(prompts.len(), c.num_layers, c.attn_width());
-    progress.start(prompts.len() as u64, "prompts");
-    for chunk in length_sorted_batches(&tokens, batch_size) {
-        let batch = padded_batch(&tokens, &chunk, pad_id(c), model.device())?;
+    let mut out = Activations::zeros(tokens.len(), c.num_layers, c.attn_width());
+    progress.start(tokens.len() as u64, "prompts");
+    for chunk in length_sorted_batches(tokens, batch_size) {
+        let batch = padded_batch(tokens, &chunk, c.pad_id(), model.device())?;
         let last = batch.last_positions();
         let output = model.forward(&batch, &Request { capture_at: Some(&last), ..Default::default() })?;
         for (layer, captured) in output.o_proj_inputs.iter().enumerate() {
@@ -98,22 +88,20 @@ pub fn capture_last_token(
 pub fn capture_last_token_streamed(
     files: &ModelFiles,
     device: &Device,
-    tokenizer: &TextTokenizer,
-    prompts: &[impl AsRef<str>],
+    tokens: &[Vec<u32>],
     batch_size: usize,
     progress: &dyn Progress,
 ) -> Result<Activations> {
     let c = &files.config;
-    let tokens = tokenize(tokenizer, prompts)?;
-    let chunks = length_sorted_batches(&tokens, batch_size);
+    let chunks = length_sorted_batches(tokens, batch_size);
     let batches: Vec<(Batch, Vec<usize>)> = chunks
         .iter()
-        .map(|chunk| padded_batch(&tokens, chunk, pad_id(c), device).map(|b| {
+        .map(|chunk| padded_batch(tokens, chunk, c.pad_id(), device).map(|b| {
             let last = b.last_positions();
             (b, last)
         }))
         .collect::<Result<_>>()?;
-    let mut out = Activations::zeros(prompts.len(), c.num_layers, c.attn_width());
+    let mut out = Activations::zeros(tokens.len(), c.num_layers, c.attn_width());
     progress.start(c.num_layers as u64, "layers");
     Llama::capture_streamed(
         c.clone(),

@@ -21,6 +21,13 @@ pub struct PromptSets {
     pub tuning_question: Vec<usize>,
 }
 
+impl PromptSets {
+    /// Probe prompts, then tuning prompts: the order of the one activation pass (and of its cache entry).
+    pub fn texts(&self) -> Vec<&str> {
+        self.probe.iter().chain(&self.tuning).map(|p| p.text.as_str()).collect()
+    }
+}
+
 fn fill(template: &str, question: &str, answer: &str, other: &str) -> String {
     template.replace("{question}", question).replace("{answer}", answer).replace("{other_question}", other)
 }

@@ -95,9 +95,7 @@ fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, progress: 
     let tokenizer = model.tokenizer()?;
     let corpus = options.corpus.as_ref().map(|spec| corpus::load(spec, &tokenizer, recipe.seed)).transpose()?;
     let base = model.load(&pick_device(&recipe.device)?)?;
-    let c = &model.config;
-    let pad_id = c.pad_token_id.or(c.eos_token_ids.first().copied()).unwrap_or(0);
-    Ok(Setup { data, tokenizer, base, pad_id, corpus })
+    Ok(Setup { data, tokenizer, base, pad_id: model.config.pad_id(), corpus })
 }
 
 impl Setup {

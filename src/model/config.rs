@@ -115,6 +115,12 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The id right-padded batches are filled with: the pad token, else the first EOS token, else 0. Padding
+    /// never reaches a real token, so any id would do; these keep the padded rows ordinary.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id.or(self.eos_token_ids.first().copied()).unwrap_or(0)
+    }
+
     /// Width of the o_proj input: the concatenated per-head attention outputs.
     pub fn attn_width(&self) -> usize {
         self.num_heads * self.head_dim

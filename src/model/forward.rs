@@ -299,6 +299,8 @@ impl Llama {
             let layer = Layer::load(&shell.config, checkpoint, l, device)?;
             for (i, ((batch, at), x)) in batches.iter().zip(hidden.iter_mut()).enumerate() {
                 let request = Request { capture_at: Some(at), ..Default::default() };
+                // Rebuilt per layer: keeping every batch's head-expanded mask would cost more memory than
+                // its hidden states, and building it is small next to the layer's products.
                 let ctx = shell.context(batch, &request)?;
                 let step = shell.step(l, &layer, x, &ctx, &request, l + 1 == layers)?;
                 sink(l, i, step.captured.expect("capture requested"))?;
