@@ -104,29 +104,6 @@ fn hub_error(repo: &str, what: &str, error: impl std::fmt::Display) -> BakeError
     BakeError::Hub(message)
 }
 
-/// Every file of the folder to publish, with repository paths (`/`-separated); `bake.log` stays local.
-fn local_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).at(dir)?.collect::<std::io::Result<_>>().at(dir)?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, root, out)?;
-            } else {
-                let relative = path.strip_prefix(root).expect("below root").to_string_lossy().replace('\\', "/");
-                if relative != LOG {
-                    out.push((relative, path));
-                }
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out)?;
-    Ok(out)
-}
-
 /// The git blob id of a file, as the Hub reports it for non-LFS files.
 fn git_blob_id(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).at(path)?;
@@ -237,14 +214,25 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
     let repo = &options.repo;
     let revision = options.revision.clone().unwrap_or_else(|| "main".into());
     progress.stage("push: comparing with the remote");
-    let repo_exists = remote_tree(repo, "main")?.is_some();
-    let remote = if repo_exists { remote_tree(repo, &revision)? } else { None };
+    let main_tree = remote_tree(repo, "main")?;
+    let repo_exists = main_tree.is_some();
+    let remote = match (repo_exists, revision == "main") {
+        (true, false) => remote_tree(repo, &revision)?,
+        _ => main_tree,
+    };
     let branch_missing = repo_exists && remote.is_none();
     let remote = remote.unwrap_or_default();
+    let outputs = manifest["outputs"].as_object().cloned().unwrap_or_default();
     let mut files = Vec::new();
-    for (path_in_repo, path) in local_files(dir)? {
+    // `bake.log` (timings) stays local.
+    for path_in_repo in crate::verify::files_under(dir)?.into_iter().filter(|p| p != LOG) {
+        let path = dir.join(&path_in_repo);
         let bytes = std::fs::metadata(&path).at(&path)?.len();
-        let sha256 = sha256_file(&path)?;
+        // The check above just proved every listed file has its manifest sha256; only bake.json is unlisted.
+        let sha256 = match outputs.get(&path_in_repo).and_then(|e| e["sha256"].as_str()) {
+            Some(h) => h.to_string(),
+            None => sha256_file(&path)?,
+        };
         let upload = !same_as_remote(remote.get(&path_in_repo), &path, bytes, &sha256)?;
         files.push(PlannedFile { path: path_in_repo, bytes, sha256, upload });
     }

@@ -103,7 +103,8 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
     Ok(VerifyReport { folder: dir.display().to_string(), checks, mismatches: found.list })
 }
 
-fn files_under(dir: &Path) -> Result<Vec<String>> {
+/// Every file below `dir`, as sorted `/`-separated relative paths.
+pub(crate) fn files_under(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
