@@ -99,6 +99,19 @@ fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, progress: 
 }
 
 impl Setup {
+    /// The report of an evaluation over every loaded question that began at `started`.
+    fn report(&self, model: &ModelFiles, rows: Vec<Row>, folds: Vec<Fold>, started: Instant) -> EvalReport {
+        EvalReport {
+            model: model.location.spec.clone(),
+            questions: self.data.questions.len(),
+            documents: self.corpus.as_ref().map(|c| c.documents.len()),
+            documents_picked: self.corpus.as_ref().map(|c| c.picked.clone()),
+            rows,
+            folds,
+            timings: BTreeMap::from([("total".to_string(), started.elapsed().as_secs_f64())]),
+        }
+    }
+
     fn score(&self, variant: Variant, protocol: Protocol, questions: &[usize], options: &EvalOptions, recipe: &Recipe, progress: &dyn Progress) -> Result<McScores> {
         let set = mc::build(protocol, &self.data, questions, &self.tokenizer, &options.instruction, options.answer_tokens)?;
         let scores = score::score_items(variant, &set.items, recipe.batch_size, self.pad_id, progress)?;
@@ -157,15 +170,7 @@ pub fn evaluate(
     if baked.is_some() {
         rows.push(row("baked", &baked_scores, None, language.as_ref().map(|l| l.1[0])));
     }
-    Ok(EvalReport {
-        model: model.location.spec.clone(),
-        questions: questions.len(),
-        documents: setup.corpus.as_ref().map(|c| c.documents.len()),
-        documents_picked: setup.corpus.as_ref().map(|c| c.picked.clone()),
-        rows,
-        folds: Vec::new(),
-        timings: BTreeMap::from([("total".to_string(), started.elapsed().as_secs_f64())]),
-    })
+    Ok(setup.report(model, rows, Vec::new(), started))
 }
 
 /// Contiguous folds in multiple_choice order, the first ones one longer (numpy's `array_split`).
@@ -252,15 +257,7 @@ pub fn cross_validate(
             ],
         });
     }
-    Ok(EvalReport {
-        model: model.location.spec.clone(),
-        questions: n,
-        documents: setup.corpus.as_ref().map(|c| c.documents.len()),
-        documents_picked: setup.corpus.as_ref().map(|c| c.picked.clone()),
-        rows: mean_rows(&fold_reports),
-        folds: fold_reports,
-        timings: BTreeMap::from([("total".to_string(), started.elapsed().as_secs_f64())]),
-    })
+    Ok(setup.report(model, mean_rows(&fold_reports), fold_reports, started))
 }
 
 /// Unweighted mean of each row over the folds, as the reference aggregates.
