@@ -11,6 +11,8 @@ shared=$(cd "${1:-${BAKE_SHARED:-$repo/../shared}}" && pwd)
 cache=${BAKE_CACHE:-$HOME/.cache/bake}
 venv=$cache/venv
 mkdir -p "$cache"
+# torch's wheels (with its CUDA libraries) are ~4 GB; a pip cache would hold a second copy of them.
+export PIP_NO_CACHE_DIR=1
 {
   if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
