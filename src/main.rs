@@ -315,7 +315,22 @@ struct InspectArgs {
     json: bool,
 }
 
+/// candle allocates a fresh buffer for every tensor operation and frees it right after. glibc returns such
+/// buffers to the kernel (mmap'd ones at once, the heap's top past 128 KiB), so the next operation pays page
+/// faults and zeroing again: about 15% of the activation pass. Keeping freed memory in the heap for reuse
+/// costs no extra peak memory, since the next batch needs the same sizes.
+fn keep_freed_buffers_for_reuse() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum; larger buffers are still mapped.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_buffers_for_reuse();
     // `bake --model ...` without a command means `bake run --model ...`.
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let first = argv.get(1).and_then(|a| a.to_str()).unwrap_or("");
