@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::Device;
+
 use crate::activations::plan::{Mode, Plan};
-use crate::activations::{self, cache, Activations};
+use crate::activations::{self, cache, Activations, PackedPrompts};
 use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
 use crate::error::Result;
 use crate::model::{pick_device, ModelFiles};
@@ -140,6 +142,8 @@ pub fn activations_for(
     let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
     let key = cache::CacheKey {
         tool_version: crate::VERSION,
+        pass_version: activations::PASS_VERSION,
+        batch_size: recipe.batch_size,
         model_hashes: &hashes,
         dataset_fingerprint: &dataset.fingerprint(),
         templates: &[&recipe.prompts.probe, &recipe.prompts.tuning],
@@ -156,11 +160,12 @@ pub fn activations_for(
     }
     let device = pick_device(&recipe.device)?;
     let tokens = activations::tokenize(&model.tokenizer()?, &texts)?;
-    let plan = plan_for(model, &tokens, options.max_memory)?;
+    let packed = PackedPrompts::new(&tokens, recipe.batch_size, &device)?;
+    let plan = plan_for(model, &packed, &device, options.max_memory)?;
     progress.note(&format!("activations: {}", plan.describe()));
     let acts = match plan.mode {
-        Mode::Resident => activations::capture_last_token(&model.load(&device)?, &tokens, recipe.batch_size, progress)?,
-        Mode::Streamed => activations::capture_last_token_streamed(model, &device, &tokens, recipe.batch_size, progress)?,
+        Mode::Resident => activations::capture_last_token(&model.load(&device)?, &packed, progress)?,
+        Mode::Streamed => activations::capture_last_token_streamed(model, &device, &packed, progress)?,
     };
     let (probe, tuning) = split_rows(acts, prompts.probe.len());
     if let Some(path) = &cache_path {
@@ -173,12 +178,16 @@ pub fn activations_for(
 pub fn plan_run(model: &ModelFiles, recipe: &Recipe, budget: Option<u64>) -> Result<Plan> {
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
-    plan_for(model, &activations::tokenize(&model.tokenizer()?, &prompts.texts())?, budget)
+    let tokens = activations::tokenize(&model.tokenizer()?, &prompts.texts())?;
+    let device = pick_device(&recipe.device)?;
+    plan_for(model, &PackedPrompts::new(&tokens, recipe.batch_size, &device)?, &device, budget)
 }
 
-/// The execution plan of the activation pass over these tokenized prompts.
-fn plan_for(model: &ModelFiles, tokens: &[Vec<u32>], budget: Option<u64>) -> Result<Plan> {
-    activations::plan::plan(model, tokens.len(), tokens.iter().map(Vec::len).sum(), budget)
+/// The execution plan of the activation pass over these packed prompts, timed at the device's measured
+/// matmul rate.
+fn plan_for(model: &ModelFiles, packed: &PackedPrompts, device: &Device, budget: Option<u64>) -> Result<Plan> {
+    let rate = activations::plan::measure_matmul_rate(&model.config, device)?;
+    activations::plan::plan(model, &packed.shape(), Some(rate), budget)
 }
 
 fn split_rows(acts: Activations, first: usize) -> (Activations, Activations) {

@@ -29,7 +29,7 @@ fn forward_matches_transformers_on_every_reference_model() {
             assert_eq!(got_ids, expected_ids, "{label}: token ids");
 
             let batch = Batch::right_padded(&[got_ids.clone()], 0, &Device::Cpu).unwrap();
-            let last = batch.last_positions();
+            let last = batch.last_tokens();
             let out = model.forward(&batch, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
             let logits = out.logits.unwrap().squeeze(0).unwrap();
             let last_logits: Vec<f32> = logits.get(got_ids.len() - 1).unwrap().to_vec1().unwrap();
@@ -66,7 +66,7 @@ fn padded_batch_equals_one_prompt_at_a_time() {
         let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
         let prompts: Vec<Vec<u32>> = reference["cases"].as_array().unwrap().iter().map(|c| ids(&c["input_ids"])).collect();
         let batch = Batch::right_padded(&prompts, 0, &Device::Cpu).unwrap();
-        let last = batch.last_positions();
+        let last = batch.last_tokens();
         let together = model.forward(&batch, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
         let together_logits = together.logits.unwrap();
         for (i, prompt) in prompts.iter().enumerate() {
@@ -105,6 +105,50 @@ fn capture_only_pass_stops_early_with_the_same_activations() {
         assert_eq!(short.o_proj_inputs.len(), model.config.num_layers, "{name}");
         for (a, b) in full.o_proj_inputs.iter().zip(&short.o_proj_inputs) {
             assert_eq!(flat(a), flat(b), "{name}");
+        }
+    }
+}
+
+/// Packed as a prefix tree, with extra prompts that share leading tokens with the reference cases (a
+/// truncation, an extension, a duplicate), every prompt still gets transformers' o_proj inputs and top-20
+/// logits, and what it gets when run alone.
+#[test]
+fn prefix_tree_batch_equals_transformers_and_one_prompt_at_a_time() {
+    for (name, dir, reference) in common::reference_models() {
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+        let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
+        let cases = reference["cases"].as_array().unwrap();
+        let mut prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["input_ids"])).collect();
+        let first = prompts[0].clone();
+        prompts.push(first[..first.len() / 2].to_vec());
+        prompts.push([first.as_slice(), &prompts[1][1..]].concat());
+        prompts.push(first.clone());
+        let (tree, last) = Batch::prefix_tree(&prompts, &Device::Cpu).unwrap();
+        let shared = prompts.iter().map(Vec::len).sum::<usize>() - tree.len();
+        assert!(shared >= first.len() * 2, "{name}: the tree should store the shared tokens once ({shared} saved)");
+        let packed = model.forward(&tree, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
+        let packed_logits = packed.logits.unwrap().squeeze(0).unwrap();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let single = Batch::right_padded(&[prompt.clone()], 0, &Device::Cpu).unwrap();
+            let alone = model.forward(&single, &Request { capture_at: Some(&single.last_tokens()), logits: true, ..Default::default() }).unwrap();
+            for (layer, (a, b)) in alone.o_proj_inputs.iter().zip(&packed.o_proj_inputs).enumerate() {
+                let diff = max_abs_diff(&flat(&a.get(0).unwrap()), &flat(&b.get(i).unwrap()));
+                assert!(diff <= 1e-4, "{name} prompt {i} layer {layer}: packed differs from alone by {diff}");
+            }
+            let ours = flat(&packed_logits.get(last[i]).unwrap());
+            let diff = max_abs_diff(&flat(&alone.logits.unwrap().squeeze(0).unwrap().get(prompt.len() - 1).unwrap()), &ours);
+            assert!(diff <= 1e-4, "{name} prompt {i}: packed logits differ from alone by {diff}");
+            if let Some(case) = cases.get(i) {
+                let top_ids = ids(&case["last_logits_top20"]["ids"]);
+                let top: Vec<f32> = top_ids.iter().map(|&t| ours[t as usize]).collect();
+                let diff = max_abs_diff(&top, &floats(&case["last_logits_top20"]["values"]));
+                assert!(diff <= 2e-3, "{name} case {i}: packed top-20 logits differ from transformers by {diff}");
+                for (layer, values) in case["o_proj_input_last_token"].as_object().unwrap() {
+                    let got = flat(&packed.o_proj_inputs[layer.parse::<usize>().unwrap()].get(i).unwrap());
+                    let diff = max_abs_diff(&got, &floats(values));
+                    assert!(diff <= 1e-3, "{name} case {i}: packed o_proj input of layer {layer} differs from transformers by {diff}");
+                }
+            }
         }
     }
 }

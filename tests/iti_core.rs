@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use bake::activations::{capture_last_token, tokenize};
+use bake::activations::{capture_last_token, tokenize, PackedPrompts};
 use bake::model::ModelFiles;
 use bake::pipeline::{run_probe, ProbeOptions};
 use bake::probes::logistic;
@@ -78,6 +78,8 @@ fn batched_activations_equal_batch_size_one() {
     let prompts: Vec<String> = [
         "Q: What is the capital of France? A: Paris.",
         "Q: Why? A: Because.",
+        // Shares "Q: What is the capital of France? A:" with the first prompt: packed, that part runs once.
+        "Q: What is the capital of France? A: Lyon, since 1999. Q: Why?",
         "Q: What happens if you eat watermelon seeds? A: Nothing happens to you at all.",
         "Q: Is the earth flat? A: No.",
     ]
@@ -85,8 +87,8 @@ fn batched_activations_equal_batch_size_one() {
     .map(|s| s.to_string())
     .collect();
     let tokens = tokenize(&tokenizer, &prompts).unwrap();
-    let batched = capture_last_token(&model, &tokens, 4, &Silent).unwrap();
-    let single = capture_last_token(&model, &tokens, 1, &Silent).unwrap();
+    let batched = capture_last_token(&model, &PackedPrompts::new(&tokens, 4, &Device::Cpu).unwrap(), &Silent).unwrap();
+    let single = capture_last_token(&model, &PackedPrompts::new(&tokens, 1, &Device::Cpu).unwrap(), &Silent).unwrap();
     let diff = common::max_abs_diff(&batched.data, &single.data);
     assert!(diff <= 1e-5, "batched differs from batch size 1 by {diff}");
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use bake::activations::{capture_last_token, capture_last_token_streamed, tokenize};
+use bake::activations::{capture_last_token, capture_last_token_streamed, tokenize, PackedPrompts};
 use bake::data::{build_prompt_sets, TruthfulQa};
 use bake::model::{ModelFiles, TextTokenizer};
 use bake::progress::Silent;
@@ -21,8 +21,9 @@ fn streamed_and_resident_passes_capture_the_same_activations() {
     let tokens = tokenize(&tokenizer, &texts).unwrap();
     for (name, dir, _) in common::reference_models() {
         let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
-        let resident = capture_last_token(&files.load(&Device::Cpu).unwrap(), &tokens, 7, &Silent).unwrap();
-        let streamed = capture_last_token_streamed(&files, &Device::Cpu, &tokens, 7, &Silent).unwrap();
+        let packed = PackedPrompts::new(&tokens, 7, &Device::Cpu).unwrap();
+        let resident = capture_last_token(&files.load(&Device::Cpu).unwrap(), &packed, &Silent).unwrap();
+        let streamed = capture_last_token_streamed(&files, &Device::Cpu, &packed, &Silent).unwrap();
         assert_eq!((streamed.rows, streamed.layers, streamed.width), (resident.rows, resident.layers, resident.width));
         let diff = common::max_abs_diff(&streamed.data, &resident.data);
         eprintln!("{name}: {} prompts, streamed vs resident max |Δ| = {diff:e}", texts.len());

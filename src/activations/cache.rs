@@ -15,6 +15,10 @@ use crate::model::{Checkpoint, StoredDtype};
 /// What an activation pass depends on; any change gives another key.
 pub struct CacheKey<'a> {
     pub tool_version: &'a str,
+    /// How the pass computes ([`super::PASS_VERSION`]) and its batch size: both change the last bits of the
+    /// values, and a cache must give exactly what a fresh run would.
+    pub pass_version: u32,
+    pub batch_size: usize,
     /// sha256 of the model's config and weight files.
     pub model_hashes: &'a [String],
     pub dataset_fingerprint: &'a str,
@@ -32,6 +36,7 @@ impl CacheKey<'_> {
             h.update(value.as_bytes());
         };
         part("version", self.tool_version);
+        part("pass", &format!("{} batch {}", self.pass_version, self.batch_size));
         self.model_hashes.iter().for_each(|m| part("model", m));
         part("dataset", self.dataset_fingerprint);
         self.templates.iter().for_each(|t| part("template", t));

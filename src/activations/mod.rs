@@ -1,5 +1,10 @@
-//! Stage 3: the activation pass. Every prompt runs through the model (batched by length, right-padded) and
-//! the input of every layer's o_proj at the prompt's last token is kept in f32. Results are cached on disk.
+//! Stage 3: the activation pass. Every prompt runs through the model and the input of every layer's o_proj
+//! at the prompt's last token is kept in f32. Results are cached on disk.
+//!
+//! Prompts are sorted by their token ids and each batch is packed as a prefix tree ([`Batch::prefix_tree`]):
+//! the TruthfulQA prompts of one question all begin with "Q: {question} A:", so that part is computed once
+//! per batch instead of once per prompt, and nothing is padded. Over the whole recipe this halves the
+//! tokens the model runs on.
 
 pub mod cache;
 pub mod plan;
@@ -11,6 +16,11 @@ use candle_core::Tensor;
 
 use crate::model::{Batch, Llama, ModelFiles, Request, TextTokenizer};
 use crate::progress::Progress;
+use plan::PassShape;
+
+/// Bumped whenever the pass computes its values differently (batching, kernels, operation order), so that
+/// activations cached by an older build are not reused: 2 = prefix-tree batches.
+pub const PASS_VERSION: u32 = 2;
 
 /// o_proj inputs, `[rows][layers][width]` row-major, f32. Row i belongs to prompt i.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,16 +48,44 @@ impl Activations {
     }
 }
 
-/// Prompt indices cut into batches of `batch_size`, sorted by token length so padding stays small.
-fn length_sorted_batches(tokens: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..tokens.len()).collect();
-    order.sort_by_key(|&i| (tokens[i].len(), i));
-    order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+/// Prompts grouped into batches of at most `batch_size`, each packed as a prefix tree. Sorting by token ids
+/// puts prompts that share leading tokens side by side.
+pub struct PackedPrompts {
+    batches: Vec<PackedBatch>,
 }
 
-fn padded_batch(tokens: &[Vec<u32>], chunk: &[usize], pad: u32, device: &Device) -> Result<Batch> {
-    let sequences: Vec<Vec<u32>> = chunk.iter().map(|&i| tokens[i].clone()).collect();
-    Batch::right_padded(&sequences, pad, device)
+struct PackedBatch {
+    /// The prompts in this batch, by index into the caller's list.
+    prompts: Vec<usize>,
+    /// Per prompt, the tree token whose o_proj inputs are captured (its last token).
+    last: Vec<usize>,
+    batch: Batch,
+}
+
+impl PackedPrompts {
+    pub fn new(tokens: &[Vec<u32>], batch_size: usize, device: &Device) -> Result<Self> {
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by(|&a, &b| tokens[a].cmp(&tokens[b]).then(a.cmp(&b)));
+        let batches = order
+            .chunks(batch_size.max(1))
+            .map(|chunk| {
+                let sequences: Vec<Vec<u32>> = chunk.iter().map(|&i| tokens[i].clone()).collect();
+                let (batch, last) = Batch::prefix_tree(&sequences, device)?;
+                Ok(PackedBatch { prompts: chunk.to_vec(), last, batch })
+            })
+            .collect::<Result<_>>()?;
+        Ok(PackedPrompts { batches })
+    }
+
+    /// What the plan needs to know about the pass.
+    pub fn shape(&self) -> PassShape {
+        PassShape {
+            prompts: prompt_count(self),
+            tokens: self.batches.iter().map(|b| b.batch.len()).sum(),
+            longest_batch: self.batches.iter().map(|b| b.batch.len()).max().unwrap_or(0),
+            attention_pairs: self.batches.iter().map(|b| (b.batch.len() as u64).pow(2)).sum(),
+        }
+    }
 }
 
 /// Copies one layer's captured rows `[batch, width]` to their prompts' rows.
@@ -64,53 +102,42 @@ pub fn tokenize(tokenizer: &TextTokenizer, prompts: &[impl AsRef<str>]) -> Resul
     prompts.iter().map(|p| tokenizer.encode(p.as_ref())).collect()
 }
 
-/// Runs every tokenized prompt and captures the o_proj inputs at its last token, with the whole model
-/// resident. Rows come back in the prompts' order.
-pub fn capture_last_token(model: &Llama, tokens: &[Vec<u32>], batch_size: usize, progress: &dyn Progress) -> Result<Activations> {
+/// Runs every packed prompt and captures the o_proj inputs at its last token, with the whole model resident.
+/// Rows come back in the prompts' order.
+pub fn capture_last_token(model: &Llama, prompts: &PackedPrompts, progress: &dyn Progress) -> Result<Activations> {
     let c = &model.config;
-    let mut out = Activations::zeros(tokens.len(), c.num_layers, c.attn_width());
-    progress.start(tokens.len() as u64, "prompts");
-    for chunk in length_sorted_batches(tokens, batch_size) {
-        let batch = padded_batch(tokens, &chunk, c.pad_id(), model.device())?;
-        let last = batch.last_positions();
-        let output = model.forward(&batch, &Request { capture_at: Some(&last), ..Default::default() })?;
+    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.attn_width());
+    progress.start(out.rows as u64, "prompts");
+    for packed in &prompts.batches {
+        let output = model.forward(&packed.batch, &Request { capture_at: Some(&packed.last), ..Default::default() })?;
         for (layer, captured) in output.o_proj_inputs.iter().enumerate() {
-            store(&mut out, &chunk, layer, captured)?;
+            store(&mut out, &packed.prompts, layer, captured)?;
         }
-        progress.advance(chunk.len() as u64);
+        progress.advance(packed.prompts.len() as u64);
     }
     progress.finish();
     Ok(out)
 }
 
 /// The same capture run layer by layer ([`Llama::capture_streamed`]): one layer's weights resident at a
-/// time, every prompt's hidden states kept in memory between layers.
-pub fn capture_last_token_streamed(
-    files: &ModelFiles,
-    device: &Device,
-    tokens: &[Vec<u32>],
-    batch_size: usize,
-    progress: &dyn Progress,
-) -> Result<Activations> {
+/// time, every batch's hidden states kept in memory between layers.
+pub fn capture_last_token_streamed(files: &ModelFiles, device: &Device, prompts: &PackedPrompts, progress: &dyn Progress) -> Result<Activations> {
     let c = &files.config;
-    let chunks = length_sorted_batches(tokens, batch_size);
-    let batches: Vec<(Batch, Vec<usize>)> = chunks
-        .iter()
-        .map(|chunk| padded_batch(tokens, chunk, c.pad_id(), device).map(|b| {
-            let last = b.last_positions();
-            (b, last)
-        }))
-        .collect::<Result<_>>()?;
-    let mut out = Activations::zeros(tokens.len(), c.num_layers, c.attn_width());
+    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.attn_width());
+    let batches: Vec<(&Batch, &[usize])> = prompts.batches.iter().map(|p| (&p.batch, p.last.as_slice())).collect();
     progress.start(c.num_layers as u64, "layers");
     Llama::capture_streamed(
         c.clone(),
         &files.checkpoint,
         device,
         &batches,
-        |layer, i, captured| store(&mut out, &chunks[i], layer, &captured),
+        |layer, i, captured| store(&mut out, &prompts.batches[i].prompts, layer, &captured),
         |_| progress.advance(1),
     )?;
     progress.finish();
     Ok(out)
+}
+
+fn prompt_count(prompts: &PackedPrompts) -> usize {
+    prompts.batches.iter().map(|b| b.prompts.len()).sum()
 }

@@ -4,6 +4,8 @@
 //! Batches are right-padded. With a causal mask a real token never attends to a later position, so padding
 //! at the end cannot change any real token's result; the key-padding mask only keeps the padded rows finite.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Linear;
 
@@ -34,17 +36,21 @@ pub struct Llama {
     inv_freq: Vec<f32>,
 }
 
-/// Token ids of several prompts, right-padded to one length.
+/// Token ids of several prompts for one forward pass: right-padded rows, or one row holding a prefix tree.
 pub struct Batch {
+    /// `[rows, t]`.
     pub ids: Tensor,
+    /// Real tokens per row.
     pub lengths: Vec<usize>,
+    /// For a prefix-tree batch (one row): each token's parent, `None` for a first token.
+    parents: Option<Vec<Option<usize>>>,
 }
 
 impl Batch {
     pub fn right_padded(sequences: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
         let width = sequences.iter().map(Vec::len).max().unwrap_or(0);
         if width == 0 || sequences.iter().any(Vec::is_empty) {
-            return Err(BakeError::Invalid("cannot run the model on an empty prompt".into()));
+            return Err(empty_prompt());
         }
         let mut flat = Vec::with_capacity(sequences.len() * width);
         for s in sequences {
@@ -52,12 +58,53 @@ impl Batch {
             flat.resize(flat.len() + width - s.len(), pad_id);
         }
         let ids = Tensor::from_vec(flat, (sequences.len(), width), device)?;
-        Ok(Batch { ids, lengths: sequences.iter().map(Vec::len).collect() })
+        Ok(Batch { ids, lengths: sequences.iter().map(Vec::len).collect(), parents: None })
     }
 
-    pub fn last_positions(&self) -> Vec<usize> {
-        self.lengths.iter().map(|n| n - 1).collect()
+    /// Packs sequences into one row as a prefix tree: leading tokens that several sequences share are stored,
+    /// and computed, once. Each token keeps its position in the sequences that hold it and attends to its
+    /// ancestors only, so every sequence's tokens see exactly what they would see alone; no padding either.
+    /// Returns the batch and, per sequence, the index of its last token in the row.
+    pub fn prefix_tree(sequences: &[Vec<u32>], device: &Device) -> Result<(Self, Vec<usize>)> {
+        let mut ids = Vec::new();
+        let mut parents = Vec::new();
+        let mut nodes: HashMap<(Option<usize>, u32), usize> = HashMap::new();
+        let mut last = Vec::with_capacity(sequences.len());
+        for sequence in sequences {
+            let mut node = None;
+            for &token in sequence {
+                let next = *nodes.entry((node, token)).or_insert_with(|| {
+                    ids.push(token);
+                    parents.push(node);
+                    ids.len() - 1
+                });
+                node = Some(next);
+            }
+            last.push(node.ok_or_else(empty_prompt)?);
+        }
+        let t = ids.len();
+        let ids = Tensor::from_vec(ids, (1, t), device)?;
+        Ok((Batch { ids, lengths: vec![t], parents: Some(parents) }, last))
     }
+
+    /// Per row, the index (`row * t + position`, as [`Request::capture_at`] takes it) of its last real token.
+    pub fn last_tokens(&self) -> Vec<usize> {
+        let t = self.ids.dim(1).unwrap_or(0);
+        self.lengths.iter().enumerate().map(|(row, n)| row * t + n - 1).collect()
+    }
+
+    /// Tokens in the batch, padding included.
+    pub fn len(&self) -> usize {
+        self.ids.elem_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn empty_prompt() -> BakeError {
+    BakeError::Invalid("cannot run the model on an empty prompt".into())
 }
 
 /// Per-layer vectors added to the o_proj input (the ITI shift), each `[num_heads * head_dim]`.
@@ -87,7 +134,7 @@ pub struct Request<'a> {
     pub prefix: Option<&'a Prefix>,
     /// Keep every layer's keys and values, to use the (single-sequence) batch as a [`Prefix`] later.
     pub keep_kv: bool,
-    /// Read the o_proj input of every layer at one position per sequence.
+    /// Read the o_proj input of every layer at these tokens, each given as `row * t + position`.
     pub capture_at: Option<&'a [usize]>,
     pub shift: Option<&'a Shift>,
     /// Compute logits over the vocabulary for every position. Without them the pass stops after the last
@@ -218,27 +265,31 @@ impl Llama {
     fn context(&self, batch: &Batch, request: &Request) -> Result<Context> {
         let (b, t) = batch.ids.dims2()?;
         let c = &self.config;
-        if let Some(positions) = request.capture_at {
-            if positions.len() != b || positions.iter().zip(&batch.lengths).any(|(p, n)| p >= n) {
+        if let Some(tokens) = request.capture_at {
+            if tokens.iter().any(|&i| i >= b * t || i % t >= batch.lengths[i / t]) {
                 return Err(BakeError::Invalid("capture positions must lie inside each prompt".into()));
             }
         }
         let past = request.prefix.map_or(0, |p| p.len);
-        if request.keep_kv && (b != 1 || past != 0) {
+        if request.keep_kv && (b != 1 || past != 0 || batch.parents.is_some()) {
             return Err(BakeError::Invalid("a prefix is built from one sequence, without a prefix of its own".into()));
         }
-        let (cos, sin) = self.rotary_tables(past, t)?;
+        let from_position = request.shift.and_then(|s| s.from_position.as_ref());
+        let (positions, mask): (Vec<usize>, Tensor) = match &batch.parents {
+            None => ((past..past + t).collect(), attention_mask(&batch.lengths, past, t, &self.device)?),
+            Some(_) if past > 0 || from_position.is_some() => {
+                return Err(BakeError::Invalid("a prefix-tree batch takes neither a prefix nor a shift start".into()));
+            }
+            Some(parents) => (tree_depths(parents), tree_mask(parents, &self.device)?),
+        };
+        let (cos, sin) = self.rotary_tables(&positions)?;
         // Expanded over the heads once, so each layer's addition is a plain elementwise one.
-        let mask = attention_mask(&batch.lengths, past, t, &self.device)?.broadcast_as((b, c.num_heads, t, past + t))?.contiguous()?;
+        let mask = mask.broadcast_as((b, c.num_heads, t, past + t))?.contiguous()?;
         let capture_rows = match request.capture_at {
-            Some(p) => Some(Tensor::from_vec(
-                p.iter().enumerate().map(|(i, &pos)| (i * t + pos) as u32).collect::<Vec<_>>(),
-                b,
-                &self.device,
-            )?),
+            Some(tokens) => Some(Tensor::from_vec(tokens.iter().map(|&i| i as u32).collect::<Vec<_>>(), tokens.len(), &self.device)?),
             None => None,
         };
-        let shift_mask = match request.shift.and_then(|s| s.from_position.as_ref()) {
+        let shift_mask = match from_position {
             Some(from) => Some(position_mask(from, t, &self.device)?),
             None => None,
         };
@@ -284,12 +335,12 @@ impl Llama {
         config: ModelConfig,
         checkpoint: &Checkpoint,
         device: &Device,
-        batches: &[(Batch, Vec<usize>)],
+        batches: &[(&Batch, &[usize])],
         mut sink: impl FnMut(usize, usize, Tensor) -> Result<()>,
         mut layer_done: impl FnMut(usize),
     ) -> Result<()> {
         let mut shell = Self::load_shell(config, checkpoint, device)?;
-        let mut hidden: Vec<Tensor> = batches.iter().map(|(batch, _)| shell.embed(batch)).collect::<Result<_>>()?;
+        let mut hidden: Vec<Tensor> = batches.iter().map(|&(batch, _)| shell.embed(batch)).collect::<Result<_>>()?;
         // The pass ends at the last layer's attention: the embeddings and the head are not needed again.
         shell.embed_tokens = Tensor::zeros(0, DType::F32, device)?;
         shell.lm_head = shell.embed_tokens.clone();
@@ -297,7 +348,7 @@ impl Llama {
         let layers = shell.config.num_layers;
         for l in 0..layers {
             let layer = Layer::load(&shell.config, checkpoint, l, device)?;
-            for (i, ((batch, at), x)) in batches.iter().zip(hidden.iter_mut()).enumerate() {
+            for (i, (&(batch, at), x)) in batches.iter().zip(hidden.iter_mut()).enumerate() {
                 let request = Request { capture_at: Some(at), ..Default::default() };
                 // Rebuilt per layer: keeping every batch's head-expanded mask would cost more memory than
                 // its hidden states, and building it is small next to the layer's products.
@@ -328,17 +379,18 @@ impl Llama {
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             Ok(proj.forward(x)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = candle_nn::rotary_emb::rope(&heads(&layer.q_proj, c.num_heads)?, cos, sin)?;
+        // Scaled here, on [t, head_dim] per head, rather than on the [t, past + t] scores.
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let q = (candle_nn::rotary_emb::rope(&heads(&layer.q_proj, c.num_heads)?, cos, sin)? * scale)?;
         let k = candle_nn::rotary_emb::rope(&heads(&layer.k_proj, c.num_kv_heads)?, cos, sin)?;
         let v = heads(&layer.v_proj, c.num_kv_heads)?;
         let group = c.num_heads / c.num_kv_heads;
         let own_k = candle_transformers::utils::repeat_kv(k.clone(), group)?.contiguous()?;
         let own_v = candle_transformers::utils::repeat_kv(v.clone(), group)?.contiguous()?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
         let own_scores = q.matmul(&own_k.t()?)?;
         let out = match past {
             None => {
-                let weights = candle_nn::ops::softmax_last_dim(&(own_scores * scale)?.broadcast_add(mask)?)?;
+                let weights = candle_nn::ops::softmax_last_dim(&own_scores.broadcast_add(mask)?)?;
                 weights.matmul(&own_v)?
             }
             Some((keys_t, values)) => {
@@ -347,7 +399,7 @@ impl Llama {
                 let p = keys_t.dim(2)?;
                 let by_head = q.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, c.head_dim))?;
                 let prefix_scores = by_head.matmul(keys_t)?.reshape((c.num_heads, b, t, p))?.transpose(0, 1)?.contiguous()?;
-                let scores = (Tensor::cat(&[&prefix_scores, &own_scores], 3)? * scale)?.broadcast_add(mask)?;
+                let scores = Tensor::cat(&[&prefix_scores, &own_scores], 3)?.broadcast_add(mask)?;
                 let weights = candle_nn::ops::softmax_last_dim(&scores)?;
                 let prefix_weights = weights.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, p))?;
                 let from_prefix = prefix_weights.matmul(values)?.reshape((c.num_heads, b, t, c.head_dim))?.transpose(0, 1)?;
@@ -357,14 +409,14 @@ impl Llama {
         Ok((out.transpose(1, 2)?.reshape((b, t, c.attn_width()))?, k, v))
     }
 
-    /// cos and sin of the rotary angles for positions `start..start + t`.
-    fn rotary_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin of the rotary angles at each token's position, `[t, head_dim / 2]`.
+    fn rotary_tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut angles = Vec::with_capacity(t * half);
-        for pos in start..start + t {
+        let mut angles = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
             angles.extend(self.inv_freq.iter().map(|f| pos as f32 * f));
         }
-        let angles = Tensor::from_vec(angles, (t, half), &self.device)?;
+        let angles = Tensor::from_vec(angles, (positions.len(), half), &self.device)?;
         Ok((angles.cos()?, angles.sin()?))
     }
 }
@@ -412,6 +464,30 @@ fn attention_mask(lengths: &[usize], past: usize, t: usize, device: &Device) -> 
         }
     }
     Ok(Tensor::from_vec(mask, (lengths.len(), 1, t, past + t), device)?)
+}
+
+/// Each token's position in its sequences: its depth in the tree (parents come before their children).
+fn tree_depths(parents: &[Option<usize>]) -> Vec<usize> {
+    let mut depths: Vec<usize> = Vec::with_capacity(parents.len());
+    for parent in parents {
+        let depth = parent.map_or(0, |p| depths[p] + 1);
+        depths.push(depth);
+    }
+    depths
+}
+
+/// `[1, 1, t, t]`: 0 where token i may attend token j (j is i or one of its ancestors), −∞ elsewhere.
+fn tree_mask(parents: &[Option<usize>], device: &Device) -> Result<Tensor> {
+    let t = parents.len();
+    let mut mask = vec![f32::NEG_INFINITY; t * t];
+    for i in 0..t {
+        let mut node = Some(i);
+        while let Some(j) = node {
+            mask[i * t + j] = 0.0;
+            node = parents[j];
+        }
+    }
+    Ok(Tensor::from_vec(mask, (1, 1, t, t), device)?)
 }
 
 /// `[b, t, 1]`: 1 from each sequence's start position on, 0 before.

@@ -3,12 +3,14 @@
 use serde::Serialize;
 
 use super::ModelFiles;
+use crate::activations::plan::PassShape;
 use crate::model::config::StoredDtype;
 
 /// Number of prompts the TruthfulQA recipe runs (5882 probe + 5918 tuning prompts).
 pub const TRUTHFULQA_PROMPTS: u64 = 11_800;
-/// Their tokens in all, as the SmolLM2 tokenizer counts them (403k; LLaMA tokenizers give about as many).
-pub const TRUTHFULQA_TOKENS: u64 = 403_000;
+/// The shipped recipe's activation pass as `bake --dry-run` reports it for SmolLM2 (LLaMA tokenizers give
+/// about as many tokens): 403k prompt tokens, 152k after prefix sharing in batches of 32.
+const TRUTHFULQA_PASS: PassShape = PassShape { prompts: TRUTHFULQA_PROMPTS as usize, tokens: 151_805, longest_batch: 813, attention_pairs: 65_147_029 };
 
 #[derive(Debug, Serialize)]
 pub struct FileSummary {
@@ -54,8 +56,10 @@ pub struct Inspection {
 }
 
 pub fn inspect(model: &ModelFiles) -> Inspection {
-    let activation_plan = crate::activations::plan::plan(model, TRUTHFULQA_PROMPTS as usize, TRUTHFULQA_TOKENS as usize, None)
-        .expect("without a budget a plan always exists");
+    // On the CPU: `inspect` has no recipe naming a device.
+    let rate = crate::activations::plan::measure_matmul_rate(&model.config, &candle_core::Device::Cpu).ok();
+    let activation_plan =
+        crate::activations::plan::plan(model, &TRUTHFULQA_PASS, rate, None).expect("without a budget a plan always exists");
     let c = &model.config;
     let ck = &model.checkpoint;
     let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();
