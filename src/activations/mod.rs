@@ -69,7 +69,7 @@ impl PackedPrompts {
         let batches = order
             .chunks(batch_size.max(1))
             .map(|chunk| {
-                let sequences: Vec<Vec<u32>> = chunk.iter().map(|&i| tokens[i].clone()).collect();
+                let sequences: Vec<&[u32]> = chunk.iter().map(|&i| tokens[i].as_slice()).collect();
                 let (batch, last) = Batch::prefix_tree(&sequences, device)?;
                 Ok(PackedBatch { prompts: chunk.to_vec(), last, batch })
             })

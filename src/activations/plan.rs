@@ -73,6 +73,7 @@ pub fn plan(model: &ModelFiles, pass: &PassShape, matmul_gflops: Option<f64>, bu
     let resident = (parameters * 4 + stored + captured + batch_scratch + OVERHEAD_BYTES).max(write_step);
     let streamed = (embeddings_f32.max(largest_layer_f32 + largest_layer_stored) + hidden_state_bytes + captured + batch_scratch + OVERHEAD_BYTES)
         .max(write_step);
+    let flops = pass_flops(c, pass);
     let mode = match budget {
         None => Mode::Resident,
         Some(b) if resident <= b => Mode::Resident,
@@ -96,9 +97,9 @@ pub fn plan(model: &ModelFiles, pass: &PassShape, matmul_gflops: Option<f64>, bu
         hidden_state_bytes,
         budget_bytes: budget,
         pass: *pass,
-        flops: pass_flops(c, pass),
+        flops,
         matmul_gflops,
-        estimated_seconds: matmul_gflops.map(|rate| pass_flops(c, pass) / (rate * 1e9)),
+        estimated_seconds: matmul_gflops.map(|rate| flops / (rate * 1e9)),
     })
 }
 

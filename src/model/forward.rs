@@ -1,8 +1,9 @@
 //! The LLaMA forward pass, written for what ITI needs: read the input of every layer's `self_attn.o_proj` at
 //! chosen positions, add a per-layer vector there, and stop as soon as nothing more is needed.
 //!
-//! Batches are right-padded. With a causal mask a real token never attends to a later position, so padding
-//! at the end cannot change any real token's result; the key-padding mask only keeps the padded rows finite.
+//! Batches are right-padded rows or one prefix-tree row ([`Batch::prefix_tree`]). With a causal mask a real
+//! token never attends to a later position, so padding at the end cannot change any real token's result; the
+//! key-padding mask only keeps the padded rows finite. In a tree, a token attends only to its ancestors.
 
 use std::collections::HashMap;
 
@@ -65,14 +66,14 @@ impl Batch {
     /// and computed, once. Each token keeps its position in the sequences that hold it and attends to its
     /// ancestors only, so every sequence's tokens see exactly what they would see alone; no padding either.
     /// Returns the batch and, per sequence, the index of its last token in the row.
-    pub fn prefix_tree(sequences: &[Vec<u32>], device: &Device) -> Result<(Self, Vec<usize>)> {
+    pub fn prefix_tree<S: AsRef<[u32]>>(sequences: &[S], device: &Device) -> Result<(Self, Vec<usize>)> {
         let mut ids = Vec::new();
         let mut parents = Vec::new();
         let mut nodes: HashMap<(Option<usize>, u32), usize> = HashMap::new();
         let mut last = Vec::with_capacity(sequences.len());
         for sequence in sequences {
             let mut node = None;
-            for &token in sequence {
+            for &token in sequence.as_ref() {
                 let next = *nodes.entry((node, token)).or_insert_with(|| {
                     ids.push(token);
                     parents.push(node);
