@@ -6,13 +6,14 @@ use std::path::PathBuf;
 /// Everything that can go wrong inside `bake`.
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. The OS error is part of the message, not a `source`, so that
+    /// error chains print it once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+
+    /// An input file is not something `bake` may read: not a regular file, or larger than such a file can be.
+    #[error("{path}: {message}")]
+    Input { path: PathBuf, message: String },
 
     /// A JSON or YAML file is not well-formed or does not have the expected structure.
     #[error("{path}: {message}")]
@@ -54,16 +55,26 @@ pub enum BakeError {
     #[error("{path}: {message}")]
     Output { path: PathBuf, message: String },
 
+    /// A computation produced a value that is not finite (NaN or infinite); the message names where.
+    #[error("{0}")]
+    NotFinite(String),
+
     /// A tensor computation failed. This is a bug or an out-of-memory condition, not bad input.
     #[error("tensor computation: {0}")]
-    Compute(#[from] candle_core::Error),
+    Compute(candle_core::Error),
+}
+
+impl From<candle_core::Error> for BakeError {
+    fn from(error: candle_core::Error) -> Self {
+        BakeError::Compute(error)
+    }
 }
 
 pub type Result<T, E = BakeError> = std::result::Result<T, E>;
 
 impl BakeError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        BakeError::Io { path: path.into(), source }
+        BakeError::Io { path: path.into(), error: source }
     }
 
     pub fn parse(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
@@ -87,5 +98,65 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|source| BakeError::io(path, source))
+    }
+}
+
+/// An error and its causes on one line, each cause once: libraries often repeat their source's message (or
+/// a URL) in their own, which reads as "X (U) (U): X".
+pub fn describe_chain(error: &dyn std::error::Error) -> String {
+    let mut message = collapse_repeated_groups(&error.to_string());
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = collapse_repeated_groups(&cause.to_string());
+        if !text.is_empty() && !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// `a (x) (x)` → `a (x)`.
+fn collapse_repeated_groups(text: &str) -> String {
+    let mut out = text.to_string();
+    let mut search_from = 0;
+    while let Some(open) = out[search_from..].find('(').map(|i| i + search_from) {
+        let Some(close) = out[open..].find(')').map(|i| i + open) else { break };
+        let group = out[open..=close].to_string();
+        let repeat = format!(" {group}");
+        while out[close + 1..].starts_with(&repeat) {
+            out.replace_range(close + 1..close + 1 + repeat.len(), "");
+        }
+        search_from = close + 1;
+    }
+    out
+}
+
+/// User input quoted in a message, cut to `max` characters: a 100 KB argument must not flood the terminal.
+pub fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}… ({} characters)", &text[..cut], text.chars().count()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_groups_and_causes_print_once() {
+        assert_eq!(collapse_repeated_groups("error sending request for url (http://h/x) (http://h/x)"), "error sending request for url (http://h/x)");
+        let io = std::io::Error::other("connection refused");
+        let outer = BakeError::Hub(format!("a: {io}"));
+        assert_eq!(describe_chain(&outer), "Hugging Face Hub: a: connection refused");
+    }
+
+    #[test]
+    fn long_input_is_shortened() {
+        let long = "x".repeat(100_000);
+        let short = shorten(&long, 50);
+        assert!(short.len() < 80 && short.contains("100000 characters"), "{short}");
+        assert_eq!(shorten("abc", 50), "abc");
     }
 }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod hub;
+pub mod io;
 pub mod model;
 pub mod pipeline;
 pub mod probes;
@@ -24,6 +25,7 @@ pub mod progress;
 pub mod recipe;
 pub mod rng;
 pub mod surgery;
+pub mod units;
 pub mod verify;
 
 pub use error::{BakeError, Result};

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bake::model::{inspect, resolve::ALIASES, ModelFiles};
-use bake::pipeline::{self, ProbeOptions};
+use bake::pipeline::{self, OutputKind, ProbeOptions};
 use bake::progress::Progress;
 use bake::recipe::{DirectionKind, Overrides, Recipe};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -34,32 +34,31 @@ struct BakeArgs {
     /// Output folder for the baked checkpoint (written atomically).
     #[arg(long, short)]
     out: PathBuf,
-    /// Replace an existing output folder.
+    /// Replace an existing output folder, if bake wrote it (a folder bake did not write is never replaced).
     #[arg(long)]
     force: bool,
     /// Show the execution plan of the activation pass (mode, peak host memory, bytes read) and stop.
     #[arg(long)]
     dry_run: bool,
-    /// Largest safetensors shard, in bytes (suffixes KB, MB, GB).
-    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    /// Largest safetensors shard (KB/MB/GB: powers of 1000, as Hugging Face; KiB/MiB/GiB: powers of 1024).
+    #[arg(long, default_value = "5GB", value_parser = parse_shard_size, allow_hyphen_values = true)]
     max_shard_size: u64,
 }
 
-fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let upper = text.trim().to_ascii_uppercase();
-    let (number, unit) = match upper.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => upper.split_at(i),
-        None => (upper.as_str(), ""),
-    };
-    let scale = match unit.trim_end_matches("IB").trim_end_matches('B') {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        _ => return Err(format!("`{text}`: expected a size like 5GB, 500MB or 1048576")),
-    };
-    let n: f64 = number.trim().parse().map_err(|_| format!("`{text}`: expected a size like 5GB, 500MB or 1048576"))?;
-    Ok((n * scale as f64) as u64)
+/// `--max-shard-size`: at least 1 MB, or a model would be written as one file per tensor.
+fn parse_shard_size(text: &str) -> std::result::Result<u64, String> {
+    match bake::units::parse_size(text)? {
+        n if n < 1_000_000 => Err(format!("`{text}`: expected at least 1MB (smaller shards would hold one tensor each)")),
+        n => Ok(n),
+    }
+}
+
+/// `--max-memory`: more than nothing.
+fn parse_memory_size(text: &str) -> std::result::Result<u64, String> {
+    match bake::units::parse_size(text)? {
+        0 => Err(format!("`{text}`: expected more than 0 bytes")),
+        n => Ok(n),
+    }
 }
 
 #[derive(Subcommand)]
@@ -184,7 +183,7 @@ struct RecipeArgs {
     #[arg(long, short)]
     recipe: Option<PathBuf>,
     /// Shift strength α (overrides the recipe).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     alpha: Option<f64>,
     /// Number of heads K (overrides the recipe).
     #[arg(long)]
@@ -210,9 +209,9 @@ struct RecipeArgs {
     /// Do not read or write the activation cache ($BAKE_CACHE_DIR, default ~/.cache/bake/activations).
     #[arg(long)]
     no_cache: bool,
-    /// Host memory budget (e.g. 8GB): the activation pass runs layer by layer when the whole model would not
-    /// fit (see `bake --dry-run`).
-    #[arg(long, value_parser = parse_size)]
+    /// Host memory budget (e.g. 8GB = 8·10⁹ bytes, 8GiB = 8·2³⁰): the activation pass runs layer by layer
+    /// when the whole model would not fit (see `bake --dry-run`).
+    #[arg(long, value_parser = parse_memory_size, allow_hyphen_values = true)]
     max_memory: Option<u64>,
     /// Text corpus for CE and KL in `bake eval` (.jsonl with a `text` field, or plain text).
     #[arg(long)]
@@ -230,9 +229,12 @@ enum Direction {
 struct ProbeArgs {
     #[command(flatten)]
     recipe: RecipeArgs,
-    /// Folder for report.json and heatmap.png (created if missing).
+    /// Folder for report.json and heatmap.png (created if missing; written atomically).
     #[arg(long, short)]
     out: PathBuf,
+    /// Replace an existing report folder, if bake wrote it.
+    #[arg(long)]
+    force: bool,
 }
 
 impl RecipeArgs {
@@ -255,8 +257,7 @@ impl RecipeArgs {
                 Direction::Random => DirectionKind::Random,
             }),
             corpus: self.corpus.clone(),
-        });
-        recipe.validate(self.recipe.as_deref().unwrap_or(std::path::Path::new("recipes/truthfulqa.yaml")))?;
+        })?;
         Ok(recipe)
     }
 
@@ -402,12 +403,22 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
 fn run_probe(args: &ProbeArgs) -> Result<()> {
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
-    let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &Bars::new())?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    pipeline::write_probe_outputs(&outcome.report, &args.out)?;
+    let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Probe)?.stage()?;
+    let bars = Bars::new();
+    staging.notes.iter().for_each(|n| bars.note(n));
+    let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
+    let published = pipeline::publish_probe_outputs(&outcome.report, staging)?;
     print_heads(&outcome);
+    note_leftover(&published, &bars);
     eprintln!("bake: wrote {}", args.out.join("report.json").display());
     Ok(())
+}
+
+/// A replaced folder that could not be removed is worth saying, not failing for: the new output is in place.
+fn note_leftover(published: &bake::io::output::Published, progress: &dyn Progress) {
+    if let Some((path, why)) = &published.leftover {
+        progress.note(&format!("warning: the replaced folder is left at {} ({why}); remove it when convenient", path.display()));
+    }
 }
 
 fn print_heads(outcome: &pipeline::ProbeOutcome) {
@@ -426,23 +437,26 @@ fn run_bake(args: &BakeArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
+    let target = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Bake)?;
     if args.dry_run {
         let plan = pipeline::plan_run(&model, &recipe, args.recipe.max_memory)?;
         println!("activation pass: {}", plan.describe());
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
     }
-    bake::export::baked::check_output(&args.out, &model.location.dir, args.force)?;
+    let staging = target.stage()?;
     let bars = Bars::new();
+    staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
     let write_started = std::time::Instant::now();
     let mut log = String::new();
     for (stage, seconds) in outcome.report.timings.iter().flatten() {
         log.push_str(&format!("{stage}: {seconds:.2} s\n"));
     }
-    let options = bake::export::baked::BakeOptions { out: args.out.clone(), force: args.force, max_shard_bytes: args.max_shard_size };
-    let written = bake::export::baked::write_baked(&model, &recipe, &outcome, &options, &log, &bars)?;
+    let options = bake::export::baked::BakeOptions { max_shard_bytes: args.max_shard_size };
+    let (written, published) = bake::export::baked::write_baked(&model, &recipe, &outcome, staging, &options, &log, &bars)?;
     print_heads(&outcome);
+    note_leftover(&published, &bars);
     let bytes: u64 = written.iter().map(|f| f.bytes).sum();
     println!(
         "wrote {} ({} files, {:.1} MB) in {:.1} s; write step {:.1} s",
@@ -461,7 +475,7 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
     let progress: Box<dyn Progress> = if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new()) };
     let report = bake::verify::verify(&dir, &options, progress.as_ref())?;
     if args.json {
-        println!("{}", serde_json::json!({ "ok": report.ok(), "folder": report.folder, "checks": report.checks, "mismatches": report.mismatches }));
+        println!("{}", serde_json::json!({ "ok": report.ok(), "folder": report.folder, "scope": report.scope, "checks": report.checks, "mismatches": report.mismatches }));
     } else {
         for m in &report.mismatches {
             let tensor = m.tensor.as_deref().map(|t| format!(" tensor `{t}`:")).unwrap_or_default();
@@ -469,6 +483,14 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
         }
         let verdict = if report.ok() { "OK" } else { "FAILED" };
         println!("{verdict}: {} ({} mismatches; checks: {})", report.folder, report.mismatches.len(), report.checks.join(", "));
+        if report.scope == bake::verify::Scope::SelfConsistency {
+            println!(
+                "note: self-consistency only: the files match bake.json and the diff is consistent, but nothing was \
+                 compared with the base model, so replaced weights with updated hashes would pass. To prove the \
+                 weights are exactly base + diff: bake verify {} --base MODEL",
+                args.target
+            );
+        }
     }
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -476,6 +498,10 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
 fn run_eval(args: &EvalArgs) -> Result<()> {
     use bake::eval::{self, mc};
     let mut recipe = args.recipe.load()?;
+    if let Some(dir) = &args.card {
+        // Before the evaluation, which takes minutes: the card folder must be intact.
+        bake::verify::require_intact(dir, "put an evaluation into")?;
+    }
     if let (Some(n), Some(corpus)) = (args.documents, recipe.corpus.as_mut()) {
         corpus.documents = n;
     }
@@ -519,7 +545,8 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
             env!("CARGO_PKG_VERSION"),
             eval::markdown_table(&report)
         );
-        bake::export::card::put_evaluation(dir, &section)?;
+        let published = bake::eval::card::put_evaluation(dir, &section)?;
+        note_leftover(&published, &bars);
         eprintln!("bake: wrote the table into {}", dir.join("README.md").display());
     }
     if args.json {

@@ -10,6 +10,7 @@ use crate::activations::plan::{Mode, Plan};
 use crate::activations::{self, cache, Activations, PackedPrompts};
 use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
 use crate::error::Result;
+use crate::io::output::{self, Ownership, Protected, Published, Request, Staging, Target};
 use crate::model::{pick_device, ModelFiles};
 use crate::probes::report::ProbeReport;
 use crate::probes::{self, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Split};
@@ -46,9 +47,12 @@ pub fn run_probe(model: &ModelFiles, recipe: &Recipe, options: &ProbeOptions, pr
     let c = &model.config;
     let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
     probes::check_head_count(recipe.heads, layout.layers * layout.heads)?;
+    // Before anything else: a cached run never touches the device, and must not record a bogus one.
+    pick_device(&recipe.device)?;
 
     progress.stage("data");
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
+    probes::check_question_count(dataset.questions.len(), recipe.validation_ratio, "a bake")?;
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
     progress.stage("hashing model files");
     let model_hashes = model.input_hashes()?;
@@ -122,7 +126,7 @@ pub fn fit_shifts(recipe: &Recipe, fit: &Fit) -> Result<Fitted> {
             seed: recipe.seed,
         },
         &chosen,
-    );
+    )?;
     let deltas = probes::per_layer_deltas(&shifts, fit.layout);
     Ok(Fitted { probes: trained, chosen, shifts, deltas })
 }
@@ -152,10 +156,18 @@ pub fn activations_for(
     .digest();
     let cache_path = options.cache_dir.as_deref().map(|d| cache::path_for(d, &key));
     if let Some(path) = &cache_path {
-        if let Some(mut sets) = cache::load(path, &["probe", "tuning"])? {
-            progress.note(&format!("activations: reused {}", path.display()));
-            let tuning = sets.pop().expect("two sets");
-            return Ok((sets.pop().expect("two sets"), tuning, true));
+        // The cache only saves time: an unreadable entry is recomputed, never fatal.
+        match cache::load(path, &["probe", "tuning"]) {
+            Ok(Some(mut sets)) => {
+                progress.note(&format!("activations: reused {}", path.display()));
+                let tuning = sets.pop().expect("two sets");
+                let probe = sets.pop().expect("two sets");
+                check_finite(&probe, &texts, model.config.head_dim)?;
+                check_finite(&tuning, &texts[prompts.probe.len()..], model.config.head_dim)?;
+                return Ok((probe, tuning, true));
+            }
+            Ok(None) => {}
+            Err(e) => progress.note(&format!("warning: activation cache not used: {e}")),
         }
     }
     let device = pick_device(&recipe.device)?;
@@ -167,9 +179,12 @@ pub fn activations_for(
         Mode::Resident => activations::capture_last_token(&model.load(&device)?, &packed, progress)?,
         Mode::Streamed => activations::capture_last_token_streamed(model, &device, &packed, progress)?,
     };
+    check_finite(&acts, &texts, model.config.head_dim)?;
     let (probe, tuning) = split_rows(acts, prompts.probe.len());
     if let Some(path) = &cache_path {
-        cache::store(path, &[("probe", &probe), ("tuning", &tuning)], &key)?;
+        if let Err(e) = cache::store(path, &[("probe", &probe), ("tuning", &tuning)], &key) {
+            progress.note(&format!("warning: activations not cached: {e}"));
+        }
     }
     Ok((probe, tuning, false))
 }
@@ -190,6 +205,17 @@ fn plan_for(model: &ModelFiles, packed: &PackedPrompts, device: &Device, budget:
     activations::plan::plan(model, &packed.shape(), Some(rate), budget)
 }
 
+/// A NaN or infinity in the activations would silently become NaN biases: name where it first appears.
+fn check_finite(acts: &Activations, texts: &[&str], head_dim: usize) -> Result<()> {
+    let Some((row, layer, index, value)) = acts.first_non_finite() else { return Ok(()) };
+    let text: String = texts.get(row).map(|t| t.chars().take(80).collect()).unwrap_or_default();
+    Err(crate::BakeError::NotFinite(format!(
+        "the activation pass produced {value} at layer {layer}, head {} for prompt {row} (`{text}`): the model's \
+         weights or config.json hold a non-finite or extreme value",
+        index / head_dim
+    )))
+}
+
 fn split_rows(acts: Activations, first: usize) -> (Activations, Activations) {
     let per_row = acts.layers * acts.width;
     let mut data = acts.data;
@@ -200,8 +226,41 @@ fn split_rows(acts: Activations, first: usize) -> (Activations, Activations) {
     )
 }
 
+/// The files `bake probe` writes; a folder holding nothing else is one `--force` may replace.
+pub const PROBE_FILES: &[&str] = &["report.json", "heatmap.png"];
+
 /// Writes `report.json` and `heatmap.png` into `dir`.
 pub fn write_probe_outputs(report: &ProbeReport, dir: &Path) -> Result<()> {
-    report.write_json(&dir.join("report.json"))?;
-    report.write_heatmap(&dir.join("heatmap.png"))
+    report.write_json(&dir.join(PROBE_FILES[0]))?;
+    report.write_heatmap(&dir.join(PROBE_FILES[1]))
+}
+
+/// Which existing folders an output of this kind may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// A baked checkpoint (`bake run`).
+    Bake,
+    /// A probe report (`bake probe`).
+    Probe,
+}
+
+/// Checks an output folder before any work: never the model's or the dataset's folder, nor anything that
+/// holds them, and an existing folder only when bake wrote it (see [`crate::io::output`]).
+pub fn check_output(out: &Path, force: bool, model: &ModelFiles, recipe: &Recipe, kind: OutputKind) -> Result<Target> {
+    let mut protected = vec![Protected { path: &model.location.dir, what: "the model folder", refuse_inside: true }];
+    let dataset = Path::new(&recipe.dataset.source);
+    if dataset.is_dir() {
+        protected.push(Protected { path: dataset, what: "the dataset folder", refuse_inside: false });
+    }
+    let ownership = match kind {
+        OutputKind::Bake => Ownership::Manifest,
+        OutputKind::Probe => Ownership::OnlyFiles(PROBE_FILES),
+    };
+    output::check(&Request { out, force, protected, ownership })
+}
+
+/// Writes a probe report into `staging` and publishes it.
+pub fn publish_probe_outputs(report: &ProbeReport, staging: Staging) -> Result<Published> {
+    write_probe_outputs(report, staging.path())?;
+    staging.commit()
 }

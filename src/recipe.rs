@@ -5,11 +5,19 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{BakeError, IoContext, Result};
+use crate::error::{BakeError, Result};
 pub use crate::eval::corpus::CorpusSpec;
 
 /// `recipes/truthfulqa.yaml`, built in: the recipe used when none is given.
 pub const SHIPPED: &str = include_str!("../recipes/truthfulqa.yaml");
+/// How errors name the built-in recipe.
+pub const SHIPPED_NAME: &str = "the built-in recipe (recipes/truthfulqa.yaml)";
+
+const PROBE_PLACEHOLDERS: [&str; 2] = ["{question}", "{answer}"];
+const TUNING_PLACEHOLDERS: [&str; 3] = ["{question}", "{answer}", "{other_question}"];
+/// Deeper nesting is refused before parsing (a recipe needs 2 levels; YAML parsing of pathological nesting
+/// is slow).
+const MAX_NESTING: usize = 16;
 
 /// How the truthful direction of a head is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,7 +100,7 @@ pub struct Overrides {
 impl Recipe {
     /// Reads a recipe file. A relative corpus path is taken relative to the recipe's folder.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).at(path)?;
+        let text = crate::io::fs::read_text(path, crate::io::fs::limits::RECIPE)?;
         let mut recipe = Self::parse(path, &text)?;
         if let (Some(corpus), Some(dir)) = (&mut recipe.corpus, path.parent()) {
             if corpus.path.is_relative() {
@@ -104,57 +112,88 @@ impl Recipe {
 
     /// The built-in `recipes/truthfulqa.yaml`.
     pub fn shipped() -> Self {
-        Self::parse(Path::new("recipes/truthfulqa.yaml"), SHIPPED).expect("the shipped recipe is valid")
+        Self::parse(Path::new(SHIPPED_NAME), SHIPPED).expect("the shipped recipe is valid")
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        if let Some((line, depth)) = deepest_nesting(text).filter(|&(_, depth)| depth > MAX_NESTING) {
+            return Err(BakeError::parse(
+                path,
+                format!("line {line}: nested {depth} levels deep; a recipe nests at most {MAX_NESTING} (the shipped one: 2)"),
+            ));
+        }
         let recipe: Recipe = serde_yaml::from_str(text).map_err(|e| {
-            let at = e.location().map(|l| format!("line {}, column {}: ", l.line(), l.column())).unwrap_or_default();
-            BakeError::parse(path, format!("{at}{e}"))
+            let at = match (duplicate_key_line(text, &e), e.location()) {
+                (Some(line), _) => format!("line {line}: "),
+                (None, Some(l)) => format!("line {}, column {}: ", l.line(), l.column()),
+                (None, None) => String::new(),
+            };
+            BakeError::parse(path, format!("{at}{}", without_location(&e)))
         })?;
         recipe.validate(path)?;
         Ok(recipe)
     }
 
-    pub fn apply(&mut self, o: &Overrides) {
-        if let Some(v) = o.alpha { self.alpha = v }
-        if let Some(v) = o.heads { self.heads = v }
-        if let Some(v) = o.seed { self.seed = v }
-        if let Some(v) = &o.dataset { self.dataset.source = v.clone() }
-        if let Some(v) = o.limit { self.limit = Some(v) }
-        if let Some(v) = o.batch_size { self.batch_size = v }
-        if let Some(v) = &o.device { self.device = v.clone() }
-        if let Some(v) = o.direction { self.direction = v }
+    /// Applies command-line values; each is checked as its recipe field is, and an error names the flag.
+    pub fn apply(&mut self, o: &Overrides) -> Result<()> {
+        let flag = |name: &str, value: &dyn std::fmt::Display, check: std::result::Result<(), String>| {
+            check.map_err(|expected| BakeError::Invalid(format!("--{name} {value}: expected {expected}")))
+        };
+        if let Some(v) = o.alpha {
+            flag("alpha", &v, ranges::alpha(v))?;
+            self.alpha = v;
+        }
+        if let Some(v) = o.heads {
+            flag("heads", &v, ranges::at_least_one(v))?;
+            self.heads = v;
+        }
+        if let Some(v) = o.seed {
+            self.seed = v;
+        }
+        if let Some(v) = &o.dataset {
+            self.dataset.source = v.clone();
+        }
+        if let Some(v) = o.limit {
+            flag("limit", &v, ranges::at_least_one(v))?;
+            self.limit = Some(v);
+        }
+        if let Some(v) = o.batch_size {
+            flag("batch-size", &v, ranges::at_least_one(v))?;
+            self.batch_size = v;
+        }
+        if let Some(v) = &o.device {
+            flag("device", v, ranges::device(v))?;
+            self.device = v.clone();
+        }
+        if let Some(v) = o.direction {
+            self.direction = v;
+        }
         if let Some(v) = &o.corpus {
             self.corpus.get_or_insert_with(|| CorpusSpec::new(v.clone())).path = v.clone();
         }
+        Ok(())
     }
 
     /// Checks the ranges that types cannot express. `path` names the recipe in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |field: &str, expected: &str| Err(BakeError::field(path, field, expected.to_string()));
-        if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
-            return bad("alpha", &format!("a number ≥ 0, found {}", self.alpha));
-        }
-        if self.heads == 0 {
-            return bad("heads", "at least 1");
-        }
+        let field = |name: &str, check: std::result::Result<(), String>| {
+            check.map_err(|expected| BakeError::field(path, name, format!("expected {expected}")))
+        };
+        field("alpha", ranges::alpha(self.alpha))?;
+        field("heads", ranges::at_least_one(self.heads))?;
         if !(self.validation_ratio > 0.0 && self.validation_ratio < 1.0) {
-            return bad("validation_ratio", &format!("between 0 and 1 (exclusive), found {}", self.validation_ratio));
+            return field("validation_ratio", Err(format!("a number between 0 and 1 (exclusive), found {}", self.validation_ratio)));
         }
-        if self.batch_size == 0 {
-            return bad("batch_size", "at least 1");
+        field("batch_size", ranges::at_least_one(self.batch_size))?;
+        if let Some(limit) = self.limit {
+            field("limit", ranges::at_least_one(limit).map_err(|e| format!("{e}, or null for all")))?;
         }
-        if self.limit == Some(0) {
-            return bad("limit", "at least 1 question, or null for all");
-        }
-        for (field, template, keys) in [
-            ("prompts.probe", &self.prompts.probe, &["{question}", "{answer}"][..]),
-            ("prompts.tuning", &self.prompts.tuning, &["{question}", "{answer}", "{other_question}"][..]),
+        field("device", ranges::device(&self.device))?;
+        for (name, template, keys) in [
+            ("prompts.probe", &self.prompts.probe, &PROBE_PLACEHOLDERS[..]),
+            ("prompts.tuning", &self.prompts.tuning, &TUNING_PLACEHOLDERS[..]),
         ] {
-            if let Some(missing) = keys.iter().find(|k| !template.contains(*k)) {
-                return bad(field, &format!("a template containing {missing}"));
-            }
+            field(name, check_template(template, keys))?;
         }
         Ok(())
     }
@@ -165,6 +204,118 @@ impl Recipe {
         let json = serde_json::to_vec(self).expect("recipe serializes");
         crate::export::shards::hex(&Sha256::digest(json))
     }
+}
+
+/// Range checks shared by recipe fields and the flags that override them; `Err` says what was expected.
+mod ranges {
+    pub fn alpha(v: f64) -> Result<(), String> {
+        if v >= 0.0 && v.is_finite() {
+            Ok(())
+        } else {
+            Err(format!("a finite number ≥ 0, found {v}"))
+        }
+    }
+
+    pub fn at_least_one(v: usize) -> Result<(), String> {
+        if v >= 1 {
+            Ok(())
+        } else {
+            Err("at least 1".into())
+        }
+    }
+
+    pub fn device(v: &str) -> Result<(), String> {
+        let cuda_index = v.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok());
+        if matches!(v, "cpu" | "cuda" | "auto") || cuda_index == Some(true) {
+            Ok(())
+        } else {
+            Err(format!("cpu, cuda, cuda:N or auto, found `{v}`"))
+        }
+    }
+}
+
+/// Every `{name}` of a template must be one of `known`, and each of `known` must appear.
+fn check_template(template: &str, known: &[&str]) -> std::result::Result<(), String> {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let name_len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+        if name_len > 0 && after[name_len..].starts_with('}') {
+            let placeholder = &rest[open..open + name_len + 2];
+            if !known.contains(&placeholder) {
+                return Err(format!("only the placeholders {} ; `{placeholder}` is unknown", known.join(", ")));
+            }
+        }
+        rest = after;
+    }
+    match known.iter().find(|k| !template.contains(*k)) {
+        Some(missing) => Err(format!("a template containing {missing}")),
+        None => Ok(()),
+    }
+}
+
+/// The line and depth of the deepest nesting: indentation levels of block collections plus brackets of
+/// flow collections (quoted text and comments aside). An estimate that never undercounts real nesting.
+fn deepest_nesting(text: &str) -> Option<(usize, usize)> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    let mut deepest: Option<(usize, usize)> = None;
+    for (number, line) in text.lines().enumerate() {
+        let content = line.trim_start();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if flow == 0 {
+            let indent = line.len() - content.len();
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        let mut quote: Option<char> = None;
+        for c in content.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => flow += 1,
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            let depth = indents.len() + flow;
+            if deepest.is_none_or(|(_, d)| depth > d) {
+                deepest = Some((number + 1, depth));
+            }
+        }
+    }
+    deepest
+}
+
+/// serde_yaml's message without the ` at line L column C` it appends (the location is printed first).
+fn without_location(error: &serde_yaml::Error) -> String {
+    let message = error.to_string();
+    match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(" column ") => message[..i].to_string(),
+        _ => message,
+    }
+}
+
+/// serde_yaml reports a duplicate key at the line of the mapping that holds it; the line of the second
+/// occurrence of the key is what a person needs.
+fn duplicate_key_line(text: &str, error: &serde_yaml::Error) -> Option<usize> {
+    let message = error.to_string();
+    let key = message
+        .split("duplicate field `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .or_else(|| message.split("duplicate entry with key \"").nth(1)?.split('"').next())?;
+    let from = error.location()?.line().saturating_sub(1);
+    let is_key = |line: &str| {
+        let content = line.trim_start();
+        content.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
+    };
+    text.lines().enumerate().skip(from).filter(|(_, l)| is_key(l)).nth(1).map(|(i, _)| i + 1)
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
     };
     let roomy = plan("8GB");
     assert!(roomy.status.success() && String::from_utf8_lossy(&roomy.stdout).contains("\"mode\": \"resident\""));
-    let tight = plan("330MB");
+    let tight = plan("330MiB");
     assert!(tight.status.success(), "{}", String::from_utf8_lossy(&tight.stderr));
     assert!(String::from_utf8_lossy(&tight.stdout).contains("\"mode\": \"streamed\""), "{}", String::from_utf8_lossy(&tight.stdout));
     let too_small = plan("50MB");
@@ -59,7 +59,7 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
 
     // A real bake under the tight budget streams and verifies.
     let out = tmp.path().join("baked");
-    let base = common::bake_tiny(&out, &["--limit", "5", "--heads", "4", "--max-memory", "330MB", "--no-cache"]);
+    let base = common::bake_tiny(&out, &["--limit", "5", "--heads", "4", "--max-memory", "330MiB", "--no-cache"]);
     let verify = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&out).arg("--base").arg(&base).arg("--run").output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }

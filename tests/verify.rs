@@ -62,7 +62,7 @@ fn verify_passes_a_fresh_bake_and_catches_every_one_byte_change() {
     let base = common::bake_tiny(&good, &["--limit", "20", "--heads", "4", "--max-shard-size", "4MB"]);
     let (code, report) = verify(&good, &base, &["--run"]);
     assert_eq!(code, 0, "{report}");
-    assert_eq!(report["checks"].as_array().unwrap().len(), 6);
+    assert_eq!(report["checks"].as_array().unwrap().len(), 7);
 
     let case = |name: &str| {
         let dir = root.path().join(name);

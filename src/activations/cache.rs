@@ -70,6 +70,9 @@ pub fn load(path: &Path, names: &[&str]) -> Result<Option<Vec<Activations>>> {
         let [rows, layers, width] = entry.shape[..] else {
             return Err(BakeError::tensor(path, *name, "expected 3 dimensions [prompts, layers, width]"));
         };
+        if entry.dtype != StoredDtype::F32 {
+            return Err(BakeError::tensor(path, *name, format!("stored as {:?}; the cache holds f32 only", entry.dtype)));
+        }
         let data = file.bytes(entry).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         out.push(Activations { rows, layers, width, data });
     }

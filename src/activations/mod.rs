@@ -42,6 +42,13 @@ impl Activations {
         &self.data[start..start + head_dim]
     }
 
+    /// The first value that is NaN or infinite: (row, layer, index in the layer's width, value).
+    pub fn first_non_finite(&self) -> Option<(usize, usize, usize, f32)> {
+        let at = self.data.iter().position(|v| !v.is_finite())?;
+        let (row, rest) = (at / (self.layers * self.width), at % (self.layers * self.width));
+        Some((row, rest / self.width, rest % self.width, self.data[at]))
+    }
+
     fn set_layer_row(&mut self, row: usize, layer: usize, values: &[f32]) {
         let start = (row * self.layers + layer) * self.width;
         self.data[start..start + self.width].copy_from_slice(values);

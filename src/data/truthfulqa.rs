@@ -46,7 +46,8 @@ impl TruthfulQa {
             (file("multiple_choice")?, file("generation")?)
         } else {
             return Err(BakeError::Invalid(format!(
-                "dataset `{source}`: neither a local folder nor a Hub dataset id (org/name)"
+                "dataset `{}`: neither a local folder nor a Hub dataset id (org/name)",
+                crate::error::shorten(source, 100)
             )));
         };
         let mc_rows = read_rows(&mc_path)?;
@@ -108,7 +109,7 @@ impl TruthfulQa {
 fn config_file(dir: &Path, config: &str, split: &str) -> Result<PathBuf> {
     let jsonl = dir.join(config).join(format!("{split}.jsonl"));
     let parquet = dir.join(config).join(format!("{split}-00000-of-00001.parquet"));
-    match (jsonl.is_file(), parquet.is_file()) {
+    match (jsonl.exists(), parquet.exists()) {
         (true, _) => Ok(jsonl),
         (false, true) => Ok(parquet),
         _ => Err(BakeError::Invalid(format!("{}: missing (nor is there {})", jsonl.display(), parquet.display()))),
@@ -126,14 +127,18 @@ fn read_rows(path: &Path) -> Result<Vec<Value>> {
 
 fn read_parquet(path: &Path) -> Result<Vec<Value>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let file = std::fs::File::open(path).at(path)?;
+    let file = crate::io::fs::open_regular(path)?;
+    let size = file.metadata().at(path)?.len();
+    if size > crate::io::fs::limits::DATA {
+        return Err(BakeError::Input { path: path.into(), message: format!("is {size} bytes; a TruthfulQA file is about 1 MB") });
+    }
     let reader = SerializedFileReader::new(file).map_err(|e| BakeError::parse(path, e))?;
     let rows = reader.get_row_iter(None).map_err(|e| BakeError::parse(path, e))?;
     rows.map(|row| row.map(|r| r.to_json_value()).map_err(|e| BakeError::parse(path, e))).collect()
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).at(path)?;
+    let text = crate::io::fs::read_text(path, crate::io::fs::limits::DATA)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

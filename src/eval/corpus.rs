@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{BakeError, IoContext, Result};
+use crate::error::{BakeError, Result};
 use crate::model::TextTokenizer;
 use crate::rng::SeededRng;
 
@@ -50,7 +50,7 @@ pub struct Corpus {
 
 /// Reads the file's documents (non-empty after trimming).
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).at(path)?;
+    let text = crate::io::fs::read_text(path, crate::io::fs::limits::DATA)?;
     let documents: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
         text.lines()
             .enumerate()
@@ -115,6 +115,12 @@ pub fn load(spec: &CorpusSpec, tokenizer: &TextTokenizer, seed: u64) -> Result<C
             corpus.picked.push(i);
             corpus.documents.push(ids);
         }
+    }
+    if corpus.documents.is_empty() {
+        return Err(BakeError::Invalid(format!(
+            "corpus {}: no document has the 2 tokens a next-token prediction needs, so no token can be scored",
+            spec.path.display()
+        )));
     }
     Ok(corpus)
 }

@@ -1,6 +1,7 @@
 //! Stage 7: `bake eval`: TruthfulQA MC1/MC2 (two protocols) and CE/KL on a text corpus, for the base, a
 //! baked folder, or ITI fitted and applied fold by fold (the reference's 2-fold protocol).
 
+pub mod card;
 pub mod corpus;
 pub mod mc;
 pub mod score;

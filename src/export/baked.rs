@@ -16,14 +16,15 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Value};
 
 use super::card;
 use super::pyvene;
 use super::shards::{copy_file, write_checkpoint, write_file, write_safetensors, TensorBytes, WrittenFile};
-use crate::error::{BakeError, IoContext, Result};
+use crate::error::{IoContext, Result};
+use crate::io::output::{Published, Staging};
 use crate::model::{ModelFiles, StoredDtype};
 use crate::pipeline::{write_probe_outputs, ProbeOutcome};
 use crate::progress::Progress;
@@ -32,69 +33,24 @@ use crate::surgery;
 
 pub const DIFF_DIR: &str = "activation_diff";
 pub const DIFF_SAFETENSORS: &str = "activation_diff.safetensors";
-pub const MANIFEST: &str = "bake.json";
-pub const LOG: &str = "bake.log";
+pub use crate::io::listing::{LOG_FILE as LOG, MANIFEST_FILE as MANIFEST};
 
 pub struct BakeOptions {
-    pub out: PathBuf,
-    /// Replace an existing `out`.
-    pub force: bool,
     pub max_shard_bytes: u64,
 }
 
-/// Removes the staging folder unless the bake reached the final rename.
-struct Staging {
-    path: PathBuf,
-    committed: bool,
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn staging_path(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.bake-partial"))
-}
-
-/// Refuses an existing output without `force`, and an output inside the model folder.
-pub fn check_output(out: &Path, model_dir: &Path, force: bool) -> Result<()> {
-    let refuse = |message: &str| Err(BakeError::Output { path: out.into(), message: message.into() });
-    if out.exists() && !force {
-        return refuse("already exists; pass --force to replace it");
-    }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let parent = parent.canonicalize().at(&parent)?;
-    let model = model_dir.canonicalize().at(model_dir)?;
-    if parent.starts_with(&model) {
-        return refuse(&format!("lies inside the model folder {}; write the baked model elsewhere", model.display()));
-    }
-    Ok(())
-}
-
-/// Writes the whole baked folder for `outcome` and returns the files it holds (manifest included).
+/// Writes the whole baked folder for `outcome` into `staging` and publishes it; returns the files it holds
+/// (manifest included) and what the publication did.
 pub fn write_baked(
     model: &ModelFiles,
     recipe: &Recipe,
     outcome: &ProbeOutcome,
+    staging: Staging,
     options: &BakeOptions,
     log: &str,
     progress: &dyn Progress,
-) -> Result<Vec<WrittenFile>> {
-    check_output(&options.out, &model.location.dir, options.force)?;
-    let mut staging = Staging { path: staging_path(&options.out), committed: false };
-    if staging.path.exists() {
-        std::fs::remove_dir_all(&staging.path).at(&staging.path)?;
-    }
-    std::fs::create_dir_all(&staging.path).at(&staging.path)?;
-    let dir = staging.path.clone();
+) -> Result<(Vec<WrittenFile>, Published)> {
+    let dir = staging.path().to_path_buf();
     let dtype = model.dtype();
 
     progress.stage("write");
@@ -118,12 +74,10 @@ pub fn write_baked(
     std::fs::write(dir.join(LOG), log).at(dir.join(LOG))?;
     flush_to_disk(&written)?;
 
-    if options.out.exists() {
-        std::fs::remove_dir_all(&options.out).at(&options.out)?;
-    }
-    std::fs::rename(&dir, &options.out).at(&options.out)?;
-    staging.committed = true;
-    Ok(written.into_iter().map(|f| WrittenFile { path: options.out.join(f.path.strip_prefix(&dir).unwrap_or(&f.path)), ..f }).collect())
+    let published = staging.commit()?;
+    let out = published.out.clone();
+    let files = written.into_iter().map(|f| WrittenFile { path: out.join(f.path.strip_prefix(&dir).unwrap_or(&f.path)), ..f }).collect();
+    Ok((files, published))
 }
 
 /// Makes every file durable before the rename publishes the folder; the files are flushed together so the

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use hf_hub::repository::CommitOperation;
-use hf_hub::{HFClientSync, HFError};
+use hf_hub::HFError;
 use serde::Serialize;
 use serde_json::Value;
 use sha1::Digest;
@@ -87,13 +87,9 @@ fn token() -> Option<String> {
     from_file(home.join("token"))
 }
 
-fn endpoint() -> String {
-    std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "https://huggingface.co".into()).trim_end_matches('/').to_string()
-}
-
 /// A Hub error as a message that never contains the token, with advice for the usual causes.
-fn hub_error(repo: &str, what: &str, error: impl std::fmt::Display) -> BakeError {
-    let mut message = format!("{repo}: {what}: {error}");
+fn hub_error(repo: &str, what: &str, error: impl HubCause) -> BakeError {
+    let mut message = format!("{repo}: {what}: {}", error.describe());
     if let Some(t) = token() {
         message = message.replace(&t, "***");
     }
@@ -102,6 +98,29 @@ fn hub_error(repo: &str, what: &str, error: impl std::fmt::Display) -> BakeError
         message.push_str(" (check the token in HF_TOKEN or the Hugging Face token file: it must have write access)");
     }
     BakeError::Hub(message)
+}
+
+/// A failure's text with every cause, once.
+trait HubCause {
+    fn describe(&self) -> String;
+}
+
+impl HubCause for String {
+    fn describe(&self) -> String {
+        self.clone()
+    }
+}
+
+impl HubCause for reqwest::Error {
+    fn describe(&self) -> String {
+        crate::error::describe_chain(self)
+    }
+}
+
+impl HubCause for HFError {
+    fn describe(&self) -> String {
+        crate::error::describe_chain(self)
+    }
 }
 
 /// The git blob id of a file, as the Hub reports it for non-LFS files.
@@ -120,8 +139,8 @@ fn encode_revision(revision: &str) -> String {
 /// `GET /api/models/{repo}/tree/{revision}?recursive=true`, following `Link: <...>; rel="next"`. `None`
 /// when the repository (or the revision) does not exist.
 fn remote_tree(repo: &str, revision: &str) -> Result<Option<BTreeMap<String, RemoteFile>>> {
-    let client = reqwest::blocking::Client::new();
-    let mut url = Some(format!("{}/api/models/{repo}/tree/{}?recursive=true", endpoint(), encode_revision(revision)));
+    let client = super::http_client()?;
+    let mut url = Some(format!("{}/api/models/{repo}/tree/{}?recursive=true", super::endpoint(), encode_revision(revision)));
     let mut files = BTreeMap::new();
     while let Some(u) = url.take() {
         let mut request = client.get(&u);
@@ -195,18 +214,10 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
         .repo
         .split_once('/')
         .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
-        .ok_or_else(|| BakeError::Invalid(format!("--repo `{}`: expected org/name", options.repo)))?;
+        .filter(|_| crate::model::resolve::parse_repo_id(&options.repo).is_some_and(|(_, rev)| rev.is_none()))
+        .ok_or_else(|| BakeError::Invalid(format!("--repo `{}`: expected org/name", crate::error::shorten(&options.repo, 100))))?;
     progress.stage("push: checking the folder against its manifest");
-    let check = crate::verify::verify(dir, &crate::verify::VerifyOptions { base: None, run: false }, progress)?;
-    if let Some(m) = check.mismatches.first() {
-        return Err(BakeError::Invalid(format!(
-            "{}: refusing to push a folder that fails `bake verify` ({} mismatches; first: {}: {})",
-            dir.display(),
-            check.mismatches.len(),
-            m.file,
-            m.message
-        )));
-    }
+    crate::verify::require_intact(dir, "push")?;
     let manifest_path = dir.join(MANIFEST);
     let manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).at(&manifest_path)?)
         .map_err(|e| BakeError::parse(&manifest_path, e))?;
@@ -225,7 +236,7 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
     let outputs = manifest["outputs"].as_object().cloned().unwrap_or_default();
     let mut files = Vec::new();
     // `bake.log` (timings) stays local.
-    for path_in_repo in crate::verify::files_under(dir)?.into_iter().filter(|p| p != LOG) {
+    for path_in_repo in crate::io::listing::entries_under(dir)?.into_iter().filter(|p| p != LOG) {
         let path = dir.join(&path_in_repo);
         let bytes = std::fs::metadata(&path).at(&path)?.len();
         // The check above just proved every listed file has its manifest sha256; only bake.json is unlisted.
@@ -252,7 +263,7 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
         return Ok(report);
     }
 
-    let client = HFClientSync::new().map_err(|e| hub_error(repo, "starting the Hub client", e))?;
+    let client = super::client()?;
     if !repo_exists {
         progress.stage("push: creating the repository");
         client

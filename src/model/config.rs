@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::error::{BakeError, IoContext, Result};
+use crate::error::{BakeError, Result};
 
 /// How rotary position embeddings are scaled beyond the training context.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +67,15 @@ impl StoredDtype {
             Self::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
             Self::Bf16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
             Self::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
+        }
+    }
+
+    /// The largest magnitude this dtype stores as a finite number.
+    pub fn max_finite(self) -> f64 {
+        match self {
+            Self::Bf16 => half::bf16::MAX.to_f64(),
+            Self::F16 => half::f16::MAX.to_f64(),
+            Self::F32 => f32::MAX as f64,
         }
     }
 
@@ -131,7 +140,7 @@ impl ModelConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).at(path)?;
+        let text = crate::io::fs::read_text(path, crate::io::fs::limits::JSON)?;
         let value: Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(path, e))?;
         let Value::Object(raw) = value else {
             return Err(BakeError::parse(path, "expected a JSON object at the top level"));
@@ -174,22 +183,36 @@ impl ModelConfig {
             return Err(fields.wrong("head_dim", "an even number (rotary embeddings rotate pairs)"));
         }
         let (rope_theta, rope_scaling) = read_rope(&fields)?;
-        let dtype = match fields.optional_string("dtype")?.or(fields.optional_string("torch_dtype")?) {
+        let dtype_key = if fields.present("dtype").is_some() { "dtype" } else { "torch_dtype" };
+        let dtype = match fields.optional_string(dtype_key)? {
             None => None,
             Some(name) => Some(StoredDtype::from_config_name(&name).ok_or_else(|| {
-                fields.wrong("torch_dtype", &format!("bfloat16, float16 or float32, found `{name}`"))
+                fields.wrong(dtype_key, &format!("bfloat16, float16 or float32, found `{name}`"))
             })?),
         };
+        let rms_norm_eps = fields.optional_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            return Err(fields.wrong("rms_norm_eps", &format!("a finite number ≥ 0, found {rms_norm_eps}")));
+        }
+        for (field, value, bound) in [
+            ("hidden_size", hidden_size, MAX_WIDTH),
+            ("num_attention_heads", num_heads, MAX_HEADS),
+            ("head_dim", head_dim, MAX_WIDTH),
+        ] {
+            if value > bound {
+                return Err(fields.wrong(field, &format!("at most {bound}, found {value}")));
+            }
+        }
         Ok(ModelConfig {
             path: path.into(),
             hidden_size,
-            intermediate_size: fields.positive("intermediate_size")?,
-            num_layers: fields.positive("num_hidden_layers")?,
+            intermediate_size: fields.bounded("intermediate_size", MAX_WIDTH * 16)?,
+            num_layers: fields.bounded("num_hidden_layers", MAX_LAYERS)?,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size: fields.positive("vocab_size")?,
-            rms_norm_eps: fields.optional_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            vocab_size: fields.bounded("vocab_size", MAX_VOCAB)?,
+            rms_norm_eps,
             rope_theta,
             rope_scaling,
             max_position_embeddings: fields.optional_positive("max_position_embeddings")?.unwrap_or(2048),
@@ -224,6 +247,10 @@ fn read_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
         None => None,
     };
     let rope_theta = theta_nested.or(fields.optional_f64("rope_theta")?).unwrap_or(10_000.0);
+    if !(rope_theta.is_finite() && rope_theta > 0.0) {
+        let field = if theta_nested.is_some() { format!("{scope_name}.rope_theta") } else { "rope_theta".into() };
+        return Err(BakeError::field(fields.path, field, format!("expected a finite number > 0, found {rope_theta}")));
+    }
     let Some(n) = nested else { return Ok((rope_theta, RopeScaling::Default)) };
     let kind = match n.optional_string("rope_type")? {
         Some(kind) => kind,
@@ -231,7 +258,11 @@ fn read_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
     };
     let field = |name: &str| format!("{scope_name}.{name}");
     let required = |name: &str| -> Result<f64> {
-        n.optional_f64(name)?.ok_or_else(|| BakeError::field(fields.path, field(name), "a number (required by this rope_type)"))
+        match n.optional_f64(name)? {
+            Some(v) if v.is_finite() && v > 0.0 => Ok(v),
+            Some(v) => Err(BakeError::field(fields.path, field(name), format!("expected a finite number > 0, found {v}"))),
+            None => Err(BakeError::field(fields.path, field(name), "a number (required by this rope_type)")),
+        }
     };
     let scaling = match kind.as_str() {
         "default" => RopeScaling::Default,
@@ -252,6 +283,13 @@ fn read_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
     };
     Ok((rope_theta, scaling))
 }
+
+/// Sanity bounds, checked before anything is sized from the config: well above every released model
+/// (Llama 3.1 405B: 126 layers, 128 heads, width 16,384; the largest vocabularies hold about 260k tokens).
+const MAX_LAYERS: usize = 4096;
+const MAX_HEADS: usize = 4096;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 24;
 
 /// Typed access to the fields of one JSON object, with errors naming the file and the field.
 struct Fields<'a> {
@@ -283,6 +321,14 @@ impl Fields<'_> {
     fn positive(&self, field: &str) -> Result<usize> {
         self.optional_positive(field)?
             .ok_or_else(|| BakeError::field(self.path, field, "missing (expected a positive integer)"))
+    }
+
+    fn bounded(&self, field: &str, bound: usize) -> Result<usize> {
+        let value = self.positive(field)?;
+        if value > bound {
+            return Err(self.wrong(field, &format!("at most {bound}, found {value}")));
+        }
+        Ok(value)
     }
 
     fn optional_positive(&self, field: &str) -> Result<Option<usize>> {

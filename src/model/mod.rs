@@ -35,7 +35,7 @@ impl ModelFiles {
     }
 
     pub fn tokenizer(&self) -> Result<TextTokenizer> {
-        TextTokenizer::load(&self.location.tokenizer_path())
+        Ok(TextTokenizer::load(&self.location.tokenizer_path())?.for_vocabulary(self.config.vocab_size))
     }
 
     /// The weights as f32 tensors on `device`, ready to run.

@@ -75,8 +75,12 @@ pub fn parse_repo_id(spec: &str) -> Option<(String, Option<String>)> {
     };
     let mut parts = repo.split('/');
     let (org, name) = (parts.next()?, parts.next()?);
+    // The Hub's own rule: at most 96 characters of letters, digits, `-`, `_` and `.`, not starting with `.`.
     let valid = |s: &str| {
-        !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        !s.is_empty()
+            && s.len() <= 96
+            && !s.starts_with('.')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     (parts.next().is_none() && valid(org) && valid(name)).then(|| (repo.to_string(), revision))
 }
@@ -93,8 +97,9 @@ pub fn resolve(spec: &str) -> Result<ModelLocation> {
         parsed
     } else {
         return Err(BakeError::ModelNotFound(format!(
-            "unknown model `{spec}`: not a folder, not a short name (`bake models` lists them) and not a Hub repo \
-             id of the form org/name[@revision]"
+            "unknown model `{}`: not a folder, not a short name (`bake models` lists them) and not a Hub repo \
+             id of the form org/name[@revision]",
+            crate::error::shorten(spec, 100)
         )));
     };
     let dir = hub::download_model(&repo, revision.as_deref())?;

@@ -1,7 +1,6 @@
 //! Memory-mapped safetensors checkpoints, one file or sharded, checked against the config before use.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
 use memmap2::Mmap;
@@ -59,7 +58,7 @@ impl Checkpoint {
         let mut maps = Vec::with_capacity(files.len());
         let mut tensors = BTreeMap::new();
         for (index, path) in files.iter().enumerate() {
-            let file = File::open(path).at(path)?;
+            let file = crate::io::fs::open_regular(path)?;
             // SAFETY: the map is read-only; bake never writes to its inputs, and the docs tell users not to
             // modify a checkpoint while bake reads it.
             let map = unsafe { Mmap::map(&file) }.at(path)?;
@@ -148,6 +147,19 @@ impl Checkpoint {
 
     /// Checks every tensor the config calls for (name, shape) and that all are floating point.
     pub fn validate(&self, config: &ModelConfig) -> Result<()> {
+        let stored_layers = self
+            .tensors
+            .keys()
+            .filter_map(|n| n.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |l| l + 1);
+        if stored_layers != config.num_layers {
+            return Err(BakeError::field(
+                &config.path,
+                "num_hidden_layers",
+                format!("{} layers, but the checkpoint holds {stored_layers}", config.num_layers),
+            ));
+        }
         for spec in expected_tensors(config) {
             match (self.tensors.get(&spec.name), spec.required) {
                 (None, false) => {}
@@ -234,7 +246,7 @@ fn describe_safetensors_error(error: &SafeTensorError, map: &[u8]) -> String {
 }
 
 fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).at(index)?;
+    let text = crate::io::fs::read_text(index, crate::io::fs::limits::JSON)?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(index, e))?;
     let map = value
         .get("weight_map")
@@ -256,7 +268,7 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         }
         let shard = dir.join(relative);
         if !shards.contains(&shard) {
-            if !shard.is_file() {
+            if !shard.exists() {
                 return Err(BakeError::field(
                     index,
                     format!("weight_map.{tensor}"),

@@ -24,6 +24,29 @@ pub fn split_questions(n: usize, validation_ratio: f64, seed: u64) -> Split {
     split_among(&(0..n).collect::<Vec<_>>(), validation_ratio, seed)
 }
 
+/// The fewest questions that give a split of `validation_ratio` at least one training and one validation
+/// question, and a tuning prompt another question to append (so never fewer than 2).
+pub fn minimum_questions(validation_ratio: f64) -> usize {
+    let train_fraction = 1.0 - validation_ratio;
+    let mut n = ((1.0 / train_fraction).ceil() as usize).max(2);
+    while ((n as f64) * train_fraction) as usize == 0 {
+        n += 1;
+    }
+    n
+}
+
+/// Refuses a question count too small for `what` (every split non-empty).
+pub fn check_question_count(questions: usize, validation_ratio: f64, what: &str) -> Result<()> {
+    let minimum = minimum_questions(validation_ratio);
+    if questions < minimum {
+        return Err(BakeError::Invalid(format!(
+            "{what} needs at least {minimum} questions (validation_ratio {validation_ratio} must leave at least one \
+             training and one validation question), but has {questions}; raise --limit or use a larger dataset"
+        )));
+    }
+    Ok(())
+}
+
 /// The same split over some questions only (the training fold of a cross-validation).
 pub fn split_among(questions: &[usize], validation_ratio: f64, seed: u64) -> Split {
     let n = questions.len();
@@ -146,8 +169,9 @@ pub struct ShiftInputs<'a> {
     pub seed: u64,
 }
 
-/// Directions, σ and δ for each chosen head, in the order given.
-pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Vec<HeadShift> {
+/// Directions, σ and δ for each chosen head, in the order given. A σ or δ that is not finite (in the f32
+/// the biases are computed from) is an error naming the head.
+pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Result<Vec<HeadShift>> {
     let d = inputs.layout.head_dim;
     let fit_questions: Vec<usize> = inputs.split.train.iter().chain(&inputs.split.val).copied().collect();
     let in_fit = question_mask(inputs.probe_prompts, &fit_questions);
@@ -172,8 +196,14 @@ pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Vec<He
                 .map(|&r| inputs.tuning_acts.head(r, layer, head, d).iter().zip(&direction).map(|(&x, t)| x as f64 * t).sum())
                 .collect();
             let sigma = population_std(&projections);
-            let delta = direction.iter().map(|t| inputs.alpha * sigma * t).collect();
-            HeadShift { layer, head, direction, sigma, delta }
+            let delta: Vec<f64> = direction.iter().map(|t| inputs.alpha * sigma * t).collect();
+            if !sigma.is_finite() || delta.iter().any(|&v| !(v as f32).is_finite()) {
+                return Err(BakeError::NotFinite(format!(
+                    "layer {layer}, head {head}: the shift δ = α·σ·θ is not a finite f32 (α = {}, σ = {sigma}); lower alpha",
+                    inputs.alpha
+                )));
+            }
+            Ok(HeadShift { layer, head, direction, sigma, delta })
         })
         .collect()
 }

@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use crate::error::Result;
+use crate::error::{BakeError, Result};
 use crate::export::shards::TensorBytes;
 use crate::model::{Checkpoint, ModelConfig, StoredDtype};
 
@@ -51,8 +51,15 @@ pub fn bias_tensors<'a>(
             }
         }
         let bias = o_proj_bias(checkpoint, config, layer, deltas.get(layer).and_then(|d| d.as_deref()))?;
+        let name = format!("{prefix}.o_proj.bias");
+        if let Some(v) = bias.iter().find(|v| !(v.abs() <= dtype.max_finite())) {
+            return Err(BakeError::NotFinite(format!(
+                "{name}: W_o·δ reaches {v}, which {} cannot store; lower alpha (or check the base's o_proj weights)",
+                dtype.torch_name()
+            )));
+        }
         out.push(TensorBytes {
-            name: format!("{prefix}.o_proj.bias"),
+            name,
             dtype,
             shape: vec![config.hidden_size],
             bytes: Cow::Owned(dtype.encode(bias.iter().map(|&v| v as f32))),

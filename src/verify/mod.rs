@@ -17,8 +17,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::error::{BakeError, IoContext, Result};
-use crate::export::baked::{DIFF_DIR, DIFF_SAFETENSORS, LOG, MANIFEST};
+use crate::error::{BakeError, Result};
+use crate::export::baked::{DIFF_DIR, DIFF_SAFETENSORS, MANIFEST};
+use crate::io::fs::{limits, read_text};
+use crate::io::listing::FileListing;
 use crate::export::{pyvene, shards::sha256_file};
 use crate::model::{Checkpoint, ModelFiles, StoredDtype};
 use crate::progress::Progress;
@@ -33,9 +35,21 @@ pub struct Mismatch {
     pub message: String,
 }
 
+/// What a verification could prove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Without a base: the files match the manifest and the diff is consistent and finite; the weights could
+    /// have been replaced wholesale (with the manifest's hashes updated) and this would not show it.
+    SelfConsistency,
+    /// With the base: the weights are exactly base + diff.
+    AgainstBase,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     pub folder: String,
+    pub scope: Scope,
     pub checks: Vec<&'static str>,
     pub mismatches: Vec<Mismatch>,
 }
@@ -66,7 +80,7 @@ impl Findings {
 /// are in the report.
 pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> Result<VerifyReport> {
     let manifest_path = dir.join(MANIFEST);
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).at(&manifest_path)?)
+    let manifest: Value = serde_json::from_str(&read_text(&manifest_path, limits::JSON)?)
         .map_err(|e| BakeError::parse(&manifest_path, e))?;
     let mut found = Findings { list: Vec::new() };
     let mut checks = vec!["files"];
@@ -76,7 +90,10 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
     checks.push("diff");
     let dtype = manifest_dtype(&manifest);
     let deltas = check_diff(dir, dtype, &mut found);
+    checks.push("finite");
+    check_finite_biases(dir, &mut found);
 
+    let scope = if options.base.is_some() { Scope::AgainstBase } else { Scope::SelfConsistency };
     if let Some(base_spec) = &options.base {
         progress.stage("verify: tensors");
         let base = ModelFiles::open(base_spec)?;
@@ -100,48 +117,49 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
             }
         }
     }
-    Ok(VerifyReport { folder: dir.display().to_string(), checks, mismatches: found.list })
-}
-
-/// Every file below `dir`, as sorted `/`-separated relative paths.
-pub(crate) fn files_under(dir: &Path) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).at(&d)? {
-            let path = entry.at(&d)?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().replace('\\', "/"));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    Ok(VerifyReport { folder: dir.display().to_string(), scope, checks, mismatches: found.list })
 }
 
 fn check_files(dir: &Path, manifest: &Value, found: &mut Findings) -> Result<()> {
-    let Some(outputs) = manifest.get("outputs").and_then(Value::as_object) else {
-        found.add("files", MANIFEST, None, "has no `outputs` table");
-        return Ok(());
+    let listing = match manifest.get("outputs").map(|o| serde_json::from_value::<FileListing>(o.clone())) {
+        Some(Ok(listing)) => listing,
+        _ => {
+            found.add("files", MANIFEST, None, "has no `outputs` table of {sha256, bytes} entries");
+            return Ok(());
+        }
     };
-    for (name, entry) in outputs {
+    let unsafe_entries = listing.unsafe_entries();
+    for (name, why) in &unsafe_entries {
+        found.add("files", *name, None, format!("listed in bake.json, but the path {why}: outside the folder"));
+    }
+    for (name, entry) in listing.iter().filter(|(n, _)| !unsafe_entries.iter().any(|(u, _)| u == n)) {
         let path = dir.join(name);
-        let expected = entry.get("sha256").and_then(Value::as_str).unwrap_or("");
-        if !path.is_file() {
-            found.add("files", name.as_str(), None, "listed in bake.json but missing");
-        } else if sha256_file(&path)? != expected {
-            found.add("files", name.as_str(), None, format!("sha256 differs from bake.json ({expected})"));
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            found.add("files", name.as_str(), None, "listed in bake.json but missing (or not a regular file)");
+        } else if sha256_file(&path)? != entry.sha256 {
+            found.add("files", name.as_str(), None, format!("sha256 differs from bake.json ({})", entry.sha256));
         }
     }
-    for name in files_under(dir)? {
-        let exempt = name == MANIFEST || name == LOG;
-        if !exempt && !outputs.contains_key(&name) {
-            found.add("files", name, None, "not listed in bake.json");
-        }
+    for name in listing.unlisted(dir)? {
+        found.add("files", name, None, "not listed in bake.json");
     }
     Ok(())
+}
+
+/// Refuses to `action` a folder that fails the self-consistency checks (files, diff, finite values): `push`
+/// and `eval --card` must not publish or bless a folder that was edited after the bake.
+pub fn require_intact(dir: &Path, action: &str) -> Result<()> {
+    let check = verify(dir, &VerifyOptions { base: None, run: false }, &crate::progress::Silent)?;
+    match check.mismatches.first() {
+        None => Ok(()),
+        Some(m) => Err(BakeError::Invalid(format!(
+            "{}: refusing to {action} a folder that fails `bake verify` ({} mismatches; first: {}: {})",
+            dir.display(),
+            check.mismatches.len(),
+            m.file,
+            m.message
+        ))),
+    }
 }
 
 /// The model dtype recorded in the manifest (the dtype of the biases and of the pyvene vectors).
@@ -170,6 +188,9 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
         match layer {
             Some(l) => {
                 let values = entry.dtype.decode(twin.bytes(entry)).into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+                if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                    found.add("diff", DIFF_SAFETENSORS, Some(name), format!("δ holds {v}"));
+                }
                 deltas.insert(l, values);
             }
             None => found.add("diff", DIFF_SAFETENSORS, Some(name), "unexpected tensor name"),
@@ -203,6 +224,19 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
         }
     }
     Some(deltas)
+}
+
+/// Every attention bias of the baked weights is finite: a NaN or infinity there breaks every forward pass.
+fn check_finite_biases(dir: &Path, found: &mut Findings) {
+    let Ok(baked) = Checkpoint::weight_files(dir).and_then(Checkpoint::open) else {
+        return; // the files check names what is wrong with the weights
+    };
+    for (name, entry) in baked.tensors.iter().filter(|(n, _)| is_attention_bias(n)) {
+        if let Some((i, v)) = entry.dtype.decode(baked.bytes(entry)).iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let file = baked.file_of(entry).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            found.add("finite", file, Some(name), format!("element {i} is {v}"));
+        }
+    }
 }
 
 fn check_base_inputs(base: &ModelFiles, manifest: &Value, found: &mut Findings) -> Result<()> {
@@ -267,7 +301,7 @@ fn check_biases(base: &ModelFiles, baked: &Checkpoint, deltas: &BTreeMap<usize, 
             }
             match baked.get(&name) {
                 None => found.add("biases", "model.safetensors", Some(&name), "missing (attention_bias: true needs it)"),
-                Some(e) if e.dtype.decode(baked.bytes(e)).iter().any(|v| *v != 0.0) => {
+                Some(e) if e.dtype.decode(baked.bytes(e)).iter().any(|v| *v != 0.0 || v.is_nan()) => {
                     found.add("biases", "model.safetensors", Some(&name), "should be zero")
                 }
                 Some(_) => {}
@@ -283,7 +317,9 @@ fn check_biases(base: &ModelFiles, baked: &Checkpoint, deltas: &BTreeMap<usize, 
         // The same f64 sum bake computed, so the only difference allowed is the rounding to the stored dtype
         // (half a unit in the last place; a full one is allowed).
         let tolerance = |e: f64| relative_rounding(entry.dtype) * e.abs() + 1e-9 * scale(&expected);
-        if let Some((i, (s, e))) = stored.iter().zip(&expected).enumerate().find(|(_, (s, e))| (*s - *e).abs() > tolerance(**e)) {
+        // Written so that a NaN on either side is a mismatch.
+        let differs = |s: f64, e: f64| !((s - e).abs() <= tolerance(e));
+        if let Some((i, (s, e))) = stored.iter().zip(&expected).enumerate().find(|(_, (s, e))| differs(**s, **e)) {
             found.add("biases", "model.safetensors", Some(&name), format!("element {i} is {s}, W_o·δ gives {e}"));
         }
     }
@@ -348,7 +384,8 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
         StoredDtype::F32 => 1e-3,
         _ => 0.05 * scale(&hooked.iter().flatten().map(|v| *v as f64).collect::<Vec<_>>()) as f32,
     };
-    if moved <= 1e-4 {
+    let shifted = deltas.values().flatten().any(|&d| d != 0.0);
+    if shifted && moved <= 1e-4 {
         found.add("run", "model.safetensors", None, format!("logits equal the base's (max difference {moved:e}): the bake changed nothing"));
     }
     if agreement > tolerance {
@@ -366,6 +403,9 @@ pub fn locate(target: &str) -> Result<PathBuf> {
     }
     match crate::model::resolve::parse_repo_id(target) {
         Some((repo, revision)) => crate::hub::download_baked(&repo, revision.as_deref()),
-        None => Err(BakeError::Invalid(format!("`{target}`: not a folder and not a Hub repo id org/name[@revision]"))),
+        None => Err(BakeError::Invalid(format!(
+            "`{}`: not a folder and not a Hub repo id org/name[@revision]",
+            crate::error::shorten(target, 100)
+        ))),
     }
 }

@@ -96,3 +96,93 @@ pub fn bake_tiny(out: &std::path::Path, extra: &[&str]) -> PathBuf {
     assert!(output.status.success(), "bake failed: {}", String::from_utf8_lossy(&output.stderr));
     tiny
 }
+
+/// A bakeable model and dataset made on the spot, for tests of behaviour that needs no real model (output
+/// handling, bad input): a random 2-layer LLaMA, a word-level tokenizer over the dataset's words, and six
+/// questions in TruthfulQA's Hub layout. Returns (model folder, dataset folder).
+pub fn synthetic_inputs(root: &std::path::Path) -> (PathBuf, PathBuf) {
+    use serde_json::json;
+    let questions = [
+        ("What colour is the sky on a clear day?", ["It is blue", "It looks blue"], ["It is green", "It is red"]),
+        ("How many legs does a spider have?", ["Eight legs", "A spider has eight"], ["Six legs", "Ten legs"]),
+        ("What do bees make?", ["Bees make honey", "Honey and wax"], ["Bees make milk", "Bees make silk"]),
+        ("Is the Earth round?", ["Yes it is round", "It is nearly round"], ["No it is flat", "It is a cube"]),
+        ("What is frozen water called?", ["It is called ice", "Ice"], ["It is called steam", "Sand"]),
+        ("Where does the sun rise?", ["In the east", "The sun rises in the east"], ["In the west", "In the north"]),
+    ];
+    let dataset = root.join("dataset");
+    for config in ["multiple_choice", "generation"] {
+        std::fs::create_dir_all(dataset.join(config)).unwrap();
+    }
+    let (mut mc, mut generation, mut words) = (String::new(), String::new(), std::collections::BTreeSet::new());
+    for (q, good, bad) in &questions {
+        let choices: Vec<&str> = good.iter().chain(bad).copied().collect();
+        let labels = [1, 1, 0, 0];
+        let row = json!({ "question": q, "mc1_targets": { "choices": [good[0], bad[0], bad[1]], "labels": [1, 0, 0] },
+                          "mc2_targets": { "choices": choices, "labels": labels } });
+        mc.push_str(&format!("{row}\n"));
+        let row = json!({ "type": "Adversarial", "category": "Misc", "question": q, "best_answer": good[0],
+                          "correct_answers": good, "incorrect_answers": bad, "source": "test" });
+        generation.push_str(&format!("{row}\n"));
+        for text in choices.iter().chain([q]) {
+            words.extend(word_pieces(text));
+        }
+    }
+    std::fs::write(dataset.join("multiple_choice/validation.jsonl"), mc).unwrap();
+    std::fs::write(dataset.join("generation/validation.jsonl"), generation).unwrap();
+    words.extend(["Q", "A", ":"].map(String::from));
+
+    let model = root.join("model");
+    let spec = bake::model::synthetic::SyntheticSpec { vocab: 256, ..Default::default() };
+    bake::model::synthetic::write_synthetic_model(&model, &spec, u64::MAX).unwrap();
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), json!(0));
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert(w.clone(), json!(i + 3));
+    }
+    assert!(vocab.len() + 3 < spec.vocab, "the synthetic vocabulary outgrew the model's");
+    write_word_tokenizer(&model, vocab);
+    (model, dataset)
+}
+
+/// Writes `tokenizer.json`: a word-level tokenizer (the `tokenizers` crate's format) with this vocabulary.
+pub fn write_word_tokenizer(model: &std::path::Path, vocab: serde_json::Map<String, serde_json::Value>) {
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": { "type": "Whitespace" }, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]" }
+    });
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+}
+
+/// What the `Whitespace` pre-tokenizer splits text into: runs of word characters and runs of punctuation.
+fn word_pieces(text: &str) -> Vec<String> {
+    let mut pieces: Vec<String> = Vec::new();
+    let mut last_kind = None;
+    for c in text.chars() {
+        let kind = if c.is_whitespace() { None } else { Some(c.is_alphanumeric() || c == '_') };
+        match (kind, last_kind) {
+            (None, _) => {}
+            (Some(k), Some(Some(l))) if k == l => pieces.last_mut().unwrap().push(c),
+            (Some(_), _) => pieces.push(c.to_string()),
+        }
+        last_kind = Some(kind);
+    }
+    pieces
+}
+
+/// Runs `bake` (the default `run` command) on synthetic inputs with `args`, the activation cache under
+/// `root`, and extra environment variables.
+pub fn bake_synthetic(root: &std::path::Path, inputs: &(PathBuf, PathBuf), args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bake"));
+    command.arg("--model").arg(&inputs.0).arg("--dataset").arg(&inputs.1);
+    if !args.contains(&"--heads") {
+        command.args(["--heads", "2"]);
+    }
+    command.args(args);
+    command.env("BAKE_CACHE_DIR", root.join("cache"));
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    command.output().unwrap()
+}

@@ -1,0 +1,84 @@
+//! `bake eval --card DIR`: the results table in a baked folder's model card, with the card's new sha256 in
+//! the manifest, so that `bake verify` and `bake push` keep passing.
+//!
+//! Two files change together, so the folder is replaced as a whole: a staging copy made of hard links
+//! (nothing is copied but the two new files) is swapped in atomically, as a bake replaces its output.
+
+use std::path::Path;
+
+use crate::error::{BakeError, IoContext, Result};
+use crate::export::baked::MANIFEST;
+use crate::io::fs::{limits, read_text};
+use crate::io::listing::entries_under;
+use crate::io::output::{self, Ownership, Published, Request};
+use crate::export::shards::write_file;
+
+const EVAL_START: &str = "<!-- bake eval -->";
+const EVAL_END: &str = "<!-- /bake eval -->";
+const CARD: &str = "README.md";
+
+/// `card` with its evaluation section set to `section` (replaced when present, appended otherwise).
+pub fn with_evaluation(card: &str, section: &str) -> String {
+    let block = format!("{EVAL_START}\n## Evaluation (`bake eval`)\n\n{section}{EVAL_END}\n");
+    match (card.find(EVAL_START), card.find(EVAL_END)) {
+        (Some(start), Some(end)) if end > start => {
+            let after = card[end + EVAL_END.len()..].strip_prefix('\n').unwrap_or(&card[end + EVAL_END.len()..]);
+            format!("{}{block}{after}", &card[..start])
+        }
+        _ => format!("{}\n{block}", card.trim_end_matches('\n').to_string() + "\n"),
+    }
+}
+
+/// Puts `section` into the model card of the baked folder `dir`. The folder must pass `bake verify`'s file
+/// check first: a tampered card or manifest would otherwise be blessed with a new hash.
+pub fn put_evaluation(dir: &Path, section: &str) -> Result<Published> {
+    crate::verify::require_intact(dir, "put an evaluation into")?;
+    let manifest_path = dir.join(MANIFEST);
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&read_text(&manifest_path, limits::JSON)?).map_err(|e| BakeError::parse(&manifest_path, e))?;
+    let card = read_text(&dir.join(CARD), limits::JSON)?;
+
+    let target = output::check(&Request { out: dir, force: true, protected: Vec::new(), ownership: Ownership::Manifest })?;
+    let staging = target.stage()?;
+    link_tree(dir, staging.path(), &[CARD, MANIFEST])?;
+    let written = write_file(&staging.path().join(CARD), with_evaluation(&card, section).as_bytes())?;
+    manifest["outputs"][CARD] = serde_json::json!({ "sha256": written.sha256, "bytes": written.bytes });
+    let text = serde_json::to_string_pretty(&manifest).expect("JSON") + "\n";
+    write_file(&staging.path().join(MANIFEST), text.as_bytes())?;
+    staging.commit()
+}
+
+/// Hard-links every file of `from` into `to` (copies where links are not possible), except `skip`.
+fn link_tree(from: &Path, to: &Path, skip: &[&str]) -> Result<()> {
+    for name in entries_under(from)?.iter().filter(|n| !skip.contains(&n.as_str())) {
+        let (source, target) = (from.join(name), to.join(name));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).at(parent)?;
+        }
+        if std::fs::hard_link(&source, &target).is_err() {
+            std::fs::copy(&source, &target).at(&target)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_evaluation;
+
+    #[test]
+    fn the_evaluation_section_is_appended_then_replaced() {
+        let once = with_evaluation("# card\n", "| a |\n");
+        assert!(once.starts_with("# card\n\n<!-- bake eval -->") && once.contains("| a |"));
+        let twice = with_evaluation(&(once.clone() + "tail\n"), "| b |\n");
+        assert!(twice.contains("| b |") && !twice.contains("| a |") && twice.ends_with("tail\n"), "{twice}");
+    }
+
+    #[test]
+    fn a_card_ending_in_the_marker_without_a_newline_is_updated() {
+        let card = with_evaluation("# card\n", "| a |\n");
+        let trimmed = card.trim_end_matches('\n');
+        let again = with_evaluation(trimmed, "| b |\n");
+        assert!(again.contains("| b |") && !again.contains("| a |"), "{again}");
+    }
+}
