@@ -4,13 +4,15 @@
 //! e.g. a ~1B model with SmolLM2's tokenizer:
 //! cargo run --release --example synthetic_model -- /tmp/llama-1b 16 2048 16 16 128 5632 49152 bf16 $BAKE_SMOLLM2/tokenizer.json
 
+use bake::io::dtype::StoredDtype;
 use bake::model::synthetic::{write_synthetic_model, SyntheticSpec};
-use bake::model::StoredDtype;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 9 {
-        eprintln!("usage: synthetic_model OUT LAYERS HIDDEN HEADS KV_HEADS HEAD_DIM FFN VOCAB bf16|f16|f32 [TOKENIZER]");
+        eprintln!(
+            "usage: synthetic_model OUT LAYERS HIDDEN HEADS KV_HEADS HEAD_DIM FFN VOCAB bf16|f16|f32 [TOKENIZER]"
+        );
         std::process::exit(2);
     }
     let n = |i: usize| -> usize { args[i].parse().unwrap_or_else(|_| panic!("argument {i} must be a number")) };

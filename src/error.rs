@@ -55,6 +55,10 @@ pub enum BakeError {
     #[error("{path}: {message}")]
     Output { path: PathBuf, message: String },
 
+    /// A file could not be encoded (an image, say) for a reason other than I/O.
+    #[error("{path}: could not encode: {message}")]
+    Encode { path: PathBuf, message: String },
+
     /// A computation produced a value that is not finite (NaN or infinite); the message names where.
     #[error("{0}")]
     NotFinite(String),
@@ -146,7 +150,10 @@ mod tests {
 
     #[test]
     fn repeated_groups_and_causes_print_once() {
-        assert_eq!(collapse_repeated_groups("error sending request for url (http://h/x) (http://h/x)"), "error sending request for url (http://h/x)");
+        assert_eq!(
+            collapse_repeated_groups("error sending request for url (http://h/x) (http://h/x)"),
+            "error sending request for url (http://h/x)"
+        );
         let io = std::io::Error::other("connection refused");
         let outer = BakeError::Hub(format!("a: {io}"));
         assert_eq!(describe_chain(&outer), "Hugging Face Hub: a: connection refused");

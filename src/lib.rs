@@ -2,14 +2,18 @@
 //! them along a truthful direction (Inference-Time Intervention, Li et al. 2023), and bake the shift into
 //! the checkpoint as `o_proj` biases.
 //!
-//! The modules follow the pipeline, each passing a typed value to the next:
+//! The modules follow the pipeline, each passing a typed value to the next, and each importing only those
+//! before it (`tests/architecture.rs` checks this):
+//! [`io`] (below every stage: safe input reading, the safetensors writer, hashing, dtypes, tensor names, Hub
+//! downloads, output folders that never destroy what bake did not write) and [`recipe`] (every choice) →
 //! [`model`] (resolve, config, weights, forward pass: a `ModelFiles`, then a `Llama`) →
 //! [`data`] (TruthfulQA and the prompt sets: `PromptSets`) →
 //! [`activations`] (resident or layer-streamed capture: `Activations`) →
 //! [`probes`] (probes, heads, directions, σ, δ: `HeadShift`s and per-layer deltas) →
-//! [`surgery`] (δ → o_proj biases) → [`export`] (the baked folder and its manifest).
-//! Around it: [`pipeline`] (the probe stages in one call), [`verify`] (a baked folder is base + diff),
-//! [`eval`] (MC1/MC2, CE/KL, cross-validation) and [`hub`] (downloads and `bake push`).
+//! [`surgery`] (δ → o_proj biases) → [`export`] (the baked folder and its typed manifest, from a `BakeInput`)
+//! → [`pipeline`] (the stages in one call, shared by `bake`, `bake probe` and `bake eval --cv`) →
+//! [`verify`] (a baked folder is base + diff) → [`hub`] (`bake push`) → [`eval`] (MC1/MC2, CE/KL,
+//! cross-validation, the model card's results).
 
 pub mod activations;
 pub mod data;
@@ -17,6 +21,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod hub;
+pub mod inspect;
 pub mod io;
 pub mod model;
 pub mod pipeline;

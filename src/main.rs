@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::Result;
-use bake::model::{inspect, resolve::ALIASES, ModelFiles};
+use bake::inspect;
+use bake::model::{resolve::ALIASES, ModelFiles};
 use bake::pipeline::{self, OutputKind, ProbeOptions};
 use bake::progress::Progress;
 use bake::recipe::{DirectionKind, Overrides, Recipe};
@@ -48,7 +49,9 @@ struct BakeArgs {
 /// `--max-shard-size`: at least 1 MB, or a model would be written as one file per tensor.
 fn parse_shard_size(text: &str) -> std::result::Result<u64, String> {
     match bake::units::parse_size(text)? {
-        n if n < 1_000_000 => Err(format!("`{text}`: expected at least 1MB (smaller shards would hold one tensor each)")),
+        n if n < 1_000_000 => {
+            Err(format!("`{text}`: expected at least 1MB (smaller shards would hold one tensor each)"))
+        }
         n => Ok(n),
     }
 }
@@ -262,7 +265,10 @@ impl RecipeArgs {
     }
 
     fn probe_options(&self) -> ProbeOptions {
-        ProbeOptions { cache_dir: (!self.no_cache).then(bake::activations::cache::default_dir), max_memory: self.max_memory }
+        ProbeOptions {
+            cache_dir: (!self.no_cache).then(bake::activations::cache::default_dir),
+            max_memory: self.max_memory,
+        }
     }
 }
 
@@ -380,7 +386,10 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
     println!("folder       {}", report.folder);
     println!("layers       {}", report.layers);
     println!("heads        {} ({} KV heads, head_dim {})", report.heads, report.kv_heads, report.head_dim);
-    println!("hidden       {} (FFN {}, o_proj in {})", report.hidden_size, report.intermediate_size, report.o_proj_in_features);
+    println!(
+        "hidden       {} (FFN {}, o_proj in {})",
+        report.hidden_size, report.intermediate_size, report.o_proj_in_features
+    );
     println!("vocab        {}", report.vocab_size);
     println!("parameters   {} ({:.2} B)", report.parameters, report.parameters as f64 / 1e9);
     println!("dtype        {:?}", report.dtype);
@@ -417,16 +426,19 @@ fn run_probe(args: &ProbeArgs) -> Result<()> {
 /// A replaced folder that could not be removed is worth saying, not failing for: the new output is in place.
 fn note_leftover(published: &bake::io::output::Published, progress: &dyn Progress) {
     if let Some((path, why)) = &published.leftover {
-        progress.note(&format!("warning: the replaced folder is left at {} ({why}); remove it when convenient", path.display()));
+        progress.note(&format!(
+            "warning: the replaced folder is left at {} ({why}); remove it when convenient",
+            path.display()
+        ));
     }
 }
 
 fn print_heads(outcome: &pipeline::ProbeOutcome) {
     let r = &outcome.report;
-    println!("{} probe prompts, {} tuning prompts, {} questions", r.probe_prompts, r.tuning_prompts, outcome.dataset.questions.len());
+    println!("{} probe prompts, {} tuning prompts, {} questions", r.probe_prompts, r.tuning_prompts, outcome.questions);
     println!("top heads (layer, head: validation accuracy, σ):");
-    for (s, [l, h]) in outcome.shifts.iter().zip(&r.heads).take(10) {
-        println!("  {l:>3}, {h:>3}: {:.3}, {:.4}", r.val_accuracy[*l][*h], s.sigma);
+    for &(l, h, sigma) in r.sigma.iter().take(10) {
+        println!("  {l:>3}, {h:>3}: {:.3}, {sigma:.4}", r.val_accuracy[l][h]);
     }
     if r.heads.len() > 10 {
         println!("  ... and {} more", r.heads.len() - 10);
@@ -449,12 +461,8 @@ fn run_bake(args: &BakeArgs) -> Result<()> {
     staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
     let write_started = std::time::Instant::now();
-    let mut log = String::new();
-    for (stage, seconds) in outcome.report.timings.iter().flatten() {
-        log.push_str(&format!("{stage}: {seconds:.2} s\n"));
-    }
     let options = bake::export::baked::BakeOptions { max_shard_bytes: args.max_shard_size };
-    let (written, published) = bake::export::baked::write_baked(&model, &recipe, &outcome, staging, &options, &log, &bars)?;
+    let (written, published) = bake::export::baked::write_baked(&outcome.bake_input(&model), staging, &options, &bars)?;
     print_heads(&outcome);
     note_leftover(&published, &bars);
     let bytes: u64 = written.iter().map(|f| f.bytes).sum();
@@ -475,14 +483,22 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
     let progress: Box<dyn Progress> = if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new()) };
     let report = bake::verify::verify(&dir, &options, progress.as_ref())?;
     if args.json {
-        println!("{}", serde_json::json!({ "ok": report.ok(), "folder": report.folder, "scope": report.scope, "checks": report.checks, "mismatches": report.mismatches }));
+        println!(
+            "{}",
+            serde_json::json!({ "ok": report.ok(), "folder": report.folder, "scope": report.scope, "checks": report.checks, "mismatches": report.mismatches })
+        );
     } else {
         for m in &report.mismatches {
             let tensor = m.tensor.as_deref().map(|t| format!(" tensor `{t}`:")).unwrap_or_default();
             println!("FAIL [{}] {}:{tensor} {}", m.check, m.file, m.message);
         }
         let verdict = if report.ok() { "OK" } else { "FAILED" };
-        println!("{verdict}: {} ({} mismatches; checks: {})", report.folder, report.mismatches.len(), report.checks.join(", "));
+        println!(
+            "{verdict}: {} ({} mismatches; checks: {})",
+            report.folder,
+            report.mismatches.len(),
+            report.checks.join(", ")
+        );
         if report.scope == bake::verify::Scope::SelfConsistency {
             println!(
                 "note: self-consistency only: the files match bake.json and the diff is consistent, but nothing was \
@@ -525,7 +541,9 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     };
     let bars = Bars::new();
     let report = match (args.cv, &args.baked) {
-        (Some(folds), _) => eval::cross_validate(&model, &recipe, folds, &options, &args.recipe.probe_options(), &bars)?,
+        (Some(folds), _) => {
+            eval::cross_validate(&model, &recipe, folds, &options, &args.recipe.probe_options(), &bars)?
+        }
         (None, Some(dir)) => {
             let baked = ModelFiles::open(&dir.to_string_lossy())?;
             eval::evaluate(&model, Some(&baked), &recipe, &options, &bars)?
@@ -533,19 +551,12 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
         (None, None) => eval::evaluate(&model, None, &recipe, &options, &bars)?,
     };
     if let Some(dir) = &args.card {
-        let how = match (args.cv, &args.baked) {
-            (Some(k), _) => format!("ITI fitted and applied with {k}-fold cross-validation (mean over folds)"),
-            (None, Some(_)) => "this model (baked) against its base".to_string(),
-            (None, None) => "the base model".to_string(),
+        let compared = match (args.cv, &args.baked) {
+            (Some(folds), _) => eval::card::Compared::CrossValidated { folds },
+            (None, Some(_)) => eval::card::Compared::BakedAgainstBase,
+            (None, None) => eval::card::Compared::Base,
         };
-        let documents = report.documents.map(|d| format!(" CE and KL(base ‖ edited) per token over {d} documents.")).unwrap_or_default();
-        let section = format!(
-            "TruthfulQA, {} questions, {how}; MC1/MC2 as fractions.{documents} Measured with bake {}.\n\n{}",
-            report.questions,
-            env!("CARGO_PKG_VERSION"),
-            eval::markdown_table(&report)
-        );
-        let published = bake::eval::card::put_evaluation(dir, &section)?;
+        let published = eval::card::put_evaluation(dir, &eval::card::section(&report, compared))?;
         note_leftover(&published, &bars);
         eprintln!("bake: wrote the table into {}", dir.join("README.md").display());
     }
@@ -578,8 +589,22 @@ fn run_push(args: &PushArgs) -> Result<()> {
         println!("{} {} ({} bytes)", if f.upload { "upload   " } else { "unchanged" }, f.path, f.bytes);
     }
     let action = if report.dry_run { "would upload" } else { "uploaded" };
-    let created = if report.repo_created { if report.dry_run { " (would create the repository)" } else { " (repository created)" } } else { "" };
-    println!("{action} {} of {} files to {}@{}{created}", uploads.len(), report.files.len(), report.repo, report.revision);
+    let created = if report.repo_created {
+        if report.dry_run {
+            " (would create the repository)"
+        } else {
+            " (repository created)"
+        }
+    } else {
+        ""
+    };
+    println!(
+        "{action} {} of {} files to {}@{}{created}",
+        uploads.len(),
+        report.files.len(),
+        report.repo,
+        report.revision
+    );
     if let Some(url) = report.pr_url.as_ref().or(report.commit_url.as_ref()) {
         println!("{url}");
     }

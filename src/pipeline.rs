@@ -1,4 +1,5 @@
-//! The ITI core in one call: data → prompts → activations (cached) → probes → heads → shifts → report.
+//! The ITI core in one call: data → prompts → activations (cached) → probes → heads → shifts → report, and
+//! the checks of an output folder before any of it runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,9 +11,10 @@ use crate::activations::plan::{Mode, Plan};
 use crate::activations::{self, cache, Activations, PackedPrompts};
 use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
 use crate::error::Result;
+use crate::export::baked::BakeInput;
 use crate::io::output::{self, Ownership, Protected, Published, Request, Staging, Target};
 use crate::model::{pick_device, ModelFiles};
-use crate::probes::report::ProbeReport;
+use crate::probes::report::{self, ProbeReport};
 use crate::probes::{self, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Split};
 use crate::progress::Progress;
 use crate::recipe::Recipe;
@@ -27,23 +29,52 @@ pub struct ProbeOptions {
 /// Everything the probe stage produced, for the report and for baking.
 pub struct ProbeOutcome {
     pub report: ProbeReport,
-    pub shifts: Vec<HeadShift>,
     /// δ per layer in o_proj-input layout; `None` for layers without a chosen head.
     pub deltas: Vec<Option<Vec<f32>>>,
-    pub split: Split,
-    pub dataset: TruthfulQa,
-    /// sha256 of the model's config and weight files.
+    /// Questions the stage ran on.
+    pub questions: usize,
+    /// sha256 of the model's config and weight files, and of the dataset files.
     pub model_hashes: Vec<(PathBuf, String)>,
+    pub dataset_hashes: Vec<(PathBuf, String)>,
     pub cache_hit: bool,
 }
 
-pub fn run_probe(model: &ModelFiles, recipe: &Recipe, options: &ProbeOptions, progress: &dyn Progress) -> Result<ProbeOutcome> {
-    let mut timings = BTreeMap::new();
-    let mut clock = Instant::now();
-    let mut lap = |name: &str, timings: &mut BTreeMap<String, f64>| {
-        timings.insert(name.to_string(), clock.elapsed().as_secs_f64());
-        clock = Instant::now();
-    };
+impl ProbeOutcome {
+    /// What a bake of `model` with this outcome writes.
+    pub fn bake_input<'a>(&'a self, model: &'a ModelFiles) -> BakeInput<'a> {
+        BakeInput {
+            model,
+            report: &self.report,
+            deltas: &self.deltas,
+            model_hashes: &self.model_hashes,
+            dataset_hashes: &self.dataset_hashes,
+        }
+    }
+}
+
+/// What every use of the probe stage starts from: the data, its prompts and their activations (from the
+/// cache when it holds them). `bake`, `bake probe` and `bake eval --cv` share it.
+pub struct Prepared {
+    pub dataset: TruthfulQa,
+    pub prompts: PromptSets,
+    pub layout: HeadLayout,
+    pub model_hashes: Vec<(PathBuf, String)>,
+    pub probe_acts: Activations,
+    pub tuning_acts: Activations,
+    pub cache_hit: bool,
+    /// Seconds per stage so far.
+    pub timings: BTreeMap<String, f64>,
+}
+
+/// Checks what can be checked first (K, the device, the number of questions), then loads the data, builds
+/// the prompts and runs (or reuses) the activation pass.
+pub fn prepare(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    options: &ProbeOptions,
+    progress: &dyn Progress,
+) -> Result<Prepared> {
+    let mut timings = Timings::start();
     let c = &model.config;
     let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
     probes::check_head_count(recipe.heads, layout.layers * layout.heads)?;
@@ -56,17 +87,47 @@ pub fn run_probe(model: &ModelFiles, recipe: &Recipe, options: &ProbeOptions, pr
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
     progress.stage("hashing model files");
     let model_hashes = model.input_hashes()?;
-    lap("data", &mut timings);
+    timings.lap("data");
 
     progress.stage("activations");
-    let (probe_acts, tuning_acts, cache_hit) = activations_for(model, recipe, &dataset, &prompts, &model_hashes, options, progress)?;
-    lap("activations", &mut timings);
+    let (probe_acts, tuning_acts, cache_hit) =
+        activations_for(model, recipe, &dataset, &prompts, &model_hashes, options, progress)?;
+    timings.lap("activations");
+    Ok(Prepared { dataset, prompts, layout, model_hashes, probe_acts, tuning_acts, cache_hit, timings: timings.done })
+}
 
+/// Seconds per named stage, each measured from the end of the one before.
+struct Timings {
+    clock: Instant,
+    done: BTreeMap<String, f64>,
+}
+
+impl Timings {
+    fn start() -> Self {
+        Timings { clock: Instant::now(), done: BTreeMap::new() }
+    }
+
+    fn lap(&mut self, name: &str) {
+        self.done.insert(name.to_string(), self.clock.elapsed().as_secs_f64());
+        self.clock = Instant::now();
+    }
+}
+
+/// The ITI core: probes on the reference's split, the top K heads, their shifts, and the report.
+pub fn run_probe(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    options: &ProbeOptions,
+    progress: &dyn Progress,
+) -> Result<ProbeOutcome> {
+    let prepared = prepare(model, recipe, options, progress)?;
+    let mut timings = Timings { clock: Instant::now(), done: prepared.timings.clone() };
     progress.stage("probes");
-    let split = probes::split_questions(dataset.questions.len(), recipe.validation_ratio, recipe.seed);
-    let fitted = fit_shifts(recipe, &Fit { probe_acts: &probe_acts, tuning_acts: &tuning_acts, prompts: &prompts, split: &split, layout, sigma_questions: None })?;
-    let (trained, chosen, shifts, deltas) = (fitted.probes, fitted.chosen, fitted.shifts, fitted.deltas);
-    lap("probes", &mut timings);
+    let layout = prepared.layout;
+    let split = probes::split_questions(prepared.dataset.questions.len(), recipe.validation_ratio, recipe.seed);
+    let fit = Fit { prepared: &prepared, split: &split, sigma_questions: None };
+    let fitted = fit_shifts(recipe, &fit)?;
+    timings.lap("probes");
 
     let report = ProbeReport {
         tool_version: crate::VERSION.into(),
@@ -75,27 +136,31 @@ pub fn run_probe(model: &ModelFiles, recipe: &Recipe, options: &ProbeOptions, pr
         layers: layout.layers,
         heads_per_layer: layout.heads,
         head_dim: layout.head_dim,
-        probe_prompts: prompts.probe.len(),
-        tuning_prompts: prompts.tuning.len(),
-        val_accuracy: trained.val_accuracy,
-        heads: chosen.iter().map(|&(l, h)| [l, h]).collect(),
-        train_questions: split.train.clone(),
-        val_questions: split.val.clone(),
-        tuning_question: prompts.tuning_question.clone(),
-        sigma: shifts.iter().map(|s| (s.layer, s.head, s.sigma)).collect(),
-        delta: deltas.iter().enumerate().filter_map(|(l, d)| d.clone().map(|d| (l.to_string(), d))).collect(),
-        timings: Some(timings),
+        probe_prompts: prepared.prompts.probe.len(),
+        tuning_prompts: prepared.prompts.tuning.len(),
+        val_accuracy: fitted.probes.val_accuracy,
+        heads: fitted.chosen.iter().map(|&(l, h)| [l, h]).collect(),
+        train_questions: split.train,
+        val_questions: split.val,
+        tuning_question: prepared.prompts.tuning_question.clone(),
+        sigma: fitted.shifts.iter().map(|s| (s.layer, s.head, s.sigma)).collect(),
+        delta: fitted.deltas.iter().enumerate().filter_map(|(l, d)| d.clone().map(|d| (l.to_string(), d))).collect(),
+        timings: Some(timings.done),
     };
-    Ok(ProbeOutcome { report, shifts, deltas, split, dataset, model_hashes, cache_hit })
+    Ok(ProbeOutcome {
+        report,
+        deltas: fitted.deltas,
+        questions: prepared.dataset.questions.len(),
+        model_hashes: prepared.model_hashes,
+        dataset_hashes: prepared.dataset.files,
+        cache_hit: prepared.cache_hit,
+    })
 }
 
-/// What the probe stage fits on: activations, prompts and which questions play which part.
+/// What the probe stage fits on: the prepared activations and prompts, and which questions play which part.
 pub struct Fit<'a> {
-    pub probe_acts: &'a Activations,
-    pub tuning_acts: &'a Activations,
-    pub prompts: &'a PromptSets,
+    pub prepared: &'a Prepared,
     pub split: &'a Split,
-    pub layout: HeadLayout,
     /// σ over these questions' tuning prompts (`None`: all).
     pub sigma_questions: Option<&'a [usize]>,
 }
@@ -109,30 +174,31 @@ pub struct Fitted {
 
 /// Probes on the split, the top K heads, their directions, σ and δ.
 pub fn fit_shifts(recipe: &Recipe, fit: &Fit) -> Result<Fitted> {
-    let trained = probes::train_probes(fit.probe_acts, &fit.prompts.probe, fit.split, fit.layout);
+    let p = fit.prepared;
+    let trained = probes::train_probes(&p.probe_acts, &p.prompts.probe, fit.split, p.layout);
     let chosen = probes::select_heads(&trained.val_accuracy, recipe.heads)?;
     let shifts = probes::compute_shifts(
         &ShiftInputs {
-            probe_acts: fit.probe_acts,
-            probe_prompts: &fit.prompts.probe,
-            tuning_acts: fit.tuning_acts,
-            tuning_prompts: &fit.prompts.tuning,
+            probe_acts: &p.probe_acts,
+            probe_prompts: &p.prompts.probe,
+            tuning_acts: &p.tuning_acts,
+            tuning_prompts: &p.prompts.tuning,
             sigma_questions: fit.sigma_questions,
             split: fit.split,
             probes: &trained,
-            layout: fit.layout,
+            layout: p.layout,
             direction: recipe.direction,
             alpha: recipe.alpha,
             seed: recipe.seed,
         },
         &chosen,
     )?;
-    let deltas = probes::per_layer_deltas(&shifts, fit.layout);
+    let deltas = probes::per_layer_deltas(&shifts, p.layout);
     Ok(Fitted { probes: trained, chosen, shifts, deltas })
 }
 
 /// The probe and tuning activations of every prompt, from the cache when it holds them.
-pub fn activations_for(
+fn activations_for(
     model: &ModelFiles,
     recipe: &Recipe,
     dataset: &TruthfulQa,
@@ -180,7 +246,7 @@ pub fn activations_for(
         Mode::Streamed => activations::capture_last_token_streamed(model, &device, &packed, progress)?,
     };
     check_finite(&acts, &texts, model.config.head_dim)?;
-    let (probe, tuning) = split_rows(acts, prompts.probe.len());
+    let (probe, tuning) = acts.split_rows(prompts.probe.len());
     if let Some(path) = &cache_path {
         if let Err(e) = cache::store(path, &[("probe", &probe), ("tuning", &tuning)], &key) {
             progress.note(&format!("warning: activations not cached: {e}"));
@@ -216,25 +282,6 @@ fn check_finite(acts: &Activations, texts: &[&str], head_dim: usize) -> Result<(
     )))
 }
 
-fn split_rows(acts: Activations, first: usize) -> (Activations, Activations) {
-    let per_row = acts.layers * acts.width;
-    let mut data = acts.data;
-    let rest = data.split_off(first * per_row);
-    (
-        Activations { rows: first, layers: acts.layers, width: acts.width, data },
-        Activations { rows: acts.rows - first, layers: acts.layers, width: acts.width, data: rest },
-    )
-}
-
-/// The files `bake probe` writes; a folder holding nothing else is one `--force` may replace.
-pub const PROBE_FILES: &[&str] = &["report.json", "heatmap.png"];
-
-/// Writes `report.json` and `heatmap.png` into `dir`.
-pub fn write_probe_outputs(report: &ProbeReport, dir: &Path) -> Result<()> {
-    report.write_json(&dir.join(PROBE_FILES[0]))?;
-    report.write_heatmap(&dir.join(PROBE_FILES[1]))
-}
-
 /// Which existing folders an output of this kind may replace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputKind {
@@ -254,13 +301,13 @@ pub fn check_output(out: &Path, force: bool, model: &ModelFiles, recipe: &Recipe
     }
     let ownership = match kind {
         OutputKind::Bake => Ownership::Manifest,
-        OutputKind::Probe => Ownership::OnlyFiles(PROBE_FILES),
+        OutputKind::Probe => Ownership::OnlyFiles(report::FILES),
     };
     output::check(&Request { out, force, protected, ownership })
 }
 
 /// Writes a probe report into `staging` and publishes it.
 pub fn publish_probe_outputs(report: &ProbeReport, staging: Staging) -> Result<Published> {
-    write_probe_outputs(report, staging.path())?;
+    report.write_files(staging.path())?;
     staging.commit()
 }

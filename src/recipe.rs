@@ -1,12 +1,11 @@
 //! The YAML recipe: every choice of an ITI bake, with the reference code's defaults in
 //! `recipes/truthfulqa.yaml`. Unknown keys and wrong types are errors with line and column.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BakeError, Result};
-pub use crate::eval::corpus::CorpusSpec;
 
 /// `recipes/truthfulqa.yaml`, built in: the recipe used when none is given.
 pub const SHIPPED: &str = include_str!("../recipes/truthfulqa.yaml");
@@ -81,6 +80,36 @@ pub struct Recipe {
 #[serde(rename_all = "snake_case")]
 pub enum Position {
     Last,
+}
+
+/// Which documents to read and how many tokens of each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusSpec {
+    /// A `.jsonl` file (one document per line, in its `text` field) or a plain text file (documents separated
+    /// by blank lines).
+    pub path: PathBuf,
+    /// How many documents are sampled (all when the file has fewer).
+    #[serde(default = "default_documents")]
+    pub documents: usize,
+    /// Tokens per document, special tokens included.
+    #[serde(default = "default_tokens")]
+    pub tokens: usize,
+}
+
+impl CorpusSpec {
+    /// `path` with the default sample: 100 documents × 128 tokens.
+    pub fn new(path: PathBuf) -> Self {
+        CorpusSpec { path, documents: default_documents(), tokens: default_tokens() }
+    }
+}
+
+fn default_documents() -> usize {
+    100
+}
+
+fn default_tokens() -> usize {
+    128
 }
 
 /// Command-line values that replace recipe fields.
@@ -182,7 +211,10 @@ impl Recipe {
         field("alpha", ranges::alpha(self.alpha))?;
         field("heads", ranges::at_least_one(self.heads))?;
         if !(self.validation_ratio > 0.0 && self.validation_ratio < 1.0) {
-            return field("validation_ratio", Err(format!("a number between 0 and 1 (exclusive), found {}", self.validation_ratio)));
+            return field(
+                "validation_ratio",
+                Err(format!("a number between 0 and 1 (exclusive), found {}", self.validation_ratio)),
+            );
         }
         field("batch_size", ranges::at_least_one(self.batch_size))?;
         if let Some(limit) = self.limit {
@@ -202,7 +234,7 @@ impl Recipe {
     pub fn sha256(&self) -> String {
         use sha2::{Digest, Sha256};
         let json = serde_json::to_vec(self).expect("recipe serializes");
-        crate::export::shards::hex(&Sha256::digest(json))
+        crate::io::hash::hex(&Sha256::digest(json))
     }
 }
 

@@ -53,7 +53,7 @@ fn bake_logits(model_dir: &Path, prompts: &[Vec<u32>], shift: Option<&Shift>) ->
     prompts
         .iter()
         .map(|p| {
-            let batch = Batch::right_padded(&[p.clone()], 0, &Device::Cpu).unwrap();
+            let batch = Batch::right_padded(std::slice::from_ref(p), 0, &Device::Cpu).unwrap();
             let out = model.forward(&batch, &Request { logits: true, shift, ..Default::default() }).unwrap();
             out.logits.unwrap().get(0).unwrap().get(p.len() - 1).unwrap().to_vec1().unwrap()
         })
@@ -76,7 +76,11 @@ fn python_check(baked: &Path, base: &Path, prompts: &[Vec<u32>]) -> Option<Value
 }
 
 fn floats(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect()
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -87,7 +91,14 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) {
     let out_root = tempfile::tempdir().unwrap();
     let out = out_root.path().join("baked");
     bake_ok(base, &out, extra);
-    let verify = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&out).arg("--base").arg(base).arg("--run").output().unwrap();
+    let verify = Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg("verify")
+        .arg(&out)
+        .arg("--base")
+        .arg(base)
+        .arg("--run")
+        .output()
+        .unwrap();
     assert!(verify.status.success(), "bake verify: {}", String::from_utf8_lossy(&verify.stdout));
     let files = ModelFiles::open(base.to_str().unwrap()).unwrap();
     let tokenizer = files.tokenizer().unwrap();
@@ -147,7 +158,7 @@ fn tree_hashes(dir: &Path) -> Vec<(String, String)> {
                 stack.push(p);
             } else if p.extension().is_none_or(|x| x != "log") {
                 let name = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-                out.push((name, bake::export::shards::sha256_file(&p).unwrap()));
+                out.push((name, bake::io::hash::sha256_file(&p).unwrap()));
             }
         }
     }
@@ -180,8 +191,11 @@ fn assert_refused(output: &Output, needle: &str, out: &Path) {
     assert!(stderr.contains(needle), "`{needle}` not in {stderr}");
     let parent = out.parent().unwrap();
     if parent.is_dir() {
-        let leftovers: Vec<_> =
-            std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("bake-partial")).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains("bake-partial"))
+            .collect();
         assert!(leftovers.is_empty(), "partial output left: {leftovers:?}");
     }
 }

@@ -40,7 +40,10 @@ fn eval_json(model: &Path, extra: &[&str]) -> Value {
 
 #[test]
 fn smollm2_scores_agree_with_transformers() {
-    let (Some(shared), Some(model), Some(python)) = (common::shared_dir(), common::smollm2_dir(), common::python()) else { return };
+    let (Some(shared), Some(model), Some(python)) = (common::shared_dir(), common::smollm2_dir(), common::python())
+    else {
+        return;
+    };
     let corpus = shared.join("data/wikitext2/test.jsonl");
     let limit = "8";
     let ours = eval_json(&model, &["--limit", limit, "--corpus", corpus.to_str().unwrap(), "--documents", "6"]);
@@ -57,7 +60,8 @@ fn smollm2_scores_agree_with_transformers() {
     let base = &ours["rows"][0];
     for protocol in ["reference", "leaderboard"] {
         for metric in ["mc1", "mc2"] {
-            let (a, b) = (base["mc"][protocol][metric].as_f64().unwrap(), reference[protocol][metric].as_f64().unwrap());
+            let (a, b) =
+                (base["mc"][protocol][metric].as_f64().unwrap(), reference[protocol][metric].as_f64().unwrap());
             eprintln!("{protocol} {metric}: bake {a:.6}, transformers {b:.6}");
             assert!((a - b).abs() <= 0.005, "{protocol} {metric}: bake {a}, transformers {b}");
         }
@@ -76,16 +80,19 @@ fn the_shared_prefix_forward_equals_the_full_forward() {
         let vocab = model.config.vocab_size as u32;
         let prefix_ids: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % vocab).collect();
         let tails: Vec<Vec<u32>> = vec![vec![11 % vocab, 12 % vocab, 13 % vocab], vec![7 % vocab]];
-        let prefix_batch = Batch::right_padded(&[prefix_ids.clone()], 0, &Device::Cpu).unwrap();
-        let prefix = model.forward(&prefix_batch, &Request { keep_kv: true, ..Default::default() }).unwrap().prefix.unwrap();
+        let prefix_batch = Batch::right_padded(std::slice::from_ref(&prefix_ids), 0, &Device::Cpu).unwrap();
+        let prefix =
+            model.forward(&prefix_batch, &Request { keep_kv: true, ..Default::default() }).unwrap().prefix.unwrap();
         let tail_batch = Batch::right_padded(&tails, 0, &Device::Cpu).unwrap();
-        let with_prefix = model.forward(&tail_batch, &Request { prefix: Some(&prefix), logits: true, ..Default::default() }).unwrap();
+        let with_prefix =
+            model.forward(&tail_batch, &Request { prefix: Some(&prefix), logits: true, ..Default::default() }).unwrap();
         for (row, tail) in tails.iter().enumerate() {
             let full: Vec<u32> = prefix_ids.iter().chain(tail).copied().collect();
-            let batch = Batch::right_padded(&[full.clone()], 0, &Device::Cpu).unwrap();
+            let batch = Batch::right_padded(std::slice::from_ref(&full), 0, &Device::Cpu).unwrap();
             let whole = model.forward(&batch, &Request { logits: true, ..Default::default() }).unwrap().logits.unwrap();
             for (i, _) in tail.iter().enumerate() {
-                let a: Vec<f32> = with_prefix.logits.as_ref().unwrap().get(row).unwrap().get(i).unwrap().to_vec1().unwrap();
+                let a: Vec<f32> =
+                    with_prefix.logits.as_ref().unwrap().get(row).unwrap().get(i).unwrap().to_vec1().unwrap();
                 let b: Vec<f32> = whole.get(0).unwrap().get(prefix_ids.len() + i).unwrap().to_vec1().unwrap();
                 let diff = common::max_abs_diff(&a, &b);
                 assert!(diff < 1e-4, "{name}: tail {row} position {i}: prefix forward differs by {diff}");
@@ -100,7 +107,9 @@ fn baked_deltas(dir: &Path, layers: usize) -> Vec<Option<Vec<f32>>> {
     (0..layers)
         .map(|l| {
             let name = format!("layers.{l}.self_attn.o_proj.input.delta");
-            twin.get(&name).map(|_| twin.load_f32(&name, &[twin.get(&name).unwrap().shape[0]], &Device::Cpu).unwrap().to_vec1().unwrap())
+            twin.get(&name).map(|_| {
+                twin.load_f32(&name, &[twin.get(&name).unwrap().shape[0]], &Device::Cpu).unwrap().to_vec1().unwrap()
+            })
         })
         .collect()
 }
@@ -123,7 +132,8 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     let data = TruthfulQa::load(shared.join("data/truthfulqa").to_str().unwrap(), "validation", Some(12)).unwrap();
     let questions: Vec<usize> = (0..12).collect();
     for protocol in [Protocol::Reference, Protocol::Leaderboard] {
-        let set = mc::build(protocol, &data, &questions, &tokenizer, mc::INSTRUCTION_DEFAULT, AnswerTokens::Offsets).unwrap();
+        let set =
+            mc::build(protocol, &data, &questions, &tokenizer, mc::INSTRUCTION_DEFAULT, AnswerTokens::Offsets).unwrap();
         let score = |v: Variant| score::score_items(v, &set.items, 8, 0, &Silent).unwrap();
         let plain = score(Variant { model: &base, hook: None });
         let hooked = score(Variant { model: &base, hook: Some(&every) });
@@ -132,7 +142,9 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
         let worst = hooked.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         let moved = plain.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         let hook_moved = from_prompt_end.iter().zip(&hooked).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        eprintln!("{protocol:?}: baked vs hooked {worst:.2e}; baked vs base {moved:.3}; hook modes differ by {hook_moved:.3}");
+        eprintln!(
+            "{protocol:?}: baked vs hooked {worst:.2e}; baked vs base {moved:.3}; hook modes differ by {hook_moved:.3}"
+        );
         assert!(worst < 1e-3, "{protocol:?}: baked and hooked scores differ by {worst}");
         assert!(moved > 100.0 * worst.max(1e-6), "{protocol:?}: the bake did not move the scores ({moved})");
         assert!(hook_moved > 100.0 * worst.max(1e-6), "{protocol:?}: the two hook modes should differ ({hook_moved})");
@@ -159,7 +171,10 @@ fn bad_inputs_get_clear_errors() {
     assert_fails(&bake_eval(&tiny, &["--limit", "2", "--corpus", missing.to_str().unwrap()]), &["missing.jsonl"]);
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "\n  \n").unwrap();
-    assert_fails(&bake_eval(&tiny, &["--limit", "2", "--corpus", empty.to_str().unwrap()]), &["empty.txt", "no documents"]);
+    assert_fails(
+        &bake_eval(&tiny, &["--limit", "2", "--corpus", empty.to_str().unwrap()]),
+        &["empty.txt", "no documents"],
+    );
 
     let no_tokenizer = tmp.path().join("no-tokenizer");
     std::fs::create_dir(&no_tokenizer).unwrap();
@@ -190,6 +205,7 @@ fn the_table_goes_into_the_model_card_and_the_folder_still_verifies() {
     let card = std::fs::read_to_string(baked.join("README.md")).unwrap();
     assert_eq!(card.matches("## Evaluation (`bake eval`)").count(), 1, "{card}");
     assert!(card.contains("| baked |") && card.contains("MC1 (reference)"), "{card}");
-    let verify = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&baked).arg("--base").arg(&base).output().unwrap();
+    let verify =
+        Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&baked).arg("--base").arg(&base).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }

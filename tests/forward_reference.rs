@@ -28,9 +28,11 @@ fn forward_matches_transformers_on_every_reference_model() {
             let got_ids = tokenizer.encode(case["prompt"].as_str().unwrap()).unwrap();
             assert_eq!(got_ids, expected_ids, "{label}: token ids");
 
-            let batch = Batch::right_padded(&[got_ids.clone()], 0, &Device::Cpu).unwrap();
+            let batch = Batch::right_padded(std::slice::from_ref(&got_ids), 0, &Device::Cpu).unwrap();
             let last = batch.last_tokens();
-            let out = model.forward(&batch, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
+            let out = model
+                .forward(&batch, &Request { capture_at: Some(&last), logits: true, ..Default::default() })
+                .unwrap();
             let logits = out.logits.unwrap().squeeze(0).unwrap();
             let last_logits: Vec<f32> = logits.get(got_ids.len() - 1).unwrap().to_vec1().unwrap();
 
@@ -64,15 +66,20 @@ fn padded_batch_equals_one_prompt_at_a_time() {
     for (name, dir, reference) in common::reference_models() {
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
         let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
-        let prompts: Vec<Vec<u32>> = reference["cases"].as_array().unwrap().iter().map(|c| ids(&c["input_ids"])).collect();
+        let prompts: Vec<Vec<u32>> =
+            reference["cases"].as_array().unwrap().iter().map(|c| ids(&c["input_ids"])).collect();
         let batch = Batch::right_padded(&prompts, 0, &Device::Cpu).unwrap();
         let last = batch.last_tokens();
-        let together = model.forward(&batch, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
+        let together =
+            model.forward(&batch, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
         let together_logits = together.logits.unwrap();
         for (i, prompt) in prompts.iter().enumerate() {
-            let single = Batch::right_padded(&[prompt.clone()], 0, &Device::Cpu).unwrap();
+            let single = Batch::right_padded(std::slice::from_ref(prompt), 0, &Device::Cpu).unwrap();
             let alone = model
-                .forward(&single, &Request { capture_at: Some(&[prompt.len() - 1]), logits: true, ..Default::default() })
+                .forward(
+                    &single,
+                    &Request { capture_at: Some(&[prompt.len() - 1]), logits: true, ..Default::default() },
+                )
                 .unwrap();
             for (layer, (a, b)) in alone.o_proj_inputs.iter().zip(&together.o_proj_inputs).enumerate() {
                 let diff = max_abs_diff(&a.get(0).unwrap().to_vec1().unwrap(), &b.get(i).unwrap().to_vec1().unwrap());
@@ -97,9 +104,10 @@ fn capture_only_pass_stops_early_with_the_same_activations() {
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
         let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
         let prompt = ids(&reference["cases"][0]["input_ids"]);
-        let batch = Batch::right_padded(&[prompt.clone()], 0, &Device::Cpu).unwrap();
+        let batch = Batch::right_padded(std::slice::from_ref(&prompt), 0, &Device::Cpu).unwrap();
         let at = [prompt.len() - 1];
-        let full = model.forward(&batch, &Request { capture_at: Some(&at), logits: true, ..Default::default() }).unwrap();
+        let full =
+            model.forward(&batch, &Request { capture_at: Some(&at), logits: true, ..Default::default() }).unwrap();
         let short = model.forward(&batch, &Request { capture_at: Some(&at), ..Default::default() }).unwrap();
         assert!(short.logits.is_none());
         assert_eq!(short.o_proj_inputs.len(), model.config.num_layers, "{name}");
@@ -126,17 +134,24 @@ fn prefix_tree_batch_equals_transformers_and_one_prompt_at_a_time() {
         let (tree, last) = Batch::prefix_tree(&prompts, &Device::Cpu).unwrap();
         let shared = prompts.iter().map(Vec::len).sum::<usize>() - tree.len();
         assert!(shared >= first.len() * 2, "{name}: the tree should store the shared tokens once ({shared} saved)");
-        let packed = model.forward(&tree, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
+        let packed =
+            model.forward(&tree, &Request { capture_at: Some(&last), logits: true, ..Default::default() }).unwrap();
         let packed_logits = packed.logits.unwrap().squeeze(0).unwrap();
         for (i, prompt) in prompts.iter().enumerate() {
-            let single = Batch::right_padded(&[prompt.clone()], 0, &Device::Cpu).unwrap();
-            let alone = model.forward(&single, &Request { capture_at: Some(&single.last_tokens()), logits: true, ..Default::default() }).unwrap();
+            let single = Batch::right_padded(std::slice::from_ref(prompt), 0, &Device::Cpu).unwrap();
+            let alone = model
+                .forward(
+                    &single,
+                    &Request { capture_at: Some(&single.last_tokens()), logits: true, ..Default::default() },
+                )
+                .unwrap();
             for (layer, (a, b)) in alone.o_proj_inputs.iter().zip(&packed.o_proj_inputs).enumerate() {
                 let diff = max_abs_diff(&flat(&a.get(0).unwrap()), &flat(&b.get(i).unwrap()));
                 assert!(diff <= 1e-4, "{name} prompt {i} layer {layer}: packed differs from alone by {diff}");
             }
             let ours = flat(&packed_logits.get(last[i]).unwrap());
-            let diff = max_abs_diff(&flat(&alone.logits.unwrap().squeeze(0).unwrap().get(prompt.len() - 1).unwrap()), &ours);
+            let diff =
+                max_abs_diff(&flat(&alone.logits.unwrap().squeeze(0).unwrap().get(prompt.len() - 1).unwrap()), &ours);
             assert!(diff <= 1e-4, "{name} prompt {i}: packed logits differ from alone by {diff}");
             if let Some(case) = cases.get(i) {
                 let top_ids = ids(&case["last_logits_top20"]["ids"]);
@@ -146,7 +161,10 @@ fn prefix_tree_batch_equals_transformers_and_one_prompt_at_a_time() {
                 for (layer, values) in case["o_proj_input_last_token"].as_object().unwrap() {
                     let got = flat(&packed.o_proj_inputs[layer.parse::<usize>().unwrap()].get(i).unwrap());
                     let diff = max_abs_diff(&got, &floats(values));
-                    assert!(diff <= 1e-3, "{name} case {i}: packed o_proj input of layer {layer} differs from transformers by {diff}");
+                    assert!(
+                        diff <= 1e-3,
+                        "{name} case {i}: packed o_proj input of layer {layer} differs from transformers by {diff}"
+                    );
                 }
             }
         }

@@ -68,7 +68,16 @@ fn apply(mut bytes: Vec<u8>, edits: &[Edit], focus: usize) -> Vec<u8> {
 
 /// A small valid safetensors file as bake writes it.
 fn valid_safetensors(dir: &Path) -> Vec<u8> {
-    let spec = bake::model::synthetic::SyntheticSpec { layers: 1, hidden: 8, heads: 2, kv_heads: 1, head_dim: 4, intermediate: 8, vocab: 8, ..Default::default() };
+    let spec = bake::model::synthetic::SyntheticSpec {
+        layers: 1,
+        hidden: 8,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 4,
+        intermediate: 8,
+        vocab: 8,
+        ..Default::default()
+    };
     bake::model::synthetic::write_synthetic_model(dir, &spec, u64::MAX).unwrap();
     std::fs::read(dir.join("model.safetensors")).unwrap()
 }
@@ -79,7 +88,8 @@ fn the_safetensors_header_reader_never_panics() {
     let valid = valid_safetensors(dir.path());
     let header_len = u64::from_le_bytes(valid[..8].try_into().unwrap()) as usize + 8;
     let path = dir.path().join("fuzzed.safetensors");
-    let mutated = (edits(), any::<bool>()).prop_map(move |(e, whole)| apply(valid.clone(), &e, if whole { usize::MAX } else { header_len }));
+    let mutated = (edits(), any::<bool>())
+        .prop_map(move |(e, whole)| apply(valid.clone(), &e, if whole { usize::MAX } else { header_len }));
     let random = proptest::collection::vec(any::<u8>(), 0..256);
     runner()
         .run(&prop_oneof![4 => mutated, 1 => random], |bytes| {
@@ -170,7 +180,7 @@ fn the_manifest_reader_never_panics() {
     std::fs::write(folder.join("README.md"), "card").unwrap();
     let valid = serde_json::to_vec_pretty(&serde_json::json!({
         "tool": "bake", "tool_version": "0.1.0", "dtype": "bf16", "heads": [[0, 1]],
-        "outputs": { "README.md": { "sha256": bake::export::shards::sha256_file(&folder.join("README.md")).unwrap(), "bytes": 4 },
+        "outputs": { "README.md": { "sha256": bake::io::hash::sha256_file(&folder.join("README.md")).unwrap(), "bytes": 4 },
                      "activation_diff/config.json": { "sha256": "00", "bytes": 2 } }
     }))
     .unwrap();

@@ -38,7 +38,7 @@ fn serve(folder: PathBuf, repo: &'static str) -> (String, Arc<AtomicUsize>) {
             let response = match file {
                 Some(p) => {
                     let body = std::fs::read(&p).unwrap();
-                    let etag = bake::export::shards::sha256_file(&p).unwrap();
+                    let etag = bake::io::hash::sha256_file(&p).unwrap();
                     let head = format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nConnection: close\r\n\r\n",
                         body.len()
@@ -59,7 +59,10 @@ fn serve(folder: PathBuf, repo: &'static str) -> (String, Arc<AtomicUsize>) {
 
 fn inspect(model: &str, endpoint: &str, home: &Path, offline: bool) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bake"));
-    cmd.args(["inspect", "--json", "--model", model]).env("HF_ENDPOINT", endpoint).env("HF_HOME", home).env_remove("HF_TOKEN");
+    cmd.args(["inspect", "--json", "--model", model])
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", home)
+        .env_remove("HF_TOKEN");
     if offline {
         cmd.env("HF_HUB_OFFLINE", "1");
     }

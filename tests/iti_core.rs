@@ -21,10 +21,8 @@ fn probes_equal_sklearn_accuracies_and_coefficients() {
     let mut rng = SeededRng::new(7);
     let true_w: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
     let xs: Vec<Vec<f64>> = (0..n).map(|_| (0..d).map(|_| rng.normal() * 2.0).collect()).collect();
-    let labels: Vec<bool> = xs
-        .iter()
-        .map(|x| x.iter().zip(&true_w).map(|(a, b)| a * b).sum::<f64>() + rng.normal() * 2.0 > 0.5)
-        .collect();
+    let labels: Vec<bool> =
+        xs.iter().map(|x| x.iter().zip(&true_w).map(|(a, b)| a * b).sum::<f64>() + rng.normal() * 2.0 > 0.5).collect();
     let rows: Vec<&[f64]> = xs.iter().map(Vec::as_slice).collect();
     let (train, val) = rows.split_at(200);
     let probe = logistic::fit(train, &labels[..200], 1.0, 1e-10);
@@ -89,7 +87,7 @@ fn batched_activations_equal_batch_size_one() {
     let tokens = tokenize(&tokenizer, &prompts).unwrap();
     let batched = capture_last_token(&model, &PackedPrompts::new(&tokens, 4, &Device::Cpu).unwrap(), &Silent).unwrap();
     let single = capture_last_token(&model, &PackedPrompts::new(&tokens, 1, &Device::Cpu).unwrap(), &Silent).unwrap();
-    let diff = common::max_abs_diff(&batched.data, &single.data);
+    let diff = common::max_abs_diff(batched.data(), single.data());
     assert!(diff <= 1e-5, "batched differs from batch size 1 by {diff}");
 }
 
@@ -195,9 +193,17 @@ fn parquet_and_jsonl_give_the_same_dataset() {
     assert_eq!(a.questions.iter().map(|q| q.mc2.len()).sum::<usize>(), 5882);
     let generation: usize = a.questions.iter().map(|q| q.correct_answers.len() + q.incorrect_answers.len()).sum();
     assert_eq!(generation, 5918);
-    let empty = a.questions.iter().flat_map(|q| q.correct_answers.iter().chain(&q.incorrect_answers)).filter(|s| s.is_empty()).count();
+    let empty = a
+        .questions
+        .iter()
+        .flat_map(|q| q.correct_answers.iter().chain(&q.incorrect_answers))
+        .filter(|s| s.is_empty())
+        .count();
     assert_eq!(empty, 31, "the Hub's empty answers are kept");
     for (x, y) in a.questions.iter().zip(&b.questions) {
-        assert_eq!((&x.question, &x.mc2, &x.correct_answers, &x.incorrect_answers), (&y.question, &y.mc2, &y.correct_answers, &y.incorrect_answers));
+        assert_eq!(
+            (&x.question, &x.mc2, &x.correct_answers, &x.incorrect_answers),
+            (&y.question, &y.mc2, &y.correct_answers, &y.incorrect_answers)
+        );
     }
 }

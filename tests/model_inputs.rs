@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::path::Path;
 use std::process::Command;
 
-use bake::export::shards::{write_checkpoint, TensorBytes};
+use bake::io::safetensors::{write_checkpoint, TensorBytes};
 use bake::model::synthetic::{write_synthetic_model, SyntheticSpec};
 use bake::model::{Batch, Checkpoint, ModelFiles, Request};
 use candle_core::Device;
@@ -37,12 +37,79 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_
     std::fs::write(&path, serde_json::to_string(&value).unwrap()).unwrap();
 }
 
+fn inspect_json(dir: &Path) -> serde_json::Value {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--json", "--model"]).arg(dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
-fn a_good_synthetic_model_inspects() {
+fn a_good_synthetic_model_inspects_as_what_it_is() {
     let dir = tempfile::tempdir().unwrap();
     synthetic(dir.path());
-    let (code, stderr) = inspect(dir.path());
-    assert_eq!(code, 0, "{stderr}");
+    let spec = SyntheticSpec::default();
+    let report = inspect_json(dir.path());
+    let (h, a, kv, i, v) =
+        (spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.intermediate, spec.vocab);
+    let per_layer = 2 * h + h * a + 2 * h * kv + a * h + 3 * h * i;
+    let parameters = v * h + spec.layers * per_layer + h + v * h;
+    for (field, expected) in [
+        ("layers", spec.layers),
+        ("heads", spec.heads),
+        ("kv_heads", spec.kv_heads),
+        ("head_dim", spec.head_dim),
+        ("hidden_size", h),
+        ("intermediate_size", i),
+        ("vocab_size", v),
+        ("o_proj_in_features", a),
+        ("parameters", parameters),
+    ] {
+        assert_eq!(report[field].as_u64(), Some(expected as u64), "{field}: {report}");
+    }
+    assert_eq!(report["dtype"], "f32");
+    assert_eq!(report["has_attention_biases"], false);
+    assert_eq!(report["tied_embeddings"], false);
+    // The human-readable form says the same.
+    let out = Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(dir.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("layers       2") && text.contains("4 (2 KV heads, head_dim 8)"), "{text}");
+}
+
+/// Adds bias tensors (zeros) to a synthetic model's checkpoint.
+fn add_biases(dir: &Path, names: &[(&str, usize)]) {
+    let checkpoint = Checkpoint::open(Checkpoint::weight_files(dir).unwrap()).unwrap();
+    let mut tensors: Vec<TensorBytes> = checkpoint
+        .tensors
+        .iter()
+        .map(|(name, e)| TensorBytes {
+            name: name.clone(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            bytes: Cow::Owned(checkpoint.bytes(e).to_vec()),
+        })
+        .collect();
+    for (name, width) in names {
+        tensors.push(TensorBytes {
+            name: name.to_string(),
+            dtype: bake::io::dtype::StoredDtype::F32,
+            shape: vec![*width],
+            bytes: Cow::Owned(vec![0; width * 4]),
+        });
+    }
+    drop(checkpoint);
+    write_checkpoint(dir, tensors, u64::MAX, &|_| {}).unwrap();
+}
+
+#[test]
+fn mlp_biases_are_not_attention_biases() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic(dir.path());
+    let spec = SyntheticSpec::default();
+    add_biases(dir.path(), &[("model.layers.0.mlp.up_proj.bias", spec.intermediate)]);
+    assert_eq!(inspect_json(dir.path())["has_attention_biases"], false);
+    add_biases(dir.path(), &[("model.layers.0.self_attn.q_proj.bias", spec.heads * spec.head_dim)]);
+    assert_eq!(inspect_json(dir.path())["has_attention_biases"], true);
 }
 
 #[test]

@@ -83,13 +83,20 @@ fn read_request(stream: &std::net::TcpStream) -> Option<Request> {
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
-    let (path, query) = target.split_once('?').map(|(p, q)| (p.to_string(), q.to_string())).unwrap_or((target, String::new()));
+    let (path, query) =
+        target.split_once('?').map(|(p, q)| (p.to_string(), q.to_string())).unwrap_or((target, String::new()));
     Some(Request { method, path: path.replace("%2F", "/"), query, authorized, body })
 }
 
 fn respond(stream: &mut std::net::TcpStream, status: u16, body: &Value) {
     let text = body.to_string();
-    let reason = match status { 200 => "OK", 401 => "Unauthorized", 404 => "Not Found", 409 => "Conflict", _ => "Error" };
+    let reason = match status {
+        200 => "OK",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        409 => "Conflict",
+        _ => "Error",
+    };
     let head = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", text.len());
     let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(text.as_bytes());
@@ -116,7 +123,9 @@ fn handle(hub: &mut Hub, r: &Request, endpoint: &str) -> (u16, Value) {
         hub.repos.insert(repo.clone(), HashMap::from([("main".to_string(), BTreeMap::new())]));
         return (200, json!({ "url": format!("{endpoint}/{repo}") }));
     }
-    if let Some(repo) = r.path.strip_suffix(".git/info/lfs/objects/batch").map(|p| p.trim_start_matches('/').to_string()) {
+    if let Some(repo) =
+        r.path.strip_suffix(".git/info/lfs/objects/batch").map(|p| p.trim_start_matches('/').to_string())
+    {
         let body: Value = serde_json::from_slice(&r.body).unwrap();
         let objects: Vec<Value> = body["objects"].as_array().unwrap().iter().map(|o| {
             json!({ "oid": o["oid"], "size": o["size"], "actions": { "upload": { "href": format!("{endpoint}/lfs/{repo}/{}", o["oid"].as_str().unwrap()) } } })
@@ -153,9 +162,14 @@ fn handle(hub: &mut Hub, r: &Request, endpoint: &str) -> (u16, Value) {
         ("POST", "commit") => {
             if hub.failing_commits > 0 {
                 hub.failing_commits -= 1;
-                return (500, json!({ "error": "Internal Error - We're working hard to fix this as soon as possible!" }));
+                return (
+                    500,
+                    json!({ "error": "Internal Error - We're working hard to fix this as soon as possible!" }),
+                );
             }
-            let Some(base) = revisions.get(&rest).cloned() else { return (404, json!({ "error": "Revision not found" })) };
+            let Some(base) = revisions.get(&rest).cloned() else {
+                return (404, json!({ "error": "Revision not found" }));
+            };
             let mut files = base;
             for line in String::from_utf8_lossy(&r.body).lines().filter(|l| !l.is_empty()) {
                 let entry: Value = serde_json::from_str(line).unwrap();
@@ -164,7 +178,9 @@ fn handle(hub: &mut Hub, r: &Request, endpoint: &str) -> (u16, Value) {
                     "header" => {}
                     "file" => {
                         let path = value["path"].as_str().unwrap().to_string();
-                        let mut bytes = base64::engine::general_purpose::STANDARD.decode(value["content"].as_str().unwrap()).unwrap();
+                        let mut bytes = base64::engine::general_purpose::STANDARD
+                            .decode(value["content"].as_str().unwrap())
+                            .unwrap();
                         if corrupt && is_lfs(&path) {
                             bytes[0] ^= 1;
                         }
@@ -173,14 +189,22 @@ fn handle(hub: &mut Hub, r: &Request, endpoint: &str) -> (u16, Value) {
                     "deletedFile" => {
                         files.remove(value["path"].as_str().unwrap());
                     }
-                    other => return (400, json!({ "error": format!("unsupported commit entry {other}: no LFS object was uploaded") })),
+                    other => {
+                        return (
+                            400,
+                            json!({ "error": format!("unsupported commit entry {other}: no LFS object was uploaded") }),
+                        )
+                    }
                 }
             }
             if r.query.contains("create_pr=1") {
                 hub.prs += 1;
                 let n = hub.prs;
                 hub.repos.get_mut(&repo).unwrap().insert(format!("refs/pr/{n}"), files);
-                return (200, json!({ "commitUrl": format!("{endpoint}/{repo}/commit/pr{n}"), "commitOid": "1".repeat(40), "prUrl": format!("{endpoint}/{repo}/discussions/{n}"), "prNum": n }));
+                return (
+                    200,
+                    json!({ "commitUrl": format!("{endpoint}/{repo}/commit/pr{n}"), "commitOid": "1".repeat(40), "prUrl": format!("{endpoint}/{repo}/discussions/{n}"), "prNum": n }),
+                );
             }
             revisions.insert(rest, files);
             (200, json!({ "commitUrl": format!("{endpoint}/{repo}/commit/abc"), "commitOid": "2".repeat(40) }))
@@ -232,7 +256,13 @@ fn push_json(dir: &Path, endpoint: &str, extra: &[&str]) -> Value {
 }
 
 fn uploaded(report: &Value) -> Vec<String> {
-    report["files"].as_array().unwrap().iter().filter(|f| f["upload"] == true).map(|f| f["path"].as_str().unwrap().to_string()).collect()
+    report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["upload"] == true)
+        .map(|f| f["path"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn count(hub: &Arc<Mutex<Hub>>, method: &str, needle: &str) -> usize {
@@ -263,7 +293,8 @@ fn edit_card(dir: &Path) {
     std::fs::write(&card, &text).unwrap();
     let manifest_path = dir.join("bake.json");
     let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
-    manifest["outputs"]["README.md"] = json!({ "sha256": hex(&sha2::Sha256::digest(text.as_bytes())), "bytes": text.len() });
+    manifest["outputs"]["README.md"] =
+        json!({ "sha256": hex(&sha2::Sha256::digest(text.as_bytes())), "bytes": text.len() });
     std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap() + "\n").unwrap();
 }
 
@@ -352,15 +383,22 @@ fn push_failures_are_clear() {
     let out = push(&dir, &endpoint, TOKEN, &["--repo", "test-org/corrupted"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(".safetensors") && stderr.contains("LFS sha256") && stderr.contains("manifest"), "{stderr}");
+    assert!(
+        stderr.contains(".safetensors") && stderr.contains("LFS sha256") && stderr.contains("manifest"),
+        "{stderr}"
+    );
     hub.lock().unwrap().corrupt_lfs = false;
 
     // A folder that no longer matches its manifest is refused before any request.
     let requests = hub.lock().unwrap().log.len();
-    let shard = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| {
-        let name = p.file_name().unwrap().to_string_lossy();
-        name.starts_with("model") && name.ends_with(".safetensors")
-    }).unwrap();
+    let shard = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with("model") && name.ends_with(".safetensors")
+        })
+        .unwrap();
     let mut bytes = std::fs::read(&shard).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
@@ -368,6 +406,9 @@ fn push_failures_are_clear() {
     let out = push(&dir, &endpoint, TOKEN, &["--repo", "test-org/tampered"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("bake verify") && stderr.contains(shard.file_name().unwrap().to_str().unwrap()), "{stderr}");
+    assert!(
+        stderr.contains("bake verify") && stderr.contains(shard.file_name().unwrap().to_str().unwrap()),
+        "{stderr}"
+    );
     assert_eq!(hub.lock().unwrap().log.len(), requests);
 }

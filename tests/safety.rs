@@ -45,7 +45,8 @@ fn manifest(dir: &Path) -> Value {
 /// The folder is a complete bake of this α: its files match its manifest and its biases are its δ's.
 fn assert_complete_bake(dir: &Path, model: &Path, alpha: f64) {
     assert_eq!(manifest(dir)["recipe"]["alpha"].as_f64(), Some(alpha), "{}", dir.display());
-    let out = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(dir).arg("--base").arg(model).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(dir).arg("--base").arg(model).output().unwrap();
     assert!(out.status.success(), "{} is not a complete bake: {}", dir.display(), String::from_utf8_lossy(&out.stdout));
 }
 
@@ -147,7 +148,11 @@ fn the_model_and_the_folders_holding_it_or_the_dataset_are_refused() {
     let model = s.model().to_path_buf();
     assert_refused(&s.bake(&model, &["--force"], &[]), &["is the model folder itself"], None);
     assert_refused(&s.bake(s.root.path(), &["--force"], &[]), &["contains the model folder"], None);
-    assert_refused(&s.bake(&model.join("baked"), &["--force"], &[]), &["lies inside the model folder"], Some(&model.join("baked")));
+    assert_refused(
+        &s.bake(&model.join("baked"), &["--force"], &[]),
+        &["lies inside the model folder"],
+        Some(&model.join("baked")),
+    );
     let dataset_parent = s.inputs.1.join("multiple_choice").parent().unwrap().to_path_buf();
     assert_refused(&s.bake(&dataset_parent, &["--force"], &[]), &["the dataset folder"], None);
     assert_eq!(tree(s.root.path()), before, "a refused run changed the inputs");
@@ -170,7 +175,11 @@ fn a_folder_bake_did_not_write_is_never_replaced() {
     assert_ok(&s.bake(&baked, &["--limit", "4"], &[]));
     assert_refused(&s.bake(&baked, &["--limit", "4"], &[]), &["already exists; pass --force"], Some(&baked));
     std::fs::write(baked.join("my-notes.md"), "mine").unwrap();
-    assert_refused(&s.bake(&baked, &["--limit", "4", "--force"], &[]), &["`my-notes.md`", "not listed in its bake.json"], Some(&baked));
+    assert_refused(
+        &s.bake(&baked, &["--limit", "4", "--force"], &[]),
+        &["`my-notes.md`", "not listed in its bake.json"],
+        Some(&baked),
+    );
     assert!(baked.join("my-notes.md").exists() && baked.join("bake.json").exists());
 
     // A file, and a symbolic link, are not folders bake wrote.
@@ -267,7 +276,11 @@ fn without_an_atomic_swap_a_kill_between_the_renames_is_repaired_by_the_next_run
 
     // Killed with the old bake set aside and the new one not yet in place: OUT is missing for a moment,
     // the old bake is complete beside it, and the next run into OUT puts it back before anything else.
-    let killed = s.bake(&out, &["--limit", "4", "--alpha", "5", "--force"], &[("BAKE_FAILPOINTS", "exchange=unsupported,moved-aside=abort")]);
+    let killed = s.bake(
+        &out,
+        &["--limit", "4", "--alpha", "5", "--force"],
+        &[("BAKE_FAILPOINTS", "exchange=unsupported,moved-aside=abort")],
+    );
     assert!(!killed.status.success());
     assert!(!out.exists());
     let aside = siblings(&out, "old");
@@ -279,7 +292,11 @@ fn without_an_atomic_swap_a_kill_between_the_renames_is_repaired_by_the_next_run
     assert!(siblings(&out, "old").is_empty());
 
     // A failed second rename puts the old bake back at once.
-    let failed = s.bake(&out, &["--limit", "4", "--alpha", "5", "--force"], &[("BAKE_FAILPOINTS", "exchange=unsupported,moved-aside=error")]);
+    let failed = s.bake(
+        &out,
+        &["--limit", "4", "--alpha", "5", "--force"],
+        &[("BAKE_FAILPOINTS", "exchange=unsupported,moved-aside=error")],
+    );
     assert_refused(&failed, &["failure injected at `moved-aside`"], None);
     assert_complete_bake(&out, s.model(), 25.0);
 }
@@ -418,7 +435,7 @@ fn poke_tensor(model: &Path, name: &str, count: usize, value: f32) {
         let e = ck.get(name).unwrap();
         (e.start, e.dtype)
     };
-    assert_eq!(dtype, bake::model::StoredDtype::F32);
+    assert_eq!(dtype, bake::io::dtype::StoredDtype::F32);
     let mut bytes = std::fs::read(&path).unwrap();
     for i in 0..count {
         bytes[start + 4 * i..start + 4 * i + 4].copy_from_slice(&value.to_le_bytes());
@@ -436,7 +453,11 @@ fn non_finite_values_stop_the_bake_naming_where() {
     edit_config(s.model(), |c| {
         c.insert("rope_theta".into(), 0.into());
     });
-    assert_refused(&s.bake(&out, &["--limit", "4"], &[]), &["config.json", "rope_theta", "finite number > 0, found 0"], Some(&out));
+    assert_refused(
+        &s.bake(&out, &["--limit", "4"], &[]),
+        &["config.json", "rope_theta", "finite number > 0, found 0"],
+        Some(&out),
+    );
     edit_config(s.model(), |c| {
         c.insert("rope_theta".into(), 10000.0.into());
     });
@@ -461,7 +482,7 @@ fn forge_bias(dir: &Path, name: &str, value: f32) {
     bytes[start..start + encoded.len()].copy_from_slice(&encoded);
     std::fs::write(&path, &bytes).unwrap();
     let mut m = manifest(dir);
-    m["outputs"]["model.safetensors"]["sha256"] = bake::export::shards::sha256_file(&path).unwrap().into();
+    m["outputs"]["model.safetensors"]["sha256"] = bake::io::hash::sha256_file(&path).unwrap().into();
     std::fs::write(dir.join("bake.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
 }
 
@@ -485,7 +506,11 @@ fn verify_treats_a_forged_nan_bias_as_a_mismatch_with_or_without_the_base() {
     for base in [None, Some(s.model())] {
         let (code, report, err) = verify_json(&out, base);
         assert_eq!(code, 1, "{report} {err}");
-        let hit = report["mismatches"].as_array().unwrap().iter().any(|m| m["tensor"] == "model.layers.0.self_attn.o_proj.bias");
+        let hit = report["mismatches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["tensor"] == "model.layers.0.self_attn.o_proj.bias");
         assert!(hit, "{report}");
     }
 }
@@ -510,7 +535,11 @@ fn a_bad_device_is_refused_even_with_a_warm_cache() {
     let warm = s.path("warm");
     assert_ok(&s.bake(&warm, &["--limit", "4"], &[]));
     let out = s.path("baked");
-    for (device, needle) in [("cuda", "built without CUDA"), ("cuda:99", "built without CUDA"), ("metal", "--device metal: expected cpu, cuda, cuda:N or auto")] {
+    for (device, needle) in [
+        ("cuda", "built without CUDA"),
+        ("cuda:99", "built without CUDA"),
+        ("metal", "--device metal: expected cpu, cuda, cuda:N or auto"),
+    ] {
         let run = s.bake(&out, &["--limit", "4", "--device", device], &[]);
         assert_refused(&run, &[needle], Some(&out));
         assert!(!out.exists());
@@ -526,7 +555,10 @@ fn verify_without_a_base_says_it_checked_self_consistency_only() {
     assert_ok(&s.bake(&out, &["--limit", "4"], &[]));
     let plain = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&out).output().unwrap();
     let text = String::from_utf8_lossy(&plain.stdout);
-    assert!(plain.status.success() && text.contains("self-consistency only") && text.contains("--base MODEL"), "{text}");
+    assert!(
+        plain.status.success() && text.contains("self-consistency only") && text.contains("--base MODEL"),
+        "{text}"
+    );
     let (_, report, _) = verify_json(&out, None);
     assert_eq!(report["scope"], "self_consistency");
     let (_, report, _) = verify_json(&out, Some(s.model()));
@@ -541,7 +573,11 @@ fn verify_without_a_base_says_it_checked_self_consistency_only() {
     let (code, report, _) = verify_json(&out, None);
     assert_eq!(code, 1);
     for name in ["../../recipe.yaml", "/etc/hostname"] {
-        let hit = report["mismatches"].as_array().unwrap().iter().any(|x| x["file"] == name && x["message"].as_str().unwrap().contains("outside the folder"));
+        let hit = report["mismatches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["file"] == name && x["message"].as_str().unwrap().contains("outside the folder"));
         assert!(hit, "{name}: {report}");
     }
 }
@@ -580,7 +616,8 @@ fn absurd_config_sizes_are_refused_at_once() {
             c.insert(field.into(), value.into());
         });
         let started = std::time::Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(s.model()).output().unwrap();
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(s.model()).output().unwrap();
         assert_refused(&out, &["config.json", field, needle], None);
         assert!(started.elapsed().as_secs() < 20, "{field}: took {:?}", started.elapsed());
         common::synthetic_inputs(s.root.path());
@@ -616,8 +653,17 @@ fn a_silent_hub_times_out_with_the_url_named() {
     };
     let s = Setup::new();
     let probe_out = s.path("p");
-    let dataset_run =
-        ["probe", "--model", s.model().to_str().unwrap(), "--heads", "2", "--dataset", "org/data", "--out", probe_out.to_str().unwrap()];
+    let dataset_run = [
+        "probe",
+        "--model",
+        s.model().to_str().unwrap(),
+        "--heads",
+        "2",
+        "--dataset",
+        "org/data",
+        "--out",
+        probe_out.to_str().unwrap(),
+    ];
     for args in [&["inspect", "--model", "org/model"][..], &["verify", "org/baked"][..], &dataset_run[..]] {
         let (out, took) = run(args);
         assert_refused(&out, &["no answer from", &endpoint, "timed out"], None);
@@ -665,7 +711,8 @@ fn weights_that_are_a_fifo_or_a_folder_are_refused_without_blocking() {
     let c = std::ffi::CString::new(weights.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo on a path inside the test's temporary folder.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let inspect = || Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(s.model()).output().unwrap();
+    let inspect =
+        || Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(s.model()).output().unwrap();
     assert_refused(&inspect(), &["model.safetensors", "is a FIFO (named pipe); expected a regular file"], None);
     std::fs::remove_file(&weights).unwrap();
     std::fs::create_dir(&weights).unwrap();
@@ -745,7 +792,12 @@ fn an_unwritable_output_fails_first_and_an_unusable_cache_is_skipped() {
     assert!(!stderr(&run).contains("activations"), "the check came after the work: {}", stderr(&run));
 
     let out = s.path("baked");
-    let run = common::bake_synthetic(s.root.path(), &s.inputs, &["--out", out.to_str().unwrap(), "--limit", "4"], &[("BAKE_CACHE_DIR", blocker.join("cache").to_str().unwrap())]);
+    let run = common::bake_synthetic(
+        s.root.path(),
+        &s.inputs,
+        &["--out", out.to_str().unwrap(), "--limit", "4"],
+        &[("BAKE_CACHE_DIR", blocker.join("cache").to_str().unwrap())],
+    );
     assert_ok(&run);
     assert!(stderr(&run).contains("warning: activations not cached"), "{}", stderr(&run));
     assert_complete_bake(&out, s.model(), 15.0);
@@ -789,7 +841,65 @@ fn bad_sizes_paths_keys_and_placeholders_get_clear_errors() {
     assert_refused(&run, &["dup.yaml", &format!("line {duplicate_line}:"), "duplicate"], None);
 
     let recipe = s.path("placeholder.yaml");
-    std::fs::write(&recipe, shipped.replace("\"Q: {question} A: {answer}\"", "\"Q: {question} A: {answer} {answr}\"")).unwrap();
+    std::fs::write(&recipe, shipped.replace("\"Q: {question} A: {answer}\"", "\"Q: {question} A: {answer} {answr}\""))
+        .unwrap();
     let run = s.bake(&out, &["--recipe", recipe.to_str().unwrap()], &[]);
     assert_refused(&run, &["placeholder.yaml", "prompts.probe", "`{answr}` is unknown"], None);
+}
+
+// Defects found in review (the code-health issue), each failing before its fix.
+
+#[test]
+fn an_alpha_zero_bake_verifies_with_a_forward_run() {
+    let s = Setup::new();
+    let out = s.path("baked");
+    assert_ok(&s.bake(&out, &["--limit", "4", "--alpha", "0"], &[]));
+    let run = Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg("verify")
+        .arg(&out)
+        .arg("--base")
+        .arg(s.model())
+        .arg("--run")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "α = 0 is a valid bake that changes nothing: {text}");
+    assert!(text.contains("run"), "{text}");
+}
+
+#[test]
+fn a_heatmap_that_cannot_be_written_is_an_io_error() {
+    let mount = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(mount.path()).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        common::say_skipped("cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    // Fill the filesystem, then ask for a heatmap on it.
+    let filler = mount.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 1 << 20]);
+    let report = bake::probes::report::ProbeReport {
+        tool_version: "test".into(),
+        model: "m".into(),
+        recipe: bake::recipe::Recipe::shipped(),
+        layers: 30,
+        heads_per_layer: 9,
+        head_dim: 64,
+        probe_prompts: 0,
+        tuning_prompts: 0,
+        val_accuracy: vec![vec![0.5; 9]; 30],
+        heads: vec![[0, 0]],
+        train_questions: vec![],
+        val_questions: vec![],
+        tuning_question: vec![],
+        sigma: vec![],
+        delta: Default::default(),
+        timings: None,
+    };
+    let result = report.write_heatmap(&mount.path().join("heatmap.png"));
+    let _ = Command::new("umount").arg(mount.path()).status();
+    match result {
+        Err(bake::BakeError::Io { error, .. }) => assert!(error.to_string().contains("No space left"), "{error}"),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
 }

@@ -25,7 +25,7 @@ fn streamed_and_resident_passes_capture_the_same_activations() {
         let resident = capture_last_token(&files.load(&Device::Cpu).unwrap(), &packed, &Silent).unwrap();
         let streamed = capture_last_token_streamed(&files, &Device::Cpu, &packed, &Silent).unwrap();
         assert_eq!((streamed.rows, streamed.layers, streamed.width), (resident.rows, resident.layers, resident.width));
-        let diff = common::max_abs_diff(&streamed.data, &resident.data);
+        let diff = common::max_abs_diff(streamed.data(), resident.data());
         eprintln!("{name}: {} prompts, streamed vs resident max |Δ| = {diff:e}", texts.len());
         assert!(diff <= 1e-6, "{name}: streamed activations differ by {diff}");
     }
@@ -50,7 +50,11 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
     assert!(roomy.status.success() && String::from_utf8_lossy(&roomy.stdout).contains("\"mode\": \"resident\""));
     let tight = plan("330MiB");
     assert!(tight.status.success(), "{}", String::from_utf8_lossy(&tight.stderr));
-    assert!(String::from_utf8_lossy(&tight.stdout).contains("\"mode\": \"streamed\""), "{}", String::from_utf8_lossy(&tight.stdout));
+    assert!(
+        String::from_utf8_lossy(&tight.stdout).contains("\"mode\": \"streamed\""),
+        "{}",
+        String::from_utf8_lossy(&tight.stdout)
+    );
     let too_small = plan("50MB");
     let stderr = String::from_utf8_lossy(&too_small.stderr);
     assert_eq!(too_small.status.code(), Some(2), "{stderr}");
@@ -60,6 +64,13 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
     // A real bake under the tight budget streams and verifies.
     let out = tmp.path().join("baked");
     let base = common::bake_tiny(&out, &["--limit", "5", "--heads", "4", "--max-memory", "330MiB", "--no-cache"]);
-    let verify = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&out).arg("--base").arg(&base).arg("--run").output().unwrap();
+    let verify = Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg("verify")
+        .arg(&out)
+        .arg("--base")
+        .arg(&base)
+        .arg("--run")
+        .output()
+        .unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }

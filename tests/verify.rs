@@ -29,7 +29,11 @@ fn copy_tree(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let p = e.unwrap().path();
         let target = to.join(p.file_name().unwrap());
-        if p.is_dir() { copy_tree(&p, &target) } else { std::fs::copy(&p, &target).unwrap(); }
+        if p.is_dir() {
+            copy_tree(&p, &target)
+        } else {
+            std::fs::copy(&p, &target).unwrap();
+        }
     }
 }
 
@@ -80,7 +84,10 @@ fn verify_passes_a_fresh_bake_and_catches_every_one_byte_change() {
     let (code, report) = verify(&dir, &base, &[]);
     assert_eq!(code, 1);
     let shard_name = shard.file_name().unwrap().to_string_lossy().into_owned();
-    assert_caught(&report, &[("files", &shard_name, None), ("tensors", &shard_name, Some("layers.1.self_attn.q_proj.weight"))]);
+    assert_caught(
+        &report,
+        &[("files", &shard_name, None), ("tensors", &shard_name, Some("layers.1.self_attn.q_proj.weight"))],
+    );
 
     // An o_proj bias (the part the bake wrote) of a shifted layer: the W_o·δ check names it.
     let dir = case("bias");
@@ -112,7 +119,11 @@ fn verify_passes_a_fresh_bake_and_catches_every_one_byte_change() {
     assert_caught(&report, &[("files", "config.json", None), ("config", "config.json", None)]);
 
     let dir = case("diff");
-    let bin = std::fs::read_dir(dir.join("activation_diff")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|x| x == "bin")).unwrap();
+    let bin = std::fs::read_dir(dir.join("activation_diff"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "bin"))
+        .unwrap();
     let len = std::fs::metadata(&bin).unwrap().len() as usize;
     let data_offset = bake::export::pyvene::read_stored_zip(&std::fs::read(&bin).unwrap()).unwrap();
     assert!(data_offset.iter().any(|(n, _)| n.ends_with("data/0")));

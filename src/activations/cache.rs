@@ -1,16 +1,18 @@
 //! The on-disk activation cache: one safetensors file per key, written to a temporary file and renamed, so
 //! an interrupt never leaves a file that looks complete.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use super::Activations;
 use crate::error::{BakeError, IoContext, Result};
-use crate::export::shards::{hex, write_safetensors, TensorBytes};
-use crate::model::{Checkpoint, StoredDtype};
+use crate::io::dtype::StoredDtype;
+use crate::io::hash::hex;
+use crate::io::safetensors::{write_safetensors, TensorBytes};
+use crate::model::Checkpoint;
 
 /// What an activation pass depends on; any change gives another key.
 pub struct CacheKey<'a> {
@@ -58,25 +60,46 @@ pub fn path_for(dir: &Path, key: &str) -> PathBuf {
     dir.join(format!("{key}.safetensors"))
 }
 
-/// Named activation sets stored under one key.
+/// Named activation sets stored under one key. Each set is read straight into its buffer (not through a
+/// memory map, whose pages would count twice while they are copied).
 pub fn load(path: &Path, names: &[&str]) -> Result<Option<Vec<Activations>>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let file = Checkpoint::open(vec![path.to_path_buf()])?;
+    let layout = Checkpoint::open(vec![path.to_path_buf()])?;
+    let mut file = crate::io::fs::open_regular(path)?;
     let mut out = Vec::new();
     for name in names {
-        let Some(entry) = file.get(name) else { return Ok(None) };
+        let Some(entry) = layout.get(name) else { return Ok(None) };
         let [rows, layers, width] = entry.shape[..] else {
             return Err(BakeError::tensor(path, *name, "expected 3 dimensions [prompts, layers, width]"));
         };
         if entry.dtype != StoredDtype::F32 {
-            return Err(BakeError::tensor(path, *name, format!("stored as {:?}; the cache holds f32 only", entry.dtype)));
+            return Err(BakeError::tensor(
+                path,
+                *name,
+                format!("stored as {:?}; the cache holds f32 only", entry.dtype),
+            ));
         }
-        let data = file.bytes(entry).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        out.push(Activations { rows, layers, width, data });
+        let mut data = vec![0f32; rows * layers * width];
+        file.seek(SeekFrom::Start(entry.start as u64)).at(path)?;
+        read_f32s(&mut file, &mut data).at(path)?;
+        out.push(Activations::from_vec(rows, layers, width, data));
     }
     Ok(Some(out))
+}
+
+/// Fills `values` with little-endian f32s from `reader`.
+fn read_f32s(reader: &mut impl Read, values: &mut [f32]) -> std::io::Result<()> {
+    let mut bytes = [0u8; 1 << 16];
+    for chunk in values.chunks_mut(bytes.len() / 4) {
+        let part = &mut bytes[..chunk.len() * 4];
+        reader.read_exact(part)?;
+        for (v, b) in chunk.iter_mut().zip(part.chunks_exact(4)) {
+            *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+        }
+    }
+    Ok(())
 }
 
 pub fn store(path: &Path, sets: &[(&str, &Activations)], key: &str) -> Result<()> {
@@ -88,7 +111,7 @@ pub fn store(path: &Path, sets: &[(&str, &Activations)], key: &str) -> Result<()
             name: name.to_string(),
             dtype: StoredDtype::F32,
             shape: vec![a.rows, a.layers, a.width],
-            bytes: Cow::Owned(StoredDtype::F32.encode(a.data.iter().copied())),
+            bytes: crate::io::dtype::f32_le_bytes(a.data()),
         })
         .collect();
     let refs: Vec<&TensorBytes> = tensors.iter().collect();
@@ -96,4 +119,30 @@ pub fn store(path: &Path, sets: &[(&str, &Activations)], key: &str) -> Result<()
     let temporary = dir.join(format!(".{key}.{}.partial", std::process::id()));
     write_safetensors(&temporary, &refs, &metadata, &|_| {})?;
     std::fs::rename(&temporary, path).at(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_entry_round_trips_and_only_f32_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entry.safetensors");
+        let acts = Activations::from_vec(2, 1, 3, vec![1.0, -2.0, 3.5, 0.25, f32::MIN_POSITIVE, 7.0]);
+        let (first, rest) = acts.clone().split_rows(1);
+        store(&path, &[("probe", &first), ("tuning", &rest)], "key").unwrap();
+        let loaded = load(&path, &["probe", "tuning"]).unwrap().unwrap();
+        assert_eq!((&loaded[0], &loaded[1]), (&first, &rest));
+
+        let bf16 = TensorBytes {
+            name: "probe".into(),
+            dtype: StoredDtype::Bf16,
+            shape: vec![1, 1, 2],
+            bytes: std::borrow::Cow::Owned(vec![0; 4]),
+        };
+        write_safetensors(&path, &[&bf16], &BTreeMap::new(), &|_| {}).unwrap();
+        let e = load(&path, &["probe"]).unwrap_err().to_string();
+        assert!(e.contains("f32 only"), "{e}");
+    }
 }

@@ -9,6 +9,8 @@
 pub mod cache;
 pub mod plan;
 
+use std::sync::Arc;
+
 use candle_core::Device;
 
 use crate::error::Result;
@@ -23,35 +25,68 @@ use plan::PassShape;
 pub const PASS_VERSION: u32 = 2;
 
 /// o_proj inputs, `[rows][layers][width]` row-major, f32. Row i belongs to prompt i.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Sets split from one pass ([`Activations::split_rows`]) share its buffer, so the pass's captured values
+/// exist once in memory however they are divided.
+#[derive(Debug, Clone)]
 pub struct Activations {
     pub rows: usize,
     pub layers: usize,
     pub width: usize,
-    pub data: Vec<f32>,
+    buffer: Arc<Vec<f32>>,
+    /// Where row 0 of this set starts in `buffer`.
+    offset: usize,
+}
+
+impl PartialEq for Activations {
+    fn eq(&self, other: &Self) -> bool {
+        (self.rows, self.layers, self.width) == (other.rows, other.layers, other.width) && self.data() == other.data()
+    }
 }
 
 impl Activations {
     pub fn zeros(rows: usize, layers: usize, width: usize) -> Self {
-        Activations { rows, layers, width, data: vec![0.0; rows * layers * width] }
+        Self::from_vec(rows, layers, width, vec![0.0; rows * layers * width])
+    }
+
+    /// `data` holds `rows × layers × width` values.
+    pub fn from_vec(rows: usize, layers: usize, width: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), rows * layers * width, "activation buffer of the wrong size");
+        Activations { rows, layers, width, buffer: Arc::new(data), offset: 0 }
+    }
+
+    /// Every value, row by row.
+    pub fn data(&self) -> &[f32] {
+        &self.buffer[self.offset..self.offset + self.rows * self.layers * self.width]
     }
 
     /// One head's values for one prompt.
     pub fn head(&self, row: usize, layer: usize, head: usize, head_dim: usize) -> &[f32] {
         let start = (row * self.layers + layer) * self.width + head * head_dim;
-        &self.data[start..start + head_dim]
+        &self.data()[start..start + head_dim]
+    }
+
+    /// The first `first` rows and the rest, sharing this set's buffer (nothing is copied).
+    pub fn split_rows(self, first: usize) -> (Activations, Activations) {
+        assert!(first <= self.rows, "split past the last row");
+        let per_row = self.layers * self.width;
+        let head = Activations { rows: first, buffer: Arc::clone(&self.buffer), ..self.clone() };
+        let tail = Activations { rows: self.rows - first, offset: self.offset + first * per_row, ..self };
+        (head, tail)
     }
 
     /// The first value that is NaN or infinite: (row, layer, index in the layer's width, value).
     pub fn first_non_finite(&self) -> Option<(usize, usize, usize, f32)> {
-        let at = self.data.iter().position(|v| !v.is_finite())?;
+        let data = self.data();
+        let at = data.iter().position(|v| !v.is_finite())?;
         let (row, rest) = (at / (self.layers * self.width), at % (self.layers * self.width));
-        Some((row, rest / self.width, rest % self.width, self.data[at]))
+        Some((row, rest / self.width, rest % self.width, data[at]))
     }
 
     fn set_layer_row(&mut self, row: usize, layer: usize, values: &[f32]) {
-        let start = (row * self.layers + layer) * self.width;
-        self.data[start..start + self.width].copy_from_slice(values);
+        let start = self.offset + (row * self.layers + layer) * self.width;
+        let buffer = Arc::get_mut(&mut self.buffer).expect("a set is captured before it is shared");
+        buffer[start..start + self.width].copy_from_slice(values);
     }
 }
 
@@ -128,14 +163,18 @@ pub fn capture_last_token(model: &Llama, prompts: &PackedPrompts, progress: &dyn
 
 /// The same capture run layer by layer ([`Llama::capture_streamed`]): one layer's weights resident at a
 /// time, every batch's hidden states kept in memory between layers.
-pub fn capture_last_token_streamed(files: &ModelFiles, device: &Device, prompts: &PackedPrompts, progress: &dyn Progress) -> Result<Activations> {
+pub fn capture_last_token_streamed(
+    files: &ModelFiles,
+    device: &Device,
+    prompts: &PackedPrompts,
+    progress: &dyn Progress,
+) -> Result<Activations> {
     let c = &files.config;
     let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.attn_width());
     let batches: Vec<(&Batch, &[usize])> = prompts.batches.iter().map(|p| (&p.batch, p.last.as_slice())).collect();
     progress.start(c.num_layers as u64, "layers");
     Llama::capture_streamed(
-        c.clone(),
-        &files.checkpoint,
+        files,
         device,
         &batches,
         |layer, i, captured| store(&mut out, &prompts.batches[i].prompts, layer, &captured),

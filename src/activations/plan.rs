@@ -67,11 +67,17 @@ pub fn plan(model: &ModelFiles, pass: &PassShape, matmul_gflops: Option<f64>, bu
     let hidden_state_bytes = (pass.tokens * c.hidden_size) as u64 * 4;
     // One batch's attention: the head-expanded mask, the scores and their softmax, each [heads, t, t] in f32,
     // plus the layer's activations at the MLP's width.
-    let batch_scratch = (3 * c.num_heads * pass.longest_batch * pass.longest_batch + 4 * pass.longest_batch * c.intermediate_size) as u64 * 4;
+    let batch_scratch = (3 * c.num_heads * pass.longest_batch * pass.longest_batch
+        + 4 * pass.longest_batch * c.intermediate_size) as u64
+        * 4;
     // The write step maps every stored weight while it copies them; the activations are gone by then.
     let write_step = stored + OVERHEAD_BYTES;
     let resident = (parameters * 4 + stored + captured + batch_scratch + OVERHEAD_BYTES).max(write_step);
-    let streamed = (embeddings_f32.max(largest_layer_f32 + largest_layer_stored) + hidden_state_bytes + captured + batch_scratch + OVERHEAD_BYTES)
+    let streamed = (embeddings_f32.max(largest_layer_f32 + largest_layer_stored)
+        + hidden_state_bytes
+        + captured
+        + batch_scratch
+        + OVERHEAD_BYTES)
         .max(write_step);
     let flops = pass_flops(c, pass);
     let mode = match budget {
@@ -141,7 +147,11 @@ impl Plan {
         };
         let budget = self.budget_bytes.map(|b| format!(" ≤ budget {:.2} GB", gb(b))).unwrap_or_default();
         let time = match (self.estimated_seconds, self.matmul_gflops) {
-            (Some(s), Some(rate)) => format!("; {:.1} TFLOP, ~{} of matmuls at the measured {rate:.0} GFLOP/s", self.flops / 1e12, duration(s)),
+            (Some(s), Some(rate)) => format!(
+                "; {:.1} TFLOP, ~{} of matmuls at the measured {rate:.0} GFLOP/s",
+                self.flops / 1e12,
+                duration(s)
+            ),
             _ => format!("; {:.1} TFLOP", self.flops / 1e12),
         };
         format!(

@@ -37,9 +37,7 @@ fn fill(template: &str, question: &str, answer: &str, other: &str) -> String {
 pub fn build_prompt_sets(data: &TruthfulQa, spec: &PromptSpec, seed: u64) -> PromptSets {
     let n = data.questions.len();
     let mut rng = SeededRng::for_purpose(seed, "tuning-question");
-    let tuning_question: Vec<usize> = (0..n)
-        .map(|i| if n == 1 { i } else { (i + 1 + rng.below(n - 1)) % n })
-        .collect();
+    let tuning_question: Vec<usize> = (0..n).map(|i| if n == 1 { i } else { (i + 1 + rng.below(n - 1)) % n }).collect();
     let mut probe = Vec::new();
     let mut tuning = Vec::new();
     for (i, q) in data.questions.iter().enumerate() {

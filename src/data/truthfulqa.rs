@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{BakeError, IoContext, Result};
+use crate::io::hub::{Repo, RepoKind};
 
 /// One question, in multiple_choice order, with its generation-config answers.
 #[derive(Debug, Clone)]
@@ -42,7 +43,8 @@ impl TruthfulQa {
             let dir = Path::new(source);
             (config_file(dir, "multiple_choice", split)?, config_file(dir, "generation", split)?)
         } else if crate::model::resolve::parse_repo_id(source).is_some_and(|(_, rev)| rev.is_none()) {
-            let file = |config: &str| crate::hub::download_dataset_file(source, &format!("{config}/{split}-00000-of-00001.parquet"));
+            let repo = Repo { kind: RepoKind::Dataset, id: source, revision: None };
+            let file = |config: &str| repo.fetch(&format!("{config}/{split}-00000-of-00001.parquet"));
             (file("multiple_choice")?, file("generation")?)
         } else {
             return Err(BakeError::Invalid(format!(
@@ -93,7 +95,7 @@ impl TruthfulQa {
         }
         let files = [mc_path, gen_path]
             .into_iter()
-            .map(|p| crate::export::shards::sha256_file(&p).map(|h| (p, h)))
+            .map(|p| crate::io::hash::sha256_file(&p).map(|h| (p, h)))
             .collect::<Result<_>>()?;
         Ok(TruthfulQa { questions, files })
     }
@@ -130,7 +132,10 @@ fn read_parquet(path: &Path) -> Result<Vec<Value>> {
     let file = crate::io::fs::open_regular(path)?;
     let size = file.metadata().at(path)?.len();
     if size > crate::io::fs::limits::DATA {
-        return Err(BakeError::Input { path: path.into(), message: format!("is {size} bytes; a TruthfulQA file is about 1 MB") });
+        return Err(BakeError::Input {
+            path: path.into(),
+            message: format!("is {size} bytes; a TruthfulQA file is about 1 MB"),
+        });
     }
     let reader = SerializedFileReader::new(file).map_err(|e| BakeError::parse(path, e))?;
     let rows = reader.get_row_iter(None).map_err(|e| BakeError::parse(path, e))?;
@@ -151,7 +156,10 @@ fn schema_error(path: &Path, line: usize, field: &str, expected: &str) -> BakeEr
 }
 
 fn string_field(path: &Path, line: usize, row: &Value, field: &str) -> Result<String> {
-    row.get(field).and_then(Value::as_str).map(str::to_string).ok_or_else(|| schema_error(path, line, field, "a string"))
+    row.get(field)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| schema_error(path, line, field, "a string"))
 }
 
 fn strings_field(path: &Path, line: usize, row: &Value, field: &str) -> Result<Vec<String>> {
@@ -164,7 +172,8 @@ fn strings_field(path: &Path, line: usize, row: &Value, field: &str) -> Result<V
 fn targets(path: &Path, line: usize, row: &Value, field: &str) -> Result<Vec<(String, bool)>> {
     let expected = "an object {choices: [string], labels: [0|1]} of equal lengths";
     let target = row.get(field).ok_or_else(|| schema_error(path, line, field, expected))?;
-    let choices = strings_field(path, line, target, "choices").map_err(|_| schema_error(path, line, field, expected))?;
+    let choices =
+        strings_field(path, line, target, "choices").map_err(|_| schema_error(path, line, field, expected))?;
     let labels: Option<Vec<bool>> = target
         .get("labels")
         .and_then(Value::as_array)

@@ -6,16 +6,46 @@
 
 use std::path::Path;
 
-use crate::error::{BakeError, IoContext, Result};
-use crate::export::baked::MANIFEST;
+use super::EvalReport;
+use crate::error::{IoContext, Result};
+use crate::export::manifest::Manifest;
 use crate::io::fs::{limits, read_text};
-use crate::io::listing::entries_under;
+use crate::io::listing::{entries_under, FileEntry, MANIFEST_FILE as MANIFEST};
 use crate::io::output::{self, Ownership, Published, Request};
-use crate::export::shards::write_file;
+use crate::io::safetensors::write_file;
 
 const EVAL_START: &str = "<!-- bake eval -->";
 const EVAL_END: &str = "<!-- /bake eval -->";
 const CARD: &str = "README.md";
+
+/// What an evaluation compared, as the card says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compared {
+    Base,
+    BakedAgainstBase,
+    CrossValidated { folds: usize },
+}
+
+/// The card's evaluation section for `report`: what was measured, how, and the results table.
+pub fn section(report: &EvalReport, compared: Compared) -> String {
+    let how = match compared {
+        Compared::CrossValidated { folds } => {
+            format!("ITI fitted and applied with {folds}-fold cross-validation (mean over folds)")
+        }
+        Compared::BakedAgainstBase => "this model (baked) against its base".to_string(),
+        Compared::Base => "the base model".to_string(),
+    };
+    let documents = report
+        .documents
+        .map(|d| format!(" CE and KL(base ‖ edited) per token over {d} documents."))
+        .unwrap_or_default();
+    format!(
+        "TruthfulQA, {} questions, {how}; MC1/MC2 as fractions.{documents} Measured with bake {}.\n\n{}",
+        report.questions,
+        crate::VERSION,
+        super::markdown_table(report)
+    )
+}
 
 /// `card` with its evaluation section set to `section` (replaced when present, appended otherwise).
 pub fn with_evaluation(card: &str, section: &str) -> String {
@@ -33,18 +63,16 @@ pub fn with_evaluation(card: &str, section: &str) -> String {
 /// check first: a tampered card or manifest would otherwise be blessed with a new hash.
 pub fn put_evaluation(dir: &Path, section: &str) -> Result<Published> {
     crate::verify::require_intact(dir, "put an evaluation into")?;
-    let manifest_path = dir.join(MANIFEST);
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&read_text(&manifest_path, limits::JSON)?).map_err(|e| BakeError::parse(&manifest_path, e))?;
+    let mut manifest = Manifest::read(dir)?;
     let card = read_text(&dir.join(CARD), limits::JSON)?;
 
-    let target = output::check(&Request { out: dir, force: true, protected: Vec::new(), ownership: Ownership::Manifest })?;
+    let target =
+        output::check(&Request { out: dir, force: true, protected: Vec::new(), ownership: Ownership::Manifest })?;
     let staging = target.stage()?;
     link_tree(dir, staging.path(), &[CARD, MANIFEST])?;
     let written = write_file(&staging.path().join(CARD), with_evaluation(&card, section).as_bytes())?;
-    manifest["outputs"][CARD] = serde_json::json!({ "sha256": written.sha256, "bytes": written.bytes });
-    let text = serde_json::to_string_pretty(&manifest).expect("JSON") + "\n";
-    write_file(&staging.path().join(MANIFEST), text.as_bytes())?;
+    manifest.outputs.0.insert(CARD.into(), FileEntry { sha256: written.sha256, bytes: written.bytes });
+    write_file(&staging.path().join(MANIFEST), manifest.to_text().as_bytes())?;
     staging.commit()
 }
 

@@ -1,48 +1,16 @@
 //! The text corpus for CE and KL: documents from a local text or jsonl file, a seeded sample of them, each
 //! cut to its first tokens (the reference takes 100 OpenWebText documents × 128 tokens).
 
-use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 use crate::error::{BakeError, Result};
 use crate::model::TextTokenizer;
+use crate::recipe::CorpusSpec;
 use crate::rng::SeededRng;
-
-/// Which documents to read and how many tokens of each.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CorpusSpec {
-    /// A `.jsonl` file (one document per line, in its `text` field) or a plain text file (documents separated
-    /// by blank lines).
-    pub path: PathBuf,
-    /// How many documents are sampled (all when the file has fewer).
-    #[serde(default = "default_documents")]
-    pub documents: usize,
-    /// Tokens per document, special tokens included.
-    #[serde(default = "default_tokens")]
-    pub tokens: usize,
-}
-
-impl CorpusSpec {
-    /// `path` with the default sample: 100 documents × 128 tokens.
-    pub fn new(path: PathBuf) -> Self {
-        CorpusSpec { path, documents: default_documents(), tokens: default_tokens() }
-    }
-}
-
-fn default_documents() -> usize {
-    100
-}
-
-fn default_tokens() -> usize {
-    128
-}
 
 /// The sampled documents, tokenized and cut.
 #[derive(Debug, Clone)]
 pub struct Corpus {
-    pub path: PathBuf,
     /// Index of each sampled document among the file's non-empty documents, in sample order.
     pub picked: Vec<usize>,
     pub documents: Vec<Vec<u32>>,
@@ -104,7 +72,7 @@ pub fn load(spec: &CorpusSpec, tokenizer: &TextTokenizer, seed: u64) -> Result<C
         )));
     }
     let texts = read_documents(&spec.path)?;
-    let mut corpus = Corpus { path: spec.path.clone(), picked: Vec::new(), documents: Vec::new() };
+    let mut corpus = Corpus { picked: Vec::new(), documents: Vec::new() };
     for i in SeededRng::for_purpose(seed, "corpus").permutation(texts.len()) {
         if corpus.documents.len() == spec.documents {
             break;

@@ -87,7 +87,11 @@ pub struct McSet {
 /// `"x"` → `"x."`: the reference's `format_best` (strip, end with a period).
 fn with_period(answer: &str) -> String {
     let a = answer.trim();
-    if a.ends_with('.') { a.to_string() } else { format!("{a}.") }
+    if a.ends_with('.') {
+        a.to_string()
+    } else {
+        format!("{a}.")
+    }
 }
 
 /// The reference's `split_multi_answer` applied to a list: strip, drop empty answers, end with a period.
@@ -131,7 +135,10 @@ pub fn build(
                 return Ok(i);
             }
             let item = tokenize_item(tokenizer, &prompt, joiner, answer, context_tokens)?.ok_or_else(|| {
-                BakeError::Invalid(format!("question {qi} (`{}`), answer `{answer}`: no answer tokens to score", q.question))
+                BakeError::Invalid(format!(
+                    "question {qi} (`{}`), answer `{answer}`: no answer tokens to score",
+                    q.question
+                ))
             })?;
             set.items.push(item);
             seen.insert(answer.to_string(), set.items.len() - 1);
@@ -140,12 +147,27 @@ pub fn build(
         let combine = match protocol {
             Protocol::Reference => {
                 let best = item_for(&with_period(&q.best_answer), &mut set)?;
-                let truths = reference_answers(&q.correct_answers).iter().map(|a| item_for(a, &mut set)).collect::<Result<Vec<_>>>()?;
-                let falses = reference_answers(&q.incorrect_answers).iter().map(|a| item_for(a, &mut set)).collect::<Result<Vec<_>>>()?;
+                let truths = reference_answers(&q.correct_answers)
+                    .iter()
+                    .map(|a| item_for(a, &mut set))
+                    .collect::<Result<Vec<_>>>()?;
+                let falses = reference_answers(&q.incorrect_answers)
+                    .iter()
+                    .map(|a| item_for(a, &mut set))
+                    .collect::<Result<Vec<_>>>()?;
                 if falses.is_empty() || truths.is_empty() {
-                    return Err(BakeError::Invalid(format!("question {qi} (`{}`): no correct or no incorrect answers", q.question)));
+                    return Err(BakeError::Invalid(format!(
+                        "question {qi} (`{}`): no correct or no incorrect answers",
+                        q.question
+                    )));
                 }
-                Combine { mc1_correct: best, mc1_rivals: falses.clone(), mc1_tie_wins: false, mc2_true: truths, mc2_false: falses }
+                Combine {
+                    mc1_correct: best,
+                    mc1_rivals: falses.clone(),
+                    mc1_tie_wins: false,
+                    mc2_true: truths,
+                    mc2_false: falses,
+                }
             }
             Protocol::Leaderboard => {
                 let mc1 = q.mc1.iter().map(|a| item_for(a, &mut set)).collect::<Result<Vec<_>>>()?;
@@ -153,10 +175,17 @@ pub fn build(
                 let mut mc2_false = Vec::new();
                 for (answer, label) in &q.mc2 {
                     let i = item_for(answer, &mut set)?;
-                    if *label { mc2_true.push(i) } else { mc2_false.push(i) }
+                    if *label {
+                        mc2_true.push(i)
+                    } else {
+                        mc2_false.push(i)
+                    }
                 }
                 let Some((&correct, rivals)) = mc1.split_first() else {
-                    return Err(BakeError::Invalid(format!("question {qi} (`{}`): mc1_targets has no choices", q.question)));
+                    return Err(BakeError::Invalid(format!(
+                        "question {qi} (`{}`): mc1_targets has no choices",
+                        q.question
+                    )));
                 };
                 Combine { mc1_correct: correct, mc1_rivals: rivals.to_vec(), mc1_tie_wins: true, mc2_true, mc2_false }
             }
@@ -201,13 +230,17 @@ pub struct McScores {
 
 impl McSet {
     pub fn combine(&self, scores: &[f64]) -> McScores {
-        let mut out = McScores { protocol: self.protocol, questions: self.questions.clone(), mc1: Vec::new(), mc2: Vec::new() };
+        let mut out =
+            McScores { protocol: self.protocol, questions: self.questions.clone(), mc1: Vec::new(), mc2: Vec::new() };
         for c in &self.combine {
             let best_rival = c.mc1_rivals.iter().map(|&i| scores[i]).fold(f64::NEG_INFINITY, f64::max);
             let correct = scores[c.mc1_correct];
             let mc1 = if c.mc1_tie_wins { correct >= best_rival } else { correct > best_rival };
             out.mc1.push(if mc1 { 1.0 } else { 0.0 });
-            out.mc2.push(true_mass(&c.mc2_true.iter().map(|&i| scores[i]).collect::<Vec<_>>(), &c.mc2_false.iter().map(|&i| scores[i]).collect::<Vec<_>>()));
+            out.mc2.push(true_mass(
+                &c.mc2_true.iter().map(|&i| scores[i]).collect::<Vec<_>>(),
+                &c.mc2_false.iter().map(|&i| scores[i]).collect::<Vec<_>>(),
+            ));
         }
         out
     }

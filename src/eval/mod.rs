@@ -7,20 +7,19 @@ pub mod mc;
 pub mod score;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::data::{build_prompt_sets, TruthfulQa};
-use crate::error::{BakeError, IoContext, Result};
+use crate::data::TruthfulQa;
+use crate::error::{BakeError, Result};
+use crate::export::manifest::Manifest;
 use crate::model::{pick_device, Llama, ModelFiles, TextTokenizer};
 use crate::pipeline::{self, Fit, ProbeOptions};
-use crate::probes::{self, HeadLayout};
+use crate::probes;
 use crate::progress::Progress;
+use crate::recipe::CorpusSpec;
 use crate::recipe::Recipe;
-use corpus::CorpusSpec;
 use mc::{AnswerTokens, McScores, Protocol};
 use score::{Hook, HookMode, LanguageScores, Variant};
 
@@ -90,9 +89,8 @@ struct Setup {
     corpus: Option<corpus::Corpus>,
 }
 
-fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, progress: &dyn Progress) -> Result<Setup> {
-    progress.stage("eval: data");
-    let data = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
+/// The tokenizer, the corpus and the base model, for evaluating on `data`.
+fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, data: TruthfulQa) -> Result<Setup> {
     let tokenizer = model.tokenizer()?;
     let corpus = options.corpus.as_ref().map(|spec| corpus::load(spec, &tokenizer, recipe.seed)).transpose()?;
     let base = model.load(&pick_device(&recipe.device)?)?;
@@ -113,16 +111,31 @@ impl Setup {
         }
     }
 
-    fn score(&self, variant: Variant, protocol: Protocol, questions: &[usize], options: &EvalOptions, recipe: &Recipe, progress: &dyn Progress) -> Result<McScores> {
-        let set = mc::build(protocol, &self.data, questions, &self.tokenizer, &options.instruction, options.answer_tokens)?;
+    fn score(
+        &self,
+        variant: Variant,
+        protocol: Protocol,
+        questions: &[usize],
+        options: &EvalOptions,
+        recipe: &Recipe,
+        progress: &dyn Progress,
+    ) -> Result<McScores> {
+        let set =
+            mc::build(protocol, &self.data, questions, &self.tokenizer, &options.instruction, options.answer_tokens)?;
         let scores = score::score_items(variant, &set.items, recipe.batch_size, self.pad_id, progress)?;
         Ok(set.combine(&scores))
     }
 
-    fn language(&self, edited: &[Variant], recipe: &Recipe, progress: &dyn Progress) -> Result<Option<(LanguageScores, Vec<LanguageScores>)>> {
+    fn language(
+        &self,
+        edited: &[Variant],
+        recipe: &Recipe,
+        progress: &dyn Progress,
+    ) -> Result<Option<(LanguageScores, Vec<LanguageScores>)>> {
         let Some(corpus) = &self.corpus else { return Ok(None) };
         progress.stage("eval: CE and KL");
-        score::language_scores(&self.base, edited, &corpus.documents, recipe.batch_size, self.pad_id, progress).map(Some)
+        score::language_scores(&self.base, edited, &corpus.documents, recipe.batch_size, self.pad_id, progress)
+            .map(Some)
     }
 }
 
@@ -150,19 +163,35 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let started = Instant::now();
     if let Some(b) = baked {
-        check_same_base(&b.location.dir, model)?;
+        Manifest::read(&b.location.dir)?.check_base(model, &b.location.dir)?;
     }
-    let setup = set_up(model, recipe, options, progress)?;
+    progress.stage("eval: data");
+    let data = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
+    let setup = set_up(model, recipe, options, data)?;
     let questions: Vec<usize> = (0..setup.data.questions.len()).collect();
     let baked_model = baked.map(|b| b.load(setup.base.device())).transpose()?;
     let mut base_scores = Vec::new();
     let mut baked_scores = Vec::new();
     for &protocol in &options.protocols {
         progress.stage(&format!("eval: {} protocol, base", protocol.name()));
-        base_scores.push(setup.score(Variant { model: &setup.base, hook: None }, protocol, &questions, options, recipe, progress)?);
+        base_scores.push(setup.score(
+            Variant { model: &setup.base, hook: None },
+            protocol,
+            &questions,
+            options,
+            recipe,
+            progress,
+        )?);
         if let Some(m) = &baked_model {
             progress.stage(&format!("eval: {} protocol, baked", protocol.name()));
-            baked_scores.push(setup.score(Variant { model: m, hook: None }, protocol, &questions, options, recipe, progress)?);
+            baked_scores.push(setup.score(
+                Variant { model: m, hook: None },
+                protocol,
+                &questions,
+                options,
+                recipe,
+                progress,
+            )?);
         }
     }
     let edited: Vec<Variant> = baked_model.iter().map(|m| Variant { model: m, hook: None }).collect();
@@ -200,29 +229,29 @@ pub fn cross_validate(
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
     let started = Instant::now();
-    let setup = set_up(model, recipe, options, progress)?;
-    let n = setup.data.questions.len();
+    let prepared = pipeline::prepare(model, recipe, probe_options, progress)?;
+    let n = prepared.dataset.questions.len();
     if folds < 2 || folds > n {
         return Err(BakeError::Invalid(format!("--cv {folds}: expected between 2 and the number of questions ({n})")));
     }
-    let c = &model.config;
-    let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
-    probes::check_head_count(recipe.heads, layout.layers * layout.heads)?;
-    let prompts = build_prompt_sets(&setup.data, &recipe.prompts, recipe.seed);
-    let hashes = model.input_hashes()?;
-    progress.stage("activations");
-    let (probe_acts, tuning_acts, _) = pipeline::activations_for(model, recipe, &setup.data, &prompts, &hashes, probe_options, progress)?;
-
     let fold_questions = contiguous_folds(n, folds);
     let mut fitted = Vec::new();
+    for (i, test) in fold_questions.iter().enumerate() {
+        let train: Vec<usize> = (0..n).filter(|q| !test.contains(q)).collect();
+        probes::check_question_count(train.len(), recipe.validation_ratio, &format!("the training part of fold {i}"))?;
+    }
+    let setup = set_up(model, recipe, options, prepared.dataset.clone())?;
     for (i, test) in fold_questions.iter().enumerate() {
         progress.stage(&format!("eval: fold {i}: probes"));
         let train: Vec<usize> = (0..n).filter(|q| !test.contains(q)).collect();
         let split = probes::split_among(&train, recipe.validation_ratio, recipe.seed);
-        let fit = Fit { probe_acts: &probe_acts, tuning_acts: &tuning_acts, prompts: &prompts, split: &split, layout, sigma_questions: Some(&train) };
-        let f = pipeline::fit_shifts(recipe, &fit)?;
+        let f =
+            pipeline::fit_shifts(recipe, &Fit { prepared: &prepared, split: &split, sigma_questions: Some(&train) })?;
         let device = setup.base.device();
-        let hooks = (Hook::new(&f.deltas, HookMode::EveryPosition, device)?, Hook::new(&f.deltas, HookMode::FromPromptEnd, device)?);
+        let hooks = (
+            Hook::new(&f.deltas, HookMode::EveryPosition, device)?,
+            Hook::new(&f.deltas, HookMode::FromPromptEnd, device)?,
+        );
         fitted.push((f.chosen, hooks));
     }
 
@@ -231,16 +260,31 @@ pub fn cross_validate(
     let mut fold_scores: Vec<(Vec<McScores>, Vec<McScores>)> = vec![(Vec::new(), Vec::new()); folds];
     for &protocol in &options.protocols {
         progress.stage(&format!("eval: {} protocol, base", protocol.name()));
-        base_scores.push(setup.score(Variant { model: &setup.base, hook: None }, protocol, &all, options, recipe, progress)?);
+        base_scores.push(setup.score(
+            Variant { model: &setup.base, hook: None },
+            protocol,
+            &all,
+            options,
+            recipe,
+            progress,
+        )?);
         for (i, ((_, (bias, hook)), test)) in fitted.iter().zip(&fold_questions).enumerate() {
             let (bias_out, hook_out) = &mut fold_scores[i];
             for (mode, variant_hook, out) in [("bias", bias, bias_out), ("hook", hook, hook_out)] {
                 progress.stage(&format!("eval: {} protocol, fold {i}, ITI as {mode}", protocol.name()));
-                out.push(setup.score(Variant { model: &setup.base, hook: Some(variant_hook) }, protocol, test, options, recipe, progress)?);
+                out.push(setup.score(
+                    Variant { model: &setup.base, hook: Some(variant_hook) },
+                    protocol,
+                    test,
+                    options,
+                    recipe,
+                    progress,
+                )?);
             }
         }
     }
-    let edited: Vec<Variant> = fitted.iter().map(|(_, (bias, _))| Variant { model: &setup.base, hook: Some(bias) }).collect();
+    let edited: Vec<Variant> =
+        fitted.iter().map(|(_, (bias, _))| Variant { model: &setup.base, hook: Some(bias) }).collect();
     let language = setup.language(&edited, recipe, progress)?;
 
     let mut fold_reports = Vec::new();
@@ -287,32 +331,6 @@ fn mean_rows(folds: &[Fold]) -> Vec<Row> {
             kl: first.kl.map(|_| mean(&|f| f.rows[r].kl.unwrap_or(0.0))),
         })
         .collect()
-}
-
-/// A baked folder must come from this base: every weight file's sha256 in its manifest's inputs must be the
-/// base's.
-pub fn check_same_base(baked_dir: &Path, base: &ModelFiles) -> Result<()> {
-    let manifest_path = baked_dir.join(crate::export::baked::MANIFEST);
-    let text = std::fs::read_to_string(&manifest_path).at(&manifest_path)?;
-    let manifest: Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(&manifest_path, e))?;
-    let inputs = manifest.get("inputs").and_then(Value::as_object).ok_or_else(|| {
-        BakeError::field(&manifest_path, "inputs", "an object of input files and their sha256 (is this a bake output?)")
-    })?;
-    for (path, hash) in base.input_hashes()? {
-        let Ok(relative) = path.strip_prefix(&base.location.dir) else { continue };
-        let key = format!("model/{}", relative.to_string_lossy().replace('\\', "/"));
-        let recorded = inputs.get(&key).and_then(Value::as_str);
-        if recorded != Some(hash.as_str()) {
-            return Err(BakeError::Invalid(format!(
-                "{}: baked from a different base: `{key}` has sha256 {} in the manifest, {} in {}",
-                manifest_path.display(),
-                recorded.unwrap_or("(absent)"),
-                hash,
-                base.location.dir.display()
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The results as a markdown table: one column pair per protocol, then CE and KL.

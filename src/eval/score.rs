@@ -47,12 +47,20 @@ pub struct Variant<'a> {
 /// Longest common prefix of all sequences.
 fn common_prefix(items: &[Item]) -> usize {
     let Some(first) = items.first() else { return 0 };
-    items.iter().fold(first.ids.len(), |n, item| n.min(first.ids.iter().zip(&item.ids).take_while(|(a, b)| a == b).count()))
+    items
+        .iter()
+        .fold(first.ids.len(), |n, item| n.min(first.ids.iter().zip(&item.ids).take_while(|(a, b)| a == b).count()))
 }
 
 /// Sum of each item's answer-token log-probabilities. The token prefix every item shares (instruction and
 /// primer) runs once; its keys and values are reused by every batch.
-pub fn score_items(variant: Variant, items: &[Item], batch_size: usize, pad_id: u32, progress: &dyn Progress) -> Result<Vec<f64>> {
+pub fn score_items(
+    variant: Variant,
+    items: &[Item],
+    batch_size: usize,
+    pad_id: u32,
+    progress: &dyn Progress,
+) -> Result<Vec<f64>> {
     let model = variant.model;
     // The prefix must end before the first scored prediction, and before any shifted position.
     let mut shared = common_prefix(items);

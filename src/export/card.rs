@@ -4,7 +4,6 @@ use std::fmt::Write;
 
 use crate::model::ModelFiles;
 use crate::probes::report::ProbeReport;
-use crate::recipe::Recipe;
 
 fn licence(model: &ModelFiles) -> Option<String> {
     // A licence the base states in its own card's front matter, when the folder has one.
@@ -13,14 +12,16 @@ fn licence(model: &ModelFiles) -> Option<String> {
     front.lines().find_map(|l| l.strip_prefix("license:").map(|v| v.trim().to_string()))
 }
 
-pub fn model_card(model: &ModelFiles, recipe: &Recipe, report: &ProbeReport) -> String {
-    let base = &report.model;
+pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
+    let (base, recipe) = (&report.model, &report.recipe);
     let mut s = String::from("---\n");
     let _ = writeln!(s, "base_model: {base}");
     if let Some(l) = licence(model) {
         let _ = writeln!(s, "license: {l}");
     }
-    s.push_str("library_name: transformers\ntags:\n- bake\n- inference-time-intervention\n- iti\n- truthfulqa\n---\n\n");
+    s.push_str(
+        "library_name: transformers\ntags:\n- bake\n- inference-time-intervention\n- iti\n- truthfulqa\n---\n\n",
+    );
     let _ = writeln!(s, "# {base}, baked with Inference-Time Intervention\n");
     let _ = writeln!(
         s,
@@ -58,7 +59,9 @@ pub fn model_card(model: &ModelFiles, recipe: &Recipe, report: &ProbeReport) -> 
     for (rank, ([l, h], (_, _, sigma))) in report.heads.iter().zip(&report.sigma).enumerate() {
         let _ = writeln!(s, "| {} | {l} | {h} | {:.3} | {sigma:.4} |", rank + 1, report.val_accuracy[*l][*h]);
     }
-    s.push_str("\n`report.json` holds every probe's accuracy, the splits and δ; `bake.json` the sha256 of every input \
-                and output file.\n");
+    s.push_str(
+        "\n`report.json` holds every probe's accuracy, the splits and δ; `bake.json` the sha256 of every input \
+                and output file.\n",
+    );
     s
 }

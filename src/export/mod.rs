@@ -2,5 +2,5 @@
 
 pub mod baked;
 pub mod card;
+pub mod manifest;
 pub mod pyvene;
-pub mod shards;

@@ -3,7 +3,7 @@
 //! `{"source_representation": δ_l}`, applied as an `AdditionIntervention` on
 //! `model.layers[l].self_attn.o_proj.input`. The zip and pickle bytes are written here, without torch.
 
-use crate::model::StoredDtype;
+use crate::io::dtype::StoredDtype;
 
 /// The intervention key pyvene ≥ 0.1.7 derives for a raw module path (`.` becomes `_`).
 pub fn intervention_key(layer: usize) -> String {
@@ -21,8 +21,22 @@ pub fn config_json(layers: &[usize], width: usize) -> String {
         .map(|l| {
             // Positional RepresentationConfig; index 12 (hidden_source_representation) = true makes the loader
             // register δ as a buffer, so `set_device` moves it with the model.
-            serde_json::json!([0, format!("model.layers[{l}].self_attn.o_proj.input"), "pos", 1,
-                null, null, null, null, null, null, null, null, true, null])
+            serde_json::json!([
+                0,
+                crate::io::names::Layer(*l).o_proj_input_component(),
+                "pos",
+                1,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                true,
+                null
+            ])
         })
         .collect();
     let config = serde_json::json!({
@@ -153,35 +167,6 @@ pub fn intervention_file(delta_bytes: Vec<u8>, numel: usize, dtype: StoredDtype)
     ])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The 185-byte program pyvene_format.md §4 gives for a bf16[4096] vector.
-    #[test]
-    fn pickle_matches_the_documented_bytes() {
-        let expected = "80026363 6f6c6c65 6374696f 6e730a4f 72646572 65644469 63740a29 52581500 0000736f 75726365 \
-             5f726570 72657365 6e746174 696f6e63 746f7263 682e5f75 74696c73 0a5f7265 6275696c 645f7465 6e736f72 \
-             5f76320a 28285807 00000073 746f7261 67656374 6f726368 0a42466c 6f617431 3653746f 72616765 0a580100 \
-             00003058 03000000 6370754d 00107451 4b004d00 10854b01 85896363 6f6c6c65 6374696f 6e730a4f 72646572 \
-             65644469 63740a29 52745273 2e";
-        let hex: String = expected.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-        assert_eq!(bytes.len(), 185);
-        assert_eq!(state_dict_pickle(4096, StoredDtype::Bf16), bytes);
-    }
-
-    #[test]
-    fn zip_records_are_aligned_and_laid_out_as_documented() {
-        let file = intervention_file(vec![0; 8192], 4096, StoredDtype::Bf16);
-        // data.pkl data@64, byteorder data@320, data/0 data@384, version data@8640, 8910 bytes in all.
-        assert_eq!(&file[64..66], &[0x80, 0x02]);
-        assert_eq!(&file[320..326], b"little");
-        assert_eq!(&file[8640..8642], b"3\n");
-        assert_eq!(file.len(), 8910);
-    }
-}
-
 /// Reads the records of a stored (uncompressed) zip, as written by [`stored_zip`] or by `torch.save`.
 /// Returns `None` when the bytes are not such a zip.
 pub fn read_stored_zip(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
@@ -203,4 +188,34 @@ pub fn read_stored_zip(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
         at += 46 + name_len + extra_len + comment_len;
     }
     Some(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 185-byte program pyvene_format.md §4 gives for a bf16[4096] vector.
+    #[test]
+    fn pickle_matches_the_documented_bytes() {
+        let expected = "80026363 6f6c6c65 6374696f 6e730a4f 72646572 65644469 63740a29 52581500 0000736f 75726365 \
+             5f726570 72657365 6e746174 696f6e63 746f7263 682e5f75 74696c73 0a5f7265 6275696c 645f7465 6e736f72 \
+             5f76320a 28285807 00000073 746f7261 67656374 6f726368 0a42466c 6f617431 3653746f 72616765 0a580100 \
+             00003058 03000000 6370754d 00107451 4b004d00 10854b01 85896363 6f6c6c65 6374696f 6e730a4f 72646572 \
+             65644469 63740a29 52745273 2e";
+        let hex: String = expected.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        assert_eq!(bytes.len(), 185);
+        assert_eq!(state_dict_pickle(4096, StoredDtype::Bf16), bytes);
+    }
+
+    #[test]
+    fn zip_records_are_aligned_and_laid_out_as_documented() {
+        let file = intervention_file(vec![0; 8192], 4096, StoredDtype::Bf16);
+        // data.pkl data@64, byteorder data@320, data/0 data@384, version data@8640, 8910 bytes in all.
+        assert_eq!(&file[64..66], &[0x80, 0x02]);
+        assert_eq!(&file[320..326], b"little");
+        assert_eq!(&file[8640..8642], b"3\n");
+        assert_eq!(file.len(), 8910);
+    }
 }

@@ -15,8 +15,9 @@ use serde_json::Value;
 use sha1::Digest;
 
 use crate::error::{BakeError, IoContext, Result};
-use crate::export::baked::{LOG, MANIFEST};
-use crate::export::shards::sha256_file;
+use crate::export::baked::LOG;
+use crate::export::manifest::Manifest;
+use crate::io::hash::sha256_file;
 use crate::progress::Progress;
 
 pub struct PushOptions {
@@ -77,7 +78,8 @@ fn token() -> Option<String> {
             return Some(t);
         }
     }
-    let from_file = |p: PathBuf| std::fs::read_to_string(p).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+    let from_file =
+        |p: PathBuf| std::fs::read_to_string(p).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
     if let Some(t) = std::env::var_os("HF_TOKEN_PATH").and_then(|p| from_file(p.into())) {
         return Some(t);
     }
@@ -94,7 +96,8 @@ fn hub_error(repo: &str, what: &str, error: impl HubCause) -> BakeError {
         message = message.replace(&t, "***");
     }
     let text = message.to_lowercase();
-    if text.contains("401") || text.contains("unauthorized") || text.contains("authentication") || text.contains("403") {
+    if text.contains("401") || text.contains("unauthorized") || text.contains("authentication") || text.contains("403")
+    {
         message.push_str(" (check the token in HF_TOKEN or the Hugging Face token file: it must have write access)");
     }
     BakeError::Hub(message)
@@ -129,7 +132,7 @@ fn git_blob_id(path: &Path) -> Result<String> {
     let mut hasher = sha1::Sha1::new();
     hasher.update(format!("blob {}\0", bytes.len()).as_bytes());
     hasher.update(&bytes);
-    Ok(crate::export::shards::hex(&hasher.finalize()))
+    Ok(crate::io::hash::hex(&hasher.finalize()))
 }
 
 fn encode_revision(revision: &str) -> String {
@@ -139,8 +142,12 @@ fn encode_revision(revision: &str) -> String {
 /// `GET /api/models/{repo}/tree/{revision}?recursive=true`, following `Link: <...>; rel="next"`. `None`
 /// when the repository (or the revision) does not exist.
 fn remote_tree(repo: &str, revision: &str) -> Result<Option<BTreeMap<String, RemoteFile>>> {
-    let client = super::http_client()?;
-    let mut url = Some(format!("{}/api/models/{repo}/tree/{}?recursive=true", super::endpoint(), encode_revision(revision)));
+    let client = crate::io::hub::http_client()?;
+    let mut url = Some(format!(
+        "{}/api/models/{repo}/tree/{}?recursive=true",
+        crate::io::hub::endpoint(),
+        encode_revision(revision)
+    ));
     let mut files = BTreeMap::new();
     while let Some(u) = url.take() {
         let mut request = client.get(&u);
@@ -166,7 +173,10 @@ fn remote_tree(repo: &str, revision: &str) -> Result<Option<BTreeMap<String, Rem
                 RemoteFile {
                     size: e["size"].as_u64().unwrap_or(0),
                     oid: e["oid"].as_str().unwrap_or_default().to_string(),
-                    lfs_sha256: lfs.and_then(|l| l.get("oid").or_else(|| l.get("sha256"))).and_then(Value::as_str).map(str::to_string),
+                    lfs_sha256: lfs
+                        .and_then(|l| l.get("oid").or_else(|| l.get("sha256")))
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                 },
             );
         }
@@ -195,15 +205,14 @@ fn same_as_remote(remote: Option<&RemoteFile>, path: &Path, bytes: u64, sha256: 
     }
 }
 
-fn commit_message(manifest: &Value) -> (String, String) {
-    let heads = manifest["heads"].as_array().map_or(0, Vec::len);
-    let alpha = &manifest["recipe"]["alpha"];
-    let base = manifest["base_model"].as_str().unwrap_or("?");
-    let summary = format!("bake: ITI on {base} ({heads} heads, alpha {alpha})");
+fn commit_message(manifest: &Manifest) -> (String, String) {
+    let base = &manifest.base_model;
+    // Printed as JSON numbers are (15.0), as the first pushes did.
+    let alpha = Value::from(manifest.recipe.alpha);
+    let summary = format!("bake: ITI on {base} ({} heads, alpha {alpha})", manifest.heads.len());
     let description = format!(
         "Inference-Time Intervention baked as o_proj biases by bake {} (recipe sha256 {}).\n\nCheck it with `bake verify <this repo> --base {base}`.",
-        manifest["tool_version"].as_str().unwrap_or("?"),
-        manifest["recipe_sha256"].as_str().unwrap_or("?")
+        manifest.tool_version, manifest.recipe_sha256
     );
     (summary, description)
 }
@@ -215,12 +224,12 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
         .split_once('/')
         .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
         .filter(|_| crate::model::resolve::parse_repo_id(&options.repo).is_some_and(|(_, rev)| rev.is_none()))
-        .ok_or_else(|| BakeError::Invalid(format!("--repo `{}`: expected org/name", crate::error::shorten(&options.repo, 100))))?;
+        .ok_or_else(|| {
+            BakeError::Invalid(format!("--repo `{}`: expected org/name", crate::error::shorten(&options.repo, 100)))
+        })?;
     progress.stage("push: checking the folder against its manifest");
     crate::verify::require_intact(dir, "push")?;
-    let manifest_path = dir.join(MANIFEST);
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).at(&manifest_path)?)
-        .map_err(|e| BakeError::parse(&manifest_path, e))?;
+    let manifest = Manifest::read(dir)?;
 
     let repo = &options.repo;
     let revision = options.revision.clone().unwrap_or_else(|| "main".into());
@@ -233,15 +242,15 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
     };
     let branch_missing = repo_exists && remote.is_none();
     let remote = remote.unwrap_or_default();
-    let outputs = manifest["outputs"].as_object().cloned().unwrap_or_default();
+
     let mut files = Vec::new();
     // `bake.log` (timings) stays local.
     for path_in_repo in crate::io::listing::entries_under(dir)?.into_iter().filter(|p| p != LOG) {
         let path = dir.join(&path_in_repo);
         let bytes = std::fs::metadata(&path).at(&path)?.len();
         // The check above just proved every listed file has its manifest sha256; only bake.json is unlisted.
-        let sha256 = match outputs.get(&path_in_repo).and_then(|e| e["sha256"].as_str()) {
-            Some(h) => h.to_string(),
+        let sha256 = match manifest.outputs.get(&path_in_repo) {
+            Some(entry) => entry.sha256.clone(),
             None => sha256_file(&path)?,
         };
         let upload = !same_as_remote(remote.get(&path_in_repo), &path, bytes, &sha256)?;
@@ -263,7 +272,7 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
         return Ok(report);
     }
 
-    let client = super::client()?;
+    let client = crate::io::hub::client()?;
     if !repo_exists {
         progress.stage("push: creating the repository");
         client
@@ -277,7 +286,11 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
     }
     let handle = client.model(owner, name);
     if branch_missing || (!repo_exists && revision != "main") {
-        handle.create_branch().branch(&revision).send().map_err(|e| hub_error(repo, &format!("creating branch {revision}"), e))?;
+        handle
+            .create_branch()
+            .branch(&revision)
+            .send()
+            .map_err(|e| hub_error(repo, &format!("creating branch {revision}"), e))?;
     }
     let operations: Vec<CommitOperation> = report
         .files

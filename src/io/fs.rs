@@ -32,7 +32,10 @@ pub fn open_regular(path: &Path) -> Result<File> {
     let file = options.open(path).at(path)?;
     let kind = file.metadata().at(path)?.file_type();
     if !kind.is_file() {
-        return Err(BakeError::Input { path: path.into(), message: format!("is {}; expected a regular file", describe(kind)) });
+        return Err(BakeError::Input {
+            path: path.into(),
+            message: format!("is {}; expected a regular file", describe(kind)),
+        });
     }
     Ok(file)
 }
@@ -78,15 +81,20 @@ pub fn read_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
 
 /// The whole content of a regular UTF-8 text file of at most `limit` bytes.
 pub fn read_text(path: &Path, limit: u64) -> Result<String> {
-    String::from_utf8(read_bytes(path, limit)?)
-        .map_err(|e| BakeError::Input { path: path.into(), message: format!("is not UTF-8 text (byte {})", e.utf8_error().valid_up_to()) })
+    String::from_utf8(read_bytes(path, limit)?).map_err(|e| BakeError::Input {
+        path: path.into(),
+        message: format!("is not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+    })
 }
 
 fn check_size(path: &Path, size: u64, limit: u64) -> Result<()> {
     if size > limit {
         return Err(BakeError::Input {
             path: path.into(),
-            message: format!("is {} bytes; files of this kind are refused above {} bytes (is it the right file?)", size, limit),
+            message: format!(
+                "is {} bytes; files of this kind are refused above {} bytes (is it the right file?)",
+                size, limit
+            ),
         });
     }
     Ok(())

@@ -75,7 +75,9 @@ pub fn check(request: &Request) -> Result<Target> {
     let out = request.out;
     let refuse = |message: String| BakeError::Output { path: out.into(), message };
     if out.to_str().is_none() {
-        return Err(refuse("is not valid UTF-8; give an output path that can be typed back (bake verify needs it)".into()));
+        return Err(refuse(
+            "is not valid UTF-8; give an output path that can be typed back (bake verify needs it)".into(),
+        ));
     }
     if std::fs::symlink_metadata(out).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(refuse("is a symbolic link; bake writes only to a real folder path".into()));
@@ -171,7 +173,9 @@ fn existing(resolved: &Path, ownership: Ownership) -> std::result::Result<Existi
         return Ok(Existing::EmptyFolder);
     }
     let not_ours = |why: String| {
-        Err(format!("is not empty and was not written by bake ({why}); bake replaces only folders it wrote, even with --force"))
+        Err(format!(
+            "is not empty and was not written by bake ({why}); bake replaces only folders it wrote, even with --force"
+        ))
     };
     match ownership {
         Ownership::Manifest => {
@@ -220,7 +224,8 @@ fn sibling_prefix(resolved: &Path, role: &str) -> String {
 
 fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("{}-{nanos}{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
@@ -295,9 +300,11 @@ impl Target {
                 }
                 let Some(_lock) = try_lock_folder(&path) else { continue };
                 let outcome = if role == "old" && !self.resolved.exists() {
-                    std::fs::rename(&path, &self.resolved).map(|()| format!("restored {} from an interrupted replacement", self.out.display()))
+                    std::fs::rename(&path, &self.resolved)
+                        .map(|()| format!("restored {} from an interrupted replacement", self.out.display()))
                 } else {
-                    std::fs::remove_dir_all(&path).map(|()| format!("removed {} left by an interrupted run", path.display()))
+                    std::fs::remove_dir_all(&path)
+                        .map(|()| format!("removed {} left by an interrupted run", path.display()))
                 };
                 notes.push(outcome.unwrap_or_else(|e| format!("could not clean up {}: {e}", path.display())));
             }
@@ -331,7 +338,8 @@ impl Staging {
         parent_lock.lock().map_err(|e| BakeError::io(&parent, e))?;
         let target = &self.target;
         let refuse = |message: String| BakeError::Output { path: target.out.clone(), message };
-        let state = existing(&target.resolved, target.ownership).map_err(|m| refuse(format!("changed while bake ran: it {m}")))?;
+        let state = existing(&target.resolved, target.ownership)
+            .map_err(|m| refuse(format!("changed while bake ran: it {m}")))?;
         let published = match state {
             Existing::Missing | Existing::EmptyFolder => {
                 std::fs::rename(&self.path, &target.resolved).at(&target.resolved)?;
@@ -401,9 +409,11 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::ffi::OsStrExt;
-        let (a, b) = (std::ffi::CString::new(a.as_os_str().as_bytes())?, std::ffi::CString::new(b.as_os_str().as_bytes())?);
+        let (a, b) =
+            (std::ffi::CString::new(a.as_os_str().as_bytes())?, std::ffi::CString::new(b.as_os_str().as_bytes())?);
         // SAFETY: two NUL-terminated paths; the call only renames.
-        let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        let r =
+            unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
         if r == 0 {
             return Ok(());
         }

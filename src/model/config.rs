@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{BakeError, Result};
+use crate::io::dtype::StoredDtype;
 
 /// How rotary position embeddings are scaled beyond the training context.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,86 +16,6 @@ pub enum RopeScaling {
     Default,
     Linear { factor: f64 },
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
-}
-
-/// The storage dtype of a checkpoint's floating-point tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoredDtype {
-    Bf16,
-    F16,
-    F32,
-}
-
-impl StoredDtype {
-    pub fn from_config_name(name: &str) -> Option<Self> {
-        match name {
-            "bfloat16" => Some(Self::Bf16),
-            "float16" | "half" => Some(Self::F16),
-            "float32" | "float" => Some(Self::F32),
-            _ => None,
-        }
-    }
-
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            Self::Bf16 | Self::F16 => 2,
-            Self::F32 => 4,
-        }
-    }
-
-    pub fn candle(self) -> candle_core::DType {
-        match self {
-            Self::Bf16 => candle_core::DType::BF16,
-            Self::F16 => candle_core::DType::F16,
-            Self::F32 => candle_core::DType::F32,
-        }
-    }
-
-    /// Little-endian bytes of `values` in this dtype (round to nearest even for bf16/f16, as torch does).
-    pub fn encode(self, values: impl IntoIterator<Item = f32>) -> Vec<u8> {
-        let values = values.into_iter();
-        match self {
-            Self::F32 => values.flat_map(f32::to_le_bytes).collect(),
-            Self::Bf16 => values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-            Self::F16 => values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        }
-    }
-
-    /// Values of little-endian bytes in this dtype, widened to f64.
-    pub fn decode(self, bytes: &[u8]) -> Vec<f64> {
-        match self {
-            Self::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-            Self::Bf16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
-            Self::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
-        }
-    }
-
-    /// The largest magnitude this dtype stores as a finite number.
-    pub fn max_finite(self) -> f64 {
-        match self {
-            Self::Bf16 => half::bf16::MAX.to_f64(),
-            Self::F16 => half::f16::MAX.to_f64(),
-            Self::F32 => f32::MAX as f64,
-        }
-    }
-
-    /// The name transformers uses in `torch_dtype`.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            Self::Bf16 => "bfloat16",
-            Self::F16 => "float16",
-            Self::F32 => "float32",
-        }
-    }
-
-    pub fn safetensors_name(self) -> &'static str {
-        match self {
-            Self::Bf16 => "BF16",
-            Self::F16 => "F16",
-            Self::F32 => "F32",
-        }
-    }
 }
 
 /// The architecture facts `bake` needs, validated against each other.
@@ -177,7 +98,11 @@ impl ModelConfig {
         let head_dim = match fields.optional_positive("head_dim")? {
             Some(d) => d,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-            None => return Err(fields.wrong("head_dim", "present when hidden_size is not a multiple of num_attention_heads")),
+            None => {
+                return Err(
+                    fields.wrong("head_dim", "present when hidden_size is not a multiple of num_attention_heads")
+                )
+            }
         };
         if head_dim % 2 != 0 {
             return Err(fields.wrong("head_dim", "an even number (rotary embeddings rotate pairs)"));
@@ -186,9 +111,10 @@ impl ModelConfig {
         let dtype_key = if fields.present("dtype").is_some() { "dtype" } else { "torch_dtype" };
         let dtype = match fields.optional_string(dtype_key)? {
             None => None,
-            Some(name) => Some(StoredDtype::from_config_name(&name).ok_or_else(|| {
-                fields.wrong(dtype_key, &format!("bfloat16, float16 or float32, found `{name}`"))
-            })?),
+            Some(name) => Some(
+                StoredDtype::from_config_name(&name)
+                    .ok_or_else(|| fields.wrong(dtype_key, &format!("bfloat16, float16 or float32, found `{name}`")))?,
+            ),
         };
         let rms_norm_eps = fields.optional_f64("rms_norm_eps")?.unwrap_or(1e-6);
         if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
@@ -260,7 +186,9 @@ fn read_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
     let required = |name: &str| -> Result<f64> {
         match n.optional_f64(name)? {
             Some(v) if v.is_finite() && v > 0.0 => Ok(v),
-            Some(v) => Err(BakeError::field(fields.path, field(name), format!("expected a finite number > 0, found {v}"))),
+            Some(v) => {
+                Err(BakeError::field(fields.path, field(name), format!("expected a finite number > 0, found {v}")))
+            }
             None => Err(BakeError::field(fields.path, field(name), "a number (required by this rope_type)")),
         }
     };
@@ -361,10 +289,9 @@ impl Fields<'_> {
         let as_id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
         match self.present(field) {
             None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| as_id(v).ok_or_else(|| self.wrong(field, "a list of token ids")))
-                .collect(),
+            Some(Value::Array(items)) => {
+                items.iter().map(|v| as_id(v).ok_or_else(|| self.wrong(field, "a list of token ids"))).collect()
+            }
             Some(v) => as_id(v).map(|id| vec![id]).ok_or_else(|| self.wrong(field, "a token id")),
         }
     }
@@ -385,8 +312,9 @@ mod tests {
     #[test]
     fn both_rope_key_styles_give_the_same_theta() {
         let old = parse(&format!("{{{BASE},\"rope_theta\":500000.0}}")).unwrap();
-        let new = parse(&format!("{{{BASE},\"rope_parameters\":{{\"rope_theta\":500000.0,\"rope_type\":\"default\"}}}}"))
-            .unwrap();
+        let new =
+            parse(&format!("{{{BASE},\"rope_parameters\":{{\"rope_theta\":500000.0,\"rope_type\":\"default\"}}}}"))
+                .unwrap();
         assert_eq!(old.rope_theta, 500000.0);
         assert_eq!(new.rope_theta, 500000.0);
         assert_eq!(old.rope_scaling, RopeScaling::Default);
@@ -405,7 +333,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let missing = parse(&format!("{{{}}}", BASE.replace(r#""intermediate_size":96,"#, ""))).unwrap_err().to_string();
+        let missing =
+            parse(&format!("{{{}}}", BASE.replace(r#""intermediate_size":96,"#, ""))).unwrap_err().to_string();
         assert!(missing.contains("config.json") && missing.contains("intermediate_size"), "{missing}");
         let yarn = parse(&format!("{{{BASE},\"rope_scaling\":{{\"type\":\"yarn\",\"factor\":2}}}}")).unwrap_err();
         assert!(yarn.to_string().contains("rope_scaling.rope_type") && yarn.to_string().contains("yarn"), "{yarn}");
@@ -413,5 +342,28 @@ mod tests {
         assert!(other.contains("gpt2") && other.contains("llama"), "{other}");
         let gqa = parse(&format!("{{{BASE},\"num_key_value_heads\":3}}")).unwrap_err().to_string();
         assert!(gqa.contains("num_key_value_heads"), "{gqa}");
+    }
+
+    #[test]
+    fn a_bad_dtype_is_named_by_the_key_it_came_from() {
+        let new = parse(&format!("{{{BASE},\"dtype\":\"int8\"}}")).unwrap_err().to_string();
+        assert!(new.contains("field `dtype`") && new.contains("int8"), "{new}");
+        let old = parse(&format!("{{{BASE},\"torch_dtype\":\"int8\"}}")).unwrap_err().to_string();
+        assert!(old.contains("field `torch_dtype`"), "{old}");
+    }
+
+    #[test]
+    fn non_finite_and_absurd_values_are_refused() {
+        for (json, field) in [
+            (format!("{{{BASE},\"rope_theta\":0}}"), "rope_theta"),
+            (format!("{{{BASE},\"rms_norm_eps\":-1}}"), "rms_norm_eps"),
+            (
+                format!("{{{}}}", BASE.replace("\"num_hidden_layers\":3", "\"num_hidden_layers\":1000000000000")),
+                "num_hidden_layers",
+            ),
+        ] {
+            let e = parse(&json).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

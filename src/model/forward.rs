@@ -12,7 +12,9 @@ use candle_nn::Linear;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::weights::Checkpoint;
+use super::ModelFiles;
 use crate::error::{BakeError, Result};
+use crate::io::names::{self, Attention, Mlp, Param};
 
 struct Layer {
     input_norm: Tensor,
@@ -156,27 +158,30 @@ impl Layer {
     /// Layer `l`'s weights (and any biases) as f32 on `device`.
     fn load(c: &ModelConfig, checkpoint: &Checkpoint, l: usize, device: &Device) -> Result<Self> {
         let (h, a, kv, i) = (c.hidden_size, c.attn_width(), c.kv_width(), c.intermediate_size);
+        let names = names::Layer(l);
         let tensor = |name: &str, shape: &[usize]| checkpoint.load_f32(name, shape, device);
-        let linear = |prefix: &str, rows: usize, cols: usize| -> Result<Linear> {
-            let weight = tensor(&format!("{prefix}.weight"), &[rows, cols])?;
-            let bias_name = format!("{prefix}.bias");
-            let bias = match checkpoint.get(&bias_name) {
-                Some(_) => Some(tensor(&bias_name, &[rows])?),
+        let linear = |weight: String, bias: String, rows: usize, cols: usize| -> Result<Linear> {
+            let weight = tensor(&weight, &[rows, cols])?;
+            let bias = match checkpoint.get(&bias) {
+                Some(_) => Some(tensor(&bias, &[rows])?),
                 None => None,
             };
             Ok(Linear::new(weight, bias))
         };
-        let p = format!("model.layers.{l}");
+        let attention = |proj, rows, cols| {
+            linear(names.attention(proj, Param::Weight), names.attention(proj, Param::Bias), rows, cols)
+        };
+        let mlp = |proj, rows, cols| linear(names.mlp(proj, Param::Weight), names.mlp(proj, Param::Bias), rows, cols);
         Ok(Layer {
-            input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_attention_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            q_proj: linear(&format!("{p}.self_attn.q_proj"), a, h)?,
-            k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, h)?,
-            v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, h)?,
-            o_proj: linear(&format!("{p}.self_attn.o_proj"), h, a)?,
-            gate_proj: linear(&format!("{p}.mlp.gate_proj"), i, h)?,
-            up_proj: linear(&format!("{p}.mlp.up_proj"), i, h)?,
-            down_proj: linear(&format!("{p}.mlp.down_proj"), h, i)?,
+            input_norm: tensor(&names.input_norm(), &[h])?,
+            post_attention_norm: tensor(&names.post_attention_norm(), &[h])?,
+            q_proj: attention(Attention::Q, a, h)?,
+            k_proj: attention(Attention::K, kv, h)?,
+            v_proj: attention(Attention::V, kv, h)?,
+            o_proj: attention(Attention::O, h, a)?,
+            gate_proj: mlp(Mlp::Gate, i, h)?,
+            up_proj: mlp(Mlp::Up, i, h)?,
+            down_proj: mlp(Mlp::Down, h, i)?,
         })
     }
 }
@@ -199,31 +204,32 @@ struct StepOutput {
 }
 
 impl Llama {
-    /// Loads every weight as f32 onto `device`. The checkpoint must have been validated against `config`.
-    pub fn load(config: ModelConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        let mut model = Self::load_shell(config, checkpoint, device)?;
-        model.layers = (0..model.config.num_layers).map(|l| Layer::load(&model.config, checkpoint, l, device)).collect::<Result<_>>()?;
+    /// Loads every weight as f32 onto `device` (the files were validated against the config when opened).
+    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
+        let mut model = Self::load_shell(files, device)?;
+        model.layers = (0..model.config.num_layers)
+            .map(|l| Layer::load(&model.config, &files.checkpoint, l, device))
+            .collect::<Result<_>>()?;
         Ok(model)
     }
 
     /// Everything but the decoder layers (embeddings, final norm, head), for the layer-streamed pass.
-    fn load_shell(config: ModelConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        checkpoint.validate(&config)?;
-        let c = &config;
+    fn load_shell(files: &ModelFiles, device: &Device) -> Result<Self> {
+        let (c, checkpoint) = (&files.config, &files.checkpoint);
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let embed_tokens = checkpoint.load_f32("model.embed_tokens.weight", &[v, h], device)?;
-        let lm_head = match checkpoint.get("lm_head.weight") {
-            Some(_) if !c.tie_word_embeddings => checkpoint.load_f32("lm_head.weight", &[v, h], device)?,
+        let embed_tokens = checkpoint.load_f32(names::EMBED_TOKENS, &[v, h], device)?;
+        let lm_head = match checkpoint.get(names::LM_HEAD) {
+            Some(_) if !c.tie_word_embeddings => checkpoint.load_f32(names::LM_HEAD, &[v, h], device)?,
             _ => embed_tokens.clone(),
         };
         Ok(Llama {
             inv_freq: inverse_frequencies(c),
-            norm: checkpoint.load_f32("model.norm.weight", &[h], device)?,
+            norm: checkpoint.load_f32(names::FINAL_NORM, &[h], device)?,
             embed_tokens,
             lm_head,
             layers: Vec::new(),
             device: device.clone(),
-            config,
+            config: c.clone(),
         })
     }
 
@@ -237,7 +243,8 @@ impl Llama {
         let mut captured = Vec::new();
         let mut kept = Prefix { len: ctx.t, keys_t: Vec::new(), values: Vec::new() };
         let group = self.config.num_heads / self.config.num_kv_heads;
-        let shared_heads = |x: Tensor| -> Result<Tensor> { Ok(candle_transformers::utils::repeat_kv(x, group)?.squeeze(0)?) };
+        let shared_heads =
+            |x: Tensor| -> Result<Tensor> { Ok(candle_transformers::utils::repeat_kv(x, group)?.squeeze(0)?) };
         for (l, layer) in self.layers.iter().enumerate() {
             let last = l + 1 == self.layers.len() && !request.logits;
             let step = self.step(l, layer, &mut x, &ctx, request, last)?;
@@ -287,7 +294,11 @@ impl Llama {
         // Expanded over the heads once, so each layer's addition is a plain elementwise one.
         let mask = mask.broadcast_as((b, c.num_heads, t, past + t))?.contiguous()?;
         let capture_rows = match request.capture_at {
-            Some(tokens) => Some(Tensor::from_vec(tokens.iter().map(|&i| i as u32).collect::<Vec<_>>(), tokens.len(), &self.device)?),
+            Some(tokens) => Some(Tensor::from_vec(
+                tokens.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                tokens.len(),
+                &self.device,
+            )?),
             None => None,
         };
         let shift_mask = match from_position {
@@ -300,7 +311,15 @@ impl Llama {
     /// Runs decoder layer `l` on the hidden states `x` in place: attention, the shift and the capture at its
     /// o_proj input, then (unless `stop_after_attention`) o_proj and the MLP. Both the resident forward and
     /// the layer-streamed pass go through here.
-    fn step(&self, l: usize, layer: &Layer, x: &mut Tensor, ctx: &Context, request: &Request, stop_after_attention: bool) -> Result<StepOutput> {
+    fn step(
+        &self,
+        l: usize,
+        layer: &Layer,
+        x: &mut Tensor,
+        ctx: &Context,
+        request: &Request,
+        stop_after_attention: bool,
+    ) -> Result<StepOutput> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
         let normed = candle_nn::ops::rms_norm(x, &layer.input_norm, eps)?;
@@ -333,19 +352,19 @@ impl Llama {
     /// their mapped pages released). `sink(layer, batch, captured)` receives each batch's o_proj inputs at
     /// `capture[batch]`, exactly as [`Llama::forward`] would capture them.
     pub fn capture_streamed(
-        config: ModelConfig,
-        checkpoint: &Checkpoint,
+        files: &ModelFiles,
         device: &Device,
         batches: &[(&Batch, &[usize])],
         mut sink: impl FnMut(usize, usize, Tensor) -> Result<()>,
         mut layer_done: impl FnMut(usize),
     ) -> Result<()> {
-        let mut shell = Self::load_shell(config, checkpoint, device)?;
+        let checkpoint = &files.checkpoint;
+        let mut shell = Self::load_shell(files, device)?;
         let mut hidden: Vec<Tensor> = batches.iter().map(|&(batch, _)| shell.embed(batch)).collect::<Result<_>>()?;
         // The pass ends at the last layer's attention: the embeddings and the head are not needed again.
         shell.embed_tokens = Tensor::zeros(0, DType::F32, device)?;
         shell.lm_head = shell.embed_tokens.clone();
-        checkpoint.release(&["model.embed_tokens.weight", "lm_head.weight"]);
+        checkpoint.release(&[names::EMBED_TOKENS, names::LM_HEAD]);
         let layers = shell.config.num_layers;
         for l in 0..layers {
             let layer = Layer::load(&shell.config, checkpoint, l, device)?;
@@ -399,11 +418,14 @@ impl Llama {
                 // instead of b·heads small ones.
                 let p = keys_t.dim(2)?;
                 let by_head = q.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, c.head_dim))?;
-                let prefix_scores = by_head.matmul(keys_t)?.reshape((c.num_heads, b, t, p))?.transpose(0, 1)?.contiguous()?;
+                let prefix_scores =
+                    by_head.matmul(keys_t)?.reshape((c.num_heads, b, t, p))?.transpose(0, 1)?.contiguous()?;
                 let scores = Tensor::cat(&[&prefix_scores, &own_scores], 3)?.broadcast_add(mask)?;
                 let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-                let prefix_weights = weights.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, p))?;
-                let from_prefix = prefix_weights.matmul(values)?.reshape((c.num_heads, b, t, c.head_dim))?.transpose(0, 1)?;
+                let prefix_weights =
+                    weights.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, p))?;
+                let from_prefix =
+                    prefix_weights.matmul(values)?.reshape((c.num_heads, b, t, c.head_dim))?.transpose(0, 1)?;
                 (from_prefix + weights.narrow(3, p, t)?.contiguous()?.matmul(&own_v)?)?
             }
         }; // [b, heads, t, head_dim]
@@ -431,8 +453,12 @@ pub fn inverse_frequencies(c: &ModelConfig) -> Vec<f32> {
         RopeScaling::Default => plain,
         RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-            let (factor, low, high, context) =
-                (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+            let (factor, low, high, context) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+                original_max_position_embeddings as f32,
+            );
             let low_freq_wavelen = context / low;
             let high_freq_wavelen = context / high;
             plain

@@ -2,19 +2,19 @@
 
 pub mod config;
 pub mod forward;
-pub mod inspect;
 pub mod resolve;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{ModelConfig, RopeScaling, StoredDtype};
+pub use config::{ModelConfig, RopeScaling};
 pub use forward::{Batch, Llama, Output, Prefix, Request, Shift};
 pub use resolve::ModelLocation;
 pub use tokenizer::TextTokenizer;
 pub use weights::Checkpoint;
 
 use crate::error::Result;
+use crate::io::dtype::StoredDtype;
 
 /// A resolved model whose config and weights have been checked against each other. Nothing is computed yet:
 /// the weights stay memory-mapped until [`ModelFiles::load`].
@@ -40,7 +40,7 @@ impl ModelFiles {
 
     /// The weights as f32 tensors on `device`, ready to run.
     pub fn load(&self, device: &candle_core::Device) -> Result<Llama> {
-        Llama::load(self.config.clone(), &self.checkpoint, device)
+        Llama::load(self, device)
     }
 
     /// The dtype a baked copy is written in: the config's, or else the weights'.
@@ -55,7 +55,7 @@ impl ModelFiles {
         use rayon::prelude::*;
         let mut files = vec![self.location.config_path()];
         files.extend(self.checkpoint.files.iter().cloned());
-        files.into_par_iter().map(|p| crate::export::shards::sha256_file(&p).map(|h| (p, h))).collect()
+        files.into_par_iter().map(|p| crate::io::hash::sha256_file(&p).map(|h| (p, h))).collect()
     }
 }
 

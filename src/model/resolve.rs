@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{BakeError, Result};
-use crate::hub;
+use crate::io::hub::{Repo, RepoKind};
+use crate::io::safetensors::{INDEX_FILE, SINGLE_FILE};
 
 /// The short names `likenneth/honest_llama` uses, and the Hub repositories behind them.
 pub const ALIASES: &[(&str, &str)] = &[
@@ -102,8 +103,29 @@ pub fn resolve(spec: &str) -> Result<ModelLocation> {
             crate::error::shorten(spec, 100)
         )));
     };
-    let dir = hub::download_model(&repo, revision.as_deref())?;
-    Ok(ModelLocation { spec: spec.into(), hub_repo: Some(repo), revision, dir })
+    let dir = download_model(&Repo { kind: RepoKind::Model, id: &repo, revision: revision.as_deref() })?;
+    Ok(ModelLocation { spec: spec.into(), hub_repo: Some(repo.clone()), revision, dir })
+}
+
+/// Fetches config, tokenizer and companion files and the safetensors weights (nothing else) of a model
+/// repository into the Hub cache; returns the snapshot folder.
+fn download_model(repo: &Repo) -> Result<PathBuf> {
+    let config = repo.fetch("config.json")?;
+    let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    for file in COMPANION_FILES {
+        repo.fetch_optional(file)?;
+    }
+    match repo.fetch_optional(INDEX_FILE)? {
+        Some(index) => {
+            for shard in super::weights::shard_names(&index)? {
+                repo.fetch(&shard)?;
+            }
+        }
+        None => {
+            repo.fetch(SINGLE_FILE)?;
+        }
+    }
+    Ok(dir)
 }
 
 #[cfg(test)]
@@ -112,7 +134,10 @@ mod tests {
 
     #[test]
     fn repo_ids_parse_with_and_without_revision() {
-        assert_eq!(parse_repo_id("meta-llama/Llama-2-7b-chat-hf"), Some(("meta-llama/Llama-2-7b-chat-hf".into(), None)));
+        assert_eq!(
+            parse_repo_id("meta-llama/Llama-2-7b-chat-hf"),
+            Some(("meta-llama/Llama-2-7b-chat-hf".into(), None))
+        );
         assert_eq!(parse_repo_id("a/b@v1.0"), Some(("a/b".into(), Some("v1.0".into()))));
         assert_eq!(parse_repo_id("llama2_chat_7B"), None);
         assert_eq!(parse_repo_id("a/b/c"), None);

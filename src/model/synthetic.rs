@@ -4,11 +4,12 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use super::config::{ModelConfig, StoredDtype};
+use super::config::ModelConfig;
 use super::weights::expected_tensors;
 use crate::error::{IoContext, Result};
+use crate::io::dtype::StoredDtype;
+use crate::io::safetensors::{write_checkpoint, TensorBytes};
 use crate::rng::SeededRng;
-use crate::export::shards::{write_checkpoint, TensorBytes};
 
 /// The shape of a synthetic model.
 #[derive(Debug, Clone)]
@@ -84,7 +85,11 @@ pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec, max_shard_bytes: 
         let scale = if is_norm { 0.1 } else { 1.0 / (*t.shape.last().unwrap() as f32).sqrt() };
         let values = (0..numel).map(|_| {
             let r = (rng.uniform() as f32 * 2.0 - 1.0) * scale;
-            if is_norm { 1.0 + r } else { r }
+            if is_norm {
+                1.0 + r
+            } else {
+                r
+            }
         });
         let bytes = spec.dtype.encode(values);
         tensors.push(TensorBytes { name: t.name, dtype: spec.dtype, shape: t.shape, bytes: Cow::Owned(bytes) });

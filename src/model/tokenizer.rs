@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{BakeError, Result};
 
+/// A token's byte range in the text it came from.
+pub type Span = (usize, usize);
+
 pub struct TextTokenizer {
     path: PathBuf,
     inner: tokenizers::Tokenizer,
@@ -38,7 +41,7 @@ impl TextTokenizer {
     }
 
     /// Token ids and each token's byte span in `text` (special tokens get an empty span).
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
         let encoding = self
             .inner
             .encode(text, true)

@@ -6,11 +6,11 @@ use std::path::{Component, Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
-use super::config::{ModelConfig, StoredDtype};
+use super::config::ModelConfig;
 use crate::error::{BakeError, IoContext, Result};
-
-pub const SINGLE_FILE: &str = "model.safetensors";
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
+use crate::io::dtype::StoredDtype;
+use crate::io::names::{self, Attention, Mlp, Param};
+pub use crate::io::safetensors::{INDEX_FILE, SINGLE_FILE};
 
 /// Where one tensor's bytes live.
 #[derive(Debug, Clone)]
@@ -96,21 +96,23 @@ impl Checkpoint {
             // SAFETY: the map is a read-only view of a file that bake does not modify; dropping its pages only
             // means a later read faults them in again from the file, with the same contents.
             let _ = unsafe {
-                self.maps[entry.file].unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start)
+                self.maps[entry.file].unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    entry.start,
+                    entry.end - entry.start,
+                )
             };
         }
     }
 
     /// Names of every stored tensor of decoder layer `l`.
     pub fn layer_tensor_names(&self, l: usize) -> Vec<String> {
-        let prefix = format!("model.layers.{l}.");
-        self.tensors.keys().filter(|n| n.starts_with(&prefix)).cloned().collect()
+        self.tensors.keys().filter(|n| names::layer_of(n) == Some(l)).cloned().collect()
     }
 
     /// Bytes stored for decoder layer `l`.
     pub fn layer_bytes(&self, l: usize) -> u64 {
-        let prefix = format!("model.layers.{l}.");
-        self.tensors.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, e)| (e.end - e.start) as u64).sum()
+        self.tensors.iter().filter(|(n, _)| names::layer_of(n) == Some(l)).map(|(_, e)| (e.end - e.start) as u64).sum()
     }
 
     /// The dtype most of the parameters are stored in.
@@ -147,12 +149,7 @@ impl Checkpoint {
 
     /// Checks every tensor the config calls for (name, shape) and that all are floating point.
     pub fn validate(&self, config: &ModelConfig) -> Result<()> {
-        let stored_layers = self
-            .tensors
-            .keys()
-            .filter_map(|n| n.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |l| l + 1);
+        let stored_layers = self.tensors.keys().filter_map(|n| names::layer_of(n)).max().map_or(0, |l| l + 1);
         if stored_layers != config.num_layers {
             return Err(BakeError::field(
                 &config.path,
@@ -183,30 +180,30 @@ pub struct TensorSpec {
 pub fn expected_tensors(c: &ModelConfig) -> Vec<TensorSpec> {
     let spec = |name: String, shape: Vec<usize>, required| TensorSpec { name, shape, required };
     let (h, a, kv, i, v) = (c.hidden_size, c.attn_width(), c.kv_width(), c.intermediate_size, c.vocab_size);
-    let mut out = vec![spec("model.embed_tokens.weight".into(), vec![v, h], true)];
+    let mut out = vec![spec(names::EMBED_TOKENS.into(), vec![v, h], true)];
     for l in 0..c.num_layers {
-        let p = format!("model.layers.{l}");
-        out.push(spec(format!("{p}.input_layernorm.weight"), vec![h], true));
-        out.push(spec(format!("{p}.post_attention_layernorm.weight"), vec![h], true));
-        for (proj, rows, cols) in [("q_proj", a, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, a)] {
-            out.push(spec(format!("{p}.self_attn.{proj}.weight"), vec![rows, cols], true));
-            out.push(spec(format!("{p}.self_attn.{proj}.bias"), vec![rows], false));
+        let layer = names::Layer(l);
+        out.push(spec(layer.input_norm(), vec![h], true));
+        out.push(spec(layer.post_attention_norm(), vec![h], true));
+        for (proj, rows, cols) in
+            [(Attention::Q, a, h), (Attention::K, kv, h), (Attention::V, kv, h), (Attention::O, h, a)]
+        {
+            out.push(spec(layer.attention(proj, Param::Weight), vec![rows, cols], true));
+            out.push(spec(layer.attention(proj, Param::Bias), vec![rows], false));
         }
-        for (proj, rows, cols) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
-            out.push(spec(format!("{p}.mlp.{proj}.weight"), vec![rows, cols], true));
-            out.push(spec(format!("{p}.mlp.{proj}.bias"), vec![rows], false));
+        for (proj, rows, cols) in [(Mlp::Gate, i, h), (Mlp::Up, i, h), (Mlp::Down, h, i)] {
+            out.push(spec(layer.mlp(proj, Param::Weight), vec![rows, cols], true));
+            out.push(spec(layer.mlp(proj, Param::Bias), vec![rows], false));
         }
     }
-    out.push(spec("model.norm.weight".into(), vec![h], true));
-    out.push(spec("lm_head.weight".into(), vec![v, h], !c.tie_word_embeddings));
+    out.push(spec(names::FINAL_NORM.into(), vec![h], true));
+    out.push(spec(names::LM_HEAD.into(), vec![v, h], !c.tie_word_embeddings));
     out
 }
 
 fn read_header(path: &Path, file: usize, map: &[u8]) -> Result<Vec<(String, TensorEntry)>> {
-    let (header_len, metadata) = SafeTensors::read_metadata(map).map_err(|e| BakeError::Safetensors {
-        path: path.into(),
-        message: describe_safetensors_error(&e, map),
-    })?;
+    let (header_len, metadata) = SafeTensors::read_metadata(map)
+        .map_err(|e| BakeError::Safetensors { path: path.into(), message: describe_safetensors_error(&e, map) })?;
     let data_start = 8 + header_len;
     let mut out = Vec::new();
     for (name, info) in metadata.tensors() {
@@ -226,7 +223,10 @@ fn read_header(path: &Path, file: usize, map: &[u8]) -> Result<Vec<(String, Tens
             }
         };
         let (start, end) = info.data_offsets;
-        out.push((name, TensorEntry { file, dtype, shape: info.shape.clone(), start: data_start + start, end: data_start + end }));
+        out.push((
+            name,
+            TensorEntry { file, dtype, shape: info.shape.clone(), start: data_start + start, end: data_start + end },
+        ));
     }
     Ok(out)
 }
@@ -246,38 +246,52 @@ fn describe_safetensors_error(error: &SafeTensorError, map: &[u8]) -> String {
 }
 
 fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
-    let text = crate::io::fs::read_text(index, crate::io::fs::limits::JSON)?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(index, e))?;
-    let map = value
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| BakeError::field(index, "weight_map", "missing (expected an object tensor name → shard file)"))?;
-    let mut shards: Vec<PathBuf> = Vec::new();
-    for (tensor, file) in map {
-        let name = file.as_str().ok_or_else(|| {
-            BakeError::field(index, format!("weight_map.{tensor}"), "expected a file name")
-        })?;
-        let relative = Path::new(name);
-        let inside = relative.components().all(|c| matches!(c, Component::Normal(_)));
-        if !inside {
+    let mut shards = Vec::new();
+    for (tensor, name) in index_entries(index)? {
+        let shard = dir.join(&name);
+        if !shard.exists() {
             return Err(BakeError::field(
                 index,
                 format!("weight_map.{tensor}"),
-                format!("`{name}` points outside the model folder; shard names must be plain relative paths"),
+                format!("shard `{name}` is missing from {}", dir.display()),
             ));
         }
-        let shard = dir.join(relative);
         if !shards.contains(&shard) {
-            if !shard.exists() {
-                return Err(BakeError::field(
-                    index,
-                    format!("weight_map.{tensor}"),
-                    format!("shard `{name}` is missing from {}", dir.display()),
-                ));
-            }
             shards.push(shard);
         }
     }
     shards.sort();
     Ok(shards)
+}
+
+/// The shard files an index lists, each once, sorted.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = index_entries(index)?.into_iter().map(|(_, name)| name).collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// (tensor, shard file) pairs of an index, every file name checked to be a plain relative path.
+fn index_entries(index: &Path) -> Result<Vec<(String, String)>> {
+    let text = crate::io::fs::read_text(index, crate::io::fs::limits::JSON)?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| BakeError::parse(index, e))?;
+    let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        BakeError::field(index, "weight_map", "missing (expected an object tensor name → shard file)")
+    })?;
+    map.iter()
+        .map(|(tensor, file)| {
+            let field = || format!("weight_map.{tensor}");
+            let name = file.as_str().ok_or_else(|| BakeError::field(index, field(), "expected a file name"))?;
+            let inside = Path::new(name).components().all(|c| matches!(c, Component::Normal(_)));
+            if !inside {
+                return Err(BakeError::field(
+                    index,
+                    field(),
+                    format!("`{name}` points outside the model folder; shard names must be plain relative paths"),
+                ));
+            }
+            Ok((tensor.clone(), name.to_string()))
+        })
+        .collect()
 }

@@ -50,7 +50,8 @@ pub fn check_question_count(questions: usize, validation_ratio: f64, what: &str)
 /// The same split over some questions only (the training fold of a cross-validation).
 pub fn split_among(questions: &[usize], validation_ratio: f64, seed: u64) -> Split {
     let n = questions.len();
-    let permutation: Vec<usize> = SeededRng::for_purpose(seed, "split").permutation(n).iter().map(|&i| questions[i]).collect();
+    let permutation: Vec<usize> =
+        SeededRng::for_purpose(seed, "split").permutation(n).iter().map(|&i| questions[i]).collect();
     let train_size = (n as f64 * (1.0 - validation_ratio)) as usize;
     let mut train = permutation[..train_size].to_vec();
     let mut val = permutation[train_size..].to_vec();
@@ -140,8 +141,6 @@ pub fn check_head_count(k: usize, available: usize) -> Result<()> {
 pub struct HeadShift {
     pub layer: usize,
     pub head: usize,
-    /// Unit direction θ̂.
-    pub direction: Vec<f64>,
     /// Standard deviation of the tuning activations projected on θ̂ (population, ddof = 0).
     pub sigma: f64,
     /// δ = α σ θ̂.
@@ -150,7 +149,11 @@ pub struct HeadShift {
 
 fn unit(v: Vec<f64>) -> Vec<f64> {
     let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    if norm == 0.0 { v } else { v.into_iter().map(|x| x / norm).collect() }
+    if norm == 0.0 {
+        v
+    } else {
+        v.into_iter().map(|x| x / norm).collect()
+    }
 }
 
 /// Everything `compute_shifts` reads.
@@ -203,7 +206,7 @@ pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Result
                     inputs.alpha
                 )));
             }
-            Ok(HeadShift { layer, head, direction, sigma, delta })
+            Ok(HeadShift { layer, head, sigma, delta })
         })
         .collect()
 }

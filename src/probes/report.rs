@@ -1,7 +1,7 @@
 //! `report.json` (every number another tool needs to replay the probe stage) and the accuracy heatmap.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -35,7 +35,18 @@ pub struct ProbeReport {
     pub timings: Option<BTreeMap<String, f64>>,
 }
 
+/// The files of a probe report, as `bake probe --out` and a bake write them.
+pub const FILES: &[&str] = &["report.json", "heatmap.png"];
+
 impl ProbeReport {
+    /// Writes [`FILES`] into `dir`; returns their paths.
+    pub fn write_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        let paths: Vec<PathBuf> = FILES.iter().map(|f| dir.join(f)).collect();
+        self.write_json(&paths[0])?;
+        self.write_heatmap(&paths[1])?;
+        Ok(paths)
+    }
+
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("report serializes") + "\n";
         std::fs::write(path, text).at(path)
@@ -67,7 +78,10 @@ impl ProbeReport {
         let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        let png_error = |e: png::EncodingError| BakeError::parse(path, e);
+        let png_error = |e: png::EncodingError| match e {
+            png::EncodingError::IoError(e) => BakeError::io(path, e),
+            other => BakeError::Encode { path: path.into(), message: other.to_string() },
+        };
         let mut writer = encoder.write_header().map_err(png_error)?;
         writer.write_image_data(&pixels).map_err(png_error)?;
         writer.finish().map_err(png_error)

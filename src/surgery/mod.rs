@@ -8,21 +8,30 @@
 use std::borrow::Cow;
 
 use crate::error::{BakeError, Result};
-use crate::export::shards::TensorBytes;
-use crate::model::{Checkpoint, ModelConfig, StoredDtype};
+use crate::io::dtype::StoredDtype;
+use crate::io::names::{self, Attention, Param};
+use crate::io::safetensors::TensorBytes;
+use crate::model::{Checkpoint, ModelConfig};
 
 /// `W_o · δ` accumulated in f64, plus the base's own o_proj bias when it has one.
-pub fn o_proj_bias(checkpoint: &Checkpoint, config: &ModelConfig, layer: usize, delta: Option<&[f32]>) -> Result<Vec<f64>> {
-    let prefix = format!("model.layers.{layer}.self_attn.o_proj");
-    let mut bias = match checkpoint.get(&format!("{prefix}.bias")) {
+pub fn o_proj_bias(
+    checkpoint: &Checkpoint,
+    config: &ModelConfig,
+    layer: usize,
+    delta: Option<&[f32]>,
+) -> Result<Vec<f64>> {
+    let names = names::Layer(layer);
+    let bias_name = names.attention(Attention::O, Param::Bias);
+    let mut bias = match checkpoint.get(&bias_name) {
         Some(_) => {
-            let entry = checkpoint.expect(&format!("{prefix}.bias"), &[config.hidden_size])?;
+            let entry = checkpoint.expect(&bias_name, &[config.hidden_size])?;
             entry.dtype.decode(checkpoint.bytes(entry))
         }
         None => vec![0.0; config.hidden_size],
     };
     if let Some(delta) = delta {
-        let entry = checkpoint.expect(&format!("{prefix}.weight"), &[config.hidden_size, config.attn_width()])?;
+        let entry = checkpoint
+            .expect(&names.attention(Attention::O, Param::Weight), &[config.hidden_size, config.attn_width()])?;
         let bytes = checkpoint.bytes(entry);
         let row_bytes = config.attn_width() * entry.dtype.size_in_bytes();
         for (out, b) in bias.iter_mut().enumerate() {
@@ -43,16 +52,23 @@ pub fn bias_tensors<'a>(
 ) -> Result<Vec<TensorBytes<'a>>> {
     let mut out = Vec::new();
     for layer in 0..config.num_layers {
-        let prefix = format!("model.layers.{layer}.self_attn");
-        for (proj, width) in [("q_proj", config.attn_width()), ("k_proj", config.kv_width()), ("v_proj", config.kv_width())] {
-            let name = format!("{prefix}.{proj}.bias");
+        let names = names::Layer(layer);
+        for (proj, width) in
+            [(Attention::Q, config.attn_width()), (Attention::K, config.kv_width()), (Attention::V, config.kv_width())]
+        {
+            let name = names.attention(proj, Param::Bias);
             if checkpoint.get(&name).is_none() {
-                out.push(TensorBytes { name, dtype, shape: vec![width], bytes: Cow::Owned(dtype.encode(vec![0.0; width])) });
+                out.push(TensorBytes {
+                    name,
+                    dtype,
+                    shape: vec![width],
+                    bytes: Cow::Owned(dtype.encode(vec![0.0; width])),
+                });
             }
         }
         let bias = o_proj_bias(checkpoint, config, layer, deltas.get(layer).and_then(|d| d.as_deref()))?;
-        let name = format!("{prefix}.o_proj.bias");
-        if let Some(v) = bias.iter().find(|v| !(v.abs() <= dtype.max_finite())) {
+        let name = names.attention(Attention::O, Param::Bias);
+        if let Some(v) = bias.iter().find(|v| v.is_nan() || v.abs() > dtype.max_finite()) {
             return Err(BakeError::NotFinite(format!(
                 "{name}: W_o·δ reaches {v}, which {} cannot store; lower alpha (or check the base's o_proj weights)",
                 dtype.torch_name()

@@ -19,10 +19,17 @@ use serde_json::Value;
 
 use crate::error::{BakeError, Result};
 use crate::export::baked::{DIFF_DIR, DIFF_SAFETENSORS, MANIFEST};
+use crate::export::manifest::Manifest;
+use crate::export::pyvene;
+use crate::io::dtype::StoredDtype;
 use crate::io::fs::{limits, read_text};
-use crate::io::listing::FileListing;
-use crate::export::{pyvene, shards::sha256_file};
-use crate::model::{Checkpoint, ModelFiles, StoredDtype};
+use crate::io::hash::sha256_file;
+use crate::io::hub::{Repo, RepoKind};
+use crate::io::listing::{check_relative, FileListing};
+use crate::io::names::{self, Attention, Param};
+use crate::io::safetensors::SINGLE_FILE;
+use crate::model::weights::TensorEntry;
+use crate::model::{Checkpoint, ModelFiles};
 use crate::progress::Progress;
 
 /// One thing that does not hold.
@@ -72,39 +79,60 @@ struct Findings {
 
 impl Findings {
     fn add(&mut self, check: &'static str, file: impl Into<String>, tensor: Option<&str>, message: impl Into<String>) {
-        self.list.push(Mismatch { check, file: file.into(), tensor: tensor.map(str::to_string), message: message.into() });
+        self.list.push(Mismatch {
+            check,
+            file: file.into(),
+            tensor: tensor.map(str::to_string),
+            message: message.into(),
+        });
     }
 }
 
 /// Verifies `dir`. `Err` means verification could not run (missing manifest, unreachable base); mismatches
 /// are in the report.
 pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> Result<VerifyReport> {
-    let manifest_path = dir.join(MANIFEST);
-    let manifest: Value = serde_json::from_str(&read_text(&manifest_path, limits::JSON)?)
-        .map_err(|e| BakeError::parse(&manifest_path, e))?;
+    let scope = if options.base.is_some() { Scope::AgainstBase } else { Scope::SelfConsistency };
     let mut found = Findings { list: Vec::new() };
     let mut checks = vec!["files"];
+    let report = |checks, found: Findings| VerifyReport {
+        folder: dir.display().to_string(),
+        scope,
+        checks,
+        mismatches: found.list,
+    };
     progress.stage("verify: files");
-    check_files(dir, &manifest, &mut found)?;
+    let manifest = match Manifest::read(dir) {
+        Ok(m) => m,
+        // A manifest that is there but not a bake's own is a mismatch, not a failure to run.
+        Err(e @ (BakeError::Parse { .. } | BakeError::Field { .. })) => {
+            found.add("files", MANIFEST, None, e.to_string());
+            return Ok(report(checks, found));
+        }
+        Err(e) => return Err(e),
+    };
+    check_files(dir, &manifest.outputs, &mut found)?;
 
     checks.push("diff");
-    let dtype = manifest_dtype(&manifest);
-    let deltas = check_diff(dir, dtype, &mut found);
+    let deltas = check_diff(dir, manifest.dtype, &mut found);
     checks.push("finite");
-    check_finite_biases(dir, &mut found);
+    let baked = Checkpoint::weight_files(dir).and_then(Checkpoint::open);
+    if let Ok(baked) = &baked {
+        check_finite_biases(baked, &mut found);
+    }
 
-    let scope = if options.base.is_some() { Scope::AgainstBase } else { Scope::SelfConsistency };
     if let Some(base_spec) = &options.base {
         progress.stage("verify: tensors");
         let base = ModelFiles::open(base_spec)?;
-        check_base_inputs(&base, &manifest, &mut found)?;
+        for d in manifest.base_differences(&base)? {
+            found.add("tensors", d.key, None, "the base given differs from the base this folder was baked from");
+        }
         checks.extend(["tensors", "biases", "config"]);
-        match Checkpoint::weight_files(dir).and_then(Checkpoint::open) {
-            Err(e) => found.add("tensors", "model.safetensors", None, format!("cannot read the baked weights: {e}")),
+        match &baked {
+            Err(e) => found.add("tensors", SINGLE_FILE, None, format!("cannot read the baked weights: {e}")),
             Ok(baked) => {
-                check_tensors(&base, &baked, &mut found);
+                check_tensors(&base, baked, &mut found);
                 if let Some(deltas) = &deltas {
-                    check_biases(&base, &baked, deltas, &mut found)?;
+                    check_biases(&base, baked, deltas, &mut found)?;
                 }
             }
         }
@@ -117,17 +145,10 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
             }
         }
     }
-    Ok(VerifyReport { folder: dir.display().to_string(), scope, checks, mismatches: found.list })
+    Ok(report(checks, found))
 }
 
-fn check_files(dir: &Path, manifest: &Value, found: &mut Findings) -> Result<()> {
-    let listing = match manifest.get("outputs").map(|o| serde_json::from_value::<FileListing>(o.clone())) {
-        Some(Ok(listing)) => listing,
-        _ => {
-            found.add("files", MANIFEST, None, "has no `outputs` table of {sha256, bytes} entries");
-            return Ok(());
-        }
-    };
+fn check_files(dir: &Path, listing: &FileListing, found: &mut Findings) -> Result<()> {
     let unsafe_entries = listing.unsafe_entries();
     for (name, why) in &unsafe_entries {
         found.add("files", *name, None, format!("listed in bake.json, but the path {why}: outside the folder"));
@@ -162,15 +183,6 @@ pub fn require_intact(dir: &Path, action: &str) -> Result<()> {
     }
 }
 
-/// The model dtype recorded in the manifest (the dtype of the biases and of the pyvene vectors).
-fn manifest_dtype(manifest: &Value) -> StoredDtype {
-    match manifest.get("dtype").and_then(Value::as_str) {
-        Some("bf16") => StoredDtype::Bf16,
-        Some("f16") => StoredDtype::F16,
-        _ => StoredDtype::F32,
-    }
-}
-
 /// δ per layer (f32) from the safetensors twin, after checking the pyvene files hold it rounded to `dtype`.
 /// `None` when the twin is unreadable.
 fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BTreeMap<usize, Vec<f32>>> {
@@ -184,8 +196,7 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
     };
     let mut deltas = BTreeMap::new();
     for (name, entry) in &twin.tensors {
-        let layer = name.strip_prefix("layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
-        match layer {
+        match names::delta_layer(name) {
             Some(l) => {
                 let values = entry.dtype.decode(twin.bytes(entry)).into_iter().map(|v| v as f32).collect::<Vec<f32>>();
                 if let Some(v) = values.iter().find(|v| !v.is_finite()) {
@@ -197,19 +208,21 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
         }
     }
     let config_path = dir.join(DIFF_DIR).join("config.json");
-    let listed: BTreeSet<usize> = std::fs::read_to_string(&config_path)
+    let listed: BTreeSet<usize> = read_text(&config_path, limits::JSON)
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
         .and_then(|c| c.get("representations").and_then(Value::as_array).cloned())
         .map(|reps| {
-            reps.iter()
-                .filter_map(|r| r.get(1).and_then(Value::as_str))
-                .filter_map(|c| c.strip_prefix("model.layers[").and_then(|r| r.split(']').next()).and_then(|l| l.parse().ok()))
-                .collect()
+            reps.iter().filter_map(|r| r.get(1).and_then(Value::as_str)).filter_map(names::component_layer).collect()
         })
         .unwrap_or_default();
     if listed != deltas.keys().copied().collect() {
-        found.add("diff", format!("{DIFF_DIR}/config.json"), None, format!("lists layers {listed:?}, the twin {:?}", deltas.keys().collect::<Vec<_>>()));
+        found.add(
+            "diff",
+            format!("{DIFF_DIR}/config.json"),
+            None,
+            format!("lists layers {listed:?}, the twin {:?}", deltas.keys().collect::<Vec<_>>()),
+        );
     }
     for (layer, values) in &deltas {
         let bytes = &dtype.encode(values.iter().copied());
@@ -227,56 +240,41 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
 }
 
 /// Every attention bias of the baked weights is finite: a NaN or infinity there breaks every forward pass.
-fn check_finite_biases(dir: &Path, found: &mut Findings) {
-    let Ok(baked) = Checkpoint::weight_files(dir).and_then(Checkpoint::open) else {
-        return; // the files check names what is wrong with the weights
-    };
-    for (name, entry) in baked.tensors.iter().filter(|(n, _)| is_attention_bias(n)) {
+fn check_finite_biases(baked: &Checkpoint, found: &mut Findings) {
+    for (name, entry) in baked.tensors.iter().filter(|(n, _)| names::is_attention_bias(n)) {
         if let Some((i, v)) = entry.dtype.decode(baked.bytes(entry)).iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            let file = baked.file_of(entry).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            found.add("finite", file, Some(name), format!("element {i} is {v}"));
+            found.add("finite", file_name(baked, entry), Some(name), format!("element {i} is {v}"));
         }
     }
 }
 
-fn check_base_inputs(base: &ModelFiles, manifest: &Value, found: &mut Findings) -> Result<()> {
-    let Some(inputs) = manifest.get("inputs").and_then(Value::as_object) else { return Ok(()) };
-    for (path, hash) in base.input_hashes()? {
-        let name = format!("model/{}", path.strip_prefix(&base.location.dir).unwrap_or(&path).to_string_lossy());
-        match inputs.get(&name).and_then(Value::as_str) {
-            Some(expected) if expected == hash => {}
-            _ => found.add("tensors", name, None, "the base given differs from the base this folder was baked from"),
-        }
-    }
-    Ok(())
-}
-
-fn is_attention_bias(name: &str) -> bool {
-    ["q_proj", "k_proj", "v_proj", "o_proj"].iter().any(|p| name.ends_with(&format!("self_attn.{p}.bias")))
+/// The weight file a tensor is stored in, for messages.
+fn file_name(ck: &Checkpoint, entry: &TensorEntry) -> String {
+    ck.file_of(entry).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
     let base_ck = &base.checkpoint;
-    let file_of = |ck: &Checkpoint, e| ck.file_of(e).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     for (name, entry) in &base_ck.tensors {
-        let replaced = name.ends_with("self_attn.o_proj.bias");
+        let replaced =
+            names::layer_of(name).is_some_and(|l| *name == names::Layer(l).attention(Attention::O, Param::Bias));
         match baked.get(name) {
-            None => found.add("tensors", "model.safetensors", Some(name), "missing from the baked checkpoint"),
+            None => found.add("tensors", SINGLE_FILE, Some(name), "missing from the baked checkpoint"),
             Some(b) if b.dtype != entry.dtype || b.shape != entry.shape => found.add(
                 "tensors",
-                file_of(baked, b),
+                file_name(baked, b),
                 Some(name),
                 format!("{:?} {:?} in the base, {:?} {:?} here", entry.dtype, entry.shape, b.dtype, b.shape),
             ),
             Some(b) if !replaced && baked.bytes(b) != base_ck.bytes(entry) => {
-                found.add("tensors", file_of(baked, b), Some(name), "bytes differ from the base")
+                found.add("tensors", file_name(baked, b), Some(name), "bytes differ from the base")
             }
             Some(_) => {}
         }
     }
     for name in baked.tensors.keys() {
-        if base_ck.get(name).is_none() && !is_attention_bias(name) {
-            found.add("tensors", "model.safetensors", Some(name), "not in the base and not an attention bias");
+        if base_ck.get(name).is_none() && !names::is_attention_bias(name) {
+            found.add("tensors", SINGLE_FILE, Some(name), "not in the base and not an attention bias");
         }
     }
 }
@@ -290,26 +288,31 @@ fn relative_rounding(dtype: StoredDtype) -> f64 {
     }
 }
 
-fn check_biases(base: &ModelFiles, baked: &Checkpoint, deltas: &BTreeMap<usize, Vec<f32>>, found: &mut Findings) -> Result<()> {
+fn check_biases(
+    base: &ModelFiles,
+    baked: &Checkpoint,
+    deltas: &BTreeMap<usize, Vec<f32>>,
+    found: &mut Findings,
+) -> Result<()> {
     let c = &base.config;
     for layer in 0..c.num_layers {
-        let prefix = format!("model.layers.{layer}.self_attn");
-        for proj in ["q_proj", "k_proj", "v_proj"] {
-            let name = format!("{prefix}.{proj}.bias");
+        let names = names::Layer(layer);
+        for proj in [Attention::Q, Attention::K, Attention::V] {
+            let name = names.attention(proj, Param::Bias);
             if base.checkpoint.get(&name).is_some() {
                 continue; // compared byte for byte with the base
             }
             match baked.get(&name) {
-                None => found.add("biases", "model.safetensors", Some(&name), "missing (attention_bias: true needs it)"),
+                None => found.add("biases", SINGLE_FILE, Some(&name), "missing (attention_bias: true needs it)"),
                 Some(e) if e.dtype.decode(baked.bytes(e)).iter().any(|v| *v != 0.0 || v.is_nan()) => {
-                    found.add("biases", "model.safetensors", Some(&name), "should be zero")
+                    found.add("biases", file_name(baked, e), Some(&name), "should be zero")
                 }
                 Some(_) => {}
             }
         }
-        let name = format!("{prefix}.o_proj.bias");
+        let name = names.attention(Attention::O, Param::Bias);
         let Some(entry) = baked.get(&name) else {
-            found.add("biases", "model.safetensors", Some(&name), "missing");
+            found.add("biases", SINGLE_FILE, Some(&name), "missing");
             continue;
         };
         let expected = crate::surgery::o_proj_bias(&base.checkpoint, c, layer, deltas.get(&layer).map(Vec::as_slice))?;
@@ -317,10 +320,12 @@ fn check_biases(base: &ModelFiles, baked: &Checkpoint, deltas: &BTreeMap<usize, 
         // The same f64 sum bake computed, so the only difference allowed is the rounding to the stored dtype
         // (half a unit in the last place; a full one is allowed).
         let tolerance = |e: f64| relative_rounding(entry.dtype) * e.abs() + 1e-9 * scale(&expected);
-        // Written so that a NaN on either side is a mismatch.
-        let differs = |s: f64, e: f64| !((s - e).abs() <= tolerance(e));
+        let differs = |s: f64, e: f64| {
+            let difference = (s - e).abs();
+            difference.is_nan() || difference > tolerance(e)
+        };
         if let Some((i, (s, e))) = stored.iter().zip(&expected).enumerate().find(|(_, (s, e))| differs(**s, **e)) {
-            found.add("biases", "model.safetensors", Some(&name), format!("element {i} is {s}, W_o·δ gives {e}"));
+            found.add("biases", file_name(baked, entry), Some(&name), format!("element {i} is {s}, W_o·δ gives {e}"));
         }
     }
     Ok(())
@@ -330,24 +335,29 @@ fn scale(values: &[f64]) -> f64 {
     values.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3)
 }
 
-fn check_config(dir: &Path, base: &ModelFiles, manifest: &Value, found: &mut Findings) {
+fn check_config(dir: &Path, base: &ModelFiles, manifest: &Manifest, found: &mut Findings) {
     let path = dir.join("config.json");
     let baked: Option<serde_json::Map<String, Value>> =
-        std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
+        read_text(&path, limits::JSON).ok().and_then(|t| serde_json::from_str(&t).ok());
     let Some(baked) = baked else {
         found.add("config", "config.json", None, "missing or not a JSON object");
         return;
     };
-    let changes = manifest.get("config_changes").and_then(Value::as_object);
+
     let keys: BTreeSet<&String> = baked.keys().chain(base.config.raw.keys()).collect();
     for key in keys {
         let (before, after) = (base.config.raw.get(key), baked.get(key));
         if before == after {
             continue;
         }
-        let declared = changes.and_then(|c| c.get(key)).and_then(|c| c.get("baked"));
+        let declared = manifest.config_changes.get(key).map(|c| &c.baked);
         if declared != after {
-            found.add("config", "config.json", None, format!("`{key}` is {after:?}, the base has {before:?}, bake.json declares {declared:?}"));
+            found.add(
+                "config",
+                "config.json",
+                None,
+                format!("`{key}` is {after:?}, the base has {before:?}, bake.json declares {declared:?}"),
+            );
         }
     }
 }
@@ -363,7 +373,8 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
         .map(|l| deltas.get(&l).map(|d| Tensor::new(d.as_slice(), &device)).transpose())
         .collect::<candle_core::Result<Vec<_>>>()?;
     let shift = Shift { per_layer, from_position: None };
-    let prompts = ["Q: What happens if you eat watermelon seeds? A:", "Q: Is the Earth flat? A:", "The capital of France is"];
+    let prompts =
+        ["Q: What happens if you eat watermelon seeds? A:", "Q: Is the Earth flat? A:", "The capital of France is"];
     let sequences: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<_>>()?;
     let batch = Batch::right_padded(&sequences, 0, &device)?;
     let last = |out: crate::model::Output| -> Result<Vec<Vec<f32>>> {
@@ -372,7 +383,8 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
     };
     let base_model = base.load(&device)?;
     let plain = last(base_model.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
-    let hooked = last(base_model.forward(&batch, &Request { logits: true, shift: Some(&shift), ..Default::default() })?)?;
+    let hooked =
+        last(base_model.forward(&batch, &Request { logits: true, shift: Some(&shift), ..Default::default() })?)?;
     drop(base_model);
     let baked = last(baked_files.load(&device)?.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
     let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
@@ -386,10 +398,20 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
     };
     let shifted = deltas.values().flatten().any(|&d| d != 0.0);
     if shifted && moved <= 1e-4 {
-        found.add("run", "model.safetensors", None, format!("logits equal the base's (max difference {moved:e}): the bake changed nothing"));
+        found.add(
+            "run",
+            "model.safetensors",
+            None,
+            format!("logits equal the base's (max difference {moved:e}): the bake changed nothing"),
+        );
     }
     if agreement > tolerance {
-        found.add("run", "model.safetensors", None, format!("logits differ from base + δ by {agreement} (tolerance {tolerance})"));
+        found.add(
+            "run",
+            "model.safetensors",
+            None,
+            format!("logits differ from base + δ by {agreement} (tolerance {tolerance})"),
+        );
     }
     Ok(())
 }
@@ -402,10 +424,23 @@ pub fn locate(target: &str) -> Result<PathBuf> {
         return Ok(path.into());
     }
     match crate::model::resolve::parse_repo_id(target) {
-        Some((repo, revision)) => crate::hub::download_baked(&repo, revision.as_deref()),
+        Some((repo, revision)) => {
+            download_baked(&Repo { kind: RepoKind::Model, id: &repo, revision: revision.as_deref() })
+        }
         None => Err(BakeError::Invalid(format!(
             "`{}`: not a folder and not a Hub repo id org/name[@revision]",
             crate::error::shorten(target, 100)
         ))),
     }
+}
+
+/// A baked model repository: `bake.json` first, then every file it lists. Returns the snapshot folder.
+fn download_baked(repo: &Repo) -> Result<PathBuf> {
+    let manifest_path = repo.fetch(MANIFEST)?;
+    let dir = manifest_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    // A listed path that leaves the folder is not fetched; the files check reports it.
+    for (file, _) in FileListing::read(&dir)?.iter().filter(|(f, _)| check_relative(f).is_ok()) {
+        repo.fetch(file)?;
+    }
+    Ok(dir)
 }

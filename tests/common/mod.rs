@@ -173,7 +173,12 @@ fn word_pieces(text: &str) -> Vec<String> {
 
 /// Runs `bake` (the default `run` command) on synthetic inputs with `args`, the activation cache under
 /// `root`, and extra environment variables.
-pub fn bake_synthetic(root: &std::path::Path, inputs: &(PathBuf, PathBuf), args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+pub fn bake_synthetic(
+    root: &std::path::Path,
+    inputs: &(PathBuf, PathBuf),
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> std::process::Output {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bake"));
     command.arg("--model").arg(&inputs.0).arg("--dataset").arg(&inputs.1);
     if !args.contains(&"--heads") {

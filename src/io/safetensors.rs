@@ -1,4 +1,5 @@
-//! A streaming, deterministic safetensors writer that shards as Hugging Face does.
+//! A streaming, deterministic safetensors writer that shards as Hugging Face does, and the file names of a
+//! checkpoint.
 //!
 //! Tensors are written in name order; unchanged tensors are copied byte for byte from the memory map (never
 //! through f32). Memory use is one `BufWriter` buffer, whatever the model size. Every file is hashed while it
@@ -13,9 +14,14 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use super::dtype::StoredDtype;
+use super::hash::hex;
 use crate::error::{BakeError, IoContext, Result};
-use crate::model::config::StoredDtype;
-use crate::model::weights::{INDEX_FILE, SINGLE_FILE};
+
+/// The weights of an unsharded checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint: tensor name → shard file.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// One tensor to write: its bytes come from the base model's map or from a new buffer.
 pub struct TensorBytes<'a> {
@@ -34,8 +40,8 @@ pub struct WrittenFile {
 }
 
 /// Writes `tensors` into `dir` as `model.safetensors`, or as `model-0000i-of-0000N.safetensors` plus
-/// `model.safetensors.index.json` when they exceed `max_shard_bytes`. `on_bytes` is told of each tensor
-/// written (for progress).
+/// `model.safetensors.index.json` when they exceed `max_shard_bytes`, each file flushed to disk. `on_bytes`
+/// is told of each tensor written (for progress).
 pub fn write_checkpoint(
     dir: &Path,
     mut tensors: Vec<TensorBytes>,
@@ -46,14 +52,25 @@ pub fn write_checkpoint(
     for t in &tensors {
         let expected = t.shape.iter().product::<usize>() * t.dtype.size_in_bytes();
         if t.bytes.len() != expected {
-            return Err(BakeError::tensor(dir, &t.name, format!("has {} bytes, its shape needs {expected}", t.bytes.len())));
+            return Err(BakeError::tensor(
+                dir,
+                &t.name,
+                format!("has {} bytes, its shape needs {expected}", t.bytes.len()),
+            ));
         }
     }
     let groups = split_into_shards(&tensors, max_shard_bytes);
     let count = groups.len();
-    let names: Vec<String> = (0..count)
-        .map(|i| if count == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) })
-        .collect();
+    let names: Vec<String> =
+        (0..count)
+            .map(|i| {
+                if count == 1 {
+                    SINGLE_FILE.to_string()
+                } else {
+                    format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+                }
+            })
+            .collect();
     let weight_map: BTreeMap<String, String> =
         groups.iter().zip(&names).flat_map(|(g, name)| g.iter().map(move |t| (t.name.clone(), name.clone()))).collect();
     // Shards are written in parallel, each flushed to disk as soon as it is complete, so one shard's hashing
@@ -71,7 +88,9 @@ pub fn write_checkpoint(
         let total_size: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
         let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
         let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers") + "\n";
-        written.push(write_file(&dir.join(INDEX_FILE), text.as_bytes())?);
+        let index = write_file(&dir.join(INDEX_FILE), text.as_bytes())?;
+        File::open(&index.path).and_then(|f| f.sync_all()).at(&index.path)?;
+        written.push(index);
     }
     Ok(written)
 }
@@ -155,7 +174,12 @@ struct HashingWriter {
 impl HashingWriter {
     fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).at(path)?;
-        Ok(HashingWriter { path: path.into(), inner: BufWriter::with_capacity(8 << 20, file), hasher: Sha256::new(), bytes: 0 })
+        Ok(HashingWriter {
+            path: path.into(),
+            inner: BufWriter::with_capacity(8 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        })
     }
 
     /// Writes a large slice with hashing and writing running side by side (no copy: both read `bytes`).
@@ -198,21 +222,14 @@ fn start_writeback(file: &File, offset: u64, len: usize) {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain syscall on an open descriptor; its result is advisory and ignored.
     unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _offset: u64, _len: usize) {}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// sha256 of a file on disk.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).at(path)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).at(path)?;
-    Ok(hex(&hasher.finalize()))
-}

@@ -1,16 +1,23 @@
-//! `bake inspect`: what bake understood of a model, and what a bake of it will cost.
+//! `bake inspect`: what bake understood of a model, and what a bake of it will cost (the activation pass's
+//! plan for the full TruthfulQA set, so this sits above both the model and the activation stages).
 
 use serde::Serialize;
 
-use super::ModelFiles;
-use crate::activations::plan::PassShape;
-use crate::model::config::StoredDtype;
+use crate::activations::plan::{self, PassShape, Plan};
+use crate::io::dtype::StoredDtype;
+use crate::io::names;
+use crate::model::ModelFiles;
 
 /// Number of prompts the TruthfulQA recipe runs (5882 probe + 5918 tuning prompts).
 pub const TRUTHFULQA_PROMPTS: u64 = 11_800;
 /// The shipped recipe's activation pass as `bake --dry-run` reports it for SmolLM2 (LLaMA tokenizers give
 /// about as many tokens): 403k prompt tokens, 152k after prefix sharing in batches of 32.
-const TRUTHFULQA_PASS: PassShape = PassShape { prompts: TRUTHFULQA_PROMPTS as usize, tokens: 151_805, longest_batch: 813, attention_pairs: 65_147_029 };
+const TRUTHFULQA_PASS: PassShape = PassShape {
+    prompts: TRUTHFULQA_PROMPTS as usize,
+    tokens: 151_805,
+    longest_batch: 813,
+    attention_pairs: 65_147_029,
+};
 
 #[derive(Debug, Serialize)]
 pub struct FileSummary {
@@ -52,14 +59,14 @@ pub struct Inspection {
     pub total_bytes: u64,
     pub bake_memory_estimate: MemoryEstimate,
     /// The activation pass over the full TruthfulQA set in both modes (no budget: resident is chosen).
-    pub activation_plan: crate::activations::plan::Plan,
+    pub activation_plan: Plan,
 }
 
 pub fn inspect(model: &ModelFiles) -> Inspection {
     // On the CPU: `inspect` has no recipe naming a device.
-    let rate = crate::activations::plan::measure_matmul_rate(&model.config, &candle_core::Device::Cpu).ok();
+    let rate = plan::measure_matmul_rate(&model.config, &candle_core::Device::Cpu).ok();
     let activation_plan =
-        crate::activations::plan::plan(model, &TRUTHFULQA_PASS, rate, None).expect("without a budget a plan always exists");
+        plan::plan(model, &TRUTHFULQA_PASS, rate, None).expect("without a budget a plan always exists");
     let c = &model.config;
     let ck = &model.checkpoint;
     let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();
@@ -90,7 +97,7 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
         parameters,
         dtype: model.dtype(),
         tied_embeddings: c.tie_word_embeddings,
-        has_attention_biases: ck.tensors.keys().any(|n| n.ends_with("_proj.bias")),
+        has_attention_biases: ck.tensors.keys().any(|n| names::is_attention_bias(n)),
         total_bytes: files.iter().map(|f| f.bytes).sum(),
         files,
         activation_plan,

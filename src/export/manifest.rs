@@ -1,0 +1,143 @@
+//! `bake.json`, typed: what went into a bake, how, and what came out, each file with its sha256. Written by
+//! the bake; read by `verify`, `push`, `eval` and `eval --card` through [`Manifest::read`].
+//!
+//! Fields serialize in declaration order (the key order of the file), so the same bake always gives the
+//! same bytes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{BakeError, Result};
+use crate::io::dtype::StoredDtype;
+use crate::io::fs::{limits, read_text};
+use crate::io::listing::{FileListing, MANIFEST_FILE};
+use crate::model::ModelFiles;
+use crate::recipe::Recipe;
+
+/// How a bake changes the base; recorded for people and for `verify`'s config check.
+pub const METHOD: &str = "inference-time intervention (Li et al. 2023), baked as o_proj biases b = W_o · δ";
+
+/// One changed key of `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigChange {
+    /// The base's value (`null` when the base does not have the key).
+    pub base: Option<Value>,
+    pub baked: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always `bake`.
+    pub tool: String,
+    pub tool_version: String,
+    pub method: String,
+    /// The Hub repository or the spec the base was given as.
+    pub base_model: String,
+    pub base_revision: Option<String>,
+    pub recipe: Recipe,
+    pub recipe_sha256: String,
+    pub seed: u64,
+    /// The dtype of the weights, the biases and the pyvene vectors.
+    pub dtype: StoredDtype,
+    /// Chosen heads `[layer, head]`, best first.
+    pub heads: Vec<[usize; 2]>,
+    pub train_questions: Vec<usize>,
+    pub val_questions: Vec<usize>,
+    pub tuning_question: Vec<usize>,
+    pub config_changes: BTreeMap<String, ConfigChange>,
+    /// Tensors the base did not have.
+    pub added_tensors: Vec<String>,
+    /// `model/<file>` and `dataset/<config>/<file>` → sha256.
+    pub inputs: BTreeMap<String, String>,
+    pub outputs: FileListing,
+}
+
+/// A base file whose sha256 differs from the one the manifest recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseDifference {
+    /// The manifest key (`model/config.json`, ...).
+    pub key: String,
+    pub recorded: Option<String>,
+    pub found: String,
+}
+
+impl Manifest {
+    /// Reads and checks `dir/bake.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = read_text(&path, limits::JSON)?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| BakeError::parse(&path, format!("not a bake manifest: {e}")))?;
+        if manifest.tool != "bake" {
+            return Err(BakeError::field(&path, "tool", format!("expected `bake`, found `{}`", manifest.tool)));
+        }
+        Ok(manifest)
+    }
+
+    /// The file's text: pretty JSON and a final newline.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a manifest serializes") + "\n"
+    }
+
+    /// The base's files (config and weights) whose sha256 differs from what this manifest recorded; empty
+    /// when `base` is the model this folder was baked from.
+    pub fn base_differences(&self, base: &ModelFiles) -> Result<Vec<BaseDifference>> {
+        Ok(base
+            .input_hashes()?
+            .into_iter()
+            .filter_map(|(path, found)| {
+                let key = model_key(&path, &base.location.dir);
+                let recorded = self.inputs.get(&key).cloned();
+                (recorded.as_deref() != Some(found.as_str())).then_some(BaseDifference { key, recorded, found })
+            })
+            .collect())
+    }
+
+    /// `Err` naming the first difference unless `base` is the model this folder was baked from.
+    pub fn check_base(&self, base: &ModelFiles, manifest_dir: &Path) -> Result<()> {
+        match self.base_differences(base)?.first() {
+            None => Ok(()),
+            Some(d) => Err(BakeError::Invalid(format!(
+                "{}: baked from a different base: `{}` has sha256 {} in the manifest, {} in {}",
+                manifest_dir.join(MANIFEST_FILE).display(),
+                d.key,
+                d.recorded.as_deref().unwrap_or("(absent)"),
+                d.found,
+                base.location.dir.display()
+            ))),
+        }
+    }
+}
+
+/// The manifest key of a base model file: `model/` and its path inside the model folder, `/`-separated.
+pub fn model_key(path: &Path, model_dir: &Path) -> String {
+    format!("model/{}", relative(path, model_dir))
+}
+
+/// The manifest key of a dataset file: `dataset/<config>/<file>`.
+pub fn dataset_key(path: &Path) -> String {
+    let name =
+        |p: Option<&Path>| p.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("dataset/{}/{}", name(path.parent()), name(Some(path)))
+}
+
+/// `path` inside `dir`, `/`-separated.
+pub fn relative(path: &Path, dir: &Path) -> String {
+    path.strip_prefix(dir).unwrap_or(path).to_string_lossy().replace('\\', "/")
+}
+
+/// Inputs recorded for a bake: the model's files (hashed before the run, or copied into the output) and
+/// the dataset's.
+pub fn inputs(
+    model_dir: &Path,
+    model_files: &[(PathBuf, String)],
+    dataset_files: &[(PathBuf, String)],
+) -> BTreeMap<String, String> {
+    let mut inputs: BTreeMap<String, String> =
+        model_files.iter().map(|(p, h)| (model_key(p, model_dir), h.clone())).collect();
+    inputs.extend(dataset_files.iter().map(|(p, h)| (dataset_key(p), h.clone())));
+    inputs
+}

@@ -1,0 +1,141 @@
+//! The one place that knows how tensors are named: Hugging Face's LLaMA layout for checkpoints, and the
+//! names `bake` gives δ in its activation diff. Every other module asks here instead of formatting names.
+
+pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+pub const FINAL_NORM: &str = "model.norm.weight";
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// A projection of the attention block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attention {
+    Q,
+    K,
+    V,
+    O,
+}
+
+impl Attention {
+    pub const ALL: [Attention; 4] = [Attention::Q, Attention::K, Attention::V, Attention::O];
+
+    fn module(self) -> &'static str {
+        match self {
+            Attention::Q => "q_proj",
+            Attention::K => "k_proj",
+            Attention::V => "v_proj",
+            Attention::O => "o_proj",
+        }
+    }
+}
+
+/// A projection of the MLP block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mlp {
+    Gate,
+    Up,
+    Down,
+}
+
+impl Mlp {
+    pub const ALL: [Mlp; 3] = [Mlp::Gate, Mlp::Up, Mlp::Down];
+
+    fn module(self) -> &'static str {
+        match self {
+            Mlp::Gate => "gate_proj",
+            Mlp::Up => "up_proj",
+            Mlp::Down => "down_proj",
+        }
+    }
+}
+
+/// A parameter of a linear layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    Weight,
+    Bias,
+}
+
+impl Param {
+    fn suffix(self) -> &'static str {
+        match self {
+            Param::Weight => "weight",
+            Param::Bias => "bias",
+        }
+    }
+}
+
+/// Names inside decoder layer `.0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layer(pub usize);
+
+impl Layer {
+    /// Every tensor of the layer starts with this.
+    pub fn prefix(self) -> String {
+        format!("model.layers.{}.", self.0)
+    }
+
+    pub fn attention(self, proj: Attention, param: Param) -> String {
+        format!("{}self_attn.{}.{}", self.prefix(), proj.module(), param.suffix())
+    }
+
+    pub fn mlp(self, proj: Mlp, param: Param) -> String {
+        format!("{}mlp.{}.{}", self.prefix(), proj.module(), param.suffix())
+    }
+
+    pub fn input_norm(self) -> String {
+        format!("{}input_layernorm.weight", self.prefix())
+    }
+
+    pub fn post_attention_norm(self) -> String {
+        format!("{}post_attention_layernorm.weight", self.prefix())
+    }
+
+    /// δ of this layer in `activation_diff.safetensors`.
+    pub fn delta(self) -> String {
+        format!("layers.{}.self_attn.o_proj.input.delta", self.0)
+    }
+
+    /// The module input pyvene shifts: the o_proj input of this layer.
+    pub fn o_proj_input_component(self) -> String {
+        format!("model.layers[{}].self_attn.o_proj.input", self.0)
+    }
+}
+
+/// The decoder layer a checkpoint tensor belongs to.
+pub fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// The layer of a δ in `activation_diff.safetensors`.
+pub fn delta_layer(name: &str) -> Option<usize> {
+    let layer: usize = name.strip_prefix("layers.")?.split('.').next()?.parse().ok()?;
+    (name == Layer(layer).delta()).then_some(layer)
+}
+
+/// The layer of a pyvene component path (`model.layers[l].self_attn.o_proj.input`).
+pub fn component_layer(component: &str) -> Option<usize> {
+    let layer: usize = component.strip_prefix("model.layers[")?.split(']').next()?.parse().ok()?;
+    (component == Layer(layer).o_proj_input_component()).then_some(layer)
+}
+
+/// Whether `name` is the bias of an attention projection (q, k, v or o) of some layer.
+pub fn is_attention_bias(name: &str) -> bool {
+    layer_of(name).is_some_and(|l| Attention::ALL.iter().any(|&p| name == Layer(l).attention(p, Param::Bias)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let l = Layer(7);
+        assert_eq!(l.attention(Attention::O, Param::Bias), "model.layers.7.self_attn.o_proj.bias");
+        assert_eq!(l.mlp(Mlp::Down, Param::Weight), "model.layers.7.mlp.down_proj.weight");
+        assert_eq!(layer_of(&l.input_norm()), Some(7));
+        assert_eq!(delta_layer(&l.delta()), Some(7));
+        assert_eq!(component_layer(&l.o_proj_input_component()), Some(7));
+        assert!(is_attention_bias("model.layers.3.self_attn.k_proj.bias"));
+        assert!(!is_attention_bias("model.layers.3.mlp.up_proj.bias"));
+        assert!(!is_attention_bias("model.layers.3.self_attn.o_proj.weight"));
+    }
+}
