@@ -6,6 +6,13 @@
 #   scripts/bench.sh eval [N_QUESTIONS]        bake eval (both protocols + CE on 20 wikitext-2 documents) vs the
 #                                              same computation in transformers (tests/python/eval_reference.py)
 #   scripts/bench.sh bake-1b                   peak RSS of a bake of a random ~1B LLaMA, and the write step vs cp
+#   scripts/bench.sh probes                    probes for every head: bake vs scikit-learn on the same rows, on
+#                                              the 7B shape (synthetic), the 70B shape (bake only) and SmolLM2's
+#                                              real activations (full TruthfulQA; fills the activation cache)
+#   scripts/bench.sh bake-7b                   a random Llama-2-7B-shaped bf16 model (~13.8 GB, in
+#                                              $BAKE_BENCH_DIR or /tmp, deleted after): streamed bake, peak RSS
+#                                              against the plan, stage times, write rate vs cp + sync
+#   scripts/bench.sh memory                    SmolLM2, resident and streamed: the plan's estimate vs peak RSS
 # Needs the environment of scripts/setup-test-env.sh (BAKE_SMOLLM2, BAKE_SHARED, BAKE_PYTHON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,5 +94,49 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
     sync; start=$(date +%s.%N); cp -r "$work/llama-1b" "$work/copy"; copied=$(date +%s.%N); sync; end=$(date +%s.%N)
     echo "cp -r of the base folder: $(echo "$copied - $start" | bc) s, + sync: $(echo "$end - $start" | bc) s ($(du -sb "$work/llama-1b" | cut -f1) bytes)"
     rm -rf "$work";;
+  probes)
+    cargo build --release -q --bench probes
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    run() { cargo bench -q --bench probes -- "$@" 2>/dev/null | grep '^{'; }
+    echo "# 7B shape: 32 layers x 32 heads x 128, 4,700 train + 1,180 validation rows"
+    run synthetic 32 32 128 4700 1180 "$work/7b"
+    "$BAKE_PYTHON" scripts/bench_probes.py "$work/7b" --heads-default 256 --heads-tight 64 2>/dev/null
+    echo "# 70B shape: 80 layers x 64 heads x 128 (bake only: 5,120 fits over 1,024 generated heads)"
+    rm -rf "$work/7b"
+    BAKE_BENCH_RUNS=1 run synthetic 32 32 128 4700 1180 "$work/70b" 5
+    rm -rf "$work/70b"
+    echo "# SmolLM2-135M, real activations, full TruthfulQA (30 layers x 9 heads x 64)"
+    run smollm2 "$work/smollm2"
+    "$BAKE_PYTHON" scripts/bench_probes.py "$work/smollm2" --runs 3 2>/dev/null;;
+  bake-7b)
+    cargo build --release -q --example synthetic_model
+    cargo build --release -q
+    work=$(mktemp -d -p "${BAKE_BENCH_DIR:-/tmp}")
+    trap 'rm -rf "$work"' EXIT
+    # Llama-2-7B's shape (32 layers, hidden 4096, 32 heads of 128, FFN 11008) with SmolLM2's tokenizer, so
+    # the vocabulary is 49,152 instead of 32,000 (0.3 GB more of embeddings and head).
+    ./target/release/examples/synthetic_model "$work/llama-7b" 32 4096 32 32 128 11008 49152 bf16 "$BAKE_SMOLLM2/tokenizer.json"
+    sync
+    args=(--model "$work/llama-7b" --recipe recipes/truthfulqa.yaml --no-cache --dataset "$BAKE_SHARED/data/truthfulqa" --limit 2 --heads 48 --max-memory 12GB)
+    ./target/release/bake "${args[@]}" --out "$work/baked" --dry-run | head -1
+    /usr/bin/time -v ./target/release/bake "${args[@]}" --out "$work/baked" > "$work/stdout" 2> "$work/time"
+    grep -E "Maximum resident|Elapsed" "$work/time"
+    cat "$work/baked/bake.log"
+    grep "write step" "$work/stdout"
+    bytes=$(du -sb "$work/baked" | cut -f1)
+    sync; start=$(date +%s.%N); cp -r "$work/llama-7b" "$work/copy"; copied=$(date +%s.%N); sync; end=$(date +%s.%N)
+    echo "cp -r of the base folder: $(echo "$copied - $start" | bc) s, + sync: $(echo "$end - $start" | bc) s ($(du -sb "$work/llama-7b" | cut -f1) bytes); baked folder $bytes bytes";;
+  memory)
+    cargo build --release -q
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    n=${2:-817}
+    for budget in 100GB 700MiB; do
+      args=(--model "$BAKE_SMOLLM2" --recipe recipes/truthfulqa.yaml --no-cache --dataset "$BAKE_SHARED/data/truthfulqa" --limit "$n" --max-memory "$budget")
+      ./target/release/bake "${args[@]}" --out "$work/baked-$budget" --dry-run | head -1
+      /usr/bin/time -v ./target/release/bake "${args[@]}" --out "$work/baked-$budget" > /dev/null 2> "$work/time"
+      grep -E "Maximum resident" "$work/time"
+    done;;
   *) echo "unknown benchmark $what" >&2; exit 2;;
 esac

@@ -13,6 +13,7 @@ pub const TRUTHFULQA_PROMPTS: u64 = 11_800;
 /// The shipped recipe's activation pass as `bake --dry-run` reports it for SmolLM2 (LLaMA tokenizers give
 /// about as many tokens): 403k prompt tokens, 152k after prefix sharing in batches of 32.
 const TRUTHFULQA_PASS: PassShape = PassShape {
+    probe_prompts: 5_882,
     prompts: TRUTHFULQA_PROMPTS as usize,
     tokens: 151_805,
     longest_batch: 813,

@@ -239,7 +239,7 @@ fn activations_for(
     let device = pick_device(&recipe.device)?;
     let tokens = activations::tokenize(&model.tokenizer()?, &texts)?;
     let packed = PackedPrompts::new(&tokens, recipe.batch_size, &device)?;
-    let plan = plan_for(model, &packed, &device, options.max_memory)?;
+    let plan = plan_for(model, &packed, prompts.probe.len(), &device, options.max_memory)?;
     progress.note(&format!("activations: {}", plan.describe()));
     let acts = match plan.mode {
         Mode::Resident => activations::capture_last_token(&model.load(&device)?, &packed, progress)?,
@@ -261,14 +261,21 @@ pub fn plan_run(model: &ModelFiles, recipe: &Recipe, budget: Option<u64>) -> Res
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
     let tokens = activations::tokenize(&model.tokenizer()?, &prompts.texts())?;
     let device = pick_device(&recipe.device)?;
-    plan_for(model, &PackedPrompts::new(&tokens, recipe.batch_size, &device)?, &device, budget)
+    let packed = PackedPrompts::new(&tokens, recipe.batch_size, &device)?;
+    plan_for(model, &packed, prompts.probe.len(), &device, budget)
 }
 
 /// The execution plan of the activation pass over these packed prompts, timed at the device's measured
 /// matmul rate.
-fn plan_for(model: &ModelFiles, packed: &PackedPrompts, device: &Device, budget: Option<u64>) -> Result<Plan> {
+fn plan_for(
+    model: &ModelFiles,
+    packed: &PackedPrompts,
+    probe_prompts: usize,
+    device: &Device,
+    budget: Option<u64>,
+) -> Result<Plan> {
     let rate = activations::plan::measure_matmul_rate(&model.config, device)?;
-    activations::plan::plan(model, &packed.shape(), Some(rate), budget)
+    activations::plan::plan(model, &packed.shape(probe_prompts), Some(rate), budget)
 }
 
 /// A NaN or infinity in the activations would silently become NaN biases: name where it first appears.

@@ -14,30 +14,76 @@ use bake::recipe::Recipe;
 use bake::rng::SeededRng;
 use candle_core::Device;
 
-#[test]
-fn probes_equal_sklearn_accuracies_and_coefficients() {
-    let Some(python) = common::python() else { return };
-    let (n, d) = (300, 16);
+/// Heads of activations, some easy, one nearly separable, for checking the probe fitter: (features
+/// [n][heads × d] as f32, labels).
+fn probe_heads(n: usize, heads: usize, d: usize) -> (Vec<f32>, Vec<bool>) {
     let mut rng = SeededRng::new(7);
-    let true_w: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
-    let xs: Vec<Vec<f64>> = (0..n).map(|_| (0..d).map(|_| rng.normal() * 2.0).collect()).collect();
-    let labels: Vec<bool> =
-        xs.iter().map(|x| x.iter().zip(&true_w).map(|(a, b)| a * b).sum::<f64>() + rng.normal() * 2.0 > 0.5).collect();
-    let rows: Vec<&[f64]> = xs.iter().map(Vec::as_slice).collect();
-    let (train, val) = rows.split_at(200);
-    let probe = logistic::fit(train, &labels[..200], 1.0, 1e-10);
-    let accuracy = probe.accuracy(val, &labels[200..]);
+    let labels: Vec<bool> = (0..n).map(|i| i % 3 != 0).collect();
+    let mut features = vec![0f32; n * heads * d];
+    for h in 0..heads {
+        // Class means apart by `gap` noise units along a random direction; the last head nearly separable.
+        let gap = if h + 1 == heads { 9.0 } else { 0.3 + h as f64 * 0.4 };
+        let direction: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
+        let norm = direction.iter().map(|v| v * v).sum::<f64>().sqrt();
+        for (i, &label) in labels.iter().enumerate() {
+            let shift = if label { gap / 2.0 } else { -gap / 2.0 };
+            for j in 0..d {
+                let value = rng.normal() + shift * direction[j] / norm + 0.5;
+                features[(i * heads + h) * d + j] = value as f32;
+            }
+        }
+    }
+    (features, labels)
+}
 
-    let data = serde_json::json!({ "x": xs, "y": labels });
+#[test]
+fn batched_probes_equal_the_scalar_reference_and_sklearns_optimum() {
+    use bake::activations::Activations;
+    use bake::data::prompts::Prompt;
+    use bake::probes::{train_probes, HeadLayout, Split};
+    let (n, heads, d) = (400, 5, 24);
+    let (features, labels) = probe_heads(n, heads, d);
+    // One prompt per question, so the split is by row: the first 320 train, the rest validate.
+    let acts = Activations::from_vec(n, 1, heads * d, features.clone());
+    let prompts: Vec<Prompt> =
+        labels.iter().enumerate().map(|(i, &label)| Prompt { text: String::new(), question: i, label }).collect();
+    let split = Split { train: (0..320).collect(), val: (320..n).collect() };
+    let fitted = train_probes(&acts, &prompts, &split, HeadLayout { layers: 1, heads, head_dim: d });
+
+    let head_rows = |h: usize, rows: std::ops::Range<usize>| -> Vec<Vec<f64>> {
+        rows.map(|i| features[(i * heads + h) * d..(i * heads + h + 1) * d].iter().map(|&v| v as f64).collect())
+            .collect()
+    };
+    let mut sklearn_input = Vec::new();
+    for h in 0..heads {
+        let rows = head_rows(h, 0..320);
+        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
+        let reference = logistic::reference::fit(&refs, &labels[..320], 1.0, 1e-6);
+        let fast = &fitted.probes[h];
+        for (a, b) in
+            reference.weights.iter().chain([&reference.intercept]).zip(fast.weights.iter().chain([&fast.intercept]))
+        {
+            assert!((a - b).abs() <= 1e-6, "head {h}: reference {a}, batched {b}");
+        }
+        sklearn_input.push(rows);
+    }
+    let last: Vec<f32> = head_rows(heads - 1, 0..320).into_iter().flatten().map(|v| v as f32).collect();
+    let train_accuracy = fitted.probes[heads - 1].accuracy(&last, &labels[..320]);
+    assert!(train_accuracy >= 0.995, "the last head should be nearly separable (training accuracy {train_accuracy})");
+
+    let Some(python) = common::python() else { return };
+    let data = serde_json::json!({ "heads": sklearn_input, "y": &labels[..320] });
     let script = r#"
 import json, sys
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 d = json.load(sys.stdin)
-x, y = np.array(d["x"]), np.array(d["y"]).astype(int)
-m = LogisticRegression(C=1.0, tol=1e-12, max_iter=100000).fit(x[:200], y[:200])
-print(json.dumps({"coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0]),
-                  "accuracy": float((m.predict(x[200:]) == y[200:]).mean())}))
+y = np.array(d["y"]).astype(int)
+out = []
+for x in d["heads"]:
+    m = LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-12, max_iter=1000).fit(np.array(x), y)
+    out.append(m.coef_[0].tolist() + [float(m.intercept_[0])])
+print(json.dumps(out))
 "#;
     let mut child = Command::new(python)
         .args(["-c", script])
@@ -49,13 +95,13 @@ print(json.dumps({"coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0
     child.stdin.take().unwrap().write_all(data.to_string().as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let coef: Vec<f64> = reference["coef"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    for (ours, theirs) in probe.weights.iter().zip(&coef) {
-        assert!((ours - theirs).abs() <= 1e-4, "coefficient {ours} vs sklearn {theirs}");
+    let optimum: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+    for (h, theirs) in optimum.iter().enumerate() {
+        let ours = &fitted.probes[h];
+        for (a, b) in ours.weights.iter().chain([&ours.intercept]).zip(theirs) {
+            assert!((a - b).abs() <= 1e-6, "head {h}: bake {a}, scikit-learn's optimum {b}");
+        }
     }
-    assert!((probe.intercept - reference["intercept"].as_f64().unwrap()).abs() <= 1e-4);
-    assert!((accuracy - reference["accuracy"].as_f64().unwrap()).abs() <= 1e-4);
 }
 
 fn recipe_for(dataset: &Path, limit: usize) -> Recipe {

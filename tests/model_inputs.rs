@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::borrow::Cow;
 use std::path::Path;
 use std::process::Command;
 
@@ -86,7 +85,7 @@ fn add_biases(dir: &Path, names: &[(&str, usize)]) {
             name: name.clone(),
             dtype: e.dtype,
             shape: e.shape.clone(),
-            bytes: Cow::Owned(checkpoint.bytes(e).to_vec()),
+            bytes: checkpoint.bytes(e).to_vec().into(),
         })
         .collect();
     for (name, width) in names {
@@ -94,7 +93,7 @@ fn add_biases(dir: &Path, names: &[(&str, usize)]) {
             name: name.to_string(),
             dtype: bake::io::dtype::StoredDtype::F32,
             shape: vec![*width],
-            bytes: Cow::Owned(vec![0; width * 4]),
+            bytes: vec![0; width * 4].into(),
         });
     }
     drop(checkpoint);
@@ -217,7 +216,7 @@ fn reshard(from: &Path, to: &Path, max_shard_bytes: u64) {
             name: name.clone(),
             dtype: e.dtype,
             shape: e.shape.clone(),
-            bytes: Cow::Borrowed(checkpoint.bytes(e)),
+            bytes: checkpoint.bytes(e).into(),
         })
         .collect();
     std::fs::create_dir_all(to).unwrap();

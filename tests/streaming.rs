@@ -47,8 +47,14 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
             .unwrap()
     };
     let roomy = plan("8GB");
-    assert!(roomy.status.success() && String::from_utf8_lossy(&roomy.stdout).contains("\"mode\": \"resident\""));
-    let tight = plan("330MiB");
+    let stdout = String::from_utf8_lossy(&roomy.stdout);
+    assert!(roomy.status.success() && stdout.contains("\"mode\": \"resident\""), "{stdout}");
+    // A budget between the two estimates the plan gives picks the streamed mode.
+    let json: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    let (resident, streamed) = (json["resident_bytes"].as_u64().unwrap(), json["streamed_bytes"].as_u64().unwrap());
+    assert!(streamed < resident, "streaming should need less memory: {json}");
+    let tight_budget = format!("{}", streamed);
+    let tight = plan(&tight_budget);
     assert!(tight.status.success(), "{}", String::from_utf8_lossy(&tight.stderr));
     assert!(
         String::from_utf8_lossy(&tight.stdout).contains("\"mode\": \"streamed\""),
@@ -63,7 +69,7 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
 
     // A real bake under the tight budget streams and verifies.
     let out = tmp.path().join("baked");
-    let base = common::bake_tiny(&out, &["--limit", "5", "--heads", "4", "--max-memory", "330MiB", "--no-cache"]);
+    let base = common::bake_tiny(&out, &["--limit", "5", "--heads", "4", "--max-memory", &tight_budget, "--no-cache"]);
     let verify = Command::new(env!("CARGO_BIN_EXE_bake"))
         .arg("verify")
         .arg(&out)

@@ -81,7 +81,7 @@ pub fn load(path: &Path, names: &[&str]) -> Result<Option<Vec<Activations>>> {
                 format!("stored as {:?}; the cache holds f32 only", entry.dtype),
             ));
         }
-        let mut data = vec![0f32; rows * layers * width];
+        let mut data = super::zeroed_buffer(rows * layers * width);
         file.seek(SeekFrom::Start(entry.start as u64)).at(path)?;
         read_f32s(&mut file, &mut data).at(path)?;
         out.push(Activations::from_vec(rows, layers, width, data));
@@ -111,7 +111,7 @@ pub fn store(path: &Path, sets: &[(&str, &Activations)], key: &str) -> Result<()
             name: name.to_string(),
             dtype: StoredDtype::F32,
             shape: vec![a.rows, a.layers, a.width],
-            bytes: crate::io::dtype::f32_le_bytes(a.data()),
+            bytes: crate::io::dtype::f32_le_bytes(a.data()).into(),
         })
         .collect();
     let refs: Vec<&TensorBytes> = tensors.iter().collect();
@@ -139,7 +139,7 @@ mod tests {
             name: "probe".into(),
             dtype: StoredDtype::Bf16,
             shape: vec![1, 1, 2],
-            bytes: std::borrow::Cow::Owned(vec![0; 4]),
+            bytes: vec![0; 4].into(),
         };
         write_safetensors(&path, &[&bf16], &BTreeMap::new(), &|_| {}).unwrap();
         let e = load(&path, &["probe"]).unwrap_err().to_string();

@@ -46,7 +46,7 @@ impl PartialEq for Activations {
 
 impl Activations {
     pub fn zeros(rows: usize, layers: usize, width: usize) -> Self {
-        Self::from_vec(rows, layers, width, vec![0.0; rows * layers * width])
+        Self::from_vec(rows, layers, width, zeroed_buffer(rows * layers * width))
     }
 
     /// `data` holds `rows × layers × width` values.
@@ -90,6 +90,21 @@ impl Activations {
     }
 }
 
+/// A zeroed buffer for activations, backed by huge pages where the system allows it: the probe stage reads
+/// each prompt's slice of a layer, rows tens of kilobytes apart, and with 4 KiB pages nearly every row would
+/// cost a TLB miss.
+pub fn zeroed_buffer(len: usize) -> Vec<f32> {
+    let buffer = vec![0.0f32; len];
+    #[cfg(target_os = "linux")]
+    if len * 4 >= 4 << 20 {
+        // SAFETY: advice on memory this Vec owns; it changes how the kernel backs the pages, not their contents.
+        unsafe {
+            libc::madvise(buffer.as_ptr() as *mut libc::c_void, len * 4, libc::MADV_HUGEPAGE);
+        }
+    }
+    buffer
+}
+
 /// Prompts grouped into batches of at most `batch_size`, each packed as a prefix tree. Sorting by token ids
 /// puts prompts that share leading tokens side by side.
 pub struct PackedPrompts {
@@ -119,10 +134,11 @@ impl PackedPrompts {
         Ok(PackedPrompts { batches })
     }
 
-    /// What the plan needs to know about the pass.
-    pub fn shape(&self) -> PassShape {
+    /// What the plan needs to know about the pass, the first `probe_prompts` prompts being the probe set.
+    pub fn shape(&self, probe_prompts: usize) -> PassShape {
         PassShape {
             prompts: prompt_count(self),
+            probe_prompts,
             tokens: self.batches.iter().map(|b| b.batch.len()).sum(),
             longest_batch: self.batches.iter().map(|b| b.batch.len()).max().unwrap_or(0),
             attention_pairs: self.batches.iter().map(|b| (b.batch.len() as u64).pow(2)).sum(),

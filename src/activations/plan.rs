@@ -21,6 +21,8 @@ pub enum Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PassShape {
     pub prompts: usize,
+    /// Of those, the labelled probe prompts (the rows the probe stage fits on).
+    pub probe_prompts: usize,
     /// Tokens the model runs on (shared leading tokens count once per batch).
     pub tokens: usize,
     /// Tokens in the longest batch.
@@ -31,6 +33,8 @@ pub struct PassShape {
 
 /// Allocator slack, the tokenizer, the dataset and candle's temporaries for one batch.
 const OVERHEAD_BYTES: u64 = 300 << 20;
+/// The checkpoint writer's buffer, one per shard written at a time.
+const WRITE_BUFFER_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -63,6 +67,9 @@ pub fn plan(model: &ModelFiles, pass: &PassShape, matmul_gflops: Option<f64>, bu
     let captured = (pass.prompts * c.num_layers * c.attn_width()) as u64 * 4;
     let largest_layer_stored = (0..c.num_layers).map(|l| ck.layer_bytes(l)).max().unwrap_or(0);
     let largest_layer_f32 = largest_layer_stored * 4 / model.dtype().size_in_bytes() as u64;
+    // A tensor is copied out of the map and widened to f32 before its mapped pages are handed back.
+    let largest_tensor = ck.tensors.values().map(|e| (e.end - e.start) as u64).max().unwrap_or(0);
+    let loading = largest_tensor + largest_tensor * 4 / model.dtype().size_in_bytes() as u64;
     let embeddings_f32 = (c.vocab_size * c.hidden_size) as u64 * 4;
     let hidden_state_bytes = (pass.tokens * c.hidden_size) as u64 * 4;
     // One batch's attention: the head-expanded mask, the scores and their softmax, each [heads, t, t] in f32,
@@ -70,15 +77,22 @@ pub fn plan(model: &ModelFiles, pass: &PassShape, matmul_gflops: Option<f64>, bu
     let batch_scratch = (3 * c.num_heads * pass.longest_batch * pass.longest_batch
         + 4 * pass.longest_batch * c.intermediate_size) as u64
         * 4;
-    // The write step maps every stored weight while it copies them; the activations are gone by then.
-    let write_step = stored + OVERHEAD_BYTES;
-    let resident = (parameters * 4 + stored + captured + batch_scratch + OVERHEAD_BYTES).max(write_step);
-    let streamed = (embeddings_f32.max(largest_layer_f32 + largest_layer_stored)
+    let resident = parameters * 4 + loading + captured + batch_scratch + OVERHEAD_BYTES;
+    let streamed = embeddings_f32.max(largest_layer_f32 + loading)
         + hidden_state_bytes
         + captured
         + batch_scratch
-        + OVERHEAD_BYTES)
-        .max(write_step);
+        + OVERHEAD_BYTES;
+    // After the pass (the model is gone by then): the probe stage holds the activations and, per thread,
+    // one layer's rows head by head (probe prompts × attention width, plus an intercept column per head)
+    // and one head's weighted copy; the write step one tensor at a time and each shard's write buffer.
+    let threads = rayon::current_num_threads() as u64;
+    let probe_rows = pass.probe_prompts as u64;
+    let per_thread = probe_rows * (c.attn_width() + c.num_heads) as u64 * 4 + probe_rows * (c.head_dim + 1) as u64 * 4;
+    let probe_stage = captured + threads * per_thread + OVERHEAD_BYTES;
+    let write_step = largest_tensor + threads * WRITE_BUFFER_BYTES + OVERHEAD_BYTES;
+    let after_pass = probe_stage.max(write_step);
+    let (resident, streamed) = (resident.max(after_pass), streamed.max(after_pass));
     let flops = pass_flops(c, pass);
     let mode = match budget {
         None => Mode::Resident,

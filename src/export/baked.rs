@@ -14,7 +14,6 @@
 //!   bake.log                    run-dependent facts (timings); not hashed
 //! ```
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -135,12 +134,18 @@ fn write_weights(
             name: name.clone(),
             dtype: e.dtype,
             shape: e.shape.clone(),
-            bytes: Cow::Borrowed(ck.bytes(e)),
+            bytes: ck.bytes(e).into(),
         })
         .collect();
     tensors.extend(biases);
     progress.start(tensors.iter().map(|t| t.bytes.len() as u64).sum(), "bytes");
-    let files = write_checkpoint(dir, tensors, max_shard_bytes, &|n| progress.advance(n))?;
+    // Each base tensor's mapped pages are handed back once it is written: the write step's memory stays at
+    // one tensor, whatever the model's size.
+    let on_written = |t: &TensorBytes| {
+        progress.advance(t.bytes.len() as u64);
+        ck.release(std::slice::from_ref(&t.name));
+    };
+    let files = write_checkpoint(dir, tensors, max_shard_bytes, &on_written)?;
     progress.finish();
     Ok((files, added))
 }
@@ -181,7 +186,7 @@ fn write_activation_diff(input: &BakeInput, dtype: StoredDtype, dir: &Path) -> R
             name: names::Layer(*l).delta(),
             dtype: StoredDtype::F32,
             shape: vec![width],
-            bytes: Cow::Owned(StoredDtype::F32.encode(d.iter().copied())),
+            bytes: StoredDtype::F32.encode(d.iter().copied()).into(),
         })
         .collect();
     let report = input.report;

@@ -23,12 +23,60 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint: tensor name → shard file.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// One tensor to write: its bytes come from the base model's map or from a new buffer.
+/// One tensor to write.
 pub struct TensorBytes<'a> {
     pub name: String,
     pub dtype: StoredDtype,
     pub shape: Vec<usize>,
-    pub bytes: Cow<'a, [u8]>,
+    pub bytes: Bytes<'a>,
+}
+
+/// Where a tensor's bytes come from.
+pub enum Bytes<'a> {
+    /// Already there: a slice of a base model's memory map, or a new buffer.
+    Ready(Cow<'a, [u8]>),
+    /// Made when the tensor is written and dropped right after, so that a checkpoint larger than memory
+    /// can be generated (`len` bytes).
+    Generated { len: usize, make: Box<dyn Fn() -> Vec<u8> + Send + Sync + 'a> },
+}
+
+impl Bytes<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Bytes::Ready(b) => b.len(),
+            Bytes::Generated { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `f` on the bytes (making them first when they are generated).
+    fn with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            Bytes::Ready(b) => f(b),
+            Bytes::Generated { make, .. } => f(&make()),
+        }
+    }
+}
+
+impl<'a> From<&'a [u8]> for Bytes<'a> {
+    fn from(bytes: &'a [u8]) -> Self {
+        Bytes::Ready(Cow::Borrowed(bytes))
+    }
+}
+
+impl From<Vec<u8>> for Bytes<'_> {
+    fn from(bytes: Vec<u8>) -> Self {
+        Bytes::Ready(Cow::Owned(bytes))
+    }
+}
+
+impl<'a> From<Cow<'a, [u8]>> for Bytes<'a> {
+    fn from(bytes: Cow<'a, [u8]>) -> Self {
+        Bytes::Ready(bytes)
+    }
 }
 
 /// A file written, with its sha256.
@@ -40,13 +88,13 @@ pub struct WrittenFile {
 }
 
 /// Writes `tensors` into `dir` as `model.safetensors`, or as `model-0000i-of-0000N.safetensors` plus
-/// `model.safetensors.index.json` when they exceed `max_shard_bytes`, each file flushed to disk. `on_bytes`
-/// is told of each tensor written (for progress).
+/// `model.safetensors.index.json` when they exceed `max_shard_bytes`, each file flushed to disk.
+/// `on_written` is told of each tensor once it is written (for progress, and to release a map's pages).
 pub fn write_checkpoint(
     dir: &Path,
     mut tensors: Vec<TensorBytes>,
     max_shard_bytes: u64,
-    on_bytes: &(dyn Fn(u64) + Sync),
+    on_written: &(dyn Fn(&TensorBytes) + Sync),
 ) -> Result<Vec<WrittenFile>> {
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     for t in &tensors {
@@ -79,7 +127,7 @@ pub fn write_checkpoint(
         .par_iter()
         .zip(&names)
         .map(|(group, name)| {
-            let file = write_safetensors(&dir.join(name), group, &BTreeMap::new(), on_bytes)?;
+            let file = write_safetensors(&dir.join(name), group, &BTreeMap::new(), on_written)?;
             File::open(&file.path).and_then(|f| f.sync_all()).at(&file.path)?;
             Ok(file)
         })
@@ -136,15 +184,15 @@ pub fn write_safetensors(
     path: &Path,
     tensors: &[&TensorBytes],
     metadata: &BTreeMap<String, String>,
-    on_bytes: &dyn Fn(u64),
+    on_written: &dyn Fn(&TensorBytes),
 ) -> Result<WrittenFile> {
     let header = header(tensors, metadata);
     let mut out = HashingWriter::create(path)?;
     out.write_all(&(header.len() as u64).to_le_bytes()).at(path)?;
     out.write_all(&header).at(path)?;
     for t in tensors {
-        out.write_large(&t.bytes).at(path)?;
-        on_bytes(t.bytes.len() as u64);
+        t.bytes.with(|bytes| out.write_large(bytes)).at(path)?;
+        on_written(t);
     }
     out.finish()
 }

@@ -206,19 +206,21 @@ struct StepOutput {
 impl Llama {
     /// Loads every weight as f32 onto `device` (the files were validated against the config when opened).
     pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
-        let mut model = Self::load_shell(files, device)?;
+        let mut model = Self::load_shell(files, device, true)?;
         model.layers = (0..model.config.num_layers)
             .map(|l| Layer::load(&model.config, &files.checkpoint, l, device))
             .collect::<Result<_>>()?;
         Ok(model)
     }
 
-    /// Everything but the decoder layers (embeddings, final norm, head), for the layer-streamed pass.
-    fn load_shell(files: &ModelFiles, device: &Device) -> Result<Self> {
+    /// Everything but the decoder layers; the output head only `with_head` (a capture-only pass never
+    /// computes logits, and an untied head is as large as the embeddings).
+    fn load_shell(files: &ModelFiles, device: &Device, with_head: bool) -> Result<Self> {
         let (c, checkpoint) = (&files.config, &files.checkpoint);
         let (h, v) = (c.hidden_size, c.vocab_size);
         let embed_tokens = checkpoint.load_f32(names::EMBED_TOKENS, &[v, h], device)?;
         let lm_head = match checkpoint.get(names::LM_HEAD) {
+            _ if !with_head => Tensor::zeros(0, DType::F32, device)?,
             Some(_) if !c.tie_word_embeddings => checkpoint.load_f32(names::LM_HEAD, &[v, h], device)?,
             _ => embed_tokens.clone(),
         };
@@ -359,7 +361,7 @@ impl Llama {
         mut layer_done: impl FnMut(usize),
     ) -> Result<()> {
         let checkpoint = &files.checkpoint;
-        let mut shell = Self::load_shell(files, device)?;
+        let mut shell = Self::load_shell(files, device, false)?;
         let mut hidden: Vec<Tensor> = batches.iter().map(|&(batch, _)| shell.embed(batch)).collect::<Result<_>>()?;
         // The pass ends at the last layer's attention: the embeddings and the head are not needed again.
         shell.embed_tokens = Tensor::zeros(0, DType::F32, device)?;

@@ -1,14 +1,13 @@
 //! Randomly initialised LLaMA checkpoints, for tests and benchmarks that must not depend on downloads.
 //! The values come from a fixed-seed generator, so the same shape always gives the same bytes.
 
-use std::borrow::Cow;
 use std::path::Path;
 
 use super::config::ModelConfig;
 use super::weights::expected_tensors;
 use crate::error::{IoContext, Result};
 use crate::io::dtype::StoredDtype;
-use crate::io::safetensors::{write_checkpoint, TensorBytes};
+use crate::io::safetensors::{write_checkpoint, Bytes, TensorBytes};
 use crate::rng::SeededRng;
 
 /// The shape of a synthetic model.
@@ -70,30 +69,42 @@ impl SyntheticSpec {
     }
 }
 
-/// Writes `config.json` and random weights (norms near 1, matrices scaled by 1/√fan_in) into `dir`.
+/// Writes `config.json` and random weights (norms near 1, matrices scaled by 1/√fan_in) into `dir`, one
+/// tensor in memory at a time.
 pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec, max_shard_bytes: u64) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
     let config_path = dir.join("config.json");
     let config_text = serde_json::to_string_pretty(&spec.config_json()).expect("plain JSON");
     std::fs::write(&config_path, &config_text).at(&config_path)?;
     let config = ModelConfig::load(&config_path)?;
-    let mut rng = SeededRng::new(spec.seed);
-    let mut tensors = Vec::new();
-    for t in expected_tensors(&config).into_iter().filter(|t| t.required) {
-        let numel: usize = t.shape.iter().product();
-        let is_norm = t.shape.len() == 1;
-        let scale = if is_norm { 0.1 } else { 1.0 / (*t.shape.last().unwrap() as f32).sqrt() };
-        let values = (0..numel).map(|_| {
-            let r = (rng.uniform() as f32 * 2.0 - 1.0) * scale;
-            if is_norm {
-                1.0 + r
-            } else {
-                r
-            }
-        });
-        let bytes = spec.dtype.encode(values);
-        tensors.push(TensorBytes { name: t.name, dtype: spec.dtype, shape: t.shape, bytes: Cow::Owned(bytes) });
-    }
+    let dtype = spec.dtype;
+    let tensors: Vec<TensorBytes> = expected_tensors(&config)
+        .into_iter()
+        .filter(|t| t.required)
+        .map(|t| {
+            let numel: usize = t.shape.iter().product();
+            let is_norm = t.shape.len() == 1;
+            let scale = if is_norm { 0.1 } else { 1.0 / (*t.shape.last().unwrap() as f32).sqrt() };
+            // Each tensor has its own generator, so that it can be made on its own, when it is written: a
+            // model larger than memory streams to disk.
+            let seed = spec.seed;
+            let name = t.name.clone();
+            let make = move || {
+                let mut rng = SeededRng::for_purpose(seed, &name);
+                let values = (0..numel).map(|_| {
+                    let r = (rng.uniform() as f32 * 2.0 - 1.0) * scale;
+                    if is_norm {
+                        1.0 + r
+                    } else {
+                        r
+                    }
+                });
+                dtype.encode(values)
+            };
+            let bytes = Bytes::Generated { len: numel * dtype.size_in_bytes(), make: Box::new(make) };
+            TensorBytes { name: t.name, dtype, shape: t.shape, bytes }
+        })
+        .collect();
     write_checkpoint(dir, tensors, max_shard_bytes, &|_| {})?;
     Ok(())
 }

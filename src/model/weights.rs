@@ -124,11 +124,15 @@ impl Checkpoint {
         bytes.into_values().max_by_key(|(_, n)| *n).map(|(d, _)| d)
     }
 
-    /// A tensor as an f32 candle tensor on `device`, after checking its shape.
+    /// A tensor as an f32 candle tensor on `device`, after checking its shape. Its mapped pages are handed
+    /// back once it is copied: the f32 copy is what runs, and a resident model would otherwise hold its
+    /// weights twice.
     pub fn load_f32(&self, name: &str, shape: &[usize], device: &candle_core::Device) -> Result<candle_core::Tensor> {
         let entry = self.expect(name, shape)?;
         let raw = candle_core::Tensor::from_raw_buffer(self.bytes(entry), entry.dtype.candle(), shape, device)?;
-        Ok(raw.to_dtype(candle_core::DType::F32)?)
+        let widened = raw.to_dtype(candle_core::DType::F32)?;
+        self.release(&[name]);
+        Ok(widened)
     }
 
     /// The entry of a tensor that must exist with this shape.
@@ -283,7 +287,7 @@ fn index_entries(index: &Path) -> Result<Vec<(String, String)>> {
         .map(|(tensor, file)| {
             let field = || format!("weight_map.{tensor}");
             let name = file.as_str().ok_or_else(|| BakeError::field(index, field(), "expected a file name"))?;
-            let inside = Path::new(name).components().all(|c| matches!(c, Component::Normal(_)));
+            let inside = !name.is_empty() && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)));
             if !inside {
                 return Err(BakeError::field(
                     index,

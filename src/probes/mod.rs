@@ -76,9 +76,21 @@ pub struct HeadLayout {
     pub head_dim: usize,
 }
 
-/// One head's features for some prompts, in f64.
-fn head_rows(acts: &Activations, rows: &[usize], layer: usize, head: usize, head_dim: usize) -> Vec<Vec<f64>> {
-    rows.iter().map(|&r| acts.head(r, layer, head, head_dim).iter().map(|&v| v as f64).collect()).collect()
+/// Every head's rows of one layer, head by head, into `out`: `[heads][rows][d + extra]`, each row followed by
+/// `extra` ones (1 for a design matrix's intercept column, 0 for plain features). Each prompt's layer slice is
+/// read once for all heads: gathering head by head would touch every row's pages once per head.
+fn head_major(acts: &Activations, rows: &[usize], layer: usize, layout: HeadLayout, extra: usize, out: &mut Vec<f32>) {
+    let (d, heads) = (layout.head_dim, layout.heads);
+    let stride = d + extra;
+    // Every element is written below, so a reused buffer is not filled first (that would add a pass over it).
+    out.resize(heads * rows.len() * stride, 0.0);
+    for (i, &r) in rows.iter().enumerate() {
+        for h in 0..heads {
+            let at = (h * rows.len() + i) * stride;
+            out[at..at + d].copy_from_slice(acts.head(r, layer, h, d));
+            out[at + d..at + stride].fill(1.0);
+        }
+    }
 }
 
 pub struct ProbeResults {
@@ -88,8 +100,13 @@ pub struct ProbeResults {
     pub probes: Vec<logistic::Probe>,
 }
 
-/// Fits one logistic regression (C = 1) per head on the train questions' probe prompts and scores it on the
-/// validation questions' prompts. Heads run in parallel.
+/// The regularisation strength of every probe (scikit-learn's default C, as the reference uses).
+pub const PROBE_C: f64 = 1.0;
+/// The stopping test of every probe: ‖∇f‖₂ on scikit-learn's objective (see [`logistic`]).
+pub const PROBE_TOLERANCE: f64 = 1e-6;
+
+/// Fits one logistic regression per head on the train questions' probe prompts and scores it on the
+/// validation questions' prompts. Layers run in parallel, each thread reusing its buffers.
 pub fn train_probes(acts: &Activations, prompts: &[Prompt], split: &Split, layout: HeadLayout) -> ProbeResults {
     let in_split = |questions: &[usize]| -> Vec<usize> {
         let wanted = question_mask(prompts, questions);
@@ -98,19 +115,28 @@ pub fn train_probes(acts: &Activations, prompts: &[Prompt], split: &Split, layou
     let (train_rows, val_rows) = (in_split(&split.train), in_split(&split.val));
     let labels = |rows: &[usize]| -> Vec<bool> { rows.iter().map(|&r| prompts[r].label).collect() };
     let (train_labels, val_labels) = (labels(&train_rows), labels(&val_rows));
-    let probes: Vec<(logistic::Probe, f64)> = (0..layout.layers * layout.heads)
+    let d = layout.head_dim;
+    let (n_train, n_val) = (train_rows.len(), val_rows.len());
+    // Layer by layer in parallel; within a layer, head by head on one thread's buffers.
+    let per_layer: Vec<Vec<(logistic::Probe, f64)>> = (0..layout.layers)
         .into_par_iter()
-        .map(|flat| {
-            let (layer, head) = (flat / layout.heads, flat % layout.heads);
-            let train = head_rows(acts, &train_rows, layer, head, layout.head_dim);
-            let train: Vec<&[f64]> = train.iter().map(Vec::as_slice).collect();
-            let probe = logistic::fit(&train, &train_labels, 1.0, 1e-6);
-            let val = head_rows(acts, &val_rows, layer, head, layout.head_dim);
-            let val: Vec<&[f64]> = val.iter().map(Vec::as_slice).collect();
-            let accuracy = probe.accuracy(&val, &val_labels);
-            (probe, accuracy)
-        })
+        .map_init(
+            || (logistic::Scratch::default(), Vec::new(), Vec::new()),
+            |(scratch, designs, features), layer| {
+                head_major(acts, &train_rows, layer, layout, 1, designs);
+                head_major(acts, &val_rows, layer, layout, 0, features);
+                (0..layout.heads)
+                    .map(|h| {
+                        let design = &designs[h * n_train * (d + 1)..(h + 1) * n_train * (d + 1)];
+                        let probe = logistic::fit_design(design, d, &train_labels, PROBE_C, PROBE_TOLERANCE, scratch);
+                        let accuracy = probe.accuracy(&features[h * n_val * d..(h + 1) * n_val * d], &val_labels);
+                        (probe, accuracy)
+                    })
+                    .collect()
+            },
+        )
         .collect();
+    let probes: Vec<(logistic::Probe, f64)> = per_layer.into_iter().flatten().collect();
     let val_accuracy = probes.chunks(layout.heads).map(|c| c.iter().map(|(_, a)| *a).collect()).collect();
     ProbeResults { val_accuracy, probes: probes.into_iter().map(|(p, _)| p).collect() }
 }

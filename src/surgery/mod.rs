@@ -5,8 +5,6 @@
 //! gets all four: explicit zeros for q/k/v and wherever no head was chosen. Nothing is left for transformers
 //! to initialise at load.
 
-use std::borrow::Cow;
-
 use crate::error::{BakeError, Result};
 use crate::io::dtype::StoredDtype;
 use crate::io::names::{self, Attention, Param};
@@ -30,14 +28,16 @@ pub fn o_proj_bias(
         None => vec![0.0; config.hidden_size],
     };
     if let Some(delta) = delta {
-        let entry = checkpoint
-            .expect(&names.attention(Attention::O, Param::Weight), &[config.hidden_size, config.attn_width()])?;
+        let weight = names.attention(Attention::O, Param::Weight);
+        let entry = checkpoint.expect(&weight, &[config.hidden_size, config.attn_width()])?;
         let bytes = checkpoint.bytes(entry);
         let row_bytes = config.attn_width() * entry.dtype.size_in_bytes();
         for (out, b) in bias.iter_mut().enumerate() {
             let row = entry.dtype.decode(&bytes[out * row_bytes..(out + 1) * row_bytes]);
             *b += row.iter().zip(delta).map(|(w, &d)| w * d as f64).sum::<f64>();
         }
+        // Read once; its pages need not stay resident until the writer copies it.
+        checkpoint.release(&[weight]);
     }
     Ok(bias)
 }
@@ -58,12 +58,7 @@ pub fn bias_tensors<'a>(
         {
             let name = names.attention(proj, Param::Bias);
             if checkpoint.get(&name).is_none() {
-                out.push(TensorBytes {
-                    name,
-                    dtype,
-                    shape: vec![width],
-                    bytes: Cow::Owned(dtype.encode(vec![0.0; width])),
-                });
+                out.push(TensorBytes { name, dtype, shape: vec![width], bytes: dtype.encode(vec![0.0; width]).into() });
             }
         }
         let bias = o_proj_bias(checkpoint, config, layer, deltas.get(layer).and_then(|d| d.as_deref()))?;
@@ -78,7 +73,7 @@ pub fn bias_tensors<'a>(
             name,
             dtype,
             shape: vec![config.hidden_size],
-            bytes: Cow::Owned(dtype.encode(bias.iter().map(|&v| v as f32))),
+            bytes: dtype.encode(bias.iter().map(|&v| v as f32)).into(),
         });
     }
     Ok(out)
