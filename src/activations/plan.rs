@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{BakeError, Result};
+use crate::io::names;
 use crate::model::{ModelConfig, ModelFiles};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,8 +32,9 @@ pub struct PassShape {
     pub attention_pairs: u64,
 }
 
-/// Allocator slack, the tokenizer, the dataset and candle's temporaries for one batch.
-const OVERHEAD_BYTES: u64 = 300 << 20;
+/// The binary, the tokenizer, the dataset, allocator slack and candle's temporaries for one batch: measured
+/// as the peak RSS beyond the terms the plan counts, on SmolLM2 (resident) and the 7B shape (streamed).
+const OVERHEAD_BYTES: u64 = 64 << 20;
 /// The checkpoint writer's buffer, one per shard written at a time.
 const WRITE_BUFFER_BYTES: u64 = 8 << 20;
 
@@ -65,24 +67,41 @@ pub fn plan(model: &ModelFiles, pass: &PassShape, matmul_gflops: Option<f64>, bu
     let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();
     let stored = ck.total_bytes();
     let captured = (pass.prompts * c.num_layers * c.attn_width()) as u64 * 4;
+    let widened = |stored: u64| stored * 4 / model.dtype().size_in_bytes() as u64;
+    // While a tensor is widened to f32, its mapped pages and a copy in the stored dtype exist beside the f32.
+    let loading = |stored: u64| 2 * stored + widened(stored);
+    let stored_bytes = |e: &crate::model::weights::TensorEntry| (e.end - e.start) as u64;
+    let largest_tensor = ck.tensors.values().map(stored_bytes).max().unwrap_or(0);
+    let largest_layer_tensor = ck
+        .tensors
+        .iter()
+        .filter(|(n, _)| names::layer_of(n).is_some())
+        .map(|(_, e)| stored_bytes(e))
+        .max()
+        .unwrap_or(0);
     let largest_layer_stored = (0..c.num_layers).map(|l| ck.layer_bytes(l)).max().unwrap_or(0);
-    let largest_layer_f32 = largest_layer_stored * 4 / model.dtype().size_in_bytes() as u64;
-    // A tensor is copied out of the map and widened to f32 before its mapped pages are handed back.
-    let largest_tensor = ck.tensors.values().map(|e| (e.end - e.start) as u64).max().unwrap_or(0);
-    let loading = largest_tensor + largest_tensor * 4 / model.dtype().size_in_bytes() as u64;
-    let embeddings_f32 = (c.vocab_size * c.hidden_size) as u64 * 4;
+    let embeddings_stored = ck.get(names::EMBED_TOKENS).map_or(0, stored_bytes);
     let hidden_state_bytes = (pass.tokens * c.hidden_size) as u64 * 4;
     // One batch's attention: the head-expanded mask, the scores and their softmax, each [heads, t, t] in f32,
     // plus the layer's activations at the MLP's width.
     let batch_scratch = (3 * c.num_heads * pass.longest_batch * pass.longest_batch
         + 4 * pass.longest_batch * c.intermediate_size) as u64
         * 4;
-    let resident = parameters * 4 + loading + captured + batch_scratch + OVERHEAD_BYTES;
-    let streamed = embeddings_f32.max(largest_layer_f32 + loading)
-        + hidden_state_bytes
-        + captured
-        + batch_scratch
+    // Each mode peaks either while loading (the captured rows are still untouched zero pages then) or at the
+    // end of the pass, when every captured row has been written.
+    let resident = (parameters * 4 - widened(largest_tensor) + loading(largest_tensor))
+        .max(parameters * 4 + captured + batch_scratch)
         + OVERHEAD_BYTES;
+    // Streamed, the embeddings are loaded first and dropped once every batch is embedded; then one layer at a
+    // time is loaded whole (its mapped pages handed back after it ran) beside the hidden states.
+    let streamed = (hidden_state_bytes + loading(embeddings_stored)).max(
+        widened(largest_layer_stored)
+            + largest_layer_stored
+            + largest_layer_tensor
+            + hidden_state_bytes
+            + captured
+            + batch_scratch,
+    ) + OVERHEAD_BYTES;
     // After the pass (the model is gone by then): the probe stage holds the activations and, per thread,
     // one layer's rows head by head (probe prompts × attention width, plus an intercept column per head)
     // and one head's weighted copy; the write step one tensor at a time and each shard's write buffer.
