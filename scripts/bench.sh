@@ -89,7 +89,7 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
       --dataset "$BAKE_SHARED/data/truthfulqa" --limit 3 --heads 8 --max-shard-size 1GB --out "$work/baked" \
       > "$work/stdout" 2> "$work/time"
     grep -E "Maximum resident|Elapsed" "$work/time"
-    grep "write step" "$work/stdout"
+    grep -E "^  (data|activations|probes|write|total) " "$work/stdout"
     # bake's write step ends with every file on disk (fsync), so cp is timed up to the end of `sync` too.
     sync; start=$(date +%s.%N); cp -r "$work/llama-1b" "$work/copy"; copied=$(date +%s.%N); sync; end=$(date +%s.%N)
     echo "cp -r of the base folder: $(echo "$copied - $start" | bc) s, + sync: $(echo "$end - $start" | bc) s ($(du -sb "$work/llama-1b" | cut -f1) bytes)"
@@ -118,12 +118,12 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
     # the vocabulary is 49,152 instead of 32,000 (0.3 GB more of embeddings and head).
     ./target/release/examples/synthetic_model "$work/llama-7b" 32 4096 32 32 128 11008 49152 bf16 "$BAKE_SMOLLM2/tokenizer.json"
     sync
-    args=(--model "$work/llama-7b" --recipe recipes/truthfulqa.yaml --no-cache --dataset "$BAKE_SHARED/data/truthfulqa" --limit 2 --heads 48 --max-memory 12GB)
+    args=(--model "$work/llama-7b" --recipe recipes/truthfulqa.yaml --no-cache --limit 2 --heads 48 --max-memory 12GB)
     ./target/release/bake "${args[@]}" --out "$work/baked" --dry-run | head -1
     /usr/bin/time -v ./target/release/bake "${args[@]}" --out "$work/baked" > "$work/stdout" 2> "$work/time"
     grep -E "Maximum resident|Elapsed" "$work/time"
     cat "$work/baked/bake.log"
-    grep "write step" "$work/stdout"
+    grep -E "^  (data|activations|probes|write|total) " "$work/stdout"
     bytes=$(du -sb "$work/baked" | cut -f1)
     sync; start=$(date +%s.%N); cp -r "$work/llama-7b" "$work/copy"; copied=$(date +%s.%N); sync; end=$(date +%s.%N)
     echo "cp -r of the base folder: $(echo "$copied - $start" | bc) s, + sync: $(echo "$end - $start" | bc) s ($(du -sb "$work/llama-7b" | cut -f1) bytes); baked folder $bytes bytes";;
@@ -132,10 +132,13 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     n=${2:-817}
-    for budget in 100GB 700MiB; do
-      args=(--model "$BAKE_SMOLLM2" --recipe recipes/truthfulqa.yaml --no-cache --dataset "$BAKE_SHARED/data/truthfulqa" --limit "$n" --max-memory "$budget")
-      ./target/release/bake "${args[@]}" --out "$work/baked-$budget" --dry-run | head -1
-      /usr/bin/time -v ./target/release/bake "${args[@]}" --out "$work/baked-$budget" > /dev/null 2> "$work/time"
+    args=(--model "$BAKE_SMOLLM2" --recipe recipes/truthfulqa.yaml --no-cache --limit "$n")
+    plan=$(./target/release/bake "${args[@]}" --out "$work/plan" --dry-run | sed -n '/^{/,$p')
+    streamed=$(echo "$plan" | "$BAKE_PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["streamed_bytes"])')
+    # A budget of the streamed estimate itself picks the streamed mode (the resident one needs more).
+    for budget in 100GB "$streamed"; do
+      ./target/release/bake "${args[@]}" --max-memory "$budget" --out "$work/baked-$budget" --dry-run | head -1
+      /usr/bin/time -v ./target/release/bake "${args[@]}" --max-memory "$budget" --out "$work/baked-$budget" > /dev/null 2> "$work/time"
       grep -E "Maximum resident" "$work/time"
     done;;
   *) echo "unknown benchmark $what" >&2; exit 2;;

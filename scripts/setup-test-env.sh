@@ -21,7 +21,7 @@ export PIP_NO_CACHE_DIR=1
   "$venv/bin/pip" install -q -r "$repo/scripts/requirements.txt"
   # pyvene 0.1.8 declares dependencies its load/generate path never imports (datasets, plotnine, ...).
   "$venv/bin/pip" install -q --no-deps pyvene==0.1.8
-  "$venv/bin/python" "$repo/fixtures/make_smollm2.py" --shared "$shared" --out "$cache/fixtures/smollm2-135m-instruct"
+  "$venv/bin/python" "$repo/fixtures/make_smollm2.py" --out "$cache/fixtures/smollm2-135m-instruct"
 } >&2
 echo "export BAKE_SHARED='$shared'"
 echo "export BAKE_SMOLLM2='$cache/fixtures/smollm2-135m-instruct'"

@@ -5,7 +5,8 @@
 //! The modules follow the pipeline, each passing a typed value to the next, and each importing only those
 //! before it (`tests/architecture.rs` checks this):
 //! [`io`] (below every stage: safe input reading, the safetensors writer, hashing, dtypes, tensor names, Hub
-//! downloads, output folders that never destroy what bake did not write) and [`recipe`] (every choice) →
+//! downloads, output folders that never destroy what bake did not write), [`figure`] (plots as PNG and SVG)
+//! and [`recipe`] (every choice) →
 //! [`model`] (resolve, config, weights, forward pass: a `ModelFiles`, then a `Llama`) →
 //! [`data`] (TruthfulQA and the prompt sets: `PromptSets`) →
 //! [`activations`] (resident or layer-streamed capture: `Activations`) →
@@ -20,6 +21,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod figure;
 pub mod hub;
 pub mod inspect;
 pub mod io;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use anyhow::Result;
 use bake::inspect;
@@ -26,6 +27,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Print no progress on stderr (warnings and errors still are); results still go to stdout.
+    #[arg(long, short, global = true)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -272,26 +276,58 @@ impl RecipeArgs {
     }
 }
 
-/// Draws the library's progress events on stderr.
+/// Draws the library's progress events on stderr: each stage with the time since the run began, counted work
+/// as a bar in human units. `--quiet` keeps only warnings.
 struct Bars {
     bar: Mutex<Option<ProgressBar>>,
+    started: Instant,
+    quiet: bool,
 }
 
 impl Bars {
-    fn new() -> Self {
-        Bars { bar: Mutex::new(None) }
+    fn new(quiet: bool) -> Self {
+        Bars { bar: Mutex::new(None), started: Instant::now(), quiet }
     }
+
+    /// Prints a line above the bar, if one is drawn.
+    fn line(&self, text: &str) {
+        match self.bar.lock().unwrap().as_ref() {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+/// A rate people read at a glance: `214/s`, `31.2/s`, `0.45/s`.
+fn rounded_rate(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let rate = state.per_sec();
+    let _ = match rate {
+        r if r >= 100.0 => write!(w, "{r:.0}/s"),
+        r if r >= 1.0 => write!(w, "{r:.1}/s"),
+        r => write!(w, "{r:.2}/s"),
+    };
 }
 
 impl Progress for Bars {
     fn stage(&self, name: &str) {
-        eprintln!("bake: {name}");
+        if !self.quiet {
+            self.line(&format!("bake: {:>6.1} s  {name}", self.started.elapsed().as_secs_f64()));
+        }
     }
 
     fn start(&self, total: u64, unit: &str) {
+        if self.quiet {
+            return;
+        }
         let bar = ProgressBar::new(total);
-        let template = format!("  {{bar:40}} {{pos}}/{{len}} {unit} ({{per_sec}}, ETA {{eta}})");
-        bar.set_style(ProgressStyle::with_template(&template).expect("valid template"));
+        // Bytes in decimal units (MB = 10⁶ bytes), as every size bake prints; other counts with separators.
+        let template = if unit == "bytes" {
+            "  {bar:40} {decimal_bytes} / {decimal_total_bytes} ({decimal_bytes_per_sec}, ETA {eta})".to_string()
+        } else {
+            format!("  {{bar:40}} {{human_pos}} / {{human_len}} {unit} ({{rate}}, ETA {{eta}})")
+        };
+        let style = ProgressStyle::with_template(&template).expect("valid template").with_key("rate", rounded_rate);
+        bar.set_style(style);
         *self.bar.lock().unwrap() = Some(bar);
     }
 
@@ -308,7 +344,9 @@ impl Progress for Bars {
     }
 
     fn note(&self, message: &str) {
-        eprintln!("bake: {message}");
+        if !self.quiet || message.starts_with("warning") {
+            self.line(&format!("bake: {message}"));
+        }
     }
 }
 
@@ -336,8 +374,19 @@ fn keep_freed_buffers_for_reuse() {
     }
 }
 
+/// Rust ignores SIGPIPE, so `bake ... | head` would panic on the closed pipe; like other Unix tools, bake
+/// should simply end there.
+fn end_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_buffers_for_reuse();
+    end_quietly_on_closed_pipe();
     // `bake --model ...` without a command means `bake run --model ...`.
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let first = argv.get(1).and_then(|a| a.to_str()).unwrap_or("");
@@ -356,12 +405,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => run_bake(&args)?,
+        Command::Run(args) => run_bake(&args, cli.quiet)?,
         Command::Inspect(args) => run_inspect(&args)?,
-        Command::Probe(args) => run_probe(&args)?,
-        Command::Verify(args) => return run_verify(&args),
-        Command::Eval(args) => run_eval(&args)?,
-        Command::Push(args) => run_push(&args)?,
+        Command::Probe(args) => run_probe(&args, cli.quiet)?,
+        Command::Verify(args) => return run_verify(&args, cli.quiet),
+        Command::Eval(args) => run_eval(&args, cli.quiet)?,
+        Command::Push(args) => run_push(&args, cli.quiet)?,
         Command::Models => {
             for (alias, repo) in ALIASES {
                 println!("{alias:<22} {repo}");
@@ -409,17 +458,17 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_probe(args: &ProbeArgs) -> Result<()> {
+fn run_probe(args: &ProbeArgs, quiet: bool) -> Result<()> {
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
     let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Probe)?.stage()?;
-    let bars = Bars::new();
+    let bars = Bars::new(quiet);
     staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
     let published = pipeline::publish_probe_outputs(&outcome.report, staging)?;
     print_heads(&outcome);
     note_leftover(&published, &bars);
-    eprintln!("bake: wrote {}", args.out.join("report.json").display());
+    bars.note(&format!("wrote {}", args.out.join("report.json").display()));
     Ok(())
 }
 
@@ -445,8 +494,8 @@ fn print_heads(outcome: &pipeline::ProbeOutcome) {
     }
 }
 
-fn run_bake(args: &BakeArgs) -> Result<()> {
-    let started = std::time::Instant::now();
+fn run_bake(args: &BakeArgs, quiet: bool) -> Result<()> {
+    let bars = Bars::new(quiet);
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
     let target = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Bake)?;
@@ -457,30 +506,61 @@ fn run_bake(args: &BakeArgs) -> Result<()> {
         return Ok(());
     }
     let staging = target.stage()?;
-    let bars = Bars::new();
     staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
-    let write_started = std::time::Instant::now();
+    let write_started = Instant::now();
     let options = bake::export::baked::BakeOptions { max_shard_bytes: args.max_shard_size };
     let (written, published) = bake::export::baked::write_baked(&outcome.bake_input(&model), staging, &options, &bars)?;
-    print_heads(&outcome);
+    let write_seconds = write_started.elapsed().as_secs_f64();
+    bars.stage("done");
     note_leftover(&published, &bars);
-    let bytes: u64 = written.iter().map(|f| f.bytes).sum();
-    println!(
-        "wrote {} ({} files, {:.1} MB) in {:.1} s; write step {:.1} s",
-        args.out.display(),
-        written.len(),
-        bytes as f64 / 1e6,
-        started.elapsed().as_secs_f64(),
-        write_started.elapsed().as_secs_f64()
-    );
+    print_heads(&outcome);
+    print_bake_summary(args, &outcome, &written, write_seconds, bars.started.elapsed().as_secs_f64());
     Ok(())
 }
 
-fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
+/// The end of a bake on stdout: where the stages' time went, what was written, and what to run next.
+fn print_bake_summary(
+    args: &BakeArgs,
+    outcome: &pipeline::ProbeOutcome,
+    written: &[bake::io::safetensors::WrittenFile],
+    write_seconds: f64,
+    total_seconds: f64,
+) {
+    let timings = outcome.report.timings.clone().unwrap_or_default();
+    let stages = ["data", "activations", "probes"].map(|s| (s, timings.get(s).copied().unwrap_or(0.0)));
+    let bytes: u64 = written.iter().map(|f| f.bytes).sum();
+    let (report, out, model) = (&outcome.report, args.out.display(), &args.recipe.model);
+    println!();
+    println!("  stage        time");
+    for (stage, seconds) in stages.into_iter().chain([("write", write_seconds), ("total", total_seconds)]) {
+        println!("  {stage:<12} {seconds:>6.1} s");
+    }
+    println!();
+    println!("  output       {out} ({} files, {})", written.len(), bake::units::format_bytes(bytes));
+    println!("  heads (K)    {} of {}", report.heads.len(), report.layers * report.heads_per_layer);
+    println!("  alpha        {}", report.recipe.alpha);
+    println!(
+        "  questions    {} ({} probe prompts, {} tuning prompts)",
+        outcome.questions, report.probe_prompts, report.tuning_prompts
+    );
+    println!("  figure       {}", args.out.join("heatmap.png").display());
+    println!();
+    println!("next:");
+    for (why, command) in [
+        ("prove it is exactly the base plus the shift", format!("bake verify {out} --base {model}")),
+        ("TruthfulQA MC1/MC2 and CE/KL against the base", format!("bake eval --model {model} --baked {out}")),
+        ("publish it on the Hub", format!("bake push {out} --repo your-org/NAME")),
+    ] {
+        println!("  {why}:\n    {command}");
+    }
+}
+
+fn run_verify(args: &VerifyArgs, quiet: bool) -> Result<ExitCode> {
     let dir = bake::verify::locate(&args.target)?;
     let options = bake::verify::VerifyOptions { base: args.base.clone(), run: args.run };
-    let progress: Box<dyn Progress> = if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new()) };
+    let progress: Box<dyn Progress> =
+        if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new(quiet)) };
     let report = bake::verify::verify(&dir, &options, progress.as_ref())?;
     if args.json {
         println!(
@@ -511,7 +591,7 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn run_eval(args: &EvalArgs) -> Result<()> {
+fn run_eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     use bake::eval::{self, mc};
     let mut recipe = args.recipe.load()?;
     if let Some(dir) = &args.card {
@@ -539,7 +619,7 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
         },
         corpus: recipe.corpus.clone(),
     };
-    let bars = Bars::new();
+    let bars = Bars::new(quiet);
     let report = match (args.cv, &args.baked) {
         (Some(folds), _) => {
             eval::cross_validate(&model, &recipe, folds, &options, &args.recipe.probe_options(), &bars)?
@@ -558,7 +638,7 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
         };
         let published = eval::card::put_evaluation(dir, &eval::card::section(&report, compared))?;
         note_leftover(&published, &bars);
-        eprintln!("bake: wrote the table into {}", dir.join("README.md").display());
+        bars.note(&format!("wrote the table into {}", dir.join("README.md").display()));
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -570,7 +650,7 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_push(args: &PushArgs) -> Result<()> {
+fn run_push(args: &PushArgs, quiet: bool) -> Result<()> {
     let options = bake::hub::push::PushOptions {
         repo: args.repo.clone(),
         private: args.private,
@@ -578,7 +658,8 @@ fn run_push(args: &PushArgs) -> Result<()> {
         create_pr: args.create_pr,
         dry_run: args.dry_run,
     };
-    let progress: Box<dyn Progress> = if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new()) };
+    let progress: Box<dyn Progress> =
+        if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new(quiet)) };
     let report = bake::hub::push::push(&args.dir, &options, progress.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

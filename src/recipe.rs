@@ -33,7 +33,8 @@ pub enum DirectionKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSpec {
-    /// A Hub dataset id, or a local folder with `multiple_choice/` and `generation/` in the HF layout.
+    /// `builtin` (the copy compiled into bake), a Hub dataset id, or a local folder with `multiple_choice/`
+    /// and `generation/` in the HF layout.
     pub source: String,
     /// The split of both configs.
     pub split: String,

@@ -11,18 +11,18 @@ use std::path::{Path, PathBuf};
 
 /// The library's top-level modules, lowest first. A module may import its own layer and the ones before.
 const LAYERS: &[&[&str]] = &[
-    &["error", "progress", "units", "rng", "io"], // below every stage: errors, reporting, files
-    &["recipe"],                                  // every choice of a run
-    &["model"],                                   // 1. resolve, config, weights, forward pass
-    &["data"],                                    // 2. TruthfulQA and the prompts
-    &["activations"],                             // 3. the activation pass
-    &["probes"],                                  // 4. probes, heads, directions, σ, δ
-    &["surgery"],                                 // 5. δ → biases
-    &["export"],                                  // 6. the baked folder and its manifest
-    &["pipeline", "inspect"],                     // stages 2–6 in one call; what a bake will cost
-    &["verify"],                                  // 7. a baked folder is base + diff
-    &["hub"],                                     // 8. publishing
-    &["eval"],                                    // 9. MC1/MC2, CE/KL
+    &["error", "progress", "units", "rng", "io", "figure"], // below every stage: errors, reporting, files, plots
+    &["recipe"],                                            // every choice of a run
+    &["model"],                                             // 1. resolve, config, weights, forward pass
+    &["data"],                                              // 2. TruthfulQA and the prompts
+    &["activations"],                                       // 3. the activation pass
+    &["probes"],                                            // 4. probes, heads, directions, σ, δ
+    &["surgery"],                                           // 5. δ → biases
+    &["export"],                                            // 6. the baked folder and its manifest
+    &["pipeline", "inspect"],                               // stages 2–6 in one call; what a bake will cost
+    &["verify"],                                            // 7. a baked folder is base + diff
+    &["hub"],                                               // 8. publishing
+    &["eval"],                                              // 9. MC1/MC2, CE/KL
 ];
 
 fn layer_of(module: &str) -> usize {

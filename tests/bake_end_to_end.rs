@@ -16,12 +16,10 @@ fn recipe() -> &'static str {
 }
 
 fn run_bake(model: &Path, out: &Path, extra: &[&str]) -> Output {
-    let shared = common::shared_dir().expect("callers check shared first");
     Command::new(env!("CARGO_BIN_EXE_bake"))
         .arg("--model")
         .arg(model)
-        .args(["--recipe", recipe(), "--dataset"])
-        .arg(shared.join("data/truthfulqa"))
+        .args(["--recipe", recipe()])
         .arg("--out")
         .arg(out)
         .args(extra)

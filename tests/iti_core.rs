@@ -104,9 +104,9 @@ print(json.dumps(out))
     }
 }
 
-fn recipe_for(dataset: &Path, limit: usize) -> Recipe {
+/// The shipped recipe (the built-in TruthfulQA) on the first `limit` questions.
+fn recipe_for(limit: usize) -> Recipe {
     let mut r = Recipe::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/truthfulqa.yaml"))).unwrap();
-    r.dataset.source = dataset.to_string_lossy().into_owned();
     r.limit = Some(limit);
     r.heads = 4;
     r.batch_size = 8;
@@ -142,9 +142,8 @@ fn activation_cache_is_reused_and_invalidated() {
     let Some(shared) = common::shared_dir() else { return };
     let cache = tempfile::tempdir().unwrap();
     let options = ProbeOptions { cache_dir: Some(cache.path().to_path_buf()), max_memory: None };
-    let data = shared.join("data/truthfulqa");
     let gqa = ModelFiles::open(shared.join("fixtures/tiny-gqa").to_str().unwrap()).unwrap();
-    let recipe = recipe_for(&data, 6);
+    let recipe = recipe_for(6);
     let first = run_probe(&gqa, &recipe, &options, &Silent).unwrap();
     let second = run_probe(&gqa, &recipe, &options, &Silent).unwrap();
     assert!(!first.cache_hit && second.cache_hit);

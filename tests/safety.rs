@@ -896,7 +896,7 @@ fn a_heatmap_that_cannot_be_written_is_an_io_error() {
         delta: Default::default(),
         timings: None,
     };
-    let result = report.write_heatmap(&mount.path().join("heatmap.png"));
+    let result = bake::figure::write_png(&report.heatmap(), &mount.path().join("heatmap.png"));
     let _ = Command::new("umount").arg(mount.path()).status();
     match result {
         Err(bake::BakeError::Io { error, .. }) => assert!(error.to_string().contains("No space left"), "{error}"),

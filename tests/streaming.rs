@@ -13,7 +13,7 @@ use candle_core::Device;
 #[test]
 fn streamed_and_resident_passes_capture_the_same_activations() {
     let Some(shared) = common::shared_dir() else { return };
-    let data = TruthfulQa::load(shared.join("data/truthfulqa").to_str().unwrap(), "validation", Some(6)).unwrap();
+    let data = TruthfulQa::load("builtin", "validation", Some(6)).unwrap();
     let prompts = build_prompt_sets(&data, &bake::recipe::Recipe::shipped().prompts, 42);
     let texts = prompts.texts();
     // The tiny checkpoints share SmolLM2's vocabulary; tiny-llama3-rope ships no tokenizer of its own.
@@ -39,8 +39,6 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
         Command::new(env!("CARGO_BIN_EXE_bake"))
             .arg("--model")
             .arg(shared.join("fixtures/tiny-gqa"))
-            .arg("--dataset")
-            .arg(shared.join("data/truthfulqa"))
             .args(["--limit", "5", "--dry-run", "--max-memory", budget, "--out"])
             .arg(tmp.path().join("never"))
             .output()

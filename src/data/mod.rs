@@ -1,6 +1,7 @@
 //! Stage 2: the labelled data. TruthfulQA's two configs, matched question by question, and the prompts built
 //! from them.
 
+pub mod builtin;
 pub mod prompts;
 pub mod truthfulqa;
 

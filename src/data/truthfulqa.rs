@@ -1,13 +1,15 @@
 //! TruthfulQA as the Hub serves it: the `multiple_choice` config (probe labels, and the question order every
 //! index in `bake` refers to) and the `generation` config (answers for the tuning prompts), from a local
-//! folder in the HF layout.
+//! folder in the HF layout, the Hub, or the copy built into the binary.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::error::{BakeError, IoContext, Result};
+use super::builtin;
+use crate::error::{BakeError, Result};
+use crate::io::fs::limits;
 use crate::io::hub::{Repo, RepoKind};
 
 /// One question, in multiple_choice order, with its generation-config answers.
@@ -35,25 +37,16 @@ pub struct TruthfulQa {
 }
 
 impl TruthfulQa {
-    /// Reads the `multiple_choice` and `generation` configs from a local folder in the HF layout
-    /// (`<config>/<split>.jsonl` or `<config>/<split>-00000-of-00001.parquet`) or from a Hub dataset
-    /// repository (its parquet files), keeping the first `limit` questions in multiple_choice order.
+    /// Reads the `multiple_choice` and `generation` configs from the copy built into `bake` (`builtin`), a
+    /// local folder in the HF layout (`<config>/<split>.jsonl` or `<config>/<split>-00000-of-00001.parquet`)
+    /// or a Hub dataset repository (its parquet files), keeping the first `limit` questions in
+    /// multiple_choice order.
     pub fn load(source: &str, split: &str, limit: Option<usize>) -> Result<Self> {
-        let (mc_path, gen_path) = if Path::new(source).is_dir() {
-            let dir = Path::new(source);
-            (config_file(dir, "multiple_choice", split)?, config_file(dir, "generation", split)?)
-        } else if crate::model::resolve::parse_repo_id(source).is_some_and(|(_, rev)| rev.is_none()) {
-            let repo = Repo { kind: RepoKind::Dataset, id: source, revision: None };
-            let file = |config: &str| repo.fetch(&format!("{config}/{split}-00000-of-00001.parquet"));
-            (file("multiple_choice")?, file("generation")?)
-        } else {
-            return Err(BakeError::Invalid(format!(
-                "dataset `{}`: neither a local folder nor a Hub dataset id (org/name)",
-                crate::error::shorten(source, 100)
-            )));
-        };
-        let mc_rows = read_rows(&mc_path)?;
-        let gen_rows = read_rows(&gen_path)?;
+        let mc = DataFile::find(source, "multiple_choice", split)?;
+        let gen_file = DataFile::find(source, "generation", split)?;
+        let (mc_path, gen_path) = (mc.path.clone(), gen_file.path.clone());
+        let mc_rows = mc.rows()?;
+        let gen_rows = gen_file.rows()?;
         let mut generation: HashMap<String, (usize, &Value)> = HashMap::new();
         for (line, row) in gen_rows.iter().enumerate() {
             let question = string_field(&gen_path, line, row, "question")?;
@@ -93,10 +86,7 @@ impl TruthfulQa {
         if questions.is_empty() {
             return Err(BakeError::Invalid(format!("{}: the dataset has no questions", mc_path.display())));
         }
-        let files = [mc_path, gen_path]
-            .into_iter()
-            .map(|p| crate::io::hash::sha256_file(&p).map(|h| (p, h)))
-            .collect::<Result<_>>()?;
+        let files = vec![(mc_path, mc.sha256()), (gen_path, gen_file.sha256())];
         Ok(TruthfulQa { questions, files })
     }
 
@@ -108,6 +98,83 @@ impl TruthfulQa {
     }
 }
 
+/// One config's file, read whole (a TruthfulQA file is about 1 MB), from wherever the source names.
+struct DataFile {
+    /// Where it came from; for the built-in copy, `builtin/<config>/<file>`. The manifest keys it by its
+    /// last two components, so the built-in copy and the same files from the Hub record the same entries.
+    path: PathBuf,
+    bytes: bytes::Bytes,
+}
+
+impl DataFile {
+    fn find(source: &str, config: &str, split: &str) -> Result<Self> {
+        if source == builtin::SOURCE {
+            return Self::builtin(config, split);
+        }
+        let path = if Path::new(source).is_dir() {
+            config_file(Path::new(source), config, split)?
+        } else if crate::model::resolve::parse_repo_id(source).is_some_and(|(_, rev)| rev.is_none()) {
+            let repo = Repo { kind: RepoKind::Dataset, id: source, revision: None };
+            repo.fetch(&format!("{config}/{split}-00000-of-00001.parquet"))?
+        } else {
+            return Err(BakeError::Invalid(format!(
+                "dataset `{}`: neither `{}` (the copy built into bake), a local folder nor a Hub dataset id (org/name)",
+                crate::error::shorten(source, 100),
+                builtin::SOURCE
+            )));
+        };
+        let bytes = crate::io::fs::read_bytes(&path, limits::DATA)?;
+        Ok(DataFile { path, bytes: bytes.into() })
+    }
+
+    fn builtin(config: &str, split: &str) -> Result<Self> {
+        if split != builtin::SPLIT {
+            return Err(BakeError::Invalid(format!(
+                "dataset split `{}`: the built-in TruthfulQA has only `{}`",
+                crate::error::shorten(split, 100),
+                builtin::SPLIT
+            )));
+        }
+        let (name, bytes) = builtin::file(config).expect("bake reads only configs it has built in");
+        Ok(DataFile { path: Path::new(builtin::SOURCE).join(name), bytes: bytes::Bytes::from_static(bytes) })
+    }
+
+    fn sha256(&self) -> String {
+        crate::io::hash::sha256_hex(&self.bytes)
+    }
+
+    /// Rows as JSON objects (parquet lists and structs become arrays and objects).
+    fn rows(&self) -> Result<Vec<Value>> {
+        if self.path.extension().is_some_and(|e| e == "parquet") {
+            self.parquet_rows()
+        } else {
+            self.jsonl_rows()
+        }
+    }
+
+    fn parquet_rows(&self) -> Result<Vec<Value>> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let path = &self.path;
+        // A cheap clone: `Bytes` shares its buffer.
+        let reader = SerializedFileReader::new(self.bytes.clone()).map_err(|e| BakeError::parse(path, e))?;
+        let rows = reader.get_row_iter(None).map_err(|e| BakeError::parse(path, e))?;
+        rows.map(|row| row.map(|r| r.to_json_value()).map_err(|e| BakeError::parse(path, e))).collect()
+    }
+
+    fn jsonl_rows(&self) -> Result<Vec<Value>> {
+        let path = &self.path;
+        let text = std::str::from_utf8(&self.bytes).map_err(|e| BakeError::Input {
+            path: path.clone(),
+            message: format!("is not UTF-8 text (byte {})", e.valid_up_to()),
+        })?;
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| serde_json::from_str(l).map_err(|e| BakeError::parse(path, format!("line {}: {e}", i + 1))))
+            .collect()
+    }
+}
+
 fn config_file(dir: &Path, config: &str, split: &str) -> Result<PathBuf> {
     let jsonl = dir.join(config).join(format!("{split}.jsonl"));
     let parquet = dir.join(config).join(format!("{split}-00000-of-00001.parquet"));
@@ -116,39 +183,6 @@ fn config_file(dir: &Path, config: &str, split: &str) -> Result<PathBuf> {
         (false, true) => Ok(parquet),
         _ => Err(BakeError::Invalid(format!("{}: missing (nor is there {})", jsonl.display(), parquet.display()))),
     }
-}
-
-/// Rows of a jsonl or parquet file as JSON objects (parquet lists and structs become arrays and objects).
-fn read_rows(path: &Path) -> Result<Vec<Value>> {
-    if path.extension().is_some_and(|e| e == "parquet") {
-        read_parquet(path)
-    } else {
-        read_jsonl(path)
-    }
-}
-
-fn read_parquet(path: &Path) -> Result<Vec<Value>> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    let file = crate::io::fs::open_regular(path)?;
-    let size = file.metadata().at(path)?.len();
-    if size > crate::io::fs::limits::DATA {
-        return Err(BakeError::Input {
-            path: path.into(),
-            message: format!("is {size} bytes; a TruthfulQA file is about 1 MB"),
-        });
-    }
-    let reader = SerializedFileReader::new(file).map_err(|e| BakeError::parse(path, e))?;
-    let rows = reader.get_row_iter(None).map_err(|e| BakeError::parse(path, e))?;
-    rows.map(|row| row.map(|r| r.to_json_value()).map_err(|e| BakeError::parse(path, e))).collect()
-}
-
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text = crate::io::fs::read_text(path, crate::io::fs::limits::DATA)?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| BakeError::parse(path, format!("line {}: {e}", i + 1))))
-        .collect()
 }
 
 fn schema_error(path: &Path, line: usize, field: &str, expected: &str) -> BakeError {

@@ -7,7 +7,7 @@
 //!   model*.safetensors (+index) every base tensor byte for byte, plus q/k/v/o biases
 //!   tokenizer.json, ...         the base's companion files
 //!   README.md                   model card
-//!   report.json, heatmap.png    the probe stage (no timings: the folder is byte-reproducible)
+//!   report.json, heatmap.png/.svg  the probe stage (no timings: the folder is byte-reproducible)
 //!   activation_diff/            pyvene IntervenableModel.load layout
 //!   activation_diff.safetensors δ per layer in f32, heads/α/σ in the metadata
 //!   bake.json                   manifest: recipe, splits, sha256 of every input and output file

@@ -55,10 +55,19 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
     ] {
         let _ = writeln!(s, "| {k} | {v} |");
     }
-    s.push_str("\n## Chosen heads\n\n| rank | layer | head | probe validation accuracy | σ |\n| --- | --- | --- | --- | --- |\n");
+    s.push_str("\n## Chosen heads\n\n");
+    s.push_str(
+        "![Probe validation accuracy per attention head, layers by heads; the chosen heads outlined](heatmap.png)\n\n",
+    );
+    s.push_str("| rank | layer | head | probe validation accuracy | σ |\n| --- | --- | --- | --- | --- |\n");
     for (rank, ([l, h], (_, _, sigma))) in report.heads.iter().zip(&report.sigma).enumerate() {
         let _ = writeln!(s, "| {} | {l} | {h} | {:.3} | {sigma:.4} |", rank + 1, report.val_accuracy[*l][*h]);
     }
+    s.push_str(
+        "\n## Data\n\nTruthfulQA (Stephanie Lin, Jacob Hilton, Owain Evans: \"TruthfulQA: Measuring How Models Mimic \
+         Human Falsehoods\", ACL 2022; <https://github.com/sylinrl/TruthfulQA>), licensed under the Apache License \
+         2.0. The probes were trained on its `multiple_choice` config and σ measured on its `generation` config.\n",
+    );
     s.push_str(
         "\n`report.json` holds every probe's accuracy, the splits and δ; `bake.json` the sha256 of every input \
                 and output file.\n",

@@ -108,3 +108,28 @@ pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec, max_shard_bytes: 
     write_checkpoint(dir, tensors, max_shard_bytes, &|_| {})?;
     Ok(())
 }
+
+/// The size of [`write_byte_level_tokenizer`]'s vocabulary: one token per byte.
+pub const BYTE_LEVEL_VOCAB: usize = 256;
+
+/// Writes `tokenizer.json`: GPT-2-style byte-level BPE with one token per byte and no merges, so that any
+/// text tokenizes (one token per byte) with ids below [`BYTE_LEVEL_VOCAB`]. A real tokenizer of the
+/// `tokenizers` format, small enough to make on the spot.
+pub fn write_byte_level_tokenizer(dir: &Path) -> Result<()> {
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort_unstable();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        alphabet.iter().enumerate().map(|(id, c)| (c.to_string(), id.into())).collect();
+    let byte_level =
+        serde_json::json!({ "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true });
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": byte_level, "post_processor": byte_level, "decoder": byte_level,
+        "model": { "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                   "vocab": vocab, "merges": [] }
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_string(&tokenizer).expect("plain JSON")).at(&path)
+}

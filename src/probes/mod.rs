@@ -1,5 +1,6 @@
 //! Stage 4: per-head probes, head selection, directions and shift sizes — the ITI core.
 
+pub mod heatmap;
 pub mod logistic;
 pub mod report;
 

@@ -77,16 +77,14 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// Bakes the tiny GQA fixture (shared folder required) into `out` with the built-in recipe, the local
-/// TruthfulQA and `extra` flags; returns the base folder.
+/// Bakes the tiny GQA fixture (shared folder required) into `out` with the built-in recipe and TruthfulQA
+/// and `extra` flags; returns the base folder.
 pub fn bake_tiny(out: &std::path::Path, extra: &[&str]) -> PathBuf {
     let shared = shared_dir().expect("callers check the shared folder first");
     let tiny = shared.join("fixtures/tiny-gqa");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_bake"))
         .arg("--model")
         .arg(&tiny)
-        .arg("--dataset")
-        .arg(shared.join("data/truthfulqa"))
         .args(extra)
         .arg("--out")
         .arg(out)
