@@ -36,8 +36,7 @@ pub fn write_png(figure: &impl Figure, path: &Path) -> Result<()> {
     let (width, height) = figure.size();
     let mut pixels = vec![0u8; width as usize * height as usize * 3];
     {
-        let area = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
-        figure.draw(&area).and_then(|()| area.present().map_err(|e| e.to_string())).map_err(|m| encode(path, m))?;
+        render(figure, BitMapBackend::with_buffer(&mut pixels, (width, height)), path)?;
     }
     let file = std::fs::File::create(path).at(path)?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
@@ -57,10 +56,15 @@ pub fn write_svg(figure: &impl Figure, path: &Path) -> Result<()> {
     register_fonts();
     let mut text = String::new();
     {
-        let area = SVGBackend::with_string(&mut text, figure.size()).into_drawing_area();
-        figure.draw(&area).and_then(|()| area.present().map_err(|e| e.to_string())).map_err(|m| encode(path, m))?;
+        render(figure, SVGBackend::with_string(&mut text, figure.size()), path)?;
     }
     std::fs::write(path, text).at(path)
+}
+
+/// Draws the figure on a backend and flushes it; errors name the file the figure was for.
+fn render<DB: DrawingBackend>(figure: &impl Figure, backend: DB, path: &Path) -> Result<()> {
+    let area = backend.into_drawing_area();
+    figure.draw(&area).and_then(|()| area.present().map_err(|e| e.to_string())).map_err(|m| encode(path, m))
 }
 
 fn encode(path: &Path, message: String) -> BakeError {

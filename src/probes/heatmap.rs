@@ -32,6 +32,13 @@ struct Layout {
     height: i32,
 }
 
+impl Layout {
+    /// The top-left pixel of a probe's cell.
+    fn cell_origin(&self, layer: usize, head: usize) -> (i32, i32) {
+        (self.left + head as i32 * self.cell, self.top + layer as i32 * self.cell)
+    }
+}
+
 const MARGIN_LEFT: i32 = 72;
 const MARGIN_TOP: i32 = 70;
 const MARGIN_BOTTOM: i32 = 56;
@@ -84,13 +91,13 @@ impl Figure for Heatmap<'_> {
         draw_titles(area, &l, &self.title, &self.subtitle)?;
         for (layer, row) in self.accuracy.iter().enumerate() {
             for (head, &acc) in row.iter().enumerate() {
-                let (x, y) = (l.left + head as i32 * l.cell, l.top + layer as i32 * l.cell);
+                let (x, y) = l.cell_origin(layer, head);
                 let colour = viridis((acc - lo) / (hi - lo));
                 drawing(area.draw(&Rectangle::new([(x, y), (x + l.cell, y + l.cell)], colour.filled())))?;
             }
         }
         for &[layer, head] in self.chosen {
-            let (x, y) = (l.left + head as i32 * l.cell, l.top + layer as i32 * l.cell);
+            let (x, y) = l.cell_origin(layer, head);
             // Two pixels wide, inside the cell, so neighbouring outlines never overlap.
             for inset in [0, 1] {
                 let corners = [(x + inset, y + inset), (x + l.cell - 1 - inset, y + l.cell - 1 - inset)];
