@@ -11,13 +11,13 @@ use crate::model::ModelFiles;
 /// Number of prompts the TruthfulQA recipe runs (5882 probe + 5918 tuning prompts).
 pub const TRUTHFULQA_PROMPTS: u64 = 11_800;
 /// The shipped recipe's activation pass as `bake --dry-run` reports it for SmolLM2 (LLaMA tokenizers give
-/// about as many tokens): 403k prompt tokens, 152k after prefix sharing in batches of 32.
+/// about as many tokens): 403k prompt tokens, 148k after prefix sharing in batches of at most 768 tokens.
 const TRUTHFULQA_PASS: PassShape = PassShape {
     probe_prompts: 5_882,
     prompts: TRUTHFULQA_PROMPTS as usize,
-    tokens: 151_805,
-    longest_batch: 813,
-    attention_pairs: 65_147_029,
+    tokens: 148_203,
+    longest_batch: 768,
+    attention_pairs: 112_579_753,
 };
 
 #[derive(Debug, Serialize)]
@@ -65,9 +65,11 @@ pub struct Inspection {
 
 pub fn inspect(model: &ModelFiles) -> Inspection {
     // On the CPU: `inspect` has no recipe naming a device.
-    let rate = plan::measure_matmul_rate(&model.config, &candle_core::Device::Cpu).ok();
-    let activation_plan =
-        plan::plan(model, &TRUTHFULQA_PASS, rate, None).expect("without a budget a plan always exists");
+    let compute = plan::Compute::cpu_f32();
+    let rate = plan::measure_matmul_rate(&model.config, &compute).ok();
+    let batch_tokens = plan::auto_batch_tokens(&model.config, &compute, None);
+    let activation_plan = plan::plan(model, &TRUTHFULQA_PASS, &compute, batch_tokens, rate, None)
+        .expect("without a budget a plan always exists");
     let c = &model.config;
     let ck = &model.checkpoint;
     let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();

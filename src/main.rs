@@ -204,20 +204,26 @@ struct RecipeArgs {
     /// Only the first N questions in multiple_choice order.
     #[arg(long)]
     limit: Option<usize>,
-    /// Prompts per forward pass.
+    /// Prompts per forward pass when `bake eval` scores answers and documents.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// cpu, cuda, cuda:N or auto.
+    /// Most tokens in one batch of the activation pass, or auto (from the model's shape and the memory).
+    #[arg(long)]
+    batch_tokens: Option<bake::recipe::BatchTokens>,
+    /// cpu, cuda, cuda:N or auto (CUDA when built with it and a GPU is present).
     #[arg(long)]
     device: Option<String>,
+    /// The matmuls' dtype: auto (f32 on the CPU, the checkpoint's on a GPU), f32, bf16 or f16.
+    #[arg(long)]
+    dtype: Option<String>,
     /// How directions are found.
     #[arg(long, value_enum)]
     direction: Option<Direction>,
     /// Do not read or write the activation cache ($BAKE_CACHE_DIR, default ~/.cache/bake/activations).
     #[arg(long)]
     no_cache: bool,
-    /// Host memory budget (e.g. 8GB = 8·10⁹ bytes, 8GiB = 8·2³⁰): the activation pass runs layer by layer
-    /// when the whole model would not fit (see `bake --dry-run`).
+    /// Memory budget (e.g. 8GB = 8·10⁹ bytes, 8GiB = 8·2³⁰), of host memory on the CPU and of GPU memory on
+    /// CUDA: the activation pass runs layer by layer when the whole model would not fit (see `bake --dry-run`).
     #[arg(long, value_parser = parse_memory_size, allow_hyphen_values = true)]
     max_memory: Option<u64>,
     /// Text corpus for CE and KL in `bake eval` (.jsonl with a `text` field, or plain text).
@@ -257,7 +263,9 @@ impl RecipeArgs {
             dataset: self.dataset.clone(),
             limit: self.limit,
             batch_size: self.batch_size,
+            batch_tokens: self.batch_tokens,
             device: self.device.clone(),
+            dtype: self.dtype.clone(),
             direction: self.direction.map(|d| match d {
                 Direction::CenterOfMass => DirectionKind::CenterOfMass,
                 Direction::Probe => DirectionKind::Probe,

@@ -5,24 +5,23 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
-
-use crate::activations::plan::{Mode, Plan};
+use crate::activations::plan::{Compute, Mode, Plan};
 use crate::activations::{self, cache, Activations, PackedPrompts};
 use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
 use crate::error::Result;
 use crate::export::baked::BakeInput;
 use crate::io::output::{self, Ownership, Protected, Published, Request, Staging, Target};
-use crate::model::{pick_device, ModelFiles};
+use crate::model::{pick_device, pick_dtype, ModelFiles};
 use crate::probes::report::{self, ProbeReport};
 use crate::probes::{self, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Split};
 use crate::progress::Progress;
-use crate::recipe::Recipe;
+use crate::recipe::{BatchTokens, Recipe};
 
 pub struct ProbeOptions {
     /// `None` disables the activation cache.
     pub cache_dir: Option<PathBuf>,
-    /// Host memory budget; the activation pass streams layers when the resident model would not fit.
+    /// Memory budget (host on the CPU, GPU memory on CUDA); the activation pass streams layers when the
+    /// resident model would not fit.
     pub max_memory: Option<u64>,
 }
 
@@ -210,10 +209,15 @@ fn activations_for(
     // One pass and one cache entry for both sets, split afterwards.
     let texts = prompts.texts();
     let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
+    let compute = compute_for(model, recipe)?;
+    let batch_tokens = batch_tokens_for(model, recipe, &compute, options.max_memory);
+    let device_name = compute.device_name();
     let key = cache::CacheKey {
         tool_version: crate::VERSION,
         pass_version: activations::PASS_VERSION,
-        batch_size: recipe.batch_size,
+        device_kind: device_name.split(':').next().unwrap_or_default(),
+        dtype: compute.dtype_name(),
+        batch_tokens,
         model_hashes: &hashes,
         dataset_fingerprint: &dataset.fingerprint(),
         templates: &[&recipe.prompts.probe, &recipe.prompts.tuning],
@@ -236,14 +240,14 @@ fn activations_for(
             Err(e) => progress.note(&format!("warning: activation cache not used: {e}")),
         }
     }
-    let device = pick_device(&recipe.device)?;
     let tokens = activations::tokenize(&model.tokenizer()?, &texts)?;
-    let packed = PackedPrompts::new(&tokens, recipe.batch_size, &device)?;
-    let plan = plan_for(model, &packed, prompts.probe.len(), &device, options.max_memory)?;
+    let packed = PackedPrompts::new(&tokens, batch_tokens, &compute.device)?;
+    let plan = plan_for(model, &packed, prompts.probe.len(), &compute, batch_tokens, options.max_memory)?;
     progress.note(&format!("activations: {}", plan.describe()));
+    let Compute { device, dtype } = &compute;
     let acts = match plan.mode {
-        Mode::Resident => activations::capture_last_token(&model.load(&device)?, &packed, progress)?,
-        Mode::Streamed => activations::capture_last_token_streamed(model, &device, &packed, progress)?,
+        Mode::Resident => activations::capture_last_token(&model.load_as(device, *dtype)?, &packed, progress)?,
+        Mode::Streamed => activations::capture_last_token_streamed(model, device, *dtype, &packed, progress)?,
     };
     check_finite(&acts, &texts, model.config.head_dim)?;
     let (probe, tuning) = acts.split_rows(prompts.probe.len());
@@ -260,9 +264,25 @@ pub fn plan_run(model: &ModelFiles, recipe: &Recipe, budget: Option<u64>) -> Res
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
     let tokens = activations::tokenize(&model.tokenizer()?, &prompts.texts())?;
+    let compute = compute_for(model, recipe)?;
+    let batch_tokens = batch_tokens_for(model, recipe, &compute, budget);
+    let packed = PackedPrompts::new(&tokens, batch_tokens, &compute.device)?;
+    plan_for(model, &packed, prompts.probe.len(), &compute, batch_tokens, budget)
+}
+
+/// The device and dtype the recipe's activation pass runs on.
+pub fn compute_for(model: &ModelFiles, recipe: &Recipe) -> Result<Compute> {
     let device = pick_device(&recipe.device)?;
-    let packed = PackedPrompts::new(&tokens, recipe.batch_size, &device)?;
-    plan_for(model, &packed, prompts.probe.len(), &device, budget)
+    let dtype = pick_dtype(&recipe.dtype, &device, model.dtype())?;
+    Ok(Compute { device, dtype })
+}
+
+/// The recipe's token budget per batch, `auto` resolved for this model, device and memory budget.
+pub fn batch_tokens_for(model: &ModelFiles, recipe: &Recipe, compute: &Compute, budget: Option<u64>) -> usize {
+    match recipe.batch_tokens {
+        BatchTokens::Fixed(n) => n,
+        BatchTokens::Auto => activations::plan::auto_batch_tokens(&model.config, compute, budget),
+    }
 }
 
 /// The execution plan of the activation pass over these packed prompts, timed at the device's measured
@@ -271,11 +291,12 @@ fn plan_for(
     model: &ModelFiles,
     packed: &PackedPrompts,
     probe_prompts: usize,
-    device: &Device,
+    compute: &Compute,
+    batch_tokens: usize,
     budget: Option<u64>,
 ) -> Result<Plan> {
-    let rate = activations::plan::measure_matmul_rate(&model.config, device)?;
-    activations::plan::plan(model, &packed.shape(probe_prompts), Some(rate), budget)
+    let rate = activations::plan::measure_matmul_rate(&model.config, compute)?;
+    activations::plan::plan(model, &packed.shape(probe_prompts), compute, batch_tokens, Some(rate), budget)
 }
 
 /// A NaN or infinity in the activations would silently become NaN biases: name where it first appears.

@@ -65,16 +65,80 @@ pub struct Recipe {
     pub seed: u64,
     /// Which token's o_proj input is read: `last` (the prompt's last token) is the only one.
     pub position: Position,
-    /// Prompts per forward pass.
+    /// Prompts per forward pass when `bake eval` scores answers and documents.
     pub batch_size: usize,
+    /// Most tokens in one batch of the activation pass (its prefix tree): a number, or `auto`.
+    #[serde(default)]
+    pub batch_tokens: BatchTokens,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
+    /// The dtype of the forward pass's matmuls: `auto`, `f32`, `bf16` or `f16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
     /// Only the first N questions in multiple_choice order (null: all).
     #[serde(default)]
     pub limit: Option<usize>,
     /// The text corpus `bake eval` measures CE and KL on (null: none).
     #[serde(default)]
     pub corpus: Option<CorpusSpec>,
+}
+
+/// How many tokens a batch of the activation pass may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchTokens {
+    /// Chosen from the model's shape and the memory the run may use
+    /// ([`crate::activations::plan::auto_batch_tokens`]).
+    #[default]
+    Auto,
+    Fixed(usize),
+}
+
+impl Serialize for BatchTokens {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            BatchTokens::Auto => s.serialize_str("auto"),
+            BatchTokens::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchTokens {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(BatchTokens::Fixed(n as usize)),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::str::FromStr for BatchTokens {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(BatchTokens::Auto),
+            n => n.parse().map(BatchTokens::Fixed).map_err(|_| format!("a number of tokens or `auto`, found `{n}`")),
+        }
+    }
+}
+
+impl std::fmt::Display for BatchTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            BatchTokens::Auto => f.write_str("auto"),
+            BatchTokens::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+fn default_dtype() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,7 +186,9 @@ pub struct Overrides {
     pub dataset: Option<String>,
     pub limit: Option<usize>,
     pub batch_size: Option<usize>,
+    pub batch_tokens: Option<BatchTokens>,
     pub device: Option<String>,
+    pub dtype: Option<String>,
     pub direction: Option<DirectionKind>,
     pub corpus: Option<std::path::PathBuf>,
 }
@@ -191,9 +257,17 @@ impl Recipe {
             flag("batch-size", &v, ranges::at_least_one(v))?;
             self.batch_size = v;
         }
+        if let Some(v) = o.batch_tokens {
+            flag("batch-tokens", &v, ranges::batch_tokens(v))?;
+            self.batch_tokens = v;
+        }
         if let Some(v) = &o.device {
             flag("device", v, ranges::device(v))?;
             self.device = v.clone();
+        }
+        if let Some(v) = &o.dtype {
+            flag("dtype", v, ranges::dtype(v))?;
+            self.dtype = v.clone();
         }
         if let Some(v) = o.direction {
             self.direction = v;
@@ -221,7 +295,9 @@ impl Recipe {
         if let Some(limit) = self.limit {
             field("limit", ranges::at_least_one(limit).map_err(|e| format!("{e}, or null for all")))?;
         }
+        field("batch_tokens", ranges::batch_tokens(self.batch_tokens))?;
         field("device", ranges::device(&self.device))?;
+        field("dtype", ranges::dtype(&self.dtype))?;
         for (name, template, keys) in [
             ("prompts.probe", &self.prompts.probe, &PROBE_PLACEHOLDERS[..]),
             ("prompts.tuning", &self.prompts.tuning, &TUNING_PLACEHOLDERS[..]),
@@ -254,6 +330,21 @@ mod ranges {
             Ok(())
         } else {
             Err("at least 1".into())
+        }
+    }
+
+    pub fn batch_tokens(v: super::BatchTokens) -> Result<(), String> {
+        match v {
+            super::BatchTokens::Fixed(0) => Err("at least 1 token, or `auto`".into()),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn dtype(v: &str) -> Result<(), String> {
+        if matches!(v, "auto" | "f32" | "bf16" | "f16") {
+            Ok(())
+        } else {
+            Err(format!("auto, f32, bf16 or f16, found `{v}`"))
         }
     }
 

@@ -8,7 +8,7 @@ use bake::activations::{capture_last_token, capture_last_token_streamed, tokeniz
 use bake::data::{build_prompt_sets, TruthfulQa};
 use bake::model::{ModelFiles, TextTokenizer};
 use bake::progress::Silent;
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 #[test]
 fn streamed_and_resident_passes_capture_the_same_activations() {
@@ -21,9 +21,9 @@ fn streamed_and_resident_passes_capture_the_same_activations() {
     let tokens = tokenize(&tokenizer, &texts).unwrap();
     for (name, dir, _) in common::reference_models() {
         let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
-        let packed = PackedPrompts::new(&tokens, 7, &Device::Cpu).unwrap();
+        let packed = PackedPrompts::new(&tokens, 100, &Device::Cpu).unwrap();
         let resident = capture_last_token(&files.load(&Device::Cpu).unwrap(), &packed, &Silent).unwrap();
-        let streamed = capture_last_token_streamed(&files, &Device::Cpu, &packed, &Silent).unwrap();
+        let streamed = capture_last_token_streamed(&files, &Device::Cpu, DType::F32, &packed, &Silent).unwrap();
         assert_eq!((streamed.rows, streamed.layers, streamed.width), (resident.rows, resident.layers, resident.width));
         let diff = common::max_abs_diff(streamed.data(), resident.data());
         eprintln!("{name}: {} prompts, streamed vs resident max |Δ| = {diff:e}", texts.len());
@@ -50,6 +50,14 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
     // A budget between the two estimates the plan gives picks the streamed mode.
     let json: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
     let (resident, streamed) = (json["resident_bytes"].as_u64().unwrap(), json["streamed_bytes"].as_u64().unwrap());
+    // `device: auto` in the shipped recipe: the CPU here, in f32, and the plan says so.
+    assert_eq!(
+        (json["device"].as_str(), json["dtype"].as_str(), json["memory"].as_str()),
+        (Some("cpu"), Some("f32"), Some("host"))
+    );
+    let batch_tokens = json["batch_tokens"].as_u64().unwrap();
+    assert!(batch_tokens >= 64 && batch_tokens.is_multiple_of(64), "{json}");
+    assert!(stdout.contains(&format!("batches of ≤ {batch_tokens} tokens; on cpu in f32")), "{stdout}");
     assert!(streamed < resident, "streaming should need less memory: {json}");
     let tight_budget = format!("{}", streamed);
     let tight = plan(&tight_budget);

@@ -17,10 +17,13 @@ use crate::model::Checkpoint;
 /// What an activation pass depends on; any change gives another key.
 pub struct CacheKey<'a> {
     pub tool_version: &'a str,
-    /// How the pass computes ([`super::PASS_VERSION`]) and its batch size: both change the last bits of the
-    /// values, and a cache must give exactly what a fresh run would.
+    /// How the pass computes ([`super::PASS_VERSION`]), on which kind of device (`cpu`, `cuda`), in which
+    /// dtype and with how many tokens a batch: each changes the last bits of the values, and a cache must
+    /// give exactly what a fresh run would.
     pub pass_version: u32,
-    pub batch_size: usize,
+    pub device_kind: &'a str,
+    pub dtype: &'a str,
+    pub batch_tokens: usize,
     /// sha256 of the model's config and weight files.
     pub model_hashes: &'a [String],
     pub dataset_fingerprint: &'a str,
@@ -38,7 +41,8 @@ impl CacheKey<'_> {
             h.update(value.as_bytes());
         };
         part("version", self.tool_version);
-        part("pass", &format!("{} batch {}", self.pass_version, self.batch_size));
+        let pass = format!("{} {} {} tokens {}", self.pass_version, self.device_kind, self.dtype, self.batch_tokens);
+        part("pass", &pass);
         self.model_hashes.iter().for_each(|m| part("model", m));
         part("dataset", self.dataset_fingerprint);
         self.templates.iter().for_each(|t| part("template", t));

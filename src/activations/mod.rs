@@ -11,7 +11,7 @@ pub mod plan;
 
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::error::Result;
 use candle_core::Tensor;
@@ -21,8 +21,9 @@ use crate::progress::Progress;
 use plan::PassShape;
 
 /// Bumped whenever the pass computes its values differently (batching, kernels, operation order), so that
-/// activations cached by an older build are not reused: 2 = prefix-tree batches.
-pub const PASS_VERSION: u32 = 2;
+/// activations cached by an older build are not reused: 2 = prefix-tree batches, 3 = batches bounded by
+/// tokens.
+pub const PASS_VERSION: u32 = 3;
 
 /// o_proj inputs, `[rows][layers][width]` row-major, f32. Row i belongs to prompt i.
 ///
@@ -105,8 +106,11 @@ pub fn zeroed_buffer(len: usize) -> Vec<f32> {
     buffer
 }
 
-/// Prompts grouped into batches of at most `batch_size`, each packed as a prefix tree. Sorting by token ids
-/// puts prompts that share leading tokens side by side.
+/// Prompts grouped into batches of at most `max_tokens` tree tokens each, packed as prefix trees. Sorting by
+/// token ids puts prompts that share leading tokens side by side.
+///
+/// A token budget rather than a prompt count bounds what a batch costs: its attention scores grow with the
+/// square of its tokens, and prompts differ in length by 10×.
 pub struct PackedPrompts {
     batches: Vec<PackedBatch>,
 }
@@ -120,11 +124,12 @@ struct PackedBatch {
 }
 
 impl PackedPrompts {
-    pub fn new(tokens: &[Vec<u32>], batch_size: usize, device: &Device) -> Result<Self> {
+    /// A prompt longer than `max_tokens` runs in a batch of its own.
+    pub fn new(tokens: &[Vec<u32>], max_tokens: usize, device: &Device) -> Result<Self> {
         let mut order: Vec<usize> = (0..tokens.len()).collect();
         order.sort_by(|&a, &b| tokens[a].cmp(&tokens[b]).then(a.cmp(&b)));
-        let batches = order
-            .chunks(batch_size.max(1))
+        let batches = chunks_within_budget(&order, tokens, max_tokens)
+            .iter()
             .map(|chunk| {
                 let sequences: Vec<&[u32]> = chunk.iter().map(|&i| tokens[i].as_slice()).collect();
                 let (batch, last) = Batch::prefix_tree(&sequences, device)?;
@@ -146,6 +151,35 @@ impl PackedPrompts {
     }
 }
 
+/// Splits prompts, sorted by their tokens, into runs whose prefix trees hold at most `max_tokens` tokens.
+/// In sorted order a prompt shares the most leading tokens with the one before it, so it adds exactly its
+/// length minus that common prefix to the tree.
+fn chunks_within_budget<'a>(order: &'a [usize], tokens: &[Vec<u32>], max_tokens: usize) -> Vec<&'a [usize]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut tree_tokens) = (0, 0);
+    for (i, &prompt) in order.iter().enumerate() {
+        let shared = match i {
+            0 => 0,
+            _ => common_prefix(&tokens[order[i - 1]], &tokens[prompt]),
+        };
+        let added = tokens[prompt].len() - shared;
+        if i > start && tree_tokens + added > max_tokens {
+            chunks.push(&order[start..i]);
+            (start, tree_tokens) = (i, tokens[prompt].len());
+        } else {
+            tree_tokens += added;
+        }
+    }
+    if start < order.len() {
+        chunks.push(&order[start..]);
+    }
+    chunks
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// Copies one layer's captured rows `[batch, width]` to their prompts' rows.
 fn store(out: &mut Activations, chunk: &[usize], layer: usize, captured: &Tensor) -> Result<()> {
     let rows: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
@@ -158,6 +192,27 @@ fn store(out: &mut Activations, chunk: &[usize], layer: usize, captured: &Tensor
 /// Every prompt's token ids, as the activation pass (and its plan) read them.
 pub fn tokenize(tokenizer: &TextTokenizer, prompts: &[impl AsRef<str>]) -> Result<Vec<Vec<u32>>> {
     prompts.iter().map(|p| tokenizer.encode(p.as_ref())).collect()
+}
+
+/// The inputs of a recipe's activation pass, for a reference implementation to run exactly the same ones
+/// (`examples/prompt_tokens.rs`, `scripts/gpu-check.sh`).
+#[derive(Debug, serde::Serialize)]
+pub struct PassInputs {
+    pub probe_prompts: usize,
+    /// The question of each probe prompt (multiple_choice order).
+    pub probe_questions: Vec<usize>,
+    /// Probe prompts, then tuning prompts.
+    pub tokens: Vec<Vec<u32>>,
+}
+
+pub fn pass_inputs(recipe: &crate::recipe::Recipe, tokenizer: &TextTokenizer) -> Result<PassInputs> {
+    let data = crate::data::TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
+    let prompts = crate::data::build_prompt_sets(&data, &recipe.prompts, recipe.seed);
+    Ok(PassInputs {
+        probe_prompts: prompts.probe.len(),
+        probe_questions: prompts.probe.iter().map(|p| p.question).collect(),
+        tokens: tokenize(tokenizer, &prompts.texts())?,
+    })
 }
 
 /// Runs every packed prompt and captures the o_proj inputs at its last token, with the whole model resident.
@@ -182,6 +237,7 @@ pub fn capture_last_token(model: &Llama, prompts: &PackedPrompts, progress: &dyn
 pub fn capture_last_token_streamed(
     files: &ModelFiles,
     device: &Device,
+    dtype: DType,
     prompts: &PackedPrompts,
     progress: &dyn Progress,
 ) -> Result<Activations> {
@@ -192,6 +248,7 @@ pub fn capture_last_token_streamed(
     Llama::capture_streamed(
         files,
         device,
+        dtype,
         &batches,
         |layer, i, captured| store(&mut out, &prompts.batches[i].prompts, layer, &captured),
         |_| progress.advance(1),
@@ -202,4 +259,80 @@ pub fn capture_last_token_streamed(
 
 fn prompt_count(prompts: &PackedPrompts) -> usize {
     prompts.batches.iter().map(|b| b.prompts.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tokens a prefix tree of these prompts holds: each distinct leading run once.
+    fn tree_tokens(prompts: &[&Vec<u32>]) -> usize {
+        let mut prefixes = std::collections::HashSet::new();
+        prompts.iter().flat_map(|p| (1..=p.len()).map(move |n| &p[..n])).filter(|p| prefixes.insert(*p)).count()
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        // Questions of 6 tokens with answers of 1 to 4 tokens each, one long prompt, one duplicate.
+        let mut out = Vec::new();
+        for q in 0..12u32 {
+            for a in 0..5u32 {
+                let mut p = vec![1, 100 + q, 200 + q, 300 + q, 400, 500];
+                p.extend((0..=a % 4).map(|i| 1000 + 10 * a + i));
+                out.push(p);
+            }
+        }
+        out.push((0..90).collect());
+        out.push(out[3].clone());
+        out
+    }
+
+    #[test]
+    fn batches_stay_within_the_token_budget_and_cover_every_prompt_once() {
+        let tokens = prompts();
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by(|&a, &b| tokens[a].cmp(&tokens[b]).then(a.cmp(&b)));
+        for budget in [1, 7, 20, 33, 64, 1000] {
+            let chunks = chunks_within_budget(&order, &tokens, budget);
+            assert_eq!(chunks.concat(), order, "budget {budget}: every prompt once, in sorted order");
+            for chunk in &chunks {
+                let members: Vec<&Vec<u32>> = chunk.iter().map(|&i| &tokens[i]).collect();
+                let used = tree_tokens(&members);
+                assert!(used <= budget || chunk.len() == 1, "budget {budget}: a batch of {used} tokens: {chunk:?}");
+                let (batch, _) = Batch::prefix_tree(&members, &Device::Cpu).unwrap();
+                assert_eq!(batch.len(), used, "the packed tree holds what the budget counted");
+            }
+            // Greedy: a batch closes only when the next prompt would not fit.
+            for pair in chunks.windows(2) {
+                let mut members: Vec<&Vec<u32>> = pair[0].iter().map(|&i| &tokens[i]).collect();
+                members.push(&tokens[pair[1][0]]);
+                assert!(tree_tokens(&members) > budget, "budget {budget}: a batch closed early");
+            }
+        }
+        let whole = chunks_within_budget(&order, &tokens, 1000);
+        assert_eq!(whole.len(), 1);
+    }
+
+    #[test]
+    fn the_automatic_budget_follows_the_model_and_the_memory() {
+        let config = |heads: usize, kv_heads: usize, hidden: usize, ffn: usize| {
+            let json = serde_json::json!({
+                "model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn,
+                "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": 2, "vocab_size": 100,
+            });
+            let serde_json::Value::Object(map) = json else { unreachable!() };
+            crate::model::ModelConfig::from_map(std::path::Path::new("config.json"), map).unwrap()
+        };
+        let cpu = plan::Compute::cpu_f32();
+        let smollm2 = config(9, 3, 576, 1536);
+        let llama7b = config(32, 32, 4096, 11008);
+        let auto = |c, memory| plan::auto_batch_tokens(c, &cpu, memory);
+        // Attention within a quarter of the projections' FLOPs: 2(2·576² + 2·576·192 + 3·576·1536)/(16·576)
+        // = 768 for SmolLM2's shape, whose scratch at 768 tokens (64 MB) is far below the allowance.
+        assert_eq!(auto(&smollm2, None), 768);
+        // The 7B shape is held back by the default 8 GiB (a 1 GiB scratch allowance), not by the waste.
+        let big = auto(&llama7b, None);
+        assert!(big % 64 == 0 && big > 768 && big < 6173, "{big}");
+        assert!(auto(&llama7b, Some(64 << 30)) > big, "more memory, bigger batches");
+        assert!(auto(&llama7b, Some(1 << 20)) == 64, "never below 64 tokens");
+    }
 }

@@ -28,10 +28,12 @@ struct Layer {
     down_proj: Linear,
 }
 
-/// A LLaMA model with f32 weights on one device.
+/// A LLaMA model on one device. Its matmuls run in `dtype` (f32, or the checkpoint's bf16/f16 on a GPU);
+/// RMSNorm, rotary and softmax always in f32, as transformers computes them.
 pub struct Llama {
     pub config: ModelConfig,
     device: Device,
+    dtype: DType,
     embed_tokens: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -155,11 +157,12 @@ pub struct Output {
 }
 
 impl Layer {
-    /// Layer `l`'s weights (and any biases) as f32 on `device`.
-    fn load(c: &ModelConfig, checkpoint: &Checkpoint, l: usize, device: &Device) -> Result<Self> {
+    /// Layer `l`'s weights (and any biases) on `device`: the projections in `dtype`, the norms in f32.
+    fn load(c: &ModelConfig, checkpoint: &Checkpoint, l: usize, device: &Device, dtype: DType) -> Result<Self> {
         let (h, a, kv, i) = (c.hidden_size, c.attn_width(), c.kv_width(), c.intermediate_size);
         let names = names::Layer(l);
-        let tensor = |name: &str, shape: &[usize]| checkpoint.load_f32(name, shape, device);
+        let tensor = |name: &str, shape: &[usize]| checkpoint.load_as(name, shape, dtype, device);
+        let norm = |name: &str| checkpoint.load_as(name, &[h], DType::F32, device);
         let linear = |weight: String, bias: String, rows: usize, cols: usize| -> Result<Linear> {
             let weight = tensor(&weight, &[rows, cols])?;
             let bias = match checkpoint.get(&bias) {
@@ -173,8 +176,8 @@ impl Layer {
         };
         let mlp = |proj, rows, cols| linear(names.mlp(proj, Param::Weight), names.mlp(proj, Param::Bias), rows, cols);
         Ok(Layer {
-            input_norm: tensor(&names.input_norm(), &[h])?,
-            post_attention_norm: tensor(&names.post_attention_norm(), &[h])?,
+            input_norm: norm(&names.input_norm())?,
+            post_attention_norm: norm(&names.post_attention_norm())?,
             q_proj: attention(Attention::Q, a, h)?,
             k_proj: attention(Attention::K, kv, h)?,
             v_proj: attention(Attention::V, kv, h)?,
@@ -204,39 +207,52 @@ struct StepOutput {
 }
 
 impl Llama {
-    /// Loads every weight as f32 onto `device` (the files were validated against the config when opened).
-    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
-        let mut model = Self::load_shell(files, device, true)?;
+    /// Loads every weight onto `device`, the projections and embeddings in `dtype` (the files were validated
+    /// against the config when opened).
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let mut model = Self::load_shell(files, device, dtype, true)?;
         model.layers = (0..model.config.num_layers)
-            .map(|l| Layer::load(&model.config, &files.checkpoint, l, device))
+            .map(|l| Layer::load(&model.config, &files.checkpoint, l, device, dtype))
             .collect::<Result<_>>()?;
         Ok(model)
     }
 
     /// Everything but the decoder layers; the output head only `with_head` (a capture-only pass never
     /// computes logits, and an untied head is as large as the embeddings).
-    fn load_shell(files: &ModelFiles, device: &Device, with_head: bool) -> Result<Self> {
+    fn load_shell(files: &ModelFiles, device: &Device, dtype: DType, with_head: bool) -> Result<Self> {
         let (c, checkpoint) = (&files.config, &files.checkpoint);
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let embed_tokens = checkpoint.load_f32(names::EMBED_TOKENS, &[v, h], device)?;
+        let embed_tokens = checkpoint.load_as(names::EMBED_TOKENS, &[v, h], dtype, device)?;
         let lm_head = match checkpoint.get(names::LM_HEAD) {
-            _ if !with_head => Tensor::zeros(0, DType::F32, device)?,
-            Some(_) if !c.tie_word_embeddings => checkpoint.load_f32(names::LM_HEAD, &[v, h], device)?,
+            _ if !with_head => Tensor::zeros(0, dtype, device)?,
+            Some(_) if !c.tie_word_embeddings => checkpoint.load_as(names::LM_HEAD, &[v, h], dtype, device)?,
             _ => embed_tokens.clone(),
         };
         Ok(Llama {
             inv_freq: inverse_frequencies(c),
-            norm: checkpoint.load_f32(names::FINAL_NORM, &[h], device)?,
+            norm: checkpoint.load_as(names::FINAL_NORM, &[h], DType::F32, device)?,
             embed_tokens,
             lm_head,
             layers: Vec::new(),
             device: device.clone(),
+            dtype,
             config: c.clone(),
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype the matmuls run in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// RMSNorm in f32, returned in the model's dtype.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, weight, self.config.rms_norm_eps as f32)?;
+        Ok(normed.to_dtype(self.dtype)?)
     }
 
     pub fn forward(&self, batch: &Batch, request: &Request) -> Result<Output> {
@@ -257,8 +273,8 @@ impl Llama {
             }
         }
         let logits = if request.logits {
-            let normed = candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
-            Some(normed.broadcast_matmul(&self.lm_head.t()?)?)
+            let normed = self.rms_norm(&x, &self.norm)?;
+            Some(normed.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
         } else {
             None
         };
@@ -323,25 +339,27 @@ impl Llama {
         stop_after_attention: bool,
     ) -> Result<StepOutput> {
         let c = &self.config;
-        let eps = c.rms_norm_eps as f32;
-        let normed = candle_nn::ops::rms_norm(x, &layer.input_norm, eps)?;
+        let normed = self.rms_norm(x, &layer.input_norm)?;
         let past_kv = request.prefix.map(|p| (&p.keys_t[l], &p.values[l]));
         let (mut attn, k, v) = self.attention(layer, &normed, &ctx.cos, &ctx.sin, &ctx.mask, past_kv)?;
         if let Some(delta) = request.shift.and_then(|s| s.per_layer.get(l)).and_then(Option::as_ref) {
             let delta = delta.reshape((1, 1, c.attn_width()))?;
-            attn = match &ctx.shift_mask {
-                None => attn.broadcast_add(&delta)?,
-                Some(m) => attn.broadcast_add(&m.broadcast_mul(&delta)?)?,
+            let delta = match &ctx.shift_mask {
+                None => delta,
+                Some(m) => m.broadcast_mul(&delta)?,
             };
+            attn = attn.broadcast_add(&delta.to_dtype(self.dtype)?)?;
         }
         let captured = match &ctx.capture_rows {
-            Some(rows) => Some(attn.reshape((ctx.b * ctx.t, c.attn_width()))?.index_select(rows, 0)?),
+            Some(rows) => {
+                Some(attn.reshape((ctx.b * ctx.t, c.attn_width()))?.index_select(rows, 0)?.to_dtype(DType::F32)?)
+            }
             None => None,
         };
         let kv = request.keep_kv.then_some((k, v));
         if !stop_after_attention {
             let mut h = (&*x + layer.o_proj.forward(&attn)?)?;
-            let normed = candle_nn::ops::rms_norm(&h, &layer.post_attention_norm, eps)?;
+            let normed = self.rms_norm(&h, &layer.post_attention_norm)?;
             let gated = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
             h = (&h + layer.down_proj.forward(&(gated * layer.up_proj.forward(&normed)?)?)?)?;
             *x = h;
@@ -356,20 +374,21 @@ impl Llama {
     pub fn capture_streamed(
         files: &ModelFiles,
         device: &Device,
+        dtype: DType,
         batches: &[(&Batch, &[usize])],
         mut sink: impl FnMut(usize, usize, Tensor) -> Result<()>,
         mut layer_done: impl FnMut(usize),
     ) -> Result<()> {
         let checkpoint = &files.checkpoint;
-        let mut shell = Self::load_shell(files, device, false)?;
+        let mut shell = Self::load_shell(files, device, dtype, false)?;
         let mut hidden: Vec<Tensor> = batches.iter().map(|&(batch, _)| shell.embed(batch)).collect::<Result<_>>()?;
         // The pass ends at the last layer's attention: the embeddings and the head are not needed again.
-        shell.embed_tokens = Tensor::zeros(0, DType::F32, device)?;
+        shell.embed_tokens = Tensor::zeros(0, dtype, device)?;
         shell.lm_head = shell.embed_tokens.clone();
         checkpoint.release(&[names::EMBED_TOKENS, names::LM_HEAD]);
         let layers = shell.config.num_layers;
         for l in 0..layers {
-            let layer = Layer::load(&shell.config, checkpoint, l, device)?;
+            let layer = Layer::load(&shell.config, checkpoint, l, device, dtype)?;
             for (i, (&(batch, at), x)) in batches.iter().zip(hidden.iter_mut()).enumerate() {
                 let request = Request { capture_at: Some(at), ..Default::default() };
                 // Rebuilt per layer: keeping every batch's head-expanded mask would cost more memory than
@@ -401,29 +420,37 @@ impl Llama {
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             Ok(proj.forward(x)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
+        // Rotary in f32 (as transformers computes the angles), the result back in the model's dtype.
+        let rotate = |x: Tensor| -> Result<Tensor> {
+            Ok(candle_nn::rotary_emb::rope(&x.to_dtype(DType::F32)?, cos, sin)?.to_dtype(self.dtype)?)
+        };
         // Scaled here, on [t, head_dim] per head, rather than on the [t, past + t] scores.
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let q = (candle_nn::rotary_emb::rope(&heads(&layer.q_proj, c.num_heads)?, cos, sin)? * scale)?;
-        let k = candle_nn::rotary_emb::rope(&heads(&layer.k_proj, c.num_kv_heads)?, cos, sin)?;
+        let q = (rotate(heads(&layer.q_proj, c.num_heads)?)? * scale)?;
+        let k = rotate(heads(&layer.k_proj, c.num_kv_heads)?)?;
         let v = heads(&layer.v_proj, c.num_kv_heads)?;
         let group = c.num_heads / c.num_kv_heads;
         let own_k = candle_transformers::utils::repeat_kv(k.clone(), group)?.contiguous()?;
         let own_v = candle_transformers::utils::repeat_kv(v.clone(), group)?.contiguous()?;
-        let own_scores = q.matmul(&own_k.t()?)?;
+        // Scores are masked and normalised in f32; the weights go back to the model's dtype for the product.
+        let own_scores = q.matmul(&own_k.t()?)?.to_dtype(DType::F32)?;
+        let softmax = |scores: &Tensor| -> Result<Tensor> {
+            Ok(candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?.to_dtype(self.dtype)?)
+        };
         let out = match past {
-            None => {
-                let weights = candle_nn::ops::softmax_last_dim(&own_scores.broadcast_add(mask)?)?;
-                weights.matmul(&own_v)?
-            }
+            None => softmax(&own_scores)?.matmul(&own_v)?,
             Some((keys_t, values)) => {
                 // The prefix is the same for every sequence: one product per head over all b·t queries,
                 // instead of b·heads small ones.
                 let p = keys_t.dim(2)?;
                 let by_head = q.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, c.head_dim))?;
-                let prefix_scores =
-                    by_head.matmul(keys_t)?.reshape((c.num_heads, b, t, p))?.transpose(0, 1)?.contiguous()?;
-                let scores = Tensor::cat(&[&prefix_scores, &own_scores], 3)?.broadcast_add(mask)?;
-                let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+                let prefix_scores = by_head
+                    .matmul(keys_t)?
+                    .reshape((c.num_heads, b, t, p))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .to_dtype(DType::F32)?;
+                let weights = softmax(&Tensor::cat(&[&prefix_scores, &own_scores], 3)?)?;
                 let prefix_weights =
                     weights.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((c.num_heads, b * t, p))?;
                 let from_prefix =

@@ -40,7 +40,12 @@ impl ModelFiles {
 
     /// The weights as f32 tensors on `device`, ready to run.
     pub fn load(&self, device: &candle_core::Device) -> Result<Llama> {
-        Llama::load(self, device)
+        Llama::load(self, device, candle_core::DType::F32)
+    }
+
+    /// The weights on `device`, their matmuls to run in `dtype`.
+    pub fn load_as(&self, device: &candle_core::Device, dtype: candle_core::DType) -> Result<Llama> {
+        Llama::load(self, device, dtype)
     }
 
     /// The dtype a baked copy is written in: the config's, or else the weights'.
@@ -57,6 +62,23 @@ impl ModelFiles {
         files.extend(self.checkpoint.files.iter().cloned());
         files.into_par_iter().map(|p| crate::io::hash::sha256_file(&p).map(|h| (p, h))).collect()
     }
+}
+
+/// The dtype of the forward pass's matmuls named by a recipe or `--dtype`: `f32`, `bf16`, `f16` or `auto`,
+/// which is f32 on the CPU (candle's CPU matmul has no bf16 kernel and widens to f32 anyway; f32 is also
+/// what the tests compare against transformers in) and the checkpoint's own dtype on a GPU.
+pub fn pick_dtype(spec: &str, device: &candle_core::Device, stored: StoredDtype) -> Result<candle_core::DType> {
+    use candle_core::DType;
+    Ok(match spec {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "auto" if device.is_cpu() => DType::F32,
+        "auto" => stored.candle(),
+        other => {
+            return Err(crate::error::BakeError::Invalid(format!("dtype `{other}`: expected auto, f32, bf16 or f16")))
+        }
+    })
 }
 
 /// The device named by a recipe or `--device`: `cpu`, `cuda`, `cuda:N` or `auto`.

@@ -124,15 +124,26 @@ impl Checkpoint {
         bytes.into_values().max_by_key(|(_, n)| *n).map(|(d, _)| d)
     }
 
-    /// A tensor as an f32 candle tensor on `device`, after checking its shape. Its mapped pages are handed
-    /// back once it is copied: the f32 copy is what runs, and a resident model would otherwise hold its
-    /// weights twice.
+    /// A tensor as an f32 candle tensor on `device`, after checking its shape.
     pub fn load_f32(&self, name: &str, shape: &[usize], device: &candle_core::Device) -> Result<candle_core::Tensor> {
+        self.load_as(name, shape, candle_core::DType::F32, device)
+    }
+
+    /// A tensor as a candle tensor of `dtype` on `device`, after checking its shape. Its mapped pages are
+    /// handed back once it is copied: the copy is what runs, and a resident model would otherwise hold its
+    /// weights twice.
+    pub fn load_as(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
         let entry = self.expect(name, shape)?;
         let raw = candle_core::Tensor::from_raw_buffer(self.bytes(entry), entry.dtype.candle(), shape, device)?;
-        let widened = raw.to_dtype(candle_core::DType::F32)?;
+        let converted = raw.to_dtype(dtype)?;
         self.release(&[name]);
-        Ok(widened)
+        Ok(converted)
     }
 
     /// The entry of a tensor that must exist with this shape.
