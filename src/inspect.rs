@@ -44,6 +44,9 @@ pub struct Inspection {
     pub model: String,
     pub hub_repo: Option<String>,
     pub folder: String,
+    /// `llama`, `mistral` or `qwen2`, and transformers' class.
+    pub family: crate::model::config::Family,
+    pub architecture: &'static str,
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -89,6 +92,8 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
         model: model.location.spec.clone(),
         hub_repo: model.location.hub_repo.clone(),
         folder: model.location.dir.display().to_string(),
+        family: c.family,
+        architecture: c.family.architecture(),
         layers: c.num_layers,
         heads: c.num_heads,
         kv_heads: c.num_kv_heads,

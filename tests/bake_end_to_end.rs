@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use bake::model::{Batch, ModelFiles, Request, Shift};
+use bake::progress::Silent;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
@@ -85,7 +86,9 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter().zip(b).map(|(x, y)| common::max_abs_diff(x, y)).fold(0.0, f32::max)
 }
 
-fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) {
+/// Bakes `base`, verifies the output, and checks it against the hooked base in bake and in transformers and
+/// pyvene; returns the temporary folder holding `baked/`.
+fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) -> tempfile::TempDir {
     let out_root = tempfile::tempdir().unwrap();
     let out = out_root.path().join("baked");
     bake_ok(base, &out, extra);
@@ -112,7 +115,7 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) {
     assert!(hook_vs_bias <= own_tolerance, "{}: hooked base vs baked bias differ by {hook_vs_bias}", base.display());
     assert!(max_diff(&baked_own, &base_own) > 1e-3, "the bake changed nothing");
 
-    let Some(reference) = python_check(&out, base, &prompts) else { return };
+    let Some(reference) = python_check(&out, base, &prompts) else { return out_root };
     let loading = &reference["loading"];
     for key in ["missing_keys", "unexpected_keys", "mismatched_keys", "warnings"] {
         assert_eq!(loading[key], Value::Array(vec![]), "{key}: {loading}");
@@ -128,6 +131,7 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) {
     assert!(diff <= own_tolerance.max(1e-4), "transformers(baked) vs bake hooked: {diff}");
     assert!(max_diff(&transformers_baked, &floats(&reference["base_logits"])) > 1e-3);
     assert_eq!(reference["pyvene_tokens"], reference["baked_tokens"], "pyvene generation differs from the baked model");
+    out_root
 }
 
 #[test]
@@ -212,4 +216,79 @@ fn a_full_disk_leaves_no_partial_output() {
     let _ = Command::new("umount").arg(mount.path()).status();
     assert_refused(&output, "No space left on device", &out);
     assert!(!out.exists());
+}
+
+/// A tiny Mistral, Qwen2 and Qwen3, made by transformers: bake's forward pass gives transformers' logits and
+/// o_proj inputs, packed batches give what single prompts give, and the bake (Mistral and Qwen2 written as
+/// LlamaForCausalLM, the class whose attention reads an o_proj bias; Qwen3 kept) loads in transformers with
+/// no warning and equals the base with the hook, in transformers and in pyvene.
+#[test]
+fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_reads_the_bias() {
+    use bake::activations::{capture_last_token, PackedPrompts};
+    let (Some(python), Some(tiny)) = (common::python(), common::shared("fixtures/tiny-gqa")) else { return };
+    let tokenizer = bake::model::TextTokenizer::load(&tiny.join("tokenizer.json")).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "Q: What happens if you crack your knuckles a lot? A: Nothing in particular.",
+        "Q: What happens if you crack your knuckles a lot? A: You get arthritis.",
+        "The capital of France is",
+    ]
+    .iter()
+    .map(|p| tokenizer.encode(p).unwrap())
+    .collect();
+    let root = tempfile::tempdir().unwrap();
+    for (family, architecture) in
+        [("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")]
+    {
+        let dir = root.path().join(family);
+        let made = Command::new(&python)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/make_family_model.py"))
+            .args([family, dir.to_str().unwrap(), tiny.to_str().unwrap(), &serde_json::to_string(&prompts).unwrap()])
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let reference: Value = serde_json::from_slice(&made.stdout).unwrap();
+        assert_eq!(reference["architecture"], architecture);
+
+        let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
+        let model = files.load(&Device::Cpu).unwrap();
+        let logits = bake_logits(&dir, &prompts, None);
+        for (i, (case, prompt)) in reference["cases"].as_array().unwrap().iter().zip(&prompts).enumerate() {
+            let theirs: Vec<f32> = floats(&Value::Array(vec![case["last_logits"].clone()])).remove(0);
+            let diff = common::max_abs_diff(&logits[i], &theirs);
+            assert!(diff <= 1e-4, "{family} prompt {i}: logits differ from transformers by {diff}");
+            let batch = Batch::right_padded(std::slice::from_ref(prompt), 0, &Device::Cpu).unwrap();
+            let last = batch.last_tokens();
+            let out = model.forward(&batch, &Request { capture_at: Some(&last), ..Default::default() }).unwrap();
+            for (layer, expected) in floats(&case["o_proj_input_last_token"]).iter().enumerate() {
+                let ours: Vec<f32> = out.o_proj_inputs[layer].get(0).unwrap().to_vec1().unwrap();
+                let diff = common::max_abs_diff(&ours, expected);
+                assert!(diff <= 1e-4, "{family} prompt {i}: layer {layer}'s o_proj input differs by {diff}");
+            }
+        }
+        let packed = capture_last_token(&model, &PackedPrompts::new(&prompts, 768, &Device::Cpu).unwrap(), &Silent);
+        let alone = capture_last_token(&model, &PackedPrompts::new(&prompts, 1, &Device::Cpu).unwrap(), &Silent);
+        let diff = common::max_abs_diff(packed.unwrap().data(), alone.unwrap().data());
+        assert!(diff <= 1e-5, "{family}: a prefix-tree batch differs from single prompts by {diff}");
+
+        let inspect = Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(&dir).output().unwrap();
+        let shown = String::from_utf8_lossy(&inspect.stdout);
+        assert!(shown.contains(&format!("family       {family} ({architecture})")), "{shown}");
+
+        let out = check_baked_model(&dir, &["--limit", "30", "--heads", "4"], 1e-4);
+        let read = |name: &str| std::fs::read_to_string(out.path().join("baked").join(name)).unwrap();
+        let config: Value = serde_json::from_str(&read("config.json")).unwrap();
+        let card = read("README.md");
+        if family == "qwen3" {
+            assert_eq!(config["architectures"][0], architecture, "Qwen3's own attention reads the bias");
+            assert_eq!(config["attention_bias"], true);
+            continue;
+        }
+        assert_eq!(
+            (config["architectures"][0].as_str(), config["model_type"].as_str()),
+            (Some("LlamaForCausalLM"), Some("llama"))
+        );
+        let manifest: Value = serde_json::from_str(&read("bake.json")).unwrap();
+        assert_eq!(manifest["config_changes"]["architectures"]["base"][0], architecture, "the original class");
+        assert!(card.contains(&format!("The base is a `{architecture}`")), "{card}");
+    }
 }

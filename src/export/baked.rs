@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! OUT/
-//!   config.json                 base config, every key kept, attention_bias: true
+//!   config.json                 base config, every key kept, attention_bias: true (Mistral and Qwen2 written
+//!                               as LlamaForCausalLM, whose attention reads an o_proj bias)
 //!   model*.safetensors (+index) every base tensor byte for byte, plus q/k/v/o biases
 //!   tokenizer.json, ...         the base's companion files
 //!   README.md                   model card
@@ -67,6 +68,9 @@ pub fn write_baked(
     let dtype = model.dtype();
 
     progress.stage("write");
+    if let Some(note) = card::architecture_note(model) {
+        progress.note(&note);
+    }
     let (mut written, added_tensors) = write_weights(input, dtype, &dir, options.max_shard_bytes, progress)?;
     let durable = written.len(); // the checkpoint writer flushes its files itself
     written.push(write_config(model, &dir)?);
@@ -150,10 +154,20 @@ fn write_weights(
     Ok((files, added))
 }
 
-/// The one key of `config.json` a bake changes.
+/// The keys of `config.json` a bake changes: `attention_bias`, and for a family whose own class would drop
+/// the o_proj bias, the class itself (see [`crate::model::config::Family::written_as_llama`]). The manifest
+/// records each key's base value, so the original architecture stays on record.
 fn config_changes(model: &ModelFiles) -> BTreeMap<String, ConfigChange> {
-    let change = ConfigChange { base: model.config.raw.get("attention_bias").cloned(), baked: Value::Bool(true) };
-    BTreeMap::from([("attention_bias".to_string(), change)])
+    let raw = &model.config.raw;
+    let change = |key: &str, baked: Value| (key.to_string(), ConfigChange { base: raw.get(key).cloned(), baked });
+    let mut changes = BTreeMap::from([change("attention_bias", Value::Bool(true))]);
+    if model.config.family.written_as_llama() {
+        changes.extend([
+            change("model_type", "llama".into()),
+            change("architectures", serde_json::json!(["LlamaForCausalLM"])),
+        ]);
+    }
+    changes
 }
 
 /// The base config with every key kept in order and the changed keys set.

@@ -12,6 +12,33 @@ fn licence(model: &ModelFiles) -> Option<String> {
     front.lines().find_map(|l| l.strip_prefix("license:").map(|v| v.trim().to_string()))
 }
 
+/// What a user of this family must know for the shift to be applied: why a Mistral or Qwen2 bake is a
+/// `LlamaForCausalLM`, or where a Qwen3 bake may lose it. For the card and the terminal.
+pub fn architecture_note(model: &ModelFiles) -> Option<String> {
+    let family = model.config.family;
+    if family == crate::model::config::Family::Qwen3 {
+        return Some(
+            "Qwen3 keeps its class: transformers' `Qwen3Attention` gives all four projections a bias when \
+             `attention_bias` is true. vLLM's Qwen3 is reported to build `o_proj` without one (not checked by bake), \
+             which would silently drop the shift there: compare its outputs with transformers' before serving. \
+             pyvene 0.1.8 predates Qwen3: register it as Qwen2 before `IntervenableModel.load` (`for t in \
+             (intervenable_modelcard.type_to_module_mapping, intervenable_modelcard.type_to_dimension_mapping): \
+             t[Qwen3ForCausalLM] = t[Qwen2ForCausalLM]`)."
+                .to_string(),
+        );
+    }
+    family.written_as_llama().then(|| {
+        format!(
+            "The base is a `{}`; this checkpoint is written as `LlamaForCausalLM` (`model_type: llama`, \
+             `attention_bias: true`), which runs the same forward pass with the sliding window off, because the base \
+             class's attention has no `o_proj` bias in transformers and would drop the shift when loading. Keep it a \
+             Llama: converted back to `{}`, the shift is lost.",
+            family.architecture(),
+            family.architecture()
+        )
+    })
+}
+
 pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
     let (base, recipe) = (&report.model, &report.recipe);
     let mut s = String::from("---\n");
@@ -36,6 +63,9 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
         recipe.alpha,
         recipe.direction
     );
+    if let Some(note) = architecture_note(model) {
+        let _ = writeln!(s, "{note}\n");
+    }
     s.push_str("## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n");
     s.push_str("model = AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH_OR_REPO\")\n```\n\n");
     s.push_str("The same shift as a pyvene intervention on the base model (`activation_diff/`):\n\n```python\nimport pyvene as pv\n");

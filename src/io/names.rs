@@ -89,6 +89,12 @@ impl Layer {
         format!("{}post_attention_layernorm.weight", self.prefix())
     }
 
+    /// Qwen3's per-head RMSNorm of the queries (`Attention::Q`) or keys (`Attention::K`), before rotary.
+    pub fn head_norm(self, proj: Attention) -> String {
+        let which = if proj == Attention::Q { "q_norm" } else { "k_norm" };
+        format!("{}self_attn.{which}.weight", self.prefix())
+    }
+
     /// δ of this layer in `activation_diff.safetensors`.
     pub fn delta(self) -> String {
         format!("layers.{}.self_attn.o_proj.input.delta", self.0)

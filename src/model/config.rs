@@ -1,4 +1,5 @@
-//! `config.json` of a LLaMA-family model, read into a typed, validated [`ModelConfig`].
+//! `config.json` of a LLaMA-family model (Llama, Mistral, Qwen2, Qwen3), read into a typed, validated
+//! [`ModelConfig`].
 //!
 //! Two key styles are in the wild: transformers 4 (`rope_theta` and `rope_scaling` at top level,
 //! `torch_dtype`) and transformers 5 (`rope_parameters`, `dtype`). Both are accepted.
@@ -18,10 +19,65 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
+/// The model families bake reads. All run LLaMA's forward pass (Qwen2's q/k/v biases are ordinary biases
+/// there); what differs is whether their own transformers class would read a baked `o_proj.bias`, and so how
+/// a bake is written ([`Family::written_as_llama`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Llama,
+    /// transformers' Mistral attention has no biases at all: a written `o_proj.bias` would be dropped.
+    Mistral,
+    /// transformers' Qwen2 attention has q/k/v biases and never an o_proj bias.
+    Qwen2,
+    /// Per-head RMSNorm of queries and keys before rotary; transformers' Qwen3 attention honours
+    /// `attention_bias` for all four projections, so a bake stays a Qwen3.
+    Qwen3,
+}
+
+/// The `model_type`s bake reads, as errors list them.
+pub const SUPPORTED_MODEL_TYPES: &str =
+    "`llama` (LLaMA 1/2/3, Vicuna, SmolLM2, ...), `mistral`, `qwen2` (Qwen2, Qwen2.5), `qwen3` (dense Qwen3)";
+
+impl Family {
+    fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" => Some(Family::Llama),
+            "mistral" => Some(Family::Mistral),
+            "qwen2" => Some(Family::Qwen2),
+            "qwen3" => Some(Family::Qwen3),
+            _ => None,
+        }
+    }
+
+    /// transformers' class name for this family.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// Whether queries and keys are RMS-normalised per head before rotary (Qwen3's `q_norm`, `k_norm`).
+    pub fn has_head_norms(self) -> bool {
+        self == Family::Qwen3
+    }
+
+    /// Whether a bake is written as `LlamaForCausalLM` (whose `attention_bias: true` reads all four biases)
+    /// because the family's own class would not read the o_proj bias. The forward passes agree once the
+    /// sliding window is out of play, which [`ModelConfig::from_map`] checks.
+    pub fn written_as_llama(self) -> bool {
+        matches!(self, Family::Mistral | Family::Qwen2)
+    }
+}
+
 /// The architecture facts `bake` needs, validated against each other.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub path: PathBuf,
+    pub family: Family,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_layers: usize,
@@ -72,15 +128,12 @@ impl ModelConfig {
     pub fn from_map(path: &Path, raw: Map<String, Value>) -> Result<Self> {
         let fields = Fields { path, map: &raw };
         let model_type = fields.string("model_type")?;
-        if model_type != "llama" {
+        let Some(family) = Family::from_model_type(&model_type) else {
             return Err(BakeError::Unsupported {
                 path: path.into(),
-                message: format!(
-                    "model_type `{model_type}` is not supported; bake handles LLaMA-family models (model_type `llama`: \
-                     LLaMA 1/2/3, Vicuna, Alpaca, SmolLM2, ...)"
-                ),
+                message: format!("model_type `{model_type}` is not supported; bake reads {SUPPORTED_MODEL_TYPES}"),
             });
-        }
+        };
         if let Some(act) = fields.optional_string("hidden_act")? {
             if act != "silu" {
                 return Err(fields.wrong("hidden_act", "`silu` (LLaMA's SwiGLU)"));
@@ -108,6 +161,8 @@ impl ModelConfig {
             return Err(fields.wrong("head_dim", "an even number (rotary embeddings rotate pairs)"));
         }
         let (rope_theta, rope_scaling) = read_rope(&fields)?;
+        let max_position_embeddings = fields.optional_positive("max_position_embeddings")?.unwrap_or(2048);
+        check_no_sliding_window(&fields, family, max_position_embeddings)?;
         let dtype_key = if fields.present("dtype").is_some() { "dtype" } else { "torch_dtype" };
         let dtype = match fields.optional_string(dtype_key)? {
             None => None,
@@ -131,6 +186,7 @@ impl ModelConfig {
         }
         Ok(ModelConfig {
             path: path.into(),
+            family,
             hidden_size,
             intermediate_size: fields.bounded("intermediate_size", MAX_WIDTH * 16)?,
             num_layers: fields.bounded("num_hidden_layers", MAX_LAYERS)?,
@@ -141,7 +197,7 @@ impl ModelConfig {
             rms_norm_eps,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: fields.optional_positive("max_position_embeddings")?.unwrap_or(2048),
+            max_position_embeddings,
             tie_word_embeddings: fields.optional_bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias: fields.optional_bool("attention_bias")?.unwrap_or(false)
                 || fields.optional_bool("oproj_bias")?.unwrap_or(false),
@@ -152,6 +208,43 @@ impl ModelConfig {
             pad_token_id: fields.token_ids("pad_token_id")?.first().copied(),
             raw: raw.clone(),
         })
+    }
+}
+
+/// A sliding window shorter than the context changes what a token attends to beyond it, and the LLaMA class a
+/// Mistral or Qwen2 bake is written as has none: such a checkpoint cannot hold the shift exactly, so it is
+/// refused rather than silently changed.
+fn check_no_sliding_window(fields: &Fields, family: Family, context: usize) -> Result<()> {
+    let window = match family {
+        Family::Llama => return Ok(()),
+        Family::Mistral => fields.optional_positive("sliding_window")?,
+        // Qwen2 and Qwen3 apply their window only with use_sliding_window, and then to the layers from
+        // max_window_layers on.
+        Family::Qwen2 | Family::Qwen3 => match fields.optional_bool("use_sliding_window")? {
+            Some(true) => {
+                let layers = fields.optional_positive("num_hidden_layers")?.unwrap_or(0);
+                let from = fields.optional_positive("max_window_layers")?.unwrap_or(0);
+                if from < layers {
+                    fields.optional_positive("sliding_window")?
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        },
+    };
+    match window {
+        Some(w) if w < context => Err(fields.wrong(
+            "sliding_window",
+            &format!(
+                "null or at least the context (max_position_embeddings = {context}), found {w}: bake's forward pass \
+                 has no sliding window (and a {} bake is written as {}), so the shift found here would not be the \
+                 one the model applies beyond {w} tokens",
+                family.architecture(),
+                if family.written_as_llama() { "LlamaForCausalLM" } else { family.architecture() }
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -308,6 +401,35 @@ mod tests {
 
     const BASE: &str = r#""model_type":"llama","hidden_size":48,"intermediate_size":96,"num_hidden_layers":3,
         "num_attention_heads":4,"vocab_size":100"#;
+
+    #[test]
+    fn other_families_are_read_and_unsupported_ones_refused_naming_the_supported() {
+        let base = BASE.replace("\"llama\"", "\"{}\"");
+        let with = |model_type: &str, extra: &str| parse(&format!("{{{}{extra}}}", base.replace("{}", model_type)));
+        assert_eq!(with("mistral", "").unwrap().family, Family::Mistral);
+        assert_eq!(with("qwen2", r#","use_sliding_window":false,"sliding_window":8"#).unwrap().family, Family::Qwen2);
+        let err = with("gemma2", "").unwrap_err().to_string();
+        assert!(
+            err.contains("`gemma2` is not supported") && err.contains("`mistral`") && err.contains("`qwen2`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_sliding_window_shorter_than_the_context_is_refused_with_the_reason() {
+        let mistral = BASE.replace("\"llama\"", "\"mistral\"");
+        let err = parse(&format!(r#"{{{mistral},"sliding_window":4096,"max_position_embeddings":32768}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sliding_window") && err.contains("LlamaForCausalLM") && err.contains("4096"), "{err}");
+        // A window as long as the context never slides.
+        parse(&format!(r#"{{{mistral},"sliding_window":32768,"max_position_embeddings":32768}}"#)).unwrap();
+        let qwen2 = BASE.replace("\"llama\"", "\"qwen2\"");
+        let sliding = format!(r#"{{{qwen2},"use_sliding_window":true,"sliding_window":64,"max_window_layers":1}}"#);
+        assert!(parse(&sliding).unwrap_err().to_string().contains("sliding_window"));
+        // From max_window_layers = num_hidden_layers on, no layer slides.
+        parse(&format!(r#"{{{qwen2},"use_sliding_window":true,"sliding_window":64,"max_window_layers":3}}"#)).unwrap();
+    }
 
     #[test]
     fn both_rope_key_styles_give_the_same_theta() {

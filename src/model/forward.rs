@@ -19,6 +19,8 @@ use crate::io::names::{self, Attention, Mlp, Param};
 struct Layer {
     input_norm: Tensor,
     post_attention_norm: Tensor,
+    /// Qwen3's per-head RMSNorm weights of queries and keys, `[head_dim]` each.
+    head_norms: Option<(Tensor, Tensor)>,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -163,6 +165,11 @@ impl Layer {
         let names = names::Layer(l);
         let tensor = |name: &str, shape: &[usize]| checkpoint.load_as(name, shape, dtype, device);
         let norm = |name: &str| checkpoint.load_as(name, &[h], DType::F32, device);
+        let head_norm = |proj| checkpoint.load_as(&names.head_norm(proj), &[c.head_dim], DType::F32, device);
+        let head_norms = match c.family.has_head_norms() {
+            true => Some((head_norm(Attention::Q)?, head_norm(Attention::K)?)),
+            false => None,
+        };
         let linear = |weight: String, bias: String, rows: usize, cols: usize| -> Result<Linear> {
             let weight = tensor(&weight, &[rows, cols])?;
             let bias = match checkpoint.get(&bias) {
@@ -178,6 +185,7 @@ impl Layer {
         Ok(Layer {
             input_norm: norm(&names.input_norm())?,
             post_attention_norm: norm(&names.post_attention_norm())?,
+            head_norms,
             q_proj: attention(Attention::Q, a, h)?,
             k_proj: attention(Attention::K, kv, h)?,
             v_proj: attention(Attention::V, kv, h)?,
@@ -420,14 +428,24 @@ impl Llama {
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             Ok(proj.forward(x)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        // Rotary in f32 (as transformers computes the angles), the result back in the model's dtype.
-        let rotate = |x: Tensor| -> Result<Tensor> {
-            Ok(candle_nn::rotary_emb::rope(&x.to_dtype(DType::F32)?, cos, sin)?.to_dtype(self.dtype)?)
+        // Rotary in f32 (as transformers computes the angles), after Qwen3's per-head norm where there is one;
+        // the result back in the model's dtype.
+        let eps = c.rms_norm_eps as f32;
+        let rotate = |x: Tensor, head_norm: Option<&Tensor>| -> Result<Tensor> {
+            let mut x = x.to_dtype(DType::F32)?;
+            if let Some(weight) = head_norm {
+                x = candle_nn::ops::rms_norm(&x, weight, eps)?;
+            }
+            Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?.to_dtype(self.dtype)?)
+        };
+        let (q_norm, k_norm) = match &layer.head_norms {
+            Some((q, k)) => (Some(q), Some(k)),
+            None => (None, None),
         };
         // Scaled here, on [t, head_dim] per head, rather than on the [t, past + t] scores.
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let q = (rotate(heads(&layer.q_proj, c.num_heads)?)? * scale)?;
-        let k = rotate(heads(&layer.k_proj, c.num_kv_heads)?)?;
+        let q = (rotate(heads(&layer.q_proj, c.num_heads)?, q_norm)? * scale)?;
+        let k = rotate(heads(&layer.k_proj, c.num_kv_heads)?, k_norm)?;
         let v = heads(&layer.v_proj, c.num_kv_heads)?;
         let group = c.num_heads / c.num_kv_heads;
         let own_k = candle_transformers::utils::repeat_kv(k.clone(), group)?.contiguous()?;

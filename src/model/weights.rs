@@ -200,6 +200,11 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<TensorSpec> {
         let layer = names::Layer(l);
         out.push(spec(layer.input_norm(), vec![h], true));
         out.push(spec(layer.post_attention_norm(), vec![h], true));
+        if c.family.has_head_norms() {
+            for proj in [Attention::Q, Attention::K] {
+                out.push(spec(layer.head_norm(proj), vec![c.head_dim], true));
+            }
+        }
         for (proj, rows, cols) in
             [(Attention::Q, a, h), (Attention::K, kv, h), (Attention::V, kv, h), (Attention::O, h, a)]
         {

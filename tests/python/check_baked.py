@@ -41,6 +41,13 @@ def greedy(model, ids, **kwargs):
     return out[0, len(ids):].tolist()
 
 import pyvene as pv
+from pyvene.models import intervenable_modelcard as cards
+
+# pyvene 0.1.8 predates Qwen3; its module layout is Qwen2's (model.layers[l].self_attn.o_proj), so it is
+# registered as Qwen2 is, as the README tells users to.
+if hasattr(transformers, "Qwen3ForCausalLM"):
+    for table in (cards.type_to_module_mapping, cards.type_to_dimension_mapping):
+        table.setdefault(transformers.Qwen3ForCausalLM, table[transformers.Qwen2ForCausalLM])
 
 pv_model = pv.IntervenableModel.load(f"{baked_dir}/activation_diff", base)
 pv_model.set_device("cpu")
