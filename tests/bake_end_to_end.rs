@@ -267,8 +267,19 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
         }
         let packed = capture_last_token(&model, &PackedPrompts::new(&prompts, 768, &Device::Cpu).unwrap(), &Silent);
         let alone = capture_last_token(&model, &PackedPrompts::new(&prompts, 1, &Device::Cpu).unwrap(), &Silent);
-        let diff = common::max_abs_diff(packed.unwrap().data(), alone.unwrap().data());
+        let alone = alone.unwrap();
+        let diff = common::max_abs_diff(packed.unwrap().data(), alone.data());
         assert!(diff <= 1e-5, "{family}: a prefix-tree batch differs from single prompts by {diff}");
+        // Right-padded rows (what `bake eval` runs) against the same single prompts.
+        let padded = Batch::right_padded(&prompts, files.config.pad_id(), &Device::Cpu).unwrap();
+        let last = padded.last_tokens();
+        let out = model.forward(&padded, &Request { capture_at: Some(&last), ..Default::default() }).unwrap();
+        for (layer, captured) in out.o_proj_inputs.iter().enumerate() {
+            for (row, prompt_row) in captured.to_vec2::<f32>().unwrap().iter().enumerate() {
+                let diff = common::max_abs_diff(prompt_row, alone.head(row, layer, 0, alone.width));
+                assert!(diff <= 1e-5, "{family}: padded row {row}, layer {layer} differs from alone by {diff}");
+            }
+        }
 
         let inspect = Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(&dir).output().unwrap();
         let shown = String::from_utf8_lossy(&inspect.stdout);
