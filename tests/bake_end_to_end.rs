@@ -221,7 +221,7 @@ fn a_full_disk_leaves_no_partial_output() {
 /// A tiny Mistral, Qwen2 and Qwen3, made by transformers: bake's forward pass gives transformers' logits and
 /// o_proj inputs, packed batches give what single prompts give, and the bake (Mistral and Qwen2 written as
 /// LlamaForCausalLM, the class whose attention reads an o_proj bias; Qwen3 kept) loads in transformers with
-/// no warning and equals the base with the hook, in transformers and in pyvene.
+/// no warning, equals the base with the hook in transformers and in pyvene, and evaluates.
 #[test]
 fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_reads_the_bias() {
     use bake::activations::{capture_last_token, PackedPrompts};
@@ -286,6 +286,15 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
         assert!(shown.contains(&format!("family       {family} ({architecture})")), "{shown}");
 
         let out = check_baked_model(&dir, &["--limit", "30", "--heads", "4"], 1e-4);
+        let eval = Command::new(env!("CARGO_BIN_EXE_bake"))
+            .args(["eval", "--limit", "5", "--model"])
+            .arg(&dir)
+            .arg("--baked")
+            .arg(out.path().join("baked"))
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&eval.stdout);
+        assert!(eval.status.success() && table.contains("| baked |"), "{family}: bake eval: {table}");
         let read = |name: &str| std::fs::read_to_string(out.path().join("baked").join(name)).unwrap();
         let config: Value = serde_json::from_str(&read("config.json")).unwrap();
         let card = read("README.md");
