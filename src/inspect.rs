@@ -44,7 +44,7 @@ pub struct Inspection {
     pub model: String,
     pub hub_repo: Option<String>,
     pub folder: String,
-    /// `llama`, `mistral` or `qwen2`, and transformers' class.
+    /// `llama`, `mistral`, `qwen2` or `qwen3`, and transformers' class.
     pub family: crate::model::config::Family,
     pub architecture: &'static str,
     pub layers: usize,

@@ -441,7 +441,7 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
         println!("hub repo     {repo}");
     }
     println!("folder       {}", report.folder);
-    println!("family       {} ({})", format!("{:?}", report.family).to_lowercase(), report.architecture);
+    println!("family       {} ({})", report.family.model_type(), report.architecture);
     println!("layers       {}", report.layers);
     println!("heads        {} ({} KV heads, head_dim {})", report.heads, report.kv_heads, report.head_dim);
     println!(

@@ -116,7 +116,7 @@ pub fn plan(
     let captured = (pass.prompts * c.num_layers * c.attn_width()) as u64 * 4;
     let stored_size = model.dtype().size_in_bytes() as u64;
     let converted = |stored: u64| stored * compute.dtype_bytes() / stored_size;
-    let converting = compute.dtype.size_in_bytes() as u64 != stored_size;
+    let converting = compute.dtype_bytes() != stored_size;
     // While a tensor is converted, its mapped pages and a copy in the stored dtype exist beside the result
     // (which is that copy itself when the dtypes agree).
     let loading = |stored: u64| 2 * stored + if converting { converted(stored) } else { 0 };

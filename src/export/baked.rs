@@ -161,10 +161,11 @@ fn config_changes(model: &ModelFiles) -> BTreeMap<String, ConfigChange> {
     let raw = &model.config.raw;
     let change = |key: &str, baked: Value| (key.to_string(), ConfigChange { base: raw.get(key).cloned(), baked });
     let mut changes = BTreeMap::from([change("attention_bias", Value::Bool(true))]);
-    if model.config.family.written_as_llama() {
+    let (family, baked_as) = (model.config.family, model.config.family.baked_as());
+    if baked_as != family {
         changes.extend([
-            change("model_type", "llama".into()),
-            change("architectures", serde_json::json!(["LlamaForCausalLM"])),
+            change("model_type", baked_as.model_type().into()),
+            change("architectures", serde_json::json!([baked_as.architecture()])),
         ]);
     }
     changes

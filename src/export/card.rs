@@ -29,12 +29,11 @@ pub fn architecture_note(model: &ModelFiles) -> Option<String> {
     }
     family.written_as_llama().then(|| {
         format!(
-            "The base is a `{}`; this checkpoint is written as `LlamaForCausalLM` (`model_type: llama`, \
+            "The base is a `{base}`; this checkpoint is written as `LlamaForCausalLM` (`model_type: llama`, \
              `attention_bias: true`), which runs the same forward pass with the sliding window off, because the base \
              class's attention has no `o_proj` bias in transformers and would drop the shift when loading. Keep it a \
-             Llama: converted back to `{}`, the shift is lost.",
-            family.architecture(),
-            family.architecture()
+             Llama: converted back to `{base}`, the shift is lost.",
+            base = family.architecture()
         )
     })
 }

@@ -40,13 +40,19 @@ pub const SUPPORTED_MODEL_TYPES: &str =
     "`llama` (LLaMA 1/2/3, Vicuna, SmolLM2, ...), `mistral`, `qwen2` (Qwen2, Qwen2.5), `qwen3` (dense Qwen3)";
 
 impl Family {
+    const ALL: [Family; 4] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
+
     fn from_model_type(model_type: &str) -> Option<Self> {
-        match model_type {
-            "llama" => Some(Family::Llama),
-            "mistral" => Some(Family::Mistral),
-            "qwen2" => Some(Family::Qwen2),
-            "qwen3" => Some(Family::Qwen3),
-            _ => None,
+        Self::ALL.into_iter().find(|f| f.model_type() == model_type)
+    }
+
+    /// `config.json`'s `model_type` for this family.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 
@@ -70,6 +76,15 @@ impl Family {
     /// sliding window is out of play, which [`ModelConfig::from_map`] checks.
     pub fn written_as_llama(self) -> bool {
         matches!(self, Family::Mistral | Family::Qwen2)
+    }
+
+    /// The family a bake of this one is written as.
+    pub fn baked_as(self) -> Family {
+        if self.written_as_llama() {
+            Family::Llama
+        } else {
+            self
+        }
     }
 }
 
@@ -241,7 +256,7 @@ fn check_no_sliding_window(fields: &Fields, family: Family, context: usize) -> R
                  has no sliding window (and a {} bake is written as {}), so the shift found here would not be the \
                  one the model applies beyond {w} tokens",
                 family.architecture(),
-                if family.written_as_llama() { "LlamaForCausalLM" } else { family.architecture() }
+                family.baked_as().architecture()
             ),
         )),
         _ => Ok(()),
