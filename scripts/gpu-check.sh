@@ -3,7 +3,7 @@
 # python3 has torch and transformers). Writes $OUT/gpu-check.json and one log per bake run.
 #
 #   scripts/gpu-check.sh prepare   here: the CUDA build (scripts/build-cuda.sh), SmolLM2's tokenizer and the
-#                                  TruthfulQA prompts' token ids, all into target/gpu-carry (about 14 MB)
+#                                  TruthfulQA prompts' token ids, all into target/gpu-carry (about 18 MB)
 #   scripts/gpu-check.sh run       on the device: the device tool's `run` with command
 #                                  `scripts/gpu-check.sh run`, carry ["target/gpu-carry"], timeout_s 540
 #   scripts/gpu-check.sh smoke     here, on the CPU: the same script with tiny shapes and the CPU build, to
