@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Result;
+use bake::export::baked::{BakeOptions, Sharding};
 use bake::inspect;
 use bake::model::{resolve::ALIASES, ModelFiles};
 use bake::pipeline::{self, OutputKind, ProbeOptions};
@@ -45,9 +46,11 @@ struct BakeArgs {
     /// Show the execution plan of the activation pass (mode, peak host memory, bytes read) and stop.
     #[arg(long)]
     dry_run: bool,
-    /// Largest safetensors shard (KB/MB/GB: powers of 1000, as Hugging Face; KiB/MiB/GiB: powers of 1024).
-    #[arg(long, default_value = "5GB", value_parser = parse_shard_size, allow_hyphen_values = true)]
-    max_shard_size: u64,
+    /// Rewrite every tensor into shards of at most this size (KB/MB/GB: powers of 1000, as Hugging Face;
+    /// KiB/MiB/GiB: powers of 1024). Without it the base's weight files are copied whole and the new biases
+    /// go in one added file, which is faster.
+    #[arg(long, value_parser = parse_shard_size, allow_hyphen_values = true)]
+    max_shard_size: Option<u64>,
 }
 
 /// `--max-shard-size`: at least 1 MB, or a model would be written as one file per tensor.
@@ -518,7 +521,8 @@ fn run_bake(args: &BakeArgs, quiet: bool) -> Result<()> {
     staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
     let write_started = Instant::now();
-    let options = bake::export::baked::BakeOptions { max_shard_bytes: args.max_shard_size };
+    let sharding = args.max_shard_size.map_or(Sharding::KeepBase, Sharding::MaxBytes);
+    let options = BakeOptions { sharding };
     let (written, published) = bake::export::baked::write_baked(&outcome.bake_input(&model), staging, &options, &bars)?;
     let write_seconds = write_started.elapsed().as_secs_f64();
     bars.stage("done");

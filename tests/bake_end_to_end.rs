@@ -4,10 +4,11 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use bake::model::{Batch, ModelFiles, Request, Shift};
+use bake::model::{Batch, Checkpoint, ModelFiles, Request, Shift};
 use bake::progress::Silent;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -185,6 +186,56 @@ fn two_bakes_are_byte_identical() {
             assert_eq!(manifest["outputs"][name]["sha256"].as_str(), Some(hash.as_str()), "{name}");
         }
     }
+}
+
+/// `bake verify --base` on a folder; its JSON report's mismatches.
+fn verify_mismatches(dir: &Path, base: &Path) -> Vec<Value> {
+    let output = Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg("verify")
+        .arg(dir)
+        .arg("--base")
+        .arg(base)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).expect("verify prints JSON");
+    report["mismatches"].as_array().unwrap().clone()
+}
+
+#[test]
+fn by_default_the_base_files_are_copied_whole_and_the_added_biases_go_in_one_more() {
+    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("sharded");
+    common::reshard(&tiny, &base, 4_000_000);
+    let base_files = Checkpoint::weight_files(&base).unwrap();
+    assert!(base_files.len() >= 3, "{base_files:?}");
+
+    let baked = root.path().join("baked");
+    bake_ok(&base, &baked, &["--limit", "20", "--heads", "3"]);
+    let files = Checkpoint::weight_files(&baked).unwrap();
+    assert_eq!(files.len(), base_files.len() + 1, "{files:?}");
+    for (from, to) in base_files.iter().zip(&files) {
+        assert!(std::fs::read(from).unwrap() == std::fs::read(to).unwrap(), "{} is not a copy", to.display());
+    }
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(baked.join("bake.json")).unwrap()).unwrap();
+    let added: BTreeSet<&str> =
+        manifest["added_tensors"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let last = Checkpoint::open(vec![files.last().unwrap().clone()]).unwrap();
+    assert!(!added.is_empty());
+    assert_eq!(last.tensors.keys().map(String::as_str).collect::<BTreeSet<_>>(), added);
+    assert_eq!(verify_mismatches(&baked, &base), Vec::<Value>::new());
+
+    // Baking the bake: its o_proj biases are replaced, so the file holding them is rewritten; the rest are
+    // copies, and nothing is added.
+    let rebaked = root.path().join("rebaked");
+    bake_ok(&baked, &rebaked, &["--limit", "20", "--heads", "3"]);
+    let again = Checkpoint::weight_files(&rebaked).unwrap();
+    assert_eq!(again.len(), files.len());
+    let same: Vec<bool> =
+        files.iter().zip(&again).map(|(a, b)| std::fs::read(a).unwrap() == std::fs::read(b).unwrap()).collect();
+    assert_eq!(same, [vec![true; base_files.len()], vec![false]].concat());
+    assert_eq!(verify_mismatches(&rebaked, &baked), Vec::<Value>::new());
 }
 
 fn assert_refused(output: &Output, needle: &str, out: &Path) {

@@ -97,7 +97,7 @@ fn add_biases(dir: &Path, names: &[(&str, usize)]) {
         });
     }
     drop(checkpoint);
-    write_checkpoint(dir, tensors, u64::MAX, &|_| {}).unwrap();
+    write_checkpoint(dir, tensors, u64::MAX, &|_, _| {}).unwrap();
 }
 
 #[test]
@@ -206,29 +206,6 @@ fn index_entry_outside_the_folder_is_refused() {
     assert_fails(dir.path(), &["model.safetensors.index.json", "weight_map", "outside the model folder"]);
 }
 
-/// Re-shards a model folder with the library's writer, copying every tensor's bytes.
-fn reshard(from: &Path, to: &Path, max_shard_bytes: u64) {
-    let checkpoint = Checkpoint::open(Checkpoint::weight_files(from).unwrap()).unwrap();
-    let tensors = checkpoint
-        .tensors
-        .iter()
-        .map(|(name, e)| TensorBytes {
-            name: name.clone(),
-            dtype: e.dtype,
-            shape: e.shape.clone(),
-            bytes: checkpoint.bytes(e).into(),
-        })
-        .collect();
-    std::fs::create_dir_all(to).unwrap();
-    write_checkpoint(to, tensors, max_shard_bytes, &|_| {}).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let name = entry.unwrap().file_name();
-        if !name.to_string_lossy().contains("safetensors") {
-            std::fs::copy(from.join(&name), to.join(&name)).unwrap();
-        }
-    }
-}
-
 fn last_token_outputs(dir: &Path, prompt: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
     let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
     let batch = Batch::right_padded(&[prompt.to_vec()], 0, &Device::Cpu).unwrap();
@@ -249,7 +226,7 @@ fn sharded_and_single_file_give_identical_results() {
     }
     for (single, max_shard_bytes) in models {
         let out = tempfile::tempdir().unwrap();
-        reshard(&single, out.path(), max_shard_bytes);
+        common::reshard(&single, out.path(), max_shard_bytes);
         let shards = Checkpoint::weight_files(out.path()).unwrap();
         assert!(shards.len() > 1, "{} was not sharded", single.display());
         let prompt = [1u32, 5, 9, 17, 33, 65];

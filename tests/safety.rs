@@ -215,7 +215,7 @@ fn a_first_bake_killed_before_publishing_leaves_no_output_and_is_cleaned_up() {
     // The kill really came at the end: the staging folder holds the whole bake.
     let staged = siblings(&out, "partial");
     assert_eq!(staged.len(), 1);
-    assert!(staged[0].join("bake.json").exists() && staged[0].join("model.safetensors").exists());
+    assert!(staged[0].join("bake.json").exists() && staged[0].join("model.safetensors.index.json").exists());
     assert_ok(&s.bake(&out, &["--limit", "4"], &[]));
     assert_complete_bake(&out, s.model(), 15.0);
     assert!(siblings(&out, "partial").is_empty(), "the dead run's staging folder was not cleaned up");
@@ -230,7 +230,7 @@ fn killed_before_the_swap_the_old_bake_is_intact_and_the_next_run_cleans_up() {
     assert_complete_bake(&out, s.model(), 5.0);
     let staged = siblings(&out, "partial");
     assert_eq!(staged.len(), 1, "the killed run's staging folder");
-    assert!(staged[0].join("model.safetensors").exists(), "the kill came after the new bake was complete");
+    assert!(staged[0].join("model.safetensors.index.json").exists(), "the kill came after the new bake was complete");
     assert_ok(&s.bake(&out, &["--limit", "4", "--alpha", "25", "--force"], &[]));
     assert_complete_bake(&out, s.model(), 25.0);
     assert!(siblings(&out, "partial").is_empty(), "the dead run's staging folder was not cleaned up");

@@ -5,7 +5,8 @@
 //! OUT/
 //!   config.json                 base config, every key kept, attention_bias: true (Mistral and Qwen2 written
 //!                               as LlamaForCausalLM, whose attention reads an o_proj bias)
-//!   model*.safetensors (+index) every base tensor byte for byte, plus q/k/v/o biases
+//!   model*.safetensors (+index) every base tensor byte for byte, plus q/k/v/o biases: by default the base's
+//!                               weight files copied whole and one file added for the new biases
 //!   tokenizer.json, ...         the base's companion files
 //!   README.md                   model card
 //!   report.json, heatmap.png/.svg  the probe stage (no timings: the folder is byte-reproducible)
@@ -15,7 +16,7 @@
 //!   bake.log                    run-dependent facts (timings); not hashed
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -28,7 +29,11 @@ use crate::io::hash::sha256_file;
 use crate::io::listing::{FileEntry, FileListing};
 use crate::io::names;
 use crate::io::output::{Published, Staging};
-use crate::io::safetensors::{copy_file, write_checkpoint, write_file, write_safetensors, TensorBytes, WrittenFile};
+use crate::io::safetensors::{
+    copy_file, write_checkpoint, write_file, write_safetensors, write_shards, CopiedShard, Shard, TensorBytes,
+    WrittenFile,
+};
+use crate::model::weights::{Checkpoint, TensorEntry};
 use crate::model::ModelFiles;
 use crate::probes::report::ProbeReport;
 use crate::progress::Progress;
@@ -39,7 +44,19 @@ pub const DIFF_SAFETENSORS: &str = "activation_diff.safetensors";
 pub use crate::io::listing::{LOG_FILE as LOG, MANIFEST_FILE as MANIFEST};
 
 pub struct BakeOptions {
-    pub max_shard_bytes: u64,
+    pub sharding: Sharding,
+}
+
+/// How the baked weights are laid out in files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    /// The base's weight files, renamed `model-0000i-of-0000N.safetensors`, each copied byte for byte unless
+    /// it holds a tensor the bake replaces (an o_proj bias the base already has; that file is rewritten
+    /// with the new value), and one more file for the tensors the bake adds. The fast default: the copies
+    /// are the kernel's, at the speed of `cp`, and keep the hashes taken when the base was read.
+    KeepBase,
+    /// Every tensor rewritten in name order into files of at most this many bytes.
+    MaxBytes(u64),
 }
 
 /// What a bake writes beside the base model's own files: the probe stage's result, narrowed to what the
@@ -71,7 +88,7 @@ pub fn write_baked(
     if let Some(note) = card::architecture_note(model) {
         progress.note(&note);
     }
-    let (mut written, added_tensors) = write_weights(input, dtype, &dir, options.max_shard_bytes, progress)?;
+    let (mut written, added_tensors) = write_weights(input, dtype, &dir, options.sharding, progress)?;
     let durable = written.len(); // the checkpoint writer flushes its files itself
     written.push(write_config(model, &dir)?);
     let mut model_hashes = input.model_hashes.to_vec();
@@ -123,35 +140,76 @@ fn write_weights(
     input: &BakeInput,
     dtype: StoredDtype,
     dir: &Path,
-    max_shard_bytes: u64,
+    sharding: Sharding,
     progress: &dyn Progress,
 ) -> Result<(Vec<WrittenFile>, Vec<String>)> {
     let ck = &input.model.checkpoint;
     let biases = surgery::bias_tensors(ck, &input.model.config, input.deltas, dtype)?;
     let added: Vec<String> = biases.iter().filter(|t| ck.get(&t.name).is_none()).map(|t| t.name.clone()).collect();
-    let replaced: HashSet<&str> = biases.iter().map(|t| t.name.as_str()).collect();
-    let mut tensors: Vec<TensorBytes> = ck
-        .tensors
-        .iter()
-        .filter(|(name, _)| !replaced.contains(name.as_str()))
-        .map(|(name, e)| TensorBytes {
-            name: name.clone(),
-            dtype: e.dtype,
-            shape: e.shape.clone(),
-            bytes: ck.bytes(e).into(),
-        })
-        .collect();
-    tensors.extend(biases);
-    progress.start(tensors.iter().map(|t| t.bytes.len() as u64).sum(), "bytes");
+    let base_bytes: u64 = ck.tensors.values().map(|e| (e.end - e.start) as u64).sum();
+    let biases_bytes: u64 = biases.iter().map(|t| t.bytes.len() as u64).sum();
+    let replaced_bytes: u64 = biases.iter().filter_map(|t| ck.get(&t.name)).map(|e| (e.end - e.start) as u64).sum();
+    progress.start(base_bytes - replaced_bytes + biases_bytes, "bytes");
     // Each base tensor's mapped pages are handed back once it is written: the write step's memory stays at
     // one tensor, whatever the model's size.
-    let on_written = |t: &TensorBytes| {
-        progress.advance(t.bytes.len() as u64);
-        ck.release(std::slice::from_ref(&t.name));
+    let on_written = |name: &str, bytes: u64| {
+        progress.advance(bytes);
+        ck.release(&[name]);
     };
-    let files = write_checkpoint(dir, tensors, max_shard_bytes, &on_written)?;
+    let files = match sharding {
+        Sharding::MaxBytes(max) => write_checkpoint(dir, with_replacements(ck, biases), max, &on_written)?,
+        Sharding::KeepBase => write_shards(dir, base_layout(ck, biases, input.model_hashes), &on_written)?,
+    };
     progress.finish();
     Ok((files, added))
+}
+
+/// Every base tensor, the ones `biases` replace swapped for them, and the added biases.
+fn with_replacements<'a>(ck: &'a Checkpoint, biases: Vec<TensorBytes<'a>>) -> Vec<TensorBytes<'a>> {
+    let mut biases: HashMap<String, TensorBytes> = biases.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let mut tensors: Vec<TensorBytes> =
+        ck.tensors.iter().map(|(name, e)| biases.remove(name).unwrap_or_else(|| base_tensor(ck, name, e))).collect();
+    tensors.extend(biases.into_values());
+    tensors
+}
+
+/// [`Sharding::KeepBase`]: one shard per base file, copied unless it holds a replaced tensor, then the added
+/// tensors in name order.
+fn base_layout<'a>(ck: &'a Checkpoint, biases: Vec<TensorBytes<'a>>, hashes: &[(PathBuf, String)]) -> Vec<Shard<'a>> {
+    let mut biases: HashMap<String, TensorBytes> = biases.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let mut shards: Vec<Shard> = ck
+        .files
+        .iter()
+        .enumerate()
+        .map(|(file, path)| {
+            let tensors: Vec<(&String, &TensorEntry)> = ck.tensors.iter().filter(|(_, e)| e.file == file).collect();
+            let known_hash = hashes.iter().find(|(p, _)| p == path).map(|(_, h)| h.clone());
+            match known_hash {
+                Some(sha256) if !tensors.iter().any(|(name, _)| biases.contains_key(*name)) => {
+                    let tensors =
+                        tensors.iter().map(|(name, e)| (name.to_string(), (e.end - e.start) as u64)).collect();
+                    Shard::Copy(CopiedShard { from: path.clone(), sha256, tensors })
+                }
+                _ => Shard::Write(
+                    tensors
+                        .into_iter()
+                        .map(|(name, e)| biases.remove(name).unwrap_or_else(|| base_tensor(ck, name, e)))
+                        .collect(),
+                ),
+            }
+        })
+        .collect();
+    let mut added: Vec<TensorBytes> = biases.into_values().collect();
+    if !added.is_empty() {
+        added.sort_by(|a, b| a.name.cmp(&b.name));
+        shards.push(Shard::Write(added));
+    }
+    shards
+}
+
+/// A base tensor, its bytes borrowed from the map.
+fn base_tensor<'a>(ck: &'a Checkpoint, name: &str, e: &TensorEntry) -> TensorBytes<'a> {
+    TensorBytes { name: name.to_string(), dtype: e.dtype, shape: e.shape.clone(), bytes: ck.bytes(e).into() }
 }
 
 /// The keys of `config.json` a bake changes: `attention_bias`, and for a family whose own class would drop

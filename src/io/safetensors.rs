@@ -3,7 +3,8 @@
 //!
 //! Tensors are written in name order; unchanged tensors are copied byte for byte from the memory map (never
 //! through f32). Memory use is one `BufWriter` buffer, whatever the model size. Every file is hashed while it
-//! is written, so the manifest needs no second read.
+//! is written, so the manifest needs no second read. A file that is kept whole is copied by the kernel
+//! ([`Shard::Copy`]) and keeps the hash it was read with.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -87,17 +88,56 @@ pub struct WrittenFile {
     pub sha256: String,
 }
 
+/// One file of a checkpoint being written.
+pub enum Shard<'a> {
+    /// Tensors written into a new file, in this order.
+    Write(Vec<TensorBytes<'a>>),
+    /// A safetensors file copied byte for byte.
+    Copy(CopiedShard),
+}
+
+/// A base checkpoint's file taken over unchanged.
+pub struct CopiedShard {
+    pub from: PathBuf,
+    /// Known from hashing the input before the run: a byte-for-byte copy has its source's hash, so the copy
+    /// needs no second read (`bake verify` re-hashes every output against it).
+    pub sha256: String,
+    /// Name and size in bytes of each tensor it holds, for the index.
+    pub tensors: Vec<(String, u64)>,
+}
+
+impl Shard<'_> {
+    fn tensors(&self) -> Vec<(&str, u64)> {
+        match self {
+            Shard::Write(tensors) => tensors.iter().map(|t| (t.name.as_str(), t.bytes.len() as u64)).collect(),
+            Shard::Copy(copy) => copy.tensors.iter().map(|(name, n)| (name.as_str(), *n)).collect(),
+        }
+    }
+}
+
+/// Told of each tensor (name, bytes) once it is in its file: for progress, and to release a map's pages.
+pub type OnWritten<'f> = &'f (dyn Fn(&str, u64) + Sync);
+
 /// Writes `tensors` into `dir` as `model.safetensors`, or as `model-0000i-of-0000N.safetensors` plus
-/// `model.safetensors.index.json` when they exceed `max_shard_bytes`, each file flushed to disk.
-/// `on_written` is told of each tensor once it is written (for progress, and to release a map's pages).
+/// `model.safetensors.index.json` when they exceed `max_shard_bytes` (see [`write_shards`]).
 pub fn write_checkpoint(
     dir: &Path,
     mut tensors: Vec<TensorBytes>,
     max_shard_bytes: u64,
-    on_written: &(dyn Fn(&TensorBytes) + Sync),
+    on_written: OnWritten,
 ) -> Result<Vec<WrittenFile>> {
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    for t in &tensors {
+    write_shards(dir, split_into_shards(tensors, max_shard_bytes), on_written)
+}
+
+/// Writes `shards` into `dir` in this order, named as Hugging Face names them (`model.safetensors` when there
+/// is one, else `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`), each file flushed
+/// to disk.
+pub fn write_shards(dir: &Path, shards: Vec<Shard>, on_written: OnWritten) -> Result<Vec<WrittenFile>> {
+    for t in shards.iter().flat_map(|s| match s {
+        Shard::Write(tensors) => tensors.as_slice(),
+        Shard::Copy(_) => &[],
+    }) {
         let expected = t.shape.iter().product::<usize>() * t.dtype.size_in_bytes();
         if t.bytes.len() != expected {
             return Err(BakeError::tensor(
@@ -107,33 +147,34 @@ pub fn write_checkpoint(
             ));
         }
     }
-    let groups = split_into_shards(&tensors, max_shard_bytes);
-    let count = groups.len();
-    let names: Vec<String> =
-        (0..count)
-            .map(|i| {
-                if count == 1 {
-                    SINGLE_FILE.to_string()
-                } else {
-                    format!("model-{:05}-of-{count:05}.safetensors", i + 1)
-                }
-            })
-            .collect();
-    let weight_map: BTreeMap<String, String> =
-        groups.iter().zip(&names).flat_map(|(g, name)| g.iter().map(move |t| (t.name.clone(), name.clone()))).collect();
+    let names = shard_file_names(shards.len());
     // Shards are written in parallel, each flushed to disk as soon as it is complete, so one shard's hashing
     // overlaps another's writing and the flush of the first overlaps the rest.
-    let mut written = groups
+    let mut written = shards
         .par_iter()
         .zip(&names)
-        .map(|(group, name)| {
-            let file = write_safetensors(&dir.join(name), group, &BTreeMap::new(), on_written)?;
+        .map(|(shard, name)| {
+            let path = dir.join(name);
+            let file = match shard {
+                Shard::Write(tensors) => {
+                    let refs: Vec<&TensorBytes> = tensors.iter().collect();
+                    let told = |t: &TensorBytes| on_written(&t.name, t.bytes.len() as u64);
+                    write_safetensors(&path, &refs, &BTreeMap::new(), &told)?
+                }
+                Shard::Copy(copy) => copy_shard(copy, &path, on_written)?,
+            };
             File::open(&file.path).and_then(|f| f.sync_all()).at(&file.path)?;
             Ok(file)
         })
         .collect::<Result<Vec<_>>>()?;
-    if count > 1 {
-        let total_size: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
+    if shards.len() > 1 {
+        let tensors: Vec<(&str, u64, &String)> = shards
+            .iter()
+            .zip(&names)
+            .flat_map(|(s, name)| s.tensors().into_iter().map(move |(t, n)| (t, n, name)))
+            .collect();
+        let total_size: u64 = tensors.iter().map(|(_, n, _)| n).sum();
+        let weight_map: BTreeMap<&str, &String> = tensors.iter().map(|(t, _, name)| (*t, *name)).collect();
         let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
         let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers") + "\n";
         let index = write_file(&dir.join(INDEX_FILE), text.as_bytes())?;
@@ -143,8 +184,27 @@ pub fn write_checkpoint(
     Ok(written)
 }
 
-fn split_into_shards<'t, 'a>(tensors: &'t [TensorBytes<'a>], max_shard_bytes: u64) -> Vec<Vec<&'t TensorBytes<'a>>> {
-    let mut groups: Vec<Vec<&TensorBytes>> = vec![Vec::new()];
+fn shard_file_names(count: usize) -> Vec<String> {
+    match count {
+        1 => vec![SINGLE_FILE.to_string()],
+        _ => (1..=count).map(|i| format!("model-{i:05}-of-{count:05}.safetensors")).collect(),
+    }
+}
+
+/// Copies a base file as it is. `std::io::copy` between two files is `copy_file_range` on Linux: the kernel
+/// moves the bytes, none pass through this process, which is what lets a bake write as fast as `cp`.
+fn copy_shard(copy: &CopiedShard, to: &Path, on_written: OnWritten) -> Result<WrittenFile> {
+    let mut input = File::open(&copy.from).at(&copy.from)?;
+    let mut out = File::create(to).at(to)?;
+    let bytes = std::io::copy(&mut input, &mut out).at(to)?;
+    for (name, n) in &copy.tensors {
+        on_written(name, *n);
+    }
+    Ok(WrittenFile { path: to.into(), bytes, sha256: copy.sha256.clone() })
+}
+
+fn split_into_shards(tensors: Vec<TensorBytes>, max_shard_bytes: u64) -> Vec<Shard> {
+    let mut groups: Vec<Vec<TensorBytes>> = vec![Vec::new()];
     let mut size = 0u64;
     for t in tensors {
         let n = t.bytes.len() as u64;
@@ -155,7 +215,7 @@ fn split_into_shards<'t, 'a>(tensors: &'t [TensorBytes<'a>], max_shard_bytes: u6
         groups.last_mut().unwrap().push(t);
         size += n;
     }
-    groups
+    groups.into_iter().map(Shard::Write).collect()
 }
 
 /// The safetensors header for `tensors` in the given order, padded with spaces to a multiple of 8 bytes.

@@ -105,7 +105,7 @@ pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec, max_shard_bytes: 
             TensorBytes { name: t.name, dtype, shape: t.shape, bytes }
         })
         .collect();
-    write_checkpoint(dir, tensors, max_shard_bytes, &|_| {})?;
+    write_checkpoint(dir, tensors, max_shard_bytes, &|_, _| {})?;
     Ok(())
 }
 

@@ -189,3 +189,26 @@ pub fn bake_synthetic(
     }
     command.output().unwrap()
 }
+
+/// Re-shards a model folder with the library's writer, copying every tensor's bytes.
+pub fn reshard(from: &std::path::Path, to: &std::path::Path, max_shard_bytes: u64) {
+    let checkpoint = bake::model::Checkpoint::open(bake::model::Checkpoint::weight_files(from).unwrap()).unwrap();
+    let tensors = checkpoint
+        .tensors
+        .iter()
+        .map(|(name, e)| bake::io::safetensors::TensorBytes {
+            name: name.clone(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            bytes: checkpoint.bytes(e).into(),
+        })
+        .collect();
+    std::fs::create_dir_all(to).unwrap();
+    bake::io::safetensors::write_checkpoint(to, tensors, max_shard_bytes, &|_, _| {}).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let name = entry.unwrap().file_name();
+        if !name.to_string_lossy().contains("safetensors") {
+            std::fs::copy(from.join(&name), to.join(&name)).unwrap();
+        }
+    }
+}
