@@ -471,18 +471,18 @@ fn non_finite_values_stop_the_bake_naming_where() {
 /// Replaces one element of a bias tensor of a baked folder and updates the manifest's hashes, as a careful
 /// forger would.
 fn forge_bias(dir: &Path, name: &str, value: f32) {
-    let path = dir.join("model.safetensors");
-    let (start, dtype) = {
-        let ck = bake::model::Checkpoint::open(vec![path.clone()]).unwrap();
+    let (path, start, dtype) = {
+        let ck = bake::model::Checkpoint::open(bake::model::Checkpoint::weight_files(dir).unwrap()).unwrap();
         let e = ck.get(name).unwrap();
-        (e.start, e.dtype)
+        (ck.file_of(e).to_path_buf(), e.start, e.dtype)
     };
     let mut bytes = std::fs::read(&path).unwrap();
     let encoded = dtype.encode([value]);
     bytes[start..start + encoded.len()].copy_from_slice(&encoded);
     std::fs::write(&path, &bytes).unwrap();
     let mut m = manifest(dir);
-    m["outputs"]["model.safetensors"]["sha256"] = bake::io::hash::sha256_file(&path).unwrap().into();
+    let listed = path.file_name().unwrap().to_str().unwrap();
+    m["outputs"][listed]["sha256"] = bake::io::hash::sha256_file(&path).unwrap().into();
     std::fs::write(dir.join("bake.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
 }
 
