@@ -53,7 +53,7 @@ pub enum Sharding {
     /// The base's weight files, renamed `model-0000i-of-0000N.safetensors`, each copied byte for byte unless
     /// it holds a tensor the bake replaces (an o_proj bias the base already has; that file is rewritten
     /// with the new value), and one more file for the tensors the bake adds. The fast default: the copies
-    /// are the kernel's, at the speed of `cp`, and keep the hashes taken when the base was read.
+    /// are the kernel's and keep the hashes taken when the base was read.
     KeepBase,
     /// Every tensor rewritten in name order into files of at most this many bytes.
     MaxBytes(u64),

@@ -192,7 +192,7 @@ fn shard_file_names(count: usize) -> Vec<String> {
 }
 
 /// Copies a base file as it is. `std::io::copy` between two files is `copy_file_range` on Linux: the kernel
-/// moves the bytes, none pass through this process, which is what lets a bake write as fast as `cp`.
+/// moves the bytes, none pass through this process, and none are hashed again.
 fn copy_shard(copy: &CopiedShard, to: &Path, on_written: OnWritten) -> Result<WrittenFile> {
     let mut input = File::open(&copy.from).at(&copy.from)?;
     let mut out = File::create(to).at(to)?;

@@ -52,7 +52,7 @@ pub fn bias_tensors<'a>(
 ) -> Result<Vec<TensorBytes<'a>>> {
     use rayon::prelude::*;
     // W_o · δ reads each shifted layer's o_proj weight once; the layers are independent, so they run side by
-    // side (about a second of a 7B's write step on one core).
+    // side.
     let o_biases = (0..config.num_layers)
         .into_par_iter()
         .map(|layer| o_proj_bias(checkpoint, config, layer, deltas.get(layer).and_then(|d| d.as_deref())))
