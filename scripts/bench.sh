@@ -89,7 +89,7 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
       --dataset "$BAKE_SHARED/data/truthfulqa" --limit 3 --heads 8 --max-shard-size 1GB --out "$work/baked" \
       > "$work/stdout" 2> "$work/time"
     grep -E "Maximum resident|Elapsed" "$work/time"
-    grep -E "^  (data|activations|probes|write|total) " "$work/stdout"
+    grep -E "^  (data|activations|probes|write|total) |^    (biases|weights|other files) " "$work/stdout"
     # bake's write step ends with every file on disk (fsync), so cp is timed up to the end of `sync` too.
     sync; start=$(date +%s.%N); cp -r "$work/llama-1b" "$work/copy"; copied=$(date +%s.%N); sync; end=$(date +%s.%N)
     echo "cp -r of the base folder: $(echo "$copied - $start" | bc) s, + sync: $(echo "$end - $start" | bc) s ($(du -sb "$work/llama-1b" | cut -f1) bytes)"
@@ -123,7 +123,7 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
     /usr/bin/time -v ./target/release/bake "${args[@]}" --out "$work/baked" > "$work/stdout" 2> "$work/time"
     grep -E "Maximum resident|Elapsed" "$work/time"
     cat "$work/baked/bake.log"
-    grep -E "^  (data|activations|probes|write|total) " "$work/stdout"
+    grep -E "^  (data|activations|probes|write|total) |^    (biases|weights|other files) " "$work/stdout"
     bytes=$(du -sb "$work/baked" | cut -f1)
     sync; start=$(date +%s.%N); cp -r "$work/llama-7b" "$work/copy"; copied=$(date +%s.%N); sync; end=$(date +%s.%N)
     echo "cp -r of the base folder: $(echo "$copied - $start" | bc) s, + sync: $(echo "$end - $start" | bc) s ($(du -sb "$work/llama-7b" | cut -f1) bytes); baked folder $bytes bytes";;

@@ -14,7 +14,8 @@
 //! [`surgery`] (δ → o_proj biases) → [`export`] (the baked folder and its typed manifest, from a `BakeInput`)
 //! → [`pipeline`] (the stages in one call, shared by `bake`, `bake probe` and `bake eval --cv`) →
 //! [`verify`] (a baked folder is base + diff) → [`hub`] (`bake push`) → [`eval`] (MC1/MC2, CE/KL,
-//! cross-validation, the model card's results).
+//! cross-validation, the model card's results) → [`search`] (K and α chosen by cross-validation under a KL
+//! budget).
 
 pub mod activations;
 pub mod data;
@@ -31,6 +32,7 @@ pub mod probes;
 pub mod progress;
 pub mod recipe;
 pub mod rng;
+pub mod search;
 pub mod surgery;
 pub mod units;
 pub mod verify;

@@ -90,6 +90,49 @@ enum Command {
     /// Prove a baked folder (or Hub repo) is exactly its base plus its diff. Exit 0: all hold; 1: a mismatch;
     /// 2: verification could not run.
     Verify(VerifyArgs),
+    /// Choose K and α by cross-validation under a KL budget: search.json, tradeoff.png and a recipe.yaml
+    /// that `bake --recipe` bakes.
+    Search(SearchArgs),
+}
+
+#[derive(Args)]
+struct SearchArgs {
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// Folder for search.json, search.log, tradeoff.png/.svg and recipe.yaml (written atomically).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Replace an existing search folder, if bake wrote it.
+    #[arg(long)]
+    force: bool,
+    /// Most KL(base ‖ edited) per token, in nats, on the corpus (mean of the folds).
+    #[arg(long, default_value_t = bake::search::DEFAULT_KL_BUDGET, allow_negative_numbers = true)]
+    kl_budget: f64,
+    /// Most CE increase over the base, in nats per token (default: none).
+    #[arg(long, allow_negative_numbers = true)]
+    ce_budget: Option<f64>,
+    /// The held-out number maximised (reference MC protocol).
+    #[arg(long, value_enum, default_value = "mc2")]
+    objective: ObjectiveArg,
+    /// Contiguous folds of the questions, as `bake eval --cv`.
+    #[arg(long, default_value_t = 2)]
+    folds: usize,
+    /// Most candidates measured on every held-out question and the whole corpus (the last rung of the halving).
+    #[arg(long, default_value_t = 4)]
+    trials: usize,
+    /// Evaluate every candidate on every question and document: no KL screen, no halving (slow; the
+    /// reference the savings are measured against).
+    #[arg(long)]
+    full_grid: bool,
+    /// Documents sampled from the corpus for CE and KL (overrides the recipe's `corpus.documents`).
+    #[arg(long)]
+    documents: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ObjectiveArg {
+    Mc2,
+    Mc1,
 }
 
 #[derive(Args)]
@@ -192,12 +235,14 @@ struct RecipeArgs {
     /// The YAML recipe (default: the built-in recipes/truthfulqa.yaml).
     #[arg(long, short)]
     recipe: Option<PathBuf>,
-    /// Shift strength α (overrides the recipe).
-    #[arg(long, allow_negative_numbers = true)]
-    alpha: Option<f64>,
-    /// Number of heads K (overrides the recipe).
-    #[arg(long)]
-    heads: Option<usize>,
+    /// Shift strength α (overrides the recipe). `bake search`: the α to try, comma-separated (default
+    /// 0,2.5,5,10,15,20,30).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    alpha: Vec<f64>,
+    /// Number of heads K (overrides the recipe). `bake search`: the K to try, comma-separated (default
+    /// 8,16,32,48,64,96, up to the model's heads).
+    #[arg(long, value_delimiter = ',')]
+    heads: Vec<usize>,
     /// Seed for splits, tuning prompts and random directions (overrides the recipe).
     #[arg(long)]
     seed: Option<u64>,
@@ -253,15 +298,30 @@ struct ProbeArgs {
     force: bool,
 }
 
+/// The one value of a flag that takes a list only in `bake search`.
+fn single<T: Copy + std::fmt::Debug>(flag: &str, values: &[T]) -> Result<Option<T>> {
+    match values {
+        [] => Ok(None),
+        [v] => Ok(Some(*v)),
+        _ => anyhow::bail!("--{flag} {values:?}: expected one value here (lists are for `bake search`)"),
+    }
+}
+
 impl RecipeArgs {
+    /// The recipe with every flag applied.
     fn load(&self) -> Result<Recipe> {
+        self.load_with(single("alpha", &self.alpha)?, single("heads", &self.heads)?)
+    }
+
+    /// The recipe with every flag applied but --alpha and --heads (which `bake search` takes as lists).
+    fn load_with(&self, alpha: Option<f64>, heads: Option<usize>) -> Result<Recipe> {
         let mut recipe = match &self.recipe {
             Some(path) => Recipe::load(path)?,
             None => Recipe::shipped(),
         };
         recipe.apply(&Overrides {
-            alpha: self.alpha,
-            heads: self.heads,
+            alpha,
+            heads,
             seed: self.seed,
             dataset: self.dataset.clone(),
             limit: self.limit,
@@ -421,6 +481,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Probe(args) => run_probe(&args, cli.quiet)?,
         Command::Verify(args) => return run_verify(&args, cli.quiet),
         Command::Eval(args) => run_eval(&args, cli.quiet)?,
+        Command::Search(args) => run_search(&args, cli.quiet)?,
         Command::Push(args) => run_push(&args, cli.quiet)?,
         Command::Models => {
             for (alias, repo) in ALIASES {
@@ -473,7 +534,14 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
 fn run_probe(args: &ProbeArgs, quiet: bool) -> Result<()> {
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
-    let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Probe)?.stage()?;
+    let staging = pipeline::check_output(
+        &args.out,
+        args.force,
+        &model,
+        &recipe,
+        OutputKind::Report(bake::probes::report::FILES),
+    )?
+    .stage()?;
     let bars = Bars::new(quiet);
     staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
@@ -523,10 +591,10 @@ fn run_bake(args: &BakeArgs, quiet: bool) -> Result<()> {
     let write_started = Instant::now();
     let sharding = args.max_shard_size.map_or(Sharding::KeepBase, Sharding::MaxBytes);
     let options = BakeOptions { sharding };
-    let (written, published) = bake::export::baked::write_baked(&outcome.bake_input(&model), staging, &options, &bars)?;
+    let written = bake::export::baked::write_baked(&outcome.bake_input(&model), staging, &options, &bars)?;
     let write_seconds = write_started.elapsed().as_secs_f64();
     bars.stage("done");
-    note_leftover(&published, &bars);
+    note_leftover(&written.published, &bars);
     print_heads(&outcome);
     print_bake_summary(args, &outcome, &written, write_seconds, bars.started.elapsed().as_secs_f64());
     Ok(())
@@ -536,21 +604,25 @@ fn run_bake(args: &BakeArgs, quiet: bool) -> Result<()> {
 fn print_bake_summary(
     args: &BakeArgs,
     outcome: &pipeline::ProbeOutcome,
-    written: &[bake::io::safetensors::WrittenFile],
+    written: &bake::export::baked::BakeWritten,
     write_seconds: f64,
     total_seconds: f64,
 ) {
     let timings = outcome.report.timings.clone().unwrap_or_default();
     let stages = ["data", "activations", "probes"].map(|s| (s, timings.get(s).copied().unwrap_or(0.0)));
-    let bytes: u64 = written.iter().map(|f| f.bytes).sum();
+    let bytes: u64 = written.files.iter().map(|f| f.bytes).sum();
     let (report, out, model) = (&outcome.report, args.out.display(), &args.recipe.model);
     println!();
     println!("  stage        time");
-    for (stage, seconds) in stages.into_iter().chain([("write", write_seconds), ("total", total_seconds)]) {
+    for (stage, seconds) in stages.into_iter().chain([("write", write_seconds)]) {
         println!("  {stage:<12} {seconds:>6.1} s");
     }
+    for (part, seconds) in &written.timings {
+        println!("    {part:<12} {seconds:>4.1} s");
+    }
+    println!("  {:<12} {total_seconds:>6.1} s", "total");
     println!();
-    println!("  output       {out} ({} files, {})", written.len(), bake::units::format_bytes(bytes));
+    println!("  output       {out} ({} files, {})", written.files.len(), bake::units::format_bytes(bytes));
     println!("  heads (K)    {} of {}", report.heads.len(), report.layers * report.heads_per_layer);
     println!("  alpha        {}", report.recipe.alpha);
     println!(
@@ -602,6 +674,68 @@ fn run_verify(args: &VerifyArgs, quiet: bool) -> Result<ExitCode> {
         }
     }
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn run_search(args: &SearchArgs, quiet: bool) -> Result<()> {
+    use bake::search::{self, output};
+    let mut recipe = args.recipe.load_with(None, None)?;
+    if let (Some(n), Some(corpus)) = (args.documents, recipe.corpus.as_mut()) {
+        corpus.documents = n;
+    }
+    let model = ModelFiles::open(&args.recipe.model)?;
+    let model_heads = model.config.num_layers * model.config.num_heads;
+    let options = search::SearchOptions {
+        heads: match args.recipe.heads.is_empty() {
+            true => search::default_heads(model_heads),
+            false => args.recipe.heads.clone(),
+        },
+        alphas: match args.recipe.alpha.is_empty() {
+            true => search::DEFAULT_ALPHAS.to_vec(),
+            false => args.recipe.alpha.clone(),
+        },
+        kl_budget: args.kl_budget,
+        ce_budget: args.ce_budget,
+        objective: match args.objective {
+            ObjectiveArg::Mc2 => search::Objective::Mc2,
+            ObjectiveArg::Mc1 => search::Objective::Mc1,
+        },
+        folds: args.folds,
+        trials: args.trials,
+        early_discard: !args.full_grid,
+        min_rung_questions: search::MIN_RUNG_QUESTIONS,
+        eval: reference_protocol(recipe.corpus.clone()),
+    };
+    // Before the activation pass, which takes minutes: every option, and the output folder.
+    options.check(model_heads)?;
+    let files = OutputKind::Report(output::FILES);
+    let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, files)?.stage()?;
+    let bars = Bars::new(quiet);
+    staging.notes.iter().for_each(|n| bars.note(n));
+    let outcome = search::search(&model, &recipe, &options, &args.recipe.probe_options(), &bars)?;
+    output::write_files(&outcome, staging.path())?;
+    let published = staging.commit()?;
+    bars.stage("done");
+    note_leftover(&published, &bars);
+    print!("{}", output::table(&outcome.report));
+    let chosen = outcome.report.chosen();
+    println!("\nchosen: {} (see {})", chosen.point(), args.out.join("tradeoff.png").display());
+    println!(
+        "bake it:\n  bake --model {} --recipe {} --out OUT",
+        args.recipe.model,
+        args.out.join("recipe.yaml").display()
+    );
+    Ok(())
+}
+
+/// The reference MC protocol with the default instruction and answers found by token offsets.
+fn reference_protocol(corpus: Option<bake::recipe::CorpusSpec>) -> bake::eval::EvalOptions {
+    use bake::eval::mc;
+    bake::eval::EvalOptions {
+        protocols: vec![mc::Protocol::Reference],
+        instruction: mc::INSTRUCTION_DEFAULT.into(),
+        answer_tokens: mc::AnswerTokens::Offsets,
+        corpus,
+    }
 }
 
 fn run_eval(args: &EvalArgs, quiet: bool) -> Result<()> {

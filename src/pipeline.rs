@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use crate::activations::plan::{Compute, Mode, Plan};
 use crate::activations::{self, cache, Activations, PackedPrompts};
@@ -12,9 +11,9 @@ use crate::error::Result;
 use crate::export::baked::BakeInput;
 use crate::io::output::{self, Ownership, Protected, Published, Request, Staging, Target};
 use crate::model::{pick_device, pick_dtype, ModelFiles};
-use crate::probes::report::{self, ProbeReport};
+use crate::probes::report::ProbeReport;
 use crate::probes::{self, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Split};
-use crate::progress::Progress;
+use crate::progress::{Laps, Progress};
 use crate::recipe::{BatchTokens, Recipe};
 
 pub struct ProbeOptions {
@@ -73,7 +72,7 @@ pub fn prepare(
     options: &ProbeOptions,
     progress: &dyn Progress,
 ) -> Result<Prepared> {
-    let mut timings = Timings::start();
+    let mut timings = Laps::start();
     let c = &model.config;
     let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
     probes::check_head_count(recipe.heads, layout.layers * layout.heads)?;
@@ -92,24 +91,16 @@ pub fn prepare(
     let (probe_acts, tuning_acts, cache_hit) =
         activations_for(model, recipe, &dataset, &prompts, &model_hashes, options, progress)?;
     timings.lap("activations");
-    Ok(Prepared { dataset, prompts, layout, model_hashes, probe_acts, tuning_acts, cache_hit, timings: timings.done })
-}
-
-/// Seconds per named stage, each measured from the end of the one before.
-struct Timings {
-    clock: Instant,
-    done: BTreeMap<String, f64>,
-}
-
-impl Timings {
-    fn start() -> Self {
-        Timings { clock: Instant::now(), done: BTreeMap::new() }
-    }
-
-    fn lap(&mut self, name: &str) {
-        self.done.insert(name.to_string(), self.clock.elapsed().as_secs_f64());
-        self.clock = Instant::now();
-    }
+    Ok(Prepared {
+        dataset,
+        prompts,
+        layout,
+        model_hashes,
+        probe_acts,
+        tuning_acts,
+        cache_hit,
+        timings: timings.done.into_iter().collect(),
+    })
 }
 
 /// The ITI core: probes on the reference's split, the top K heads, their shifts, and the report.
@@ -120,7 +111,7 @@ pub fn run_probe(
     progress: &dyn Progress,
 ) -> Result<ProbeOutcome> {
     let prepared = prepare(model, recipe, options, progress)?;
-    let mut timings = Timings { clock: Instant::now(), done: prepared.timings.clone() };
+    let mut timings = Laps::start();
     progress.stage("probes");
     let layout = prepared.layout;
     let split = probes::split_questions(prepared.dataset.questions.len(), recipe.validation_ratio, recipe.seed);
@@ -144,7 +135,7 @@ pub fn run_probe(
         tuning_question: prepared.prompts.tuning_question.clone(),
         sigma: fitted.shifts.iter().map(|s| (s.layer, s.head, s.sigma)).collect(),
         delta: fitted.deltas.iter().enumerate().filter_map(|(l, d)| d.clone().map(|d| (l.to_string(), d))).collect(),
-        timings: Some(timings.done),
+        timings: Some(prepared.timings.clone().into_iter().chain(timings.done).collect()),
     };
     Ok(ProbeOutcome {
         report,
@@ -173,9 +164,29 @@ pub struct Fitted {
 
 /// Probes on the split, the top K heads, their directions, σ and δ.
 pub fn fit_shifts(recipe: &Recipe, fit: &Fit) -> Result<Fitted> {
+    let probes = fit_probes(fit);
+    let Shifted { chosen, shifts, deltas } = shift_top_heads(recipe, fit, &probes)?;
+    Ok(Fitted { probes, chosen, shifts, deltas })
+}
+
+/// One probe per head, trained on the split's training questions and scored on its validation questions.
+pub fn fit_probes(fit: &Fit) -> ProbeResults {
     let p = fit.prepared;
-    let trained = probes::train_probes(&p.probe_acts, &p.prompts.probe, fit.split, p.layout);
-    let chosen = probes::select_heads(&trained.val_accuracy, recipe.heads)?;
+    probes::train_probes(&p.probe_acts, &p.prompts.probe, fit.split, p.layout)
+}
+
+/// The recipe's K heads and α applied to fitted probes.
+pub struct Shifted {
+    pub chosen: Vec<(usize, usize)>,
+    pub shifts: Vec<HeadShift>,
+    pub deltas: Vec<Option<Vec<f32>>>,
+}
+
+/// The top `recipe.heads` heads of `probes`, their directions, σ and δ at `recipe.alpha`. Cheap next to
+/// the probes: `bake search` calls it once per candidate (K, α) on probes fitted once.
+pub fn shift_top_heads(recipe: &Recipe, fit: &Fit, probes: &ProbeResults) -> Result<Shifted> {
+    let p = fit.prepared;
+    let chosen = probes::select_heads(&probes.val_accuracy, recipe.heads)?;
     let shifts = probes::compute_shifts(
         &ShiftInputs {
             probe_acts: &p.probe_acts,
@@ -184,7 +195,7 @@ pub fn fit_shifts(recipe: &Recipe, fit: &Fit) -> Result<Fitted> {
             tuning_prompts: &p.prompts.tuning,
             sigma_questions: fit.sigma_questions,
             split: fit.split,
-            probes: &trained,
+            probes,
             layout: p.layout,
             direction: recipe.direction,
             alpha: recipe.alpha,
@@ -193,7 +204,7 @@ pub fn fit_shifts(recipe: &Recipe, fit: &Fit) -> Result<Fitted> {
         &chosen,
     )?;
     let deltas = probes::per_layer_deltas(&shifts, p.layout);
-    Ok(Fitted { probes: trained, chosen, shifts, deltas })
+    Ok(Shifted { chosen, shifts, deltas })
 }
 
 /// The probe and tuning activations of every prompt, from the cache when it holds them.
@@ -315,8 +326,8 @@ fn check_finite(acts: &Activations, texts: &[&str], head_dim: usize) -> Result<(
 pub enum OutputKind {
     /// A baked checkpoint (`bake run`).
     Bake,
-    /// A probe report (`bake probe`).
-    Probe,
+    /// A report folder that holds only these files (`bake probe`: [`report::FILES`]; `bake search`).
+    Report(&'static [&'static str]),
 }
 
 /// Checks an output folder before any work: never the model's or the dataset's folder, nor anything that
@@ -329,7 +340,7 @@ pub fn check_output(out: &Path, force: bool, model: &ModelFiles, recipe: &Recipe
     }
     let ownership = match kind {
         OutputKind::Bake => Ownership::Manifest,
-        OutputKind::Probe => Ownership::OnlyFiles(report::FILES),
+        OutputKind::Report(files) => Ownership::OnlyFiles(files),
     };
     output::check(&Request { out, force, protected, ownership })
 }

@@ -18,3 +18,20 @@ pub trait Progress: Sync {
 pub struct Silent;
 
 impl Progress for Silent {}
+
+/// Seconds of consecutive named parts of a run, each measured from the end of the one before.
+pub struct Laps {
+    clock: std::time::Instant,
+    pub done: Vec<(String, f64)>,
+}
+
+impl Laps {
+    pub fn start() -> Self {
+        Laps { clock: std::time::Instant::now(), done: Vec::new() }
+    }
+
+    pub fn lap(&mut self, name: &str) {
+        self.done.push((name.to_string(), self.clock.elapsed().as_secs_f64()));
+        self.clock = std::time::Instant::now();
+    }
+}

@@ -81,6 +81,41 @@ pub struct Recipe {
     /// The text corpus `bake eval` measures CE and KL on (null: none).
     #[serde(default)]
     pub corpus: Option<CorpusSpec>,
+    /// Written by `bake search`: how K and α were chosen. A bake copies it into the model card and
+    /// `bake.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchSummary>,
+}
+
+/// Where a recipe's K and α came from when `bake search` chose them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSummary {
+    /// sha256 of the search's `search.json`.
+    pub sha256: String,
+    /// `mc2` or `mc1`, of the reference MC protocol.
+    pub objective: String,
+    pub folds: usize,
+    pub questions: usize,
+    pub candidates: usize,
+    /// KL(base ‖ edited) per token, nats.
+    pub kl_budget: f64,
+    /// Most CE increase over the base, nats per token.
+    #[serde(default)]
+    pub ce_budget: Option<f64>,
+    /// Held-out means over the folds of the chosen K and α, and of the base model.
+    pub chosen: HeldOut,
+    pub base: HeldOut,
+}
+
+/// Cross-validated numbers: MC1 and MC2 on the held-out questions, CE and KL on the corpus.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldOut {
+    pub mc1: f64,
+    pub mc2: f64,
+    pub ce: f64,
+    pub kl: f64,
 }
 
 /// How many tokens a batch of the activation pass may hold.

@@ -23,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["verify"],                                            // 7. a baked folder is base + diff
     &["hub"],                                               // 8. publishing
     &["eval"],                                              // 9. MC1/MC2, CE/KL
+    &["search"],                                            // 10. K and α chosen by cross-validation
 ];
 
 fn layer_of(module: &str) -> usize {

@@ -71,28 +71,38 @@ fn smollm2_scores_agree_with_transformers() {
 }
 
 #[test]
-fn the_shared_prefix_forward_equals_the_full_forward() {
+fn the_shared_prefix_forward_and_its_prefix_tree_equal_the_full_forward() {
     for (name, dir, _) in common::reference_models() {
         let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
         let vocab = model.config.vocab_size as u32;
         let prefix_ids: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % vocab).collect();
-        let tails: Vec<Vec<u32>> = vec![vec![11 % vocab, 12 % vocab, 13 % vocab], vec![7 % vocab]];
+        // The tails share their first token, so as a prefix tree they hold 4 tokens, not 5.
+        let tails: Vec<Vec<u32>> = vec![vec![11 % vocab, 12 % vocab, 13 % vocab], vec![11 % vocab, 7 % vocab]];
         let prefix_batch = Batch::right_padded(std::slice::from_ref(&prefix_ids), 0, &Device::Cpu).unwrap();
         let prefix =
             model.forward(&prefix_batch, &Request { keep_kv: true, ..Default::default() }).unwrap().prefix.unwrap();
         let tail_batch = Batch::right_padded(&tails, 0, &Device::Cpu).unwrap();
         let with_prefix =
             model.forward(&tail_batch, &Request { prefix: Some(&prefix), logits: true, ..Default::default() }).unwrap();
+        let (tree, last) = Batch::prefix_tree(&tails, &Device::Cpu).unwrap();
+        assert_eq!(tree.len(), 4);
+        let as_tree =
+            model.forward(&tree, &Request { prefix: Some(&prefix), logits: true, ..Default::default() }).unwrap();
         for (row, tail) in tails.iter().enumerate() {
             let full: Vec<u32> = prefix_ids.iter().chain(tail).copied().collect();
             let batch = Batch::right_padded(std::slice::from_ref(&full), 0, &Device::Cpu).unwrap();
             let whole = model.forward(&batch, &Request { logits: true, ..Default::default() }).unwrap().logits.unwrap();
+            let path = tree.tree_path(last[row]);
             for (i, _) in tail.iter().enumerate() {
+                let b: Vec<f32> = whole.get(0).unwrap().get(prefix_ids.len() + i).unwrap().to_vec1().unwrap();
                 let a: Vec<f32> =
                     with_prefix.logits.as_ref().unwrap().get(row).unwrap().get(i).unwrap().to_vec1().unwrap();
-                let b: Vec<f32> = whole.get(0).unwrap().get(prefix_ids.len() + i).unwrap().to_vec1().unwrap();
                 let diff = common::max_abs_diff(&a, &b);
                 assert!(diff < 1e-4, "{name}: tail {row} position {i}: prefix forward differs by {diff}");
+                let t: Vec<f32> =
+                    as_tree.logits.as_ref().unwrap().get(0).unwrap().get(path[i]).unwrap().to_vec1().unwrap();
+                let diff = common::max_abs_diff(&t, &b);
+                assert!(diff < 1e-4, "{name}: tail {row} position {i}: prefix-tree forward differs by {diff}");
             }
         }
     }

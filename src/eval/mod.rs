@@ -81,16 +81,16 @@ pub struct EvalReport {
 }
 
 /// What every evaluation loads first.
-struct Setup {
-    data: TruthfulQa,
-    tokenizer: TextTokenizer,
-    base: Llama,
-    pad_id: u32,
-    corpus: Option<corpus::Corpus>,
+pub(crate) struct Setup {
+    pub data: TruthfulQa,
+    pub tokenizer: TextTokenizer,
+    pub base: Llama,
+    pub pad_id: u32,
+    pub corpus: Option<corpus::Corpus>,
 }
 
 /// The tokenizer, the corpus and the base model, for evaluating on `data`.
-fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, data: TruthfulQa) -> Result<Setup> {
+pub(crate) fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, data: TruthfulQa) -> Result<Setup> {
     let tokenizer = model.tokenizer()?;
     let corpus = options.corpus.as_ref().map(|spec| corpus::load(spec, &tokenizer, recipe.seed)).transpose()?;
     let base = model.load(&pick_device(&recipe.device)?)?;
@@ -111,7 +111,7 @@ impl Setup {
         }
     }
 
-    fn score(
+    pub fn score(
         &self,
         variant: Variant,
         protocol: Protocol,
@@ -216,6 +216,44 @@ pub fn contiguous_folds(n: usize, k: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// One fold of the reference's cross-validation: ITI is fitted on `train` (split 80/20 into probe training
+/// and validation questions, σ over all of `train`) and measured on `test`.
+pub struct FoldSplit {
+    pub test: Vec<usize>,
+    pub train: Vec<usize>,
+    pub split: probes::Split,
+}
+
+impl FoldSplit {
+    /// What the probe stage fits on for this fold.
+    pub fn fit<'a>(&'a self, prepared: &'a pipeline::Prepared) -> Fit<'a> {
+        Fit { prepared, split: &self.split, sigma_questions: Some(&self.train) }
+    }
+}
+
+/// The folds of `n` questions, each with enough training questions; `flag` names the option in errors.
+pub fn fold_splits(n: usize, folds: usize, recipe: &Recipe, flag: &str) -> Result<Vec<FoldSplit>> {
+    if folds < 2 || folds > n {
+        return Err(BakeError::Invalid(format!(
+            "{flag} {folds}: expected between 2 and the number of questions ({n})"
+        )));
+    }
+    contiguous_folds(n, folds)
+        .into_iter()
+        .enumerate()
+        .map(|(i, test)| {
+            let train: Vec<usize> = (0..n).filter(|q| !test.contains(q)).collect();
+            probes::check_question_count(
+                train.len(),
+                recipe.validation_ratio,
+                &format!("the training part of fold {i}"),
+            )?;
+            let split = probes::split_among(&train, recipe.validation_ratio, recipe.seed);
+            Ok(FoldSplit { test, train, split })
+        })
+        .collect()
+}
+
 /// The reference's cross-validation: per fold, heads, directions and σ are fitted on the other folds (80/20
 /// train/validation) and the shift is applied to the held-out fold, as a bias at every position and as the
 /// reference's hook from the prompt's end. CE and KL use the every-position shift (the reference's hook edits
@@ -231,22 +269,12 @@ pub fn cross_validate(
     let started = Instant::now();
     let prepared = pipeline::prepare(model, recipe, probe_options, progress)?;
     let n = prepared.dataset.questions.len();
-    if folds < 2 || folds > n {
-        return Err(BakeError::Invalid(format!("--cv {folds}: expected between 2 and the number of questions ({n})")));
-    }
-    let fold_questions = contiguous_folds(n, folds);
-    let mut fitted = Vec::new();
-    for (i, test) in fold_questions.iter().enumerate() {
-        let train: Vec<usize> = (0..n).filter(|q| !test.contains(q)).collect();
-        probes::check_question_count(train.len(), recipe.validation_ratio, &format!("the training part of fold {i}"))?;
-    }
+    let plan = fold_splits(n, folds, recipe, "--cv")?;
     let setup = set_up(model, recipe, options, prepared.dataset.clone())?;
-    for (i, test) in fold_questions.iter().enumerate() {
+    let mut fitted = Vec::new();
+    for (i, fold) in plan.iter().enumerate() {
         progress.stage(&format!("eval: fold {i}: probes"));
-        let train: Vec<usize> = (0..n).filter(|q| !test.contains(q)).collect();
-        let split = probes::split_among(&train, recipe.validation_ratio, recipe.seed);
-        let f =
-            pipeline::fit_shifts(recipe, &Fit { prepared: &prepared, split: &split, sigma_questions: Some(&train) })?;
+        let f = pipeline::fit_shifts(recipe, &fold.fit(&prepared))?;
         let device = setup.base.device();
         let hooks = (
             Hook::new(&f.deltas, HookMode::EveryPosition, device)?,
@@ -254,6 +282,7 @@ pub fn cross_validate(
         );
         fitted.push((f.chosen, hooks));
     }
+    let fold_questions: Vec<Vec<usize>> = plan.into_iter().map(|f| f.test).collect();
 
     let all: Vec<usize> = (0..n).collect();
     let mut base_scores = Vec::new();

@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::mc::Item;
 use crate::error::Result;
+use crate::model::forward::mean_next_token_nll_of;
 use crate::model::{Batch, Llama, Request, Shift};
 use crate::progress::Progress;
 
@@ -79,26 +80,43 @@ pub fn score_items(
             model.forward(&batch, &request)?.prefix
         }
     };
+    // Without a shift start, the answers of a question go through as one prefix tree: the question's tokens,
+    // which its answers share, are computed once (about half the tokens of the reference protocol). A shift
+    // from the prompt's end needs rows of their own (a start per sequence).
+    let as_trees = variant.hook.is_none_or(|h| h.mode == HookMode::EveryPosition);
     let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by_key(|&i| (items[i].ids.len(), i));
+    if !as_trees {
+        order.sort_by_key(|&i| (items[i].ids.len(), i));
+    }
     let mut scores = vec![0.0; items.len()];
     progress.start(items.len() as u64, "answers");
     for chunk in order.chunks(batch_size.max(1)) {
         let suffixes: Vec<Vec<u32>> = chunk.iter().map(|&i| items[i].ids[shared..].to_vec()).collect();
-        let batch = Batch::right_padded(&suffixes, pad_id, model.device())?;
-        let shift = match variant.hook {
-            None => None,
-            Some(h) if h.mode == HookMode::EveryPosition => every_position.clone(),
-            Some(h) => Some(h.shift(Some(chunk.iter().map(|&i| items[i].prompt_last - shared).collect()))),
+        // Per item of the chunk: its logits row and, for each of its positions, the index of that row.
+        let (logits, rows): (Vec<Tensor>, Vec<Vec<usize>>) = if as_trees {
+            let (batch, last) = Batch::prefix_tree(&suffixes, model.device())?;
+            let request =
+                Request { prefix: prefix.as_ref(), shift: every_position.as_ref(), logits: true, ..Default::default() };
+            let logits = model.forward(&batch, &request)?.logits.expect("logits requested").get(0)?;
+            (vec![logits; chunk.len()], last.iter().map(|&l| batch.tree_path(l)).collect())
+        } else {
+            let batch = Batch::right_padded(&suffixes, pad_id, model.device())?;
+            let from = chunk.iter().map(|&i| items[i].prompt_last - shared).collect();
+            let shift = variant.hook.map(|h| h.shift(Some(from)));
+            let request =
+                Request { prefix: prefix.as_ref(), shift: shift.as_ref(), logits: true, ..Default::default() };
+            let logits = model.forward(&batch, &request)?.logits.expect("logits requested");
+            let per_row = (0..chunk.len()).map(|row| logits.get(row)).collect::<candle_core::Result<_>>()?;
+            (per_row, suffixes.iter().map(|s| (0..s.len()).collect()).collect())
         };
-        let request = Request { prefix: prefix.as_ref(), shift: shift.as_ref(), logits: true, ..Default::default() };
-        let logits = model.forward(&batch, &request)?.logits.expect("logits requested");
-        for (row, &i) in chunk.iter().enumerate() {
+        for (k, &i) in chunk.iter().enumerate() {
             let item = &items[i];
             // Position p predicts token p + 1.
             let first = item.answer_from - 1 - shared;
             let count = item.ids.len() - item.answer_from;
-            scores[i] = sum_log_probs(&logits.get(row)?.narrow(0, first, count)?, &item.ids[item.answer_from..])?;
+            let picked: Vec<u32> = rows[k][first..first + count].iter().map(|&r| r as u32).collect();
+            let picked = Tensor::from_vec(picked, count, model.device())?;
+            scores[i] = sum_log_probs(&logits[k].index_select(&picked, 0)?, &item.ids[item.answer_from..])?;
         }
         progress.advance(chunk.len() as u64);
     }
@@ -144,14 +162,21 @@ pub fn language_scores(
             Ok(v.model.forward(&batch, &request)?.logits.expect("logits requested"))
         };
         let base_logits = logits(Variant { model: base, hook: None })?;
-        let edited_logits: Vec<Tensor> = edited.iter().map(|&v| logits(v)).collect::<Result<_>>()?;
+        // The base's log-probabilities and probabilities of each document, once for every edited variant.
+        let mut base_docs = Vec::with_capacity(chunk.len());
         for (row, doc) in chunk.iter().enumerate() {
-            let base_row = base_logits.get(row)?.narrow(0, 0, doc.len())?;
-            base_ce += crate::model::forward::mean_next_token_nll(&base_row, doc)?;
-            for (sum, e) in sums.iter_mut().zip(&edited_logits) {
-                let row_logits = e.get(row)?.narrow(0, 0, doc.len())?;
-                sum.0 += crate::model::forward::mean_next_token_nll(&row_logits, doc)?;
-                sum.1 += mean_kl(&base_row, &row_logits)?;
+            let logp = candle_nn::ops::log_softmax(&base_logits.get(row)?.narrow(0, 0, doc.len())?, D::Minus1)?;
+            base_ce += mean_next_token_nll_of(&logp, doc)?;
+            base_docs.push((logp.exp()?, logp));
+        }
+        // One edited variant's logits at a time: a search compares dozens, each batch's logits are large.
+        for (sum, &variant) in sums.iter_mut().zip(edited) {
+            let edited_logits = logits(variant)?;
+            for (row, doc) in chunk.iter().enumerate() {
+                let logq = candle_nn::ops::log_softmax(&edited_logits.get(row)?.narrow(0, 0, doc.len())?, D::Minus1)?;
+                sum.0 += mean_next_token_nll_of(&logq, doc)?;
+                let (p, logp) = &base_docs[row];
+                sum.1 += mean_kl(p, logp, &logq)?;
             }
         }
         progress.advance(chunk.len() as u64);
@@ -164,10 +189,9 @@ pub fn language_scores(
     ))
 }
 
-/// Σ_t KL(softmax(p_t) ‖ softmax(q_t)) / T over the rows of two `[T, vocab]` logit matrices.
-fn mean_kl(p_logits: &Tensor, q_logits: &Tensor) -> Result<f64> {
-    let logp = candle_nn::ops::log_softmax(p_logits, D::Minus1)?;
-    let logq = candle_nn::ops::log_softmax(q_logits, D::Minus1)?;
-    let kl = (logp.exp()? * (&logp - &logq)?)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-    Ok(kl / p_logits.dim(0)? as f64)
+/// Σ_t KL(p_t ‖ q_t) / T over the rows of `[T, vocab]` probabilities `p` (with their logs) and log-probabilities
+/// `logq`.
+fn mean_kl(p: &Tensor, logp: &Tensor, logq: &Tensor) -> Result<f64> {
+    let kl = (p * (logp - logq)?)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    Ok(kl / p.dim(0)? as f64)
 }

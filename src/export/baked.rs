@@ -36,7 +36,7 @@ use crate::io::safetensors::{
 use crate::model::weights::{Checkpoint, TensorEntry};
 use crate::model::ModelFiles;
 use crate::probes::report::ProbeReport;
-use crate::progress::Progress;
+use crate::progress::{Laps, Progress};
 use crate::surgery;
 
 pub const DIFF_DIR: &str = "activation_diff";
@@ -73,22 +73,36 @@ pub struct BakeInput<'a> {
     pub dataset_hashes: &'a [(PathBuf, String)],
 }
 
-/// Writes the whole baked folder into `staging` and publishes it; returns the files it holds (manifest
-/// included) and what the publication did.
+/// What [`write_baked`] wrote and did.
+pub struct BakeWritten {
+    /// Every file of the folder (manifest included), at its published path.
+    pub files: Vec<WrittenFile>,
+    pub published: Published,
+    /// Seconds of each part of the write step, in order: `biases` (W_o · δ), `weights` (the weight files
+    /// written or copied, and flushed to disk), `other files` (config, tokenizer, card, figures, diff,
+    /// manifest, flushed; and the publishing rename).
+    pub timings: Vec<(String, f64)>,
+}
+
+/// Writes the whole baked folder into `staging` and publishes it.
 pub fn write_baked(
     input: &BakeInput,
     staging: Staging,
     options: &BakeOptions,
     progress: &dyn Progress,
-) -> Result<(Vec<WrittenFile>, Published)> {
+) -> Result<BakeWritten> {
     let (model, dir) = (input.model, staging.path().to_path_buf());
     let dtype = model.dtype();
+    let mut clock = Laps::start();
 
     progress.stage("write");
     if let Some(note) = card::architecture_note(model) {
         progress.note(&note);
     }
-    let (mut written, added_tensors) = write_weights(input, dtype, &dir, options.sharding, progress)?;
+    let biases = surgery::bias_tensors(&model.checkpoint, &model.config, input.deltas, dtype)?;
+    clock.lap("biases");
+    let (mut written, added_tensors) = write_weights(input, biases, &dir, options.sharding, progress)?;
+    clock.lap("weights");
     let durable = written.len(); // the checkpoint writer flushes its files itself
     written.push(write_config(model, &dir)?);
     let mut model_hashes = input.model_hashes.to_vec();
@@ -111,12 +125,13 @@ pub fn write_baked(
     flush_to_disk(&written[durable..])?;
 
     let published = staging.commit()?;
+    clock.lap("other files");
     let out = published.out.clone();
     let files = written
         .into_iter()
         .map(|f| WrittenFile { path: out.join(f.path.strip_prefix(&dir).unwrap_or(&f.path)), ..f })
         .collect();
-    Ok((files, published))
+    Ok(BakeWritten { files, published, timings: clock.done })
 }
 
 /// `bake.log`: what differs from run to run (seconds per stage), kept out of the hashed files.
@@ -136,15 +151,14 @@ fn hashed(path: &Path) -> Result<WrittenFile> {
     Ok(WrittenFile { path: path.into(), bytes, sha256: sha256_file(path)? })
 }
 
-fn write_weights(
-    input: &BakeInput,
-    dtype: StoredDtype,
+fn write_weights<'a>(
+    input: &BakeInput<'a>,
+    biases: Vec<TensorBytes<'a>>,
     dir: &Path,
     sharding: Sharding,
     progress: &dyn Progress,
 ) -> Result<(Vec<WrittenFile>, Vec<String>)> {
     let ck = &input.model.checkpoint;
-    let biases = surgery::bias_tensors(ck, &input.model.config, input.deltas, dtype)?;
     let added: Vec<String> = biases.iter().filter(|t| ck.get(&t.name).is_none()).map(|t| t.name.clone()).collect();
     let base_bytes: u64 = ck.tensors.values().map(|e| (e.end - e.start) as u64).sum();
     let biases_bytes: u64 = biases.iter().map(|t| t.bytes.len() as u64).sum();

@@ -38,6 +38,30 @@ pub fn architecture_note(model: &ModelFiles) -> Option<String> {
     })
 }
 
+/// Why these K and α: the search that chose them, its budget and its held-out numbers.
+fn search_section(search: &crate::recipe::SearchSummary) -> String {
+    let mut s = String::from("## How K and α were chosen\n\n");
+    let ce_budget = search.ce_budget.map(|b| format!(" and a CE increase of at most {b}")).unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "`bake search` chose them among {} candidates (K, α) by {}-fold cross-validation on {} TruthfulQA questions: \
+         the best held-out {} (reference MC protocol) with KL(base ‖ edited) at most {} nats per token{ce_budget}, \
+         ties to smaller α, then smaller K. The search's `search.json` has sha256 `{}`.\n",
+        search.candidates,
+        search.folds,
+        search.questions,
+        search.objective.to_uppercase(),
+        search.kl_budget,
+        search.sha256
+    );
+    s.push_str("| held out | MC1 | MC2 | CE | KL |\n| --- | --- | --- | --- | --- |\n");
+    for (name, h) in [("base", &search.base), ("chosen K and α", &search.chosen)] {
+        let _ = writeln!(s, "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |", h.mc1, h.mc2, h.ce, h.kl);
+    }
+    s.push('\n');
+    s
+}
+
 pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
     let (base, recipe) = (&report.model, &report.recipe);
     let mut s = String::from("---\n");
@@ -64,6 +88,9 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
     );
     if let Some(note) = architecture_note(model) {
         let _ = writeln!(s, "{note}\n");
+    }
+    if let Some(search) = &recipe.search {
+        s.push_str(&search_section(search));
     }
     s.push_str("## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n");
     s.push_str("model = AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH_OR_REPO\")\n```\n\n");

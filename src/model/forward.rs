@@ -94,6 +94,18 @@ impl Batch {
         Ok((Batch { ids, lengths: vec![t], parents: Some(parents) }, last))
     }
 
+    /// The tokens (indices in the row) of the sequence of a prefix-tree batch that ends at `last`, first to
+    /// last.
+    pub fn tree_path(&self, last: usize) -> Vec<usize> {
+        let Some(parents) = &self.parents else { return Vec::new() };
+        let mut path = vec![last];
+        while let Some(parent) = parents[*path.last().expect("never empty")] {
+            path.push(parent);
+        }
+        path.reverse();
+        path
+    }
+
     /// Per row, the index (`row * t + position`, as [`Request::capture_at`] takes it) of its last real token.
     pub fn last_tokens(&self) -> Vec<usize> {
         let t = self.ids.dim(1).unwrap_or(0);
@@ -311,10 +323,12 @@ impl Llama {
         let from_position = request.shift.and_then(|s| s.from_position.as_ref());
         let (positions, mask): (Vec<usize>, Tensor) = match &batch.parents {
             None => ((past..past + t).collect(), attention_mask(&batch.lengths, past, t, &self.device)?),
-            Some(_) if past > 0 || from_position.is_some() => {
-                return Err(BakeError::Invalid("a prefix-tree batch takes neither a prefix nor a shift start".into()));
+            Some(_) if from_position.is_some() => {
+                return Err(BakeError::Invalid("a prefix-tree batch takes no shift start".into()));
             }
-            Some(parents) => (tree_depths(parents), tree_mask(parents, &self.device)?),
+            Some(parents) => {
+                (tree_depths(parents).into_iter().map(|d| past + d).collect(), tree_mask(parents, past, &self.device)?)
+            }
         };
         let (cos, sin) = self.rotary_tables(&positions)?;
         // Expanded over the heads once, so each layer's addition is a plain elementwise one.
@@ -550,18 +564,20 @@ fn tree_depths(parents: &[Option<usize>]) -> Vec<usize> {
     depths
 }
 
-/// `[1, 1, t, t]`: 0 where token i may attend token j (j is i or one of its ancestors), −∞ elsewhere.
-fn tree_mask(parents: &[Option<usize>], device: &Device) -> Result<Tensor> {
-    let t = parents.len();
-    let mut mask = vec![f32::NEG_INFINITY; t * t];
+/// `[1, 1, t, past + t]`: 0 where token i may attend: every token of a prefix of `past` tokens, and token j
+/// of the tree when j is i or one of its ancestors; −∞ elsewhere.
+fn tree_mask(parents: &[Option<usize>], past: usize, device: &Device) -> Result<Tensor> {
+    let (t, width) = (parents.len(), past + parents.len());
+    let mut mask = vec![f32::NEG_INFINITY; t * width];
     for i in 0..t {
+        mask[i * width..i * width + past].fill(0.0);
         let mut node = Some(i);
         while let Some(j) = node {
-            mask[i * t + j] = 0.0;
+            mask[i * width + past + j] = 0.0;
             node = parents[j];
         }
     }
-    Ok(Tensor::from_vec(mask, (1, 1, t, t), device)?)
+    Ok(Tensor::from_vec(mask, (1, 1, t, width), device)?)
 }
 
 /// `[b, t, 1]`: 1 from each sequence's start position on, 0 before.
@@ -576,8 +592,16 @@ pub fn mean_next_token_nll(logits: &Tensor, ids: &[u32]) -> Result<f64> {
     if n < 2 {
         return Ok(0.0);
     }
-    let logp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, n - 1)?, D::Minus1)?;
-    let targets = Tensor::from_slice(&ids[1..], n - 1, logits.device())?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    mean_next_token_nll_of(&candle_nn::ops::log_softmax(&logits.narrow(0, 0, n - 1)?, D::Minus1)?, ids)
+}
+
+/// The same from log-probabilities `[≥ n − 1, vocab]` (row p: the distribution of token p + 1).
+pub fn mean_next_token_nll_of(logp: &Tensor, ids: &[u32]) -> Result<f64> {
+    let n = ids.len();
+    if n < 2 {
+        return Ok(0.0);
+    }
+    let targets = Tensor::from_slice(&ids[1..], n - 1, logp.device())?;
+    let picked = logp.narrow(0, 0, n - 1)?.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     Ok(-(picked.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?))
 }
