@@ -129,9 +129,7 @@ pub fn table(report: &SearchReport) -> String {
         stage(x).cmp(&stage(y)).then(objective(y).unwrap_or(f64::MIN).total_cmp(&objective(x).unwrap_or(f64::MIN)))
     });
     let number = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.4}"));
-    let mut s = format!(
-        "| K | α | reached | questions | MC1 | MC2 | CE | KL | within budget |\n|---:|---:|---|---:|---:|---:|---:|---:|---|\n"
-    );
+    let mut s = "| K | α | reached | questions | MC1 | MC2 | CE | KL | within budget |\n|---:|---:|---|---:|---:|---:|---:|---:|---|\n".to_string();
     for i in order {
         let c = &report.candidates[i];
         let reached = match &c.reached {

@@ -155,10 +155,13 @@ impl Figure for Tradeoff<'_> {
     }
 }
 
+/// Draws a legend row's mark centred at a pixel.
+type LegendMark<'a> = dyn Fn(i32, i32) -> Result<(), String> + 'a;
+
 fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>) -> Result<(), String> {
     let (x, mut y) = (WIDTH as i32 - 300, HEIGHT as i32 - 170);
     let text = font(12).color(&INK).pos(Pos::new(HPos::Left, VPos::Center));
-    let rows: [(&str, &dyn Fn(i32, i32) -> Result<(), String>); 5] = [
+    let rows: [(&str, &LegendMark); 5] = [
         ("finalist: every held-out question, whole corpus", &|x, y| {
             drawing(area.draw(&Circle::new((x, y), 5, FINALIST.filled())))
         }),
