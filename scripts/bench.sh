@@ -119,7 +119,7 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
     ./target/release/examples/synthetic_model "$work/llama-7b" 32 4096 32 32 128 11008 49152 bf16 "$BAKE_SMOLLM2/tokenizer.json"
     sync
     args=(--model "$work/llama-7b" --recipe recipes/truthfulqa.yaml --no-cache --limit 2 --heads 48 --max-memory 12GB)
-    ./target/release/bake "${args[@]}" --out "$work/baked" --dry-run | head -1
+    ./target/release/bake "${args[@]}" --out "$work/baked" --dry-run | sed -n 1p
     /usr/bin/time -v ./target/release/bake "${args[@]}" --out "$work/baked" > "$work/stdout" 2> "$work/time"
     grep -E "Maximum resident|Elapsed" "$work/time"
     cat "$work/baked/bake.log"
@@ -137,7 +137,7 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
     streamed=$(echo "$plan" | "$BAKE_PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["streamed_bytes"])')
     # A budget of the streamed estimate itself picks the streamed mode (the resident one needs more).
     for budget in 100GB "$streamed"; do
-      ./target/release/bake "${args[@]}" --max-memory "$budget" --out "$work/baked-$budget" --dry-run | head -1
+      ./target/release/bake "${args[@]}" --max-memory "$budget" --out "$work/baked-$budget" --dry-run | sed -n 1p
       /usr/bin/time -v ./target/release/bake "${args[@]}" --max-memory "$budget" --out "$work/baked-$budget" > /dev/null 2> "$work/time"
       grep -E "Maximum resident" "$work/time"
     done;;
