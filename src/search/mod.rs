@@ -322,6 +322,19 @@ impl CandidateReport {
     pub fn point(&self) -> Point {
         Point { heads: self.heads, alpha: self.alpha }
     }
+
+    /// Its mean MC1 or MC2, whichever the search maximised (`None`: no MC numbers).
+    pub fn objective(&self, objective: Objective) -> Option<f64> {
+        match objective {
+            Objective::Mc1 => self.mc1,
+            Objective::Mc2 => self.mc2,
+        }
+    }
+
+    /// Its mean KL over the folds on the screen's documents (`None`: not screened).
+    pub fn screen_kl(&self) -> Option<f64> {
+        self.folds.iter().map(|f| f.screen_kl).sum::<Option<f64>>().map(|kl| kl / self.folds.len() as f64)
+    }
 }
 
 /// What the reuse saved, in units of work: MC questions scored and documents run, against evaluating every
@@ -408,6 +421,14 @@ struct FoldState {
     probes: ProbeResults,
     /// The held-out questions in a seeded order: rung r scores a prefix of it, so the subsets are nested.
     order: Vec<usize>,
+}
+
+impl FoldState {
+    /// A candidate's mean MC1 and MC2 on the first `count` questions of this fold's order.
+    fn means(&self, fold: &CandidateFold, count: usize) -> (f64, f64) {
+        let picked = &self.order[..count];
+        (mean(picked.iter().map(|q| fold.scored[q].0)), mean(picked.iter().map(|q| fold.scored[q].1)))
+    }
 }
 
 /// Runs the search. The options must have passed [`SearchOptions::check`].
@@ -624,18 +645,8 @@ impl Run<'_> {
 
     /// Mean MC1 and MC2 over the folds of the first `counts[f]` questions of each fold's order.
     fn means_on(&self, c: &Candidate, counts: &[usize]) -> (f64, f64) {
-        let per_fold: Vec<(f64, f64)> = self
-            .folds
-            .iter()
-            .zip(&c.folds)
-            .zip(counts)
-            .map(|((fold, cf), &count)| {
-                let picked = &fold.order[..count];
-                let mc1 = mean(picked.iter().map(|q| cf.scored[q].0));
-                let mc2 = mean(picked.iter().map(|q| cf.scored[q].1));
-                (mc1, mc2)
-            })
-            .collect();
+        let per_fold: Vec<(f64, f64)> =
+            self.folds.iter().zip(&c.folds).zip(counts).map(|((fold, cf), &count)| fold.means(cf, count)).collect();
         (mean(per_fold.iter().map(|p| p.0)), mean(per_fold.iter().map(|p| p.1)))
     }
 
@@ -716,12 +727,12 @@ impl Run<'_> {
                 .zip(&counts)
                 .enumerate()
                 .map(|(f, ((cf, fold), &count))| {
-                    let picked = &fold.order[..count];
+                    let means = (count > 0).then(|| fold.means(cf, count));
                     FoldNumbers {
                         fold: f,
                         questions: count,
-                        mc1: (count > 0).then(|| mean(picked.iter().map(|q| cf.scored[q].0))),
-                        mc2: (count > 0).then(|| mean(picked.iter().map(|q| cf.scored[q].1))),
+                        mc1: means.map(|m| m.0),
+                        mc2: means.map(|m| m.1),
                         screen_kl: cf.screen_kl,
                         ce: cf.language.map(|l| l.ce),
                         kl: cf.language.map(|l| l.kl),

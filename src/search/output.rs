@@ -113,10 +113,7 @@ pub fn recipe_text(recipe: &Recipe, report: &SearchReport) -> String {
 /// The candidates as a table for the terminal and the README: finalists best first, then the candidates
 /// dropped in a rung (latest first), then those over the budget at the KL screen.
 pub fn table(report: &SearchReport) -> String {
-    let objective = |c: &super::CandidateReport| match report.objective {
-        super::Objective::Mc1 => c.mc1,
-        super::Objective::Mc2 => c.mc2,
-    };
+    let objective = |c: &super::CandidateReport| c.objective(report.objective);
     let stage = |c: &super::CandidateReport| match c.reached {
         super::Reached::Final => 0,
         super::Reached::Rung { rung, .. } => 1000 - rung,
@@ -140,10 +137,7 @@ pub fn table(report: &SearchReport) -> String {
         };
         let kl = match c.kl {
             Some(kl) => format!("{kl:.4}"),
-            None => {
-                let screen: Option<f64> = c.folds.iter().map(|f| f.screen_kl).sum();
-                screen.map_or("—".into(), |s| format!("{:.4} (screen)", s / c.folds.len() as f64))
-            }
+            None => c.screen_kl().map_or("—".into(), |kl| format!("{kl:.4} (screen)")),
         };
         let verdict = match (c.within_budget, i == report.chosen) {
             (_, true) => "yes: **chosen**",

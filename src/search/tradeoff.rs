@@ -42,16 +42,10 @@ impl Tradeoff<'_> {
                     true => "base (α = 0)".to_string(),
                     false => format!("K={} α={}", c.heads, c.alpha),
                 };
-                let y = match objective {
-                    super::Objective::Mc1 => c.mc1?,
-                    super::Objective::Mc2 => c.mc2?,
-                };
+                let y = c.objective(objective)?;
                 match c.reached {
                     Reached::Final => Some(Dot { kl: c.kl?, objective: y, label, finalist: true }),
-                    Reached::Rung { .. } => {
-                        let kl = c.folds.iter().map(|f| f.screen_kl).sum::<Option<f64>>()? / c.folds.len() as f64;
-                        Some(Dot { kl, objective: y, label, finalist: false })
-                    }
+                    Reached::Rung { .. } => Some(Dot { kl: c.screen_kl()?, objective: y, label, finalist: false }),
                     Reached::KlScreen | Reached::KlImplied => None,
                 }
             })
@@ -146,9 +140,7 @@ impl Figure for Tradeoff<'_> {
             let label = Text::new(d.label.clone(), (7, -3), font(12).color(&INK).pos(at));
             drawing(chart.draw_series(std::iter::once(EmptyElement::at((d.kl, d.objective)) + label)))?;
         }
-        if let (Some(kl), Some(y)) =
-            (chosen.kl, if r.objective == super::Objective::Mc1 { chosen.mc1 } else { chosen.mc2 })
-        {
+        if let (Some(kl), Some(y)) = (chosen.kl, chosen.objective(r.objective)) {
             drawing(chart.draw_series(std::iter::once(Circle::new((kl, y), 10, CHOSEN.stroke_width(3)))))?;
         }
         draw_legend(area)
