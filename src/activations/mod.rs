@@ -22,8 +22,8 @@ use plan::PassShape;
 
 /// Bumped whenever the pass computes its values differently (batching, kernels, operation order), so that
 /// activations cached by an older build are not reused: 2 = prefix-tree batches, 3 = batches bounded by
-/// tokens.
-pub const PASS_VERSION: u32 = 3;
+/// tokens, 4 = a tree's attention computed over the visible pairs only on the CPU.
+pub const PASS_VERSION: u32 = 4;
 
 /// o_proj inputs, `[rows][layers][width]` row-major, f32. Row i belongs to prompt i.
 ///

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Linear;
 
 use super::config::{ModelConfig, RopeScaling};
+use super::tree_attention::{self, Ancestors};
 use super::weights::Checkpoint;
 use super::ModelFiles;
 use crate::error::{BakeError, Result};
@@ -215,9 +216,17 @@ struct Context {
     t: usize,
     cos: Tensor,
     sin: Tensor,
-    mask: Tensor,
+    visibility: Visibility,
     capture_rows: Option<Tensor>,
     shift_mask: Option<Tensor>,
+}
+
+/// Which keys each query attends to.
+enum Visibility {
+    /// `[b, heads, t, past + t]`: 0 or −∞, added to the scores.
+    Mask(Tensor),
+    /// A prefix tree, attended to without a mask ([`tree_attention`]): every prefix key and the ancestors.
+    Tree(Ancestors),
 }
 
 /// What one layer gives back besides the new hidden states.
@@ -321,18 +330,26 @@ impl Llama {
             return Err(BakeError::Invalid("a prefix is built from one sequence, without a prefix of its own".into()));
         }
         let from_position = request.shift.and_then(|s| s.from_position.as_ref());
-        let (positions, mask): (Vec<usize>, Tensor) = match &batch.parents {
-            None => ((past..past + t).collect(), attention_mask(&batch.lengths, past, t, &self.device)?),
+        // Expanded over the heads once, so each layer's addition is a plain elementwise one.
+        let expanded = |mask: Tensor| -> Result<Visibility> {
+            Ok(Visibility::Mask(mask.broadcast_as((b, c.num_heads, t, past + t))?.contiguous()?))
+        };
+        let (positions, visibility): (Vec<usize>, Visibility) = match &batch.parents {
+            None => ((past..past + t).collect(), expanded(attention_mask(&batch.lengths, past, t, &self.device)?)?),
             Some(_) if from_position.is_some() => {
                 return Err(BakeError::Invalid("a prefix-tree batch takes no shift start".into()));
             }
             Some(parents) => {
-                (tree_depths(parents).into_iter().map(|d| past + d).collect(), tree_mask(parents, past, &self.device)?)
+                let positions = tree_depths(parents).into_iter().map(|d| past + d).collect();
+                let visibility = if self.attends_trees_sparsely() {
+                    Visibility::Tree(Ancestors::of(parents))
+                } else {
+                    expanded(tree_mask(parents, past, &self.device)?)?
+                };
+                (positions, visibility)
             }
         };
         let (cos, sin) = self.rotary_tables(&positions)?;
-        // Expanded over the heads once, so each layer's addition is a plain elementwise one.
-        let mask = mask.broadcast_as((b, c.num_heads, t, past + t))?.contiguous()?;
         let capture_rows = match request.capture_at {
             Some(tokens) => Some(Tensor::from_vec(
                 tokens.iter().map(|&i| i as u32).collect::<Vec<_>>(),
@@ -345,7 +362,7 @@ impl Llama {
             Some(from) => Some(position_mask(from, t, &self.device)?),
             None => None,
         };
-        Ok(Context { b, t, cos, sin, mask, capture_rows, shift_mask })
+        Ok(Context { b, t, cos, sin, visibility, capture_rows, shift_mask })
     }
 
     /// Runs decoder layer `l` on the hidden states `x` in place: attention, the shift and the capture at its
@@ -363,7 +380,7 @@ impl Llama {
         let c = &self.config;
         let normed = self.rms_norm(x, &layer.input_norm)?;
         let past_kv = request.prefix.map(|p| (&p.keys_t[l], &p.values[l]));
-        let (mut attn, k, v) = self.attention(layer, &normed, &ctx.cos, &ctx.sin, &ctx.mask, past_kv)?;
+        let (mut attn, k, v) = self.attention(layer, &normed, ctx, past_kv)?;
         if let Some(delta) = request.shift.and_then(|s| s.per_layer.get(l)).and_then(Option::as_ref) {
             let delta = delta.reshape((1, 1, c.attn_width()))?;
             let delta = match &ctx.shift_mask {
@@ -432,11 +449,10 @@ impl Llama {
         &self,
         layer: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        ctx: &Context,
         past: Option<(&Tensor, &Tensor)>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (cos, sin) = (&ctx.cos, &ctx.sin);
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
@@ -461,6 +477,13 @@ impl Llama {
         let q = (rotate(heads(&layer.q_proj, c.num_heads)?, q_norm)? * scale)?;
         let k = rotate(heads(&layer.k_proj, c.num_kv_heads)?, k_norm)?;
         let v = heads(&layer.v_proj, c.num_kv_heads)?;
+        let mask = match &ctx.visibility {
+            Visibility::Mask(mask) => mask,
+            Visibility::Tree(tree) => {
+                let out = self.tree_attention(&q, &k, &v, tree, past)?;
+                return Ok((out.transpose(1, 2)?.reshape((b, t, c.attn_width()))?, k, v));
+            }
+        };
         let group = c.num_heads / c.num_kv_heads;
         let own_k = candle_transformers::utils::repeat_kv(k.clone(), group)?.contiguous()?;
         let own_v = candle_transformers::utils::repeat_kv(v.clone(), group)?.contiguous()?;
@@ -491,6 +514,39 @@ impl Llama {
             }
         }; // [b, heads, t, head_dim]
         Ok((out.transpose(1, 2)?.reshape((b, t, c.attn_width()))?, k, v))
+    }
+
+    /// Trees go through [`tree_attention`] in f32 on the CPU; elsewhere the masked dense products are faster.
+    fn attends_trees_sparsely(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
+    }
+
+    /// Attention of one prefix-tree row (`q` `[1, heads, t, head_dim]`, scaled; `k`, `v` `[1, kv_heads, t,
+    /// head_dim]`) over the prefix, if any, and each token's ancestors: `[1, heads, t, head_dim]`.
+    fn tree_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        tree: &Ancestors,
+        past: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let t = tree.len();
+        let by_head = q.squeeze(0)?.contiguous()?;
+        let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+        let (mut prefix_scores, p) = match past {
+            Some((keys_t, _)) => (flat(&by_head.matmul(keys_t)?)?, keys_t.dim(2)?),
+            None => (Vec::new(), 0),
+        };
+        let dims = tree_attention::Dims { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, past: p };
+        let own = tree_attention::attend(&flat(&by_head)?, &flat(k)?, &flat(v)?, &mut prefix_scores, dims, tree);
+        let mut out = Tensor::from_vec(own, (c.num_heads, t, c.head_dim), &self.device)?;
+        if let Some((_, values)) = past {
+            let weights = Tensor::from_vec(prefix_scores, (c.num_heads, t, p), &self.device)?;
+            out = (out + weights.matmul(values)?)?;
+        }
+        Ok(out.unsqueeze(0)?)
     }
 
     /// cos and sin of the rotary angles at each token's position, `[t, head_dim / 2]`.

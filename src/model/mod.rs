@@ -5,6 +5,7 @@ pub mod forward;
 pub mod resolve;
 pub mod synthetic;
 pub mod tokenizer;
+mod tree_attention;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling};
