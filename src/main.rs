@@ -118,7 +118,7 @@ struct SearchArgs {
     #[arg(long, default_value_t = 2)]
     folds: usize,
     /// Most candidates measured on every held-out question and the whole corpus (the last rung of the halving).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = bake::search::DEFAULT_TRIALS)]
     trials: usize,
     /// Evaluate every candidate on every question and document: no KL screen, no halving (slow; the
     /// reference the savings are measured against).
