@@ -103,7 +103,6 @@ pub fn write_baked(
     clock.lap("biases");
     let (mut written, added_tensors) = write_weights(input, biases, &dir, options.sharding, progress)?;
     clock.lap("weights");
-    let durable = written.len(); // the checkpoint writer flushes its files itself
     written.push(write_config(model, &dir)?);
     let mut model_hashes = input.model_hashes.to_vec();
     for file in model.location.companion_files() {
@@ -122,10 +121,10 @@ pub fn write_baked(
     let manifest = bake_manifest(input, &model_hashes, added_tensors, &written, &dir);
     written.push(write_file(&dir.join(MANIFEST), manifest.to_text().as_bytes())?);
     std::fs::write(dir.join(LOG), log_text(input.report)).at(dir.join(LOG))?;
-    flush_to_disk(&written[durable..])?;
-
-    let published = staging.commit()?;
     clock.lap("other files");
+    flush_to_disk(&written)?;
+    let published = staging.commit()?;
+    clock.lap("flush to disk");
     let out = published.out.clone();
     let files = written
         .into_iter()

@@ -131,8 +131,10 @@ pub fn write_checkpoint(
 }
 
 /// Writes `shards` into `dir` in this order, named as Hugging Face names them (`model.safetensors` when there
-/// is one, else `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`), each file flushed
-/// to disk.
+/// is one, else `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`). Nothing is flushed
+/// to disk here: a caller that publishes the files flushes them all at once when everything is written (as
+/// `cp` then `sync` does), so the disk's write-back runs while the next files are copied instead of each
+/// copy waiting for its own.
 pub fn write_shards(dir: &Path, shards: Vec<Shard>, on_written: OnWritten) -> Result<Vec<WrittenFile>> {
     for t in shards.iter().flat_map(|s| match s {
         Shard::Write(tensors) => tensors.as_slice(),
@@ -148,23 +150,22 @@ pub fn write_shards(dir: &Path, shards: Vec<Shard>, on_written: OnWritten) -> Re
         }
     }
     let names = shard_file_names(shards.len());
-    // Shards are written in parallel, each flushed to disk as soon as it is complete, so one shard's hashing
-    // overlaps another's writing and the flush of the first overlaps the rest.
+    // Shards go in parallel: one shard's hashing overlaps another's writing, and two kernel copies at once
+    // read a base that is not in the page cache faster than one (cold source, 13.8 GB in 7 files: 19.5 s
+    // against 33.4 s one at a time and 29–40 s for `cp -r`, each with its `sync`).
     let mut written = shards
         .par_iter()
         .zip(&names)
         .map(|(shard, name)| {
             let path = dir.join(name);
-            let file = match shard {
+            match shard {
                 Shard::Write(tensors) => {
                     let refs: Vec<&TensorBytes> = tensors.iter().collect();
                     let told = |t: &TensorBytes| on_written(&t.name, t.bytes.len() as u64);
-                    write_safetensors(&path, &refs, &BTreeMap::new(), &told)?
+                    write_safetensors(&path, &refs, &BTreeMap::new(), &told)
                 }
-                Shard::Copy(copy) => copy_shard(copy, &path, on_written)?,
-            };
-            File::open(&file.path).and_then(|f| f.sync_all()).at(&file.path)?;
-            Ok(file)
+                Shard::Copy(copy) => copy_shard(copy, &path, on_written),
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     if shards.len() > 1 {
@@ -177,9 +178,7 @@ pub fn write_shards(dir: &Path, shards: Vec<Shard>, on_written: OnWritten) -> Re
         let weight_map: BTreeMap<&str, &String> = tensors.iter().map(|(t, _, name)| (*t, *name)).collect();
         let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
         let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers") + "\n";
-        let index = write_file(&dir.join(INDEX_FILE), text.as_bytes())?;
-        File::open(&index.path).and_then(|f| f.sync_all()).at(&index.path)?;
-        written.push(index);
+        written.push(write_file(&dir.join(INDEX_FILE), text.as_bytes())?);
     }
     Ok(written)
 }
