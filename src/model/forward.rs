@@ -622,7 +622,7 @@ fn tree_depths(parents: &[Option<usize>]) -> Vec<usize> {
 
 /// `[1, 1, t, past + t]`: 0 where token i may attend: every token of a prefix of `past` tokens, and token j
 /// of the tree when j is i or one of its ancestors; −∞ elsewhere.
-fn tree_mask(parents: &[Option<usize>], past: usize, device: &Device) -> Result<Tensor> {
+pub(super) fn tree_mask(parents: &[Option<usize>], past: usize, device: &Device) -> Result<Tensor> {
     let (t, width) = (parents.len(), past + parents.len());
     let mut mask = vec![f32::NEG_INFINITY; t * width];
     for i in 0..t {

@@ -120,28 +120,18 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    /// The dense reference: scores against prefix and tree, a −∞ mask off the ancestors, softmax, values.
+    /// KV heads repeated for their query heads, as the forward pass repeats them.
+    fn repeated(x: &Tensor, group: usize) -> Tensor {
+        candle_transformers::utils::repeat_kv(x.unsqueeze(0).unwrap(), group).unwrap().squeeze(0).unwrap()
+    }
+
+    /// The dense reference: scores against prefix and tree, the forward pass's −∞ tree mask, softmax, values.
     fn dense(q: &Tensor, k: &Tensor, v: &Tensor, pk: &Tensor, pv: &Tensor, parents: &[Option<usize>]) -> Vec<f32> {
-        let (heads, t, _) = q.dims3().unwrap();
-        let group = heads / k.dim(0).unwrap();
-        let repeat = |x: &Tensor| {
-            let (n, s, d) = x.dims3().unwrap();
-            x.unsqueeze(1).unwrap().expand((n, group, s, d)).unwrap().reshape((n * group, s, d)).unwrap()
-        };
-        let (k, v, pk, pv) = (repeat(k), repeat(v), repeat(pk), repeat(pv));
+        let group = q.dim(0).unwrap() / k.dim(0).unwrap();
         let past = pk.dim(1).unwrap();
-        let mut mask = vec![f32::NEG_INFINITY; t * (past + t)];
-        for i in 0..t {
-            mask[i * (past + t)..i * (past + t) + past].fill(0.0);
-            let mut node = Some(i);
-            while let Some(j) = node {
-                mask[i * (past + t) + past + j] = 0.0;
-                node = parents[j];
-            }
-        }
-        let mask = Tensor::from_vec(mask, (1, t, past + t), &Device::Cpu).unwrap();
-        let keys = Tensor::cat(&[&pk, &k], 1).unwrap();
-        let values = Tensor::cat(&[&pv, &v], 1).unwrap();
+        let mask = super::super::forward::tree_mask(parents, past, &Device::Cpu).unwrap().squeeze(0).unwrap();
+        let keys = Tensor::cat(&[&repeated(pk, group), &repeated(k, group)], 1).unwrap();
+        let values = Tensor::cat(&[&repeated(pv, group), &repeated(v, group)], 1).unwrap();
         let scores = q.matmul(&keys.t().unwrap()).unwrap().broadcast_add(&mask).unwrap();
         let weights = candle_nn::ops::softmax_last_dim(&scores).unwrap();
         weights.matmul(&values).unwrap().flatten_all().unwrap().to_vec1().unwrap()
@@ -158,23 +148,16 @@ mod tests {
         let expected = dense(&q, &k, &v, &pk, &pv, parents);
 
         let group = heads / kv_heads;
-        let repeated = |x: &Tensor| {
-            let (n, s, d) = x.dims3().unwrap();
-            x.unsqueeze(1).unwrap().expand((n, group, s, d)).unwrap().reshape((n * group, s, d)).unwrap()
-        };
-        let mut prefix_scores: Vec<f32> = if past == 0 {
-            Vec::new()
-        } else {
-            q.matmul(&repeated(&pk).t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-        };
         let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut prefix_scores =
+            if past == 0 { Vec::new() } else { flat(&q.matmul(&repeated(&pk, group).t().unwrap()).unwrap()) };
         let dims = Dims { heads, kv_heads, head_dim: d, past };
         let own = attend(&flat(&q), &flat(&k), &flat(&v), &mut prefix_scores, dims, &Ancestors::of(parents));
         let from_prefix: Vec<f32> = if past == 0 {
             vec![0.0; own.len()]
         } else {
             let w = Tensor::from_vec(prefix_scores, (heads, t, past), &dev).unwrap();
-            flat(&w.matmul(&repeated(&pv)).unwrap())
+            flat(&w.matmul(&repeated(&pv, group)).unwrap())
         };
         for (i, ((a, b), e)) in own.iter().zip(&from_prefix).zip(&expected).enumerate() {
             assert!((a + b - e).abs() < 1e-5, "element {i}: {} vs dense {e}", a + b);

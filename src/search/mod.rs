@@ -101,6 +101,13 @@ pub struct Point {
     pub alpha: f64,
 }
 
+impl Point {
+    /// α = 0: the base itself, whatever K (its shift adds zero everywhere).
+    pub fn is_base(&self) -> bool {
+        self.alpha == 0.0
+    }
+}
+
 impl std::fmt::Display for Point {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         write!(f, "K = {}, α = {}", self.heads, self.alpha)
@@ -497,7 +504,7 @@ pub fn search(
     let alive: Vec<usize> = (0..candidates.len()).filter(|&i| candidates[i].reached.is_none()).collect();
     // α = 0 rides along every rung (the honest fallback when no shift is within budget), outside the count
     // of trials.
-    let protected: Vec<usize> = (0..alive.len()).filter(|&i| candidates[alive[i]].point.alpha == 0.0).collect();
+    let protected: Vec<usize> = (0..alive.len()).filter(|&i| candidates[alive[i]].point.is_base()).collect();
     let trials = if options.early_discard { options.trials } else { alive.len() };
     let rungs = schedule(alive.len() - protected.len(), trials);
     let dropped = successive_halving(alive.len(), &protected, &rungs, |r, live| {
@@ -541,7 +548,7 @@ impl Run<'_> {
     /// the budget its larger α are dropped unmeasured. Returns the documents run.
     fn screen(&self, candidates: &mut [Candidate], documents: usize) -> Result<usize> {
         let docs = &self.setup.corpus.as_ref().expect("checked: a corpus").documents[..documents];
-        let mut alphas: Vec<f64> = candidates.iter().map(|c| c.point.alpha).filter(|&a| a > 0.0).collect();
+        let mut alphas: Vec<f64> = candidates.iter().filter(|c| !c.point.is_base()).map(|c| c.point.alpha).collect();
         alphas.dedup();
         let mut run = 0;
         for alpha in alphas {
@@ -659,7 +666,7 @@ impl Run<'_> {
     fn language(&self, candidates: &mut [Candidate], finalists: &[usize]) -> Result<(f64, usize)> {
         let docs = &self.setup.corpus.as_ref().expect("checked: a corpus").documents;
         let (unshifted, finalists): (Vec<usize>, Vec<usize>) =
-            finalists.iter().partition(|&&i| candidates[i].point.alpha == 0.0);
+            finalists.iter().partition(|&&i| candidates[i].point.is_base());
         let mut base_ce = 0.0;
         for f in 0..self.folds.len() {
             let started = Instant::now();
@@ -698,7 +705,7 @@ impl Run<'_> {
         questions: usize,
     ) -> Result<SearchReport> {
         let full: Vec<usize> = self.folds.iter().map(|f| f.order.len()).collect();
-        let base = candidates.iter().find(|c| c.point.alpha == 0.0 && c.reached.is_none());
+        let base = candidates.iter().find(|c| c.point.is_base() && c.reached.is_none());
         let (base_mc1, base_mc2) = base.map_or((f64::NAN, f64::NAN), |c| self.means_on(c, &full));
         let mut reports = Vec::new();
         let mut finalists = Vec::new();

@@ -38,7 +38,7 @@ impl Tradeoff<'_> {
             .candidates
             .iter()
             .filter_map(|c| {
-                let label = match c.alpha == 0.0 {
+                let label = match c.point().is_base() {
                     true => "base (α = 0)".to_string(),
                     false => format!("K={} α={}", c.heads, c.alpha),
                 };
