@@ -32,33 +32,43 @@ pub trait Figure {
 
 /// Writes the figure as PNG (RGB, 8 bits).
 pub fn write_png(figure: &impl Figure, path: &Path) -> Result<()> {
+    let bytes = png_bytes(figure, path)?;
+    std::fs::write(path, bytes).at(path)
+}
+
+/// The figure as PNG bytes; `path` is the file they are for, named in errors.
+pub fn png_bytes(figure: &impl Figure, path: &Path) -> Result<Vec<u8>> {
     register_fonts();
     let (width, height) = figure.size();
     let mut pixels = vec![0u8; width as usize * height as usize * 3];
     {
         render(figure, BitMapBackend::with_buffer(&mut pixels, (width, height)), path)?;
     }
-    let file = std::fs::File::create(path).at(path)?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, width, height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
-    let png_error = |e: png::EncodingError| match e {
-        png::EncodingError::IoError(e) => BakeError::io(path, e),
-        other => encode(path, other.to_string()),
-    };
+    let png_error = |e: png::EncodingError| encode(path, e.to_string());
     let mut writer = encoder.write_header().map_err(png_error)?;
     writer.write_image_data(&pixels).map_err(png_error)?;
-    writer.finish().map_err(png_error)
+    writer.finish().map_err(png_error)?;
+    Ok(bytes)
 }
 
 /// Writes the figure as SVG (text as text, so it stays searchable and sharp).
 pub fn write_svg(figure: &impl Figure, path: &Path) -> Result<()> {
+    let text = svg_text(figure, path)?;
+    std::fs::write(path, text).at(path)
+}
+
+/// The figure as SVG text; `path` is the file it is for, named in errors.
+pub fn svg_text(figure: &impl Figure, path: &Path) -> Result<String> {
     register_fonts();
     let mut text = String::new();
     {
         render(figure, SVGBackend::with_string(&mut text, figure.size()), path)?;
     }
-    std::fs::write(path, text).at(path)
+    Ok(text)
 }
 
 /// Draws the figure on a backend and flushes it; errors name the file the figure was for.

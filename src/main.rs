@@ -534,14 +534,7 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
 fn run_probe(args: &ProbeArgs, quiet: bool) -> Result<()> {
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
-    let staging = pipeline::check_output(
-        &args.out,
-        args.force,
-        &model,
-        &recipe,
-        OutputKind::Report(bake::probes::report::FILES),
-    )?
-    .stage()?;
+    let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Report)?.stage()?;
     let bars = Bars::new(quiet);
     staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
@@ -707,8 +700,7 @@ fn run_search(args: &SearchArgs, quiet: bool) -> Result<()> {
     };
     // Before the activation pass, which takes minutes: every option, and the output folder.
     options.check(model_heads)?;
-    let files = OutputKind::Report(output::FILES);
-    let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, files)?.stage()?;
+    let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Report)?.stage()?;
     let bars = Bars::new(quiet);
     staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = search::search(&model, &recipe, &options, &args.recipe.probe_options(), &bars)?;
@@ -741,14 +733,19 @@ fn reference_protocol(corpus: Option<bake::recipe::CorpusSpec>) -> bake::eval::E
 fn run_eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     use bake::eval::{self, mc};
     let mut recipe = args.recipe.load()?;
-    if let Some(dir) = &args.card {
-        // Before the evaluation, which takes minutes: the card folder must be intact.
-        bake::verify::require_intact(dir, "put an evaluation into")?;
-    }
     if let (Some(n), Some(corpus)) = (args.documents, recipe.corpus.as_mut()) {
         corpus.documents = n;
     }
     let model = ModelFiles::open(&args.recipe.model)?;
+    let compared = match (args.cv, &args.baked) {
+        (Some(folds), _) => eval::card::Compared::CrossValidated { folds },
+        (None, Some(_)) => eval::card::Compared::BakedAgainstBase,
+        (None, None) => eval::card::Compared::Base,
+    };
+    if let Some(dir) = &args.card {
+        // Before the evaluation, which takes minutes: the card must be intact and get only its own numbers.
+        eval::card::check_target(dir, &model, compared, args.baked.as_deref(), &recipe)?;
+    }
     let options = eval::EvalOptions {
         protocols: match args.protocol {
             ProtocolArg::Reference => vec![mc::Protocol::Reference],
@@ -778,11 +775,6 @@ fn run_eval(args: &EvalArgs, quiet: bool) -> Result<()> {
         (None, None) => eval::evaluate(&model, None, &recipe, &options, &bars)?,
     };
     if let Some(dir) = &args.card {
-        let compared = match (args.cv, &args.baked) {
-            (Some(folds), _) => eval::card::Compared::CrossValidated { folds },
-            (None, Some(_)) => eval::card::Compared::BakedAgainstBase,
-            (None, None) => eval::card::Compared::Base,
-        };
         let published = eval::card::put_evaluation(dir, &eval::card::section(&report, compared))?;
         note_leftover(&published, &bars);
         bars.note(&format!("wrote the table into {}", dir.join("README.md").display()));

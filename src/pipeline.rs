@@ -326,8 +326,8 @@ fn check_finite(acts: &Activations, texts: &[&str], head_dim: usize) -> Result<(
 pub enum OutputKind {
     /// A baked checkpoint (`bake run`).
     Bake,
-    /// A report folder that holds only these files (`bake probe`: [`report::FILES`]; `bake search`).
-    Report(&'static [&'static str]),
+    /// A report folder (`bake probe`, `bake search`), its files listed in `outputs.json`.
+    Report,
 }
 
 /// Checks an output folder before any work: never the model's or the dataset's folder, nor anything that
@@ -340,7 +340,7 @@ pub fn check_output(out: &Path, force: bool, model: &ModelFiles, recipe: &Recipe
     }
     let ownership = match kind {
         OutputKind::Bake => Ownership::Manifest,
-        OutputKind::Report(files) => Ownership::OnlyFiles(files),
+        OutputKind::Report => Ownership::Listing,
     };
     output::check(&Request { out, force, protected, ownership })
 }

@@ -7,15 +7,16 @@
 use std::path::Path;
 
 use super::EvalReport;
-use crate::error::{IoContext, Result};
+use crate::error::{BakeError, IoContext, Result};
+pub use crate::export::card::with_evaluation;
 use crate::export::manifest::Manifest;
 use crate::io::fs::{limits, read_text};
 use crate::io::listing::{entries_under, FileEntry, MANIFEST_FILE as MANIFEST};
 use crate::io::output::{self, Ownership, Published, Request};
 use crate::io::safetensors::write_file;
+use crate::model::ModelFiles;
+use crate::recipe::Recipe;
 
-const EVAL_START: &str = "<!-- bake eval -->";
-const EVAL_END: &str = "<!-- /bake eval -->";
 const CARD: &str = "README.md";
 
 /// What an evaluation compared, as the card says it.
@@ -47,16 +48,53 @@ pub fn section(report: &EvalReport, compared: Compared) -> String {
     )
 }
 
-/// `card` with its evaluation section set to `section` (replaced when present, appended otherwise).
-pub fn with_evaluation(card: &str, section: &str) -> String {
-    let block = format!("{EVAL_START}\n## Evaluation (`bake eval`)\n\n{section}{EVAL_END}\n");
-    match (card.find(EVAL_START), card.find(EVAL_END)) {
-        (Some(start), Some(end)) if end > start => {
-            let after = card[end + EVAL_END.len()..].strip_prefix('\n').unwrap_or(&card[end + EVAL_END.len()..]);
-            format!("{}{block}{after}", &card[..start])
+/// Before any evaluation: `--card DIR` may only receive numbers about DIR's own bake. The folder must pass
+/// `bake verify`'s self-consistency check and be baked from `model`; an evaluated baked folder must be DIR
+/// itself; a cross-validation must fit the same K, α and direction as DIR's recipe.
+pub fn check_target(
+    dir: &Path,
+    model: &ModelFiles,
+    compared: Compared,
+    baked: Option<&Path>,
+    recipe: &Recipe,
+) -> Result<()> {
+    crate::verify::require_intact(dir, "put an evaluation into")?;
+    let manifest = Manifest::read(dir)?;
+    manifest.check_base(model, dir)?;
+    let manifest_path = dir.join(MANIFEST);
+    if let (Compared::BakedAgainstBase, Some(evaluated)) = (compared, baked) {
+        let same = match (dir.canonicalize(), evaluated.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !same {
+            return Err(BakeError::Output {
+                path: dir.into(),
+                message: format!(
+                    "its card can only hold its own evaluation, and the baked folder evaluated is {}",
+                    evaluated.display()
+                ),
+            });
         }
-        _ => format!("{}\n{block}", card.trim_end_matches('\n').to_string() + "\n"),
     }
+    if let Compared::CrossValidated { .. } = compared {
+        let baked_recipe = &manifest.recipe;
+        let differing = [
+            ("heads", recipe.heads.to_string(), baked_recipe.heads.to_string()),
+            ("alpha", recipe.alpha.to_string(), baked_recipe.alpha.to_string()),
+            ("direction", format!("{:?}", recipe.direction), format!("{:?}", baked_recipe.direction)),
+        ];
+        if let Some((field, here, there)) = differing.into_iter().find(|(_, a, b)| a != b) {
+            return Err(BakeError::field(
+                &manifest_path,
+                format!("recipe.{field}"),
+                format!(
+                    "{there}, but the cross-validation fits {field} = {here}: the card would describe another shift"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Puts `section` into the model card of the baked folder `dir`. The folder must pass `bake verify`'s file
@@ -72,6 +110,7 @@ pub fn put_evaluation(dir: &Path, section: &str) -> Result<Published> {
     link_tree(dir, staging.path(), &[CARD, MANIFEST])?;
     let written = write_file(&staging.path().join(CARD), with_evaluation(&card, section).as_bytes())?;
     manifest.outputs.0.insert(CARD.into(), FileEntry { sha256: written.sha256, bytes: written.bytes });
+    manifest.evaluation = Some(section.to_string());
     write_file(&staging.path().join(MANIFEST), manifest.to_text().as_bytes())?;
     staging.commit()
 }

@@ -80,7 +80,43 @@ pub struct EvalReport {
     pub timings: BTreeMap<String, f64>,
 }
 
-/// What every evaluation loads first.
+/// What every evaluation reads before any model work: the questions, the tokenizer and the corpus sample.
+/// Read first, so that a bad dataset, corpus or option is reported before the activation pass or the
+/// weights' loading (minutes for a 7B on the CPU).
+pub(crate) struct Inputs {
+    pub data: TruthfulQa,
+    pub tokenizer: TextTokenizer,
+    pub corpus: Option<corpus::Corpus>,
+}
+
+/// Reads the [`Inputs`] of an evaluation of `model` with `recipe`; a corpus with fewer usable documents than
+/// the recipe asks for is a warning.
+pub(crate) fn read_inputs(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    options: &EvalOptions,
+    progress: &dyn Progress,
+) -> Result<Inputs> {
+    progress.stage("eval: data");
+    let data = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
+    let tokenizer = model.tokenizer()?;
+    let corpus = options.corpus.as_ref().map(|spec| corpus::load(spec, &tokenizer, recipe.seed)).transpose()?;
+    if let (Some(spec), Some(c)) = (&options.corpus, &corpus) {
+        if c.documents.len() < spec.documents {
+            progress.note(&format!(
+                "warning: {} has {} usable documents (of at least 2 tokens), not the {} asked for; CE and KL are \
+                 measured on {}",
+                spec.path.display(),
+                c.documents.len(),
+                spec.documents,
+                c.documents.len()
+            ));
+        }
+    }
+    Ok(Inputs { data, tokenizer, corpus })
+}
+
+/// What every evaluation scores with: its inputs and the base model.
 pub(crate) struct Setup {
     pub data: TruthfulQa,
     pub tokenizer: TextTokenizer,
@@ -89,11 +125,10 @@ pub(crate) struct Setup {
     pub corpus: Option<corpus::Corpus>,
 }
 
-/// The tokenizer, the corpus and the base model, for evaluating on `data`.
-pub(crate) fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, data: TruthfulQa) -> Result<Setup> {
-    let tokenizer = model.tokenizer()?;
-    let corpus = options.corpus.as_ref().map(|spec| corpus::load(spec, &tokenizer, recipe.seed)).transpose()?;
+/// Loads the base model beside the inputs read by [`read_inputs`].
+pub(crate) fn set_up(model: &ModelFiles, recipe: &Recipe, inputs: Inputs) -> Result<Setup> {
     let base = model.load(&pick_device(&recipe.device)?)?;
+    let Inputs { data, tokenizer, corpus } = inputs;
     Ok(Setup { data, tokenizer, base, pad_id: model.config.pad_id(), corpus })
 }
 
@@ -165,9 +200,8 @@ pub fn evaluate(
     if let Some(b) = baked {
         Manifest::read(&b.location.dir)?.check_base(model, &b.location.dir)?;
     }
-    progress.stage("eval: data");
-    let data = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
-    let setup = set_up(model, recipe, options, data)?;
+    let inputs = read_inputs(model, recipe, options, progress)?;
+    let setup = set_up(model, recipe, inputs)?;
     let questions: Vec<usize> = (0..setup.data.questions.len()).collect();
     let baked_model = baked.map(|b| b.load(setup.base.device())).transpose()?;
     let mut base_scores = Vec::new();
@@ -267,10 +301,11 @@ pub fn cross_validate(
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
     let started = Instant::now();
-    let prepared = pipeline::prepare(model, recipe, probe_options, progress)?;
-    let n = prepared.dataset.questions.len();
+    let inputs = read_inputs(model, recipe, options, progress)?;
+    let n = inputs.data.questions.len();
     let plan = fold_splits(n, folds, recipe, "--cv")?;
-    let setup = set_up(model, recipe, options, prepared.dataset.clone())?;
+    let prepared = pipeline::prepare(model, recipe, probe_options, progress)?;
+    let setup = set_up(model, recipe, inputs)?;
     let mut fitted = Vec::new();
     for (i, fold) in plan.iter().enumerate() {
         progress.stage(&format!("eval: fold {i}: probes"));

@@ -30,7 +30,7 @@ use crate::io::listing::{FileEntry, FileListing};
 use crate::io::names;
 use crate::io::output::{Published, Staging};
 use crate::io::safetensors::{
-    copy_file, write_checkpoint, write_file, write_safetensors, write_shards, CopiedShard, Shard, TensorBytes,
+    copy_file, safetensors_bytes, write_checkpoint, write_file, write_shards, CopiedShard, Shard, TensorBytes,
     WrittenFile,
 };
 use crate::model::weights::{Checkpoint, TensorEntry};
@@ -101,9 +101,9 @@ pub fn write_baked(
     }
     let biases = surgery::bias_tensors(&model.checkpoint, &model.config, input.deltas, dtype)?;
     clock.lap("biases");
-    let (mut written, added_tensors) = write_weights(input, biases, &dir, options.sharding, progress)?;
+    let mut written = write_weights(input, biases, &dir, options.sharding, progress)?;
     clock.lap("weights");
-    written.push(write_config(model, &dir)?);
+    written.push(write_file(&dir.join("config.json"), config_text(model).as_bytes())?);
     let mut model_hashes = input.model_hashes.to_vec();
     for file in model.location.companion_files() {
         let name = file.file_name().expect("companion files have names");
@@ -118,7 +118,7 @@ pub fn write_baked(
     }
     written.extend(write_activation_diff(input, dtype, &dir)?);
     written.push(write_file(&dir.join("README.md"), card::model_card(model, &report).as_bytes())?);
-    let manifest = bake_manifest(input, &model_hashes, added_tensors, &written, &dir);
+    let manifest = bake_manifest(input, &model_hashes, &written, &dir);
     written.push(write_file(&dir.join(MANIFEST), manifest.to_text().as_bytes())?);
     std::fs::write(dir.join(LOG), log_text(input.report)).at(dir.join(LOG))?;
     clock.lap("other files");
@@ -156,9 +156,8 @@ fn write_weights<'a>(
     dir: &Path,
     sharding: Sharding,
     progress: &dyn Progress,
-) -> Result<(Vec<WrittenFile>, Vec<String>)> {
+) -> Result<Vec<WrittenFile>> {
     let ck = &input.model.checkpoint;
-    let added: Vec<String> = biases.iter().filter(|t| ck.get(&t.name).is_none()).map(|t| t.name.clone()).collect();
     let base_bytes: u64 = ck.tensors.values().map(|e| (e.end - e.start) as u64).sum();
     let biases_bytes: u64 = biases.iter().map(|t| t.bytes.len() as u64).sum();
     let replaced_bytes: u64 = biases.iter().filter_map(|t| ck.get(&t.name)).map(|e| (e.end - e.start) as u64).sum();
@@ -174,7 +173,7 @@ fn write_weights<'a>(
         Sharding::KeepBase => write_shards(dir, base_layout(ck, biases, input.model_hashes), &on_written)?,
     };
     progress.finish();
-    Ok((files, added))
+    Ok(files)
 }
 
 /// Every base tensor, the ones `biases` replace swapped for them, and the added biases.
@@ -228,7 +227,7 @@ fn base_tensor<'a>(ck: &'a Checkpoint, name: &str, e: &TensorEntry) -> TensorByt
 /// The keys of `config.json` a bake changes: `attention_bias`, and for a family whose own class would drop
 /// the o_proj bias, the class itself (see [`crate::model::config::Family::written_as_llama`]). The manifest
 /// records each key's base value, so the original architecture stays on record.
-fn config_changes(model: &ModelFiles) -> BTreeMap<String, ConfigChange> {
+pub fn config_changes(model: &ModelFiles) -> BTreeMap<String, ConfigChange> {
     let raw = &model.config.raw;
     let change = |key: &str, baked: Value| (key.to_string(), ConfigChange { base: raw.get(key).cloned(), baked });
     let mut changes = BTreeMap::from([change("attention_bias", Value::Bool(true))]);
@@ -242,27 +241,39 @@ fn config_changes(model: &ModelFiles) -> BTreeMap<String, ConfigChange> {
     changes
 }
 
-/// The base config with every key kept in order and the changed keys set.
-fn write_config(model: &ModelFiles, dir: &Path) -> Result<WrittenFile> {
+/// `config.json` of a bake of `model`: the base config with every key kept in order and the changed keys set.
+pub fn config_text(model: &ModelFiles) -> String {
     let mut config = model.config.raw.clone();
     for (key, change) in config_changes(model) {
         config.insert(key, change.baked);
     }
-    let text = serde_json::to_string_pretty(&Value::Object(config)).expect("JSON") + "\n";
-    write_file(&dir.join("config.json"), text.as_bytes())
+    serde_json::to_string_pretty(&Value::Object(config)).expect("JSON") + "\n"
 }
 
 fn write_activation_diff(input: &BakeInput, dtype: StoredDtype, dir: &Path) -> Result<Vec<WrittenFile>> {
+    std::fs::create_dir_all(dir.join(DIFF_DIR)).at(dir.join(DIFF_DIR))?;
     let width = input.model.config.attn_width();
-    let diff_dir = dir.join(DIFF_DIR);
-    std::fs::create_dir_all(&diff_dir).at(&diff_dir)?;
+    activation_diff_files(input.report, input.deltas, width, dtype)
+        .into_iter()
+        .map(|(name, bytes)| write_file(&dir.join(name), &bytes))
+        .collect()
+}
+
+/// The pyvene diff (`activation_diff/`) and its safetensors twin: each file's path in the folder and its
+/// bytes. What a bake writes and what `bake verify` re-derives them from.
+pub fn activation_diff_files(
+    report: &ProbeReport,
+    deltas: &[Option<Vec<f32>>],
+    width: usize,
+    dtype: StoredDtype,
+) -> Vec<(String, Vec<u8>)> {
     let shifted: Vec<(usize, &Vec<f32>)> =
-        input.deltas.iter().enumerate().filter_map(|(l, d)| d.as_ref().map(|d| (l, d))).collect();
+        deltas.iter().enumerate().filter_map(|(l, d)| d.as_ref().map(|d| (l, d))).collect();
     let layers: Vec<usize> = shifted.iter().map(|(l, _)| *l).collect();
-    let mut written = vec![write_file(&diff_dir.join("config.json"), pyvene::config_json(&layers, width).as_bytes())?];
+    let mut files = vec![(format!("{DIFF_DIR}/config.json"), pyvene::config_json(&layers, width).into_bytes())];
     for (layer, delta) in &shifted {
         let bytes = pyvene::intervention_file(dtype.encode(delta.iter().copied()), width, dtype);
-        written.push(write_file(&diff_dir.join(pyvene::file_name(*layer)), &bytes)?);
+        files.push((format!("{DIFF_DIR}/{}", pyvene::file_name(*layer)), bytes));
     }
     // The safetensors twin, readable without torch: δ exactly as the biases were computed from (f32); the
     // pyvene files hold it rounded to the model dtype.
@@ -275,7 +286,6 @@ fn write_activation_diff(input: &BakeInput, dtype: StoredDtype, dir: &Path) -> R
             bytes: StoredDtype::F32.encode(d.iter().copied()).into(),
         })
         .collect();
-    let report = input.report;
     let metadata = BTreeMap::from([
         ("alpha".to_string(), report.recipe.alpha.to_string()),
         ("heads".to_string(), serde_json::to_string(&report.heads).expect("JSON")),
@@ -284,29 +294,50 @@ fn write_activation_diff(input: &BakeInput, dtype: StoredDtype, dir: &Path) -> R
         ("model_dtype".to_string(), dtype.torch_name().to_string()),
     ]);
     let twin_refs: Vec<&TensorBytes> = twin.iter().collect();
-    written.push(write_safetensors(&dir.join(DIFF_SAFETENSORS), &twin_refs, &metadata, &|_| {})?);
-    Ok(written)
+    files.push((DIFF_SAFETENSORS.to_string(), safetensors_bytes(&twin_refs, &metadata)));
+    files
 }
 
 /// `bake.json` for this bake.
 fn bake_manifest(
     input: &BakeInput,
     model_hashes: &[(PathBuf, String)],
-    added_tensors: Vec<String>,
     written: &[WrittenFile],
     dir: &Path,
 ) -> Manifest {
-    let (model, report) = (input.model, input.report);
     let outputs = written
         .iter()
         .map(|f| (manifest::relative(&f.path, dir), FileEntry { sha256: f.sha256.clone(), bytes: f.bytes }))
         .collect();
+    expected_manifest(
+        input.model,
+        input.report,
+        Recorded {
+            base_revision: input.model.location.revision.clone(),
+            inputs: manifest::inputs(&input.model.location.dir, model_hashes, input.dataset_hashes),
+            outputs: FileListing(outputs),
+            evaluation: None,
+        },
+    )
+}
+
+/// What a manifest records that cannot be derived from the base and the probe report.
+pub struct Recorded {
+    pub base_revision: Option<String>,
+    pub inputs: BTreeMap<String, String>,
+    pub outputs: FileListing,
+    pub evaluation: Option<String>,
+}
+
+/// The manifest of a bake of `model` with `report`: every field derived from the two, the rest as
+/// recorded. What a bake writes and what `bake verify --base` requires `bake.json` to be.
+pub fn expected_manifest(model: &ModelFiles, report: &ProbeReport, recorded: Recorded) -> Manifest {
     Manifest {
         tool: "bake".into(),
-        tool_version: crate::VERSION.into(),
+        tool_version: report.tool_version.clone(),
         method: manifest::METHOD.into(),
         base_model: report.model.clone(),
-        base_revision: model.location.revision.clone(),
+        base_revision: recorded.base_revision,
         recipe: report.recipe.clone(),
         recipe_sha256: report.recipe.sha256(),
         seed: report.recipe.seed,
@@ -316,8 +347,9 @@ fn bake_manifest(
         val_questions: report.val_questions.clone(),
         tuning_question: report.tuning_question.clone(),
         config_changes: config_changes(model),
-        added_tensors,
-        inputs: manifest::inputs(&model.location.dir, model_hashes, input.dataset_hashes),
-        outputs: FileListing(outputs),
+        added_tensors: surgery::added_tensors(&model.checkpoint, &model.config),
+        inputs: recorded.inputs,
+        outputs: recorded.outputs,
+        evaluation: recorded.evaluation,
     }
 }

@@ -81,7 +81,7 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
          {:?} direction. The shift δ of layer l is stored as the `o_proj` bias `b_l = W_o · δ_l`, so it applies at \
          every position of every forward pass. Every other tensor is byte-identical to the base model \
          (`bake verify` proves it).\n",
-        crate::VERSION,
+        report.tool_version,
         report.heads.len(),
         recipe.alpha,
         recipe.direction
@@ -129,4 +129,19 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
                 and output file.\n",
     );
     s
+}
+
+const EVAL_START: &str = "<!-- bake eval -->";
+const EVAL_END: &str = "<!-- /bake eval -->";
+
+/// `card` with its evaluation section set to `section` (replaced when present, appended otherwise).
+pub fn with_evaluation(card: &str, section: &str) -> String {
+    let block = format!("{EVAL_START}\n## Evaluation (`bake eval`)\n\n{section}{EVAL_END}\n");
+    match (card.find(EVAL_START), card.find(EVAL_END)) {
+        (Some(start), Some(end)) if end > start => {
+            let after = card[end + EVAL_END.len()..].strip_prefix('\n').unwrap_or(&card[end + EVAL_END.len()..]);
+            format!("{}{block}{after}", &card[..start])
+        }
+        _ => format!("{}\n{block}", card.trim_end_matches('\n').to_string() + "\n"),
+    }
 }

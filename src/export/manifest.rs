@@ -53,6 +53,10 @@ pub struct Manifest {
     /// `model/<file>` and `dataset/<config>/<file>` → sha256.
     pub inputs: BTreeMap<String, String>,
     pub outputs: FileListing,
+    /// The evaluation section `bake eval --card` put into the model card, as it stands there; `bake verify`
+    /// re-derives the card from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<String>,
 }
 
 /// A base file whose sha256 differs from the one the manifest recorded.
@@ -77,28 +81,41 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Whether `dir/bake.json` is exactly what bake writes for the manifest it holds (no hand edits, not even
+    /// of spacing): the test that bake wrote it.
+    pub fn is_as_written(dir: &Path) -> bool {
+        let text = read_text(&dir.join(MANIFEST_FILE), limits::JSON);
+        match (text, Manifest::read(dir)) {
+            (Ok(text), Ok(manifest)) => manifest.to_text() == text,
+            _ => false,
+        }
+    }
+
     /// The file's text: pretty JSON and a final newline.
     pub fn to_text(&self) -> String {
         serde_json::to_string_pretty(self).expect("a manifest serializes") + "\n"
     }
 
     /// The base's files (config and weights) whose sha256 differs from what this manifest recorded; empty
-    /// when `base` is the model this folder was baked from.
-    pub fn base_differences(&self, base: &ModelFiles) -> Result<Vec<BaseDifference>> {
-        Ok(base
-            .input_hashes()?
-            .into_iter()
+    /// when `base` is the model this folder was baked from. `hashes` are the base's [`ModelFiles::input_hashes`].
+    pub fn base_differences(&self, base: &ModelFiles, hashes: &[(PathBuf, String)]) -> Vec<BaseDifference> {
+        hashes
+            .iter()
             .filter_map(|(path, found)| {
-                let key = model_key(&path, &base.location.dir);
+                let key = model_key(path, &base.location.dir);
                 let recorded = self.inputs.get(&key).cloned();
-                (recorded.as_deref() != Some(found.as_str())).then_some(BaseDifference { key, recorded, found })
+                (recorded.as_deref() != Some(found.as_str())).then(|| BaseDifference {
+                    key,
+                    recorded,
+                    found: found.clone(),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// `Err` naming the first difference unless `base` is the model this folder was baked from.
     pub fn check_base(&self, base: &ModelFiles, manifest_dir: &Path) -> Result<()> {
-        match self.base_differences(base)?.first() {
+        match self.base_differences(base, &base.input_hashes()?).first() {
             None => Ok(()),
             Some(d) => Err(BakeError::Invalid(format!(
                 "{}: baked from a different base: `{}` has sha256 {} in the manifest, {} in {}",

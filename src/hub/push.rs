@@ -135,8 +135,33 @@ fn git_blob_id(path: &Path) -> Result<String> {
     Ok(crate::io::hash::hex(&hasher.finalize()))
 }
 
+/// A revision as one URL path segment: every byte but the unreserved ones percent-encoded (as the Hub's
+/// own client does), so that `/`, `?` or `#` in a branch name cannot change the URL.
 fn encode_revision(revision: &str) -> String {
-    revision.replace('/', "%2F")
+    revision
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `Ok` when `revision` can be a branch name (git's `check-ref-format` rules), else why not.
+fn check_revision(revision: &str) -> std::result::Result<(), &'static str> {
+    if revision.is_empty() {
+        return Err("is empty");
+    }
+    if revision.chars().any(|c| c.is_control() || " ~^:?*[\\".contains(c)) {
+        return Err("holds a space, a control character or one of ~ ^ : ? * [ \\");
+    }
+    if revision.contains("..") || revision.contains("@{") || revision.contains("//") {
+        return Err("holds `..`, `@{` or `//`");
+    }
+    if revision.starts_with(['/', '-', '.']) || revision.ends_with(['/', '.']) || revision.ends_with(".lock") {
+        return Err("starts with / - or ., or ends with / . or .lock");
+    }
+    Ok(())
 }
 
 /// `GET /api/models/{repo}/tree/{revision}?recursive=true`, following `Link: <...>; rel="next"`. `None`
@@ -227,12 +252,18 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
         .ok_or_else(|| {
             BakeError::Invalid(format!("--repo `{}`: expected org/name", crate::error::shorten(&options.repo, 100)))
         })?;
+    let revision = options.revision.clone().unwrap_or_else(|| "main".into());
+    check_revision(&revision).map_err(|why| {
+        BakeError::Invalid(format!(
+            "revision `{}` {why}: expected a branch name",
+            crate::error::shorten(&revision, 100)
+        ))
+    })?;
     progress.stage("push: checking the folder against its manifest");
     crate::verify::require_intact(dir, "push")?;
     let manifest = Manifest::read(dir)?;
 
     let repo = &options.repo;
-    let revision = options.revision.clone().unwrap_or_else(|| "main".into());
     progress.stage("push: comparing with the remote");
     let main_tree = remote_tree(repo, "main")?;
     let repo_exists = main_tree.is_some();

@@ -14,6 +14,9 @@ use crate::error::{BakeError, IoContext, Result};
 pub const MANIFEST_FILE: &str = "bake.json";
 /// Run-dependent facts (timings) beside the manifest; not listed, so the listed files are reproducible.
 pub const LOG_FILE: &str = "bake.log";
+/// The file list of the other folders bake writes (`bake probe`, `bake search`): every other file of the
+/// folder with its sha256, so that `--force` can tell them from the user's files.
+pub const OUTPUTS_FILE: &str = "outputs.json";
 
 /// One listed file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,15 +56,96 @@ impl FileListing {
         self.0.keys().filter_map(|name| check_relative(name).err().map(|why| (name.as_str(), why))).collect()
     }
 
-    /// What lies below `dir` but is not listed (the manifest and the log excepted).
-    pub fn unlisted(&self, dir: &Path) -> Result<Vec<String>> {
-        Ok(entries_under(dir)?.into_iter().filter(|name| !self.0.contains_key(name) && !is_exempt(name)).collect())
+    /// What lies below `dir` but is not listed, `unlisted_by_design` aside (the listing's own file, a log).
+    pub fn unlisted(&self, dir: &Path, unlisted_by_design: &[&str]) -> Result<Vec<String>> {
+        Ok(entries_under(dir)?
+            .into_iter()
+            .filter(|name| !self.0.contains_key(name) && !unlisted_by_design.contains(&name.as_str()))
+            .collect())
+    }
+
+    /// Every way the folder `dir` differs from this listing, one (file, what) each: a listed path that leaves
+    /// the folder, a listed file missing or not a regular file, a size or sha256 that differs, a file not
+    /// listed. Sizes are compared before anything is hashed.
+    pub fn differences(&self, dir: &Path, unlisted_by_design: &[&str]) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        let unsafe_entries = self.unsafe_entries();
+        for (name, why) in &unsafe_entries {
+            out.push((name.to_string(), format!("listed, but the path {why}: outside the folder")));
+        }
+        for (name, entry) in self.iter().filter(|(n, _)| !unsafe_entries.iter().any(|(u, _)| u == n)) {
+            let path = dir.join(name);
+            let size = std::fs::symlink_metadata(&path).ok().filter(|m| m.is_file()).map(|m| m.len());
+            match size {
+                None => out.push((name.clone(), "listed but missing (or not a regular file)".into())),
+                Some(n) if n != entry.bytes => {
+                    out.push((name.clone(), format!("{n} bytes, listed as {}", entry.bytes)))
+                }
+                Some(_) if super::hash::sha256_file(&path)? != entry.sha256 => {
+                    out.push((name.clone(), format!("sha256 differs from the listed {}", entry.sha256)))
+                }
+                Some(_) => {}
+            }
+        }
+        for name in self.unlisted(dir, unlisted_by_design)? {
+            out.push((name, "not listed".into()));
+        }
+        Ok(out)
     }
 }
 
-/// The two files a folder holds beside its listed ones.
-pub fn is_exempt(name: &str) -> bool {
-    name == MANIFEST_FILE || name == LOG_FILE
+/// Whether `text` is a log bake writes beside a listing (`bake.log`): small, and nothing but lines
+/// `name: seconds s`. Such a file holds no work of the user's, so it may go with the folder it belongs to.
+pub fn is_timings_log(text: &str) -> bool {
+    text.len() <= 1 << 20
+        && text.lines().all(|line| {
+            line.rsplit_once(": ").is_some_and(|(name, value)| {
+                !name.is_empty()
+                    && value.strip_suffix(" s").is_some_and(|seconds| seconds.parse::<f64>().is_ok_and(f64::is_finite))
+            })
+        })
+}
+
+/// The files a baked folder holds beside its listed ones.
+pub const BAKE_UNLISTED: &[&str] = &[MANIFEST_FILE, LOG_FILE];
+
+/// `outputs.json`: the file list of a probe or search folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputsFile {
+    /// Always `bake`.
+    pub tool: String,
+    pub outputs: FileListing,
+}
+
+impl OutputsFile {
+    /// Lists (and hashes) every file below `dir`.
+    pub fn of_folder(dir: &Path) -> Result<Self> {
+        let mut outputs = BTreeMap::new();
+        for name in entries_under(dir)?.into_iter().filter(|n| n != OUTPUTS_FILE) {
+            let path = dir.join(&name);
+            let bytes = std::fs::metadata(&path).at(&path)?.len();
+            outputs.insert(name, FileEntry { sha256: super::hash::sha256_file(&path)?, bytes });
+        }
+        Ok(OutputsFile { tool: "bake".into(), outputs: FileListing(outputs) })
+    }
+
+    pub fn to_text(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a listing serializes") + "\n"
+    }
+
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(OUTPUTS_FILE);
+        let text = read_text(&path, limits::JSON)?;
+        serde_json::from_str(&text).map_err(|e| BakeError::parse(&path, e))
+    }
+}
+
+/// Whether `text` is pretty JSON exactly as bake's serializer writes it (key order kept, two-space
+/// indent, shortest numbers, a final newline): a file edited by hand, even in its spacing, is not.
+pub fn is_as_serialized(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|value| serde_json::to_string_pretty(&value).expect("a parsed value serializes") + "\n" == text)
 }
 
 /// `Ok` when `name` is a plain relative path that stays inside the folder.

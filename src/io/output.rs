@@ -3,9 +3,11 @@
 //! Rules, checked before any work ([`check`]):
 //! - never `/`, the home folder, the working folder or one of its parents, a folder that contains (or is,
 //!   or lies inside) the model folder, or one that contains the dataset;
-//! - an existing folder is replaced only with `--force`, and only when `bake` wrote it: its `bake.json` lists
-//!   every file in it (or, for `bake probe`, it holds nothing but a probe report). An empty folder is used as
-//!   is; anything else is refused, `--force` or not.
+//! - an existing folder is replaced only with `--force`, and only when `bake` wrote it, proven by content:
+//!   its file list (`bake.json` for a bake, `outputs.json` for a probe report or a search) is exactly as bake
+//!   serialized it, lists every file the folder holds, and each file has the size and sha256 recorded there
+//!   (a bake's `bake.log` is not listed and must hold nothing but timings). An empty folder is used as is;
+//!   anything else is refused, `--force` or not.
 //!
 //! Writing ([`Target::stage`], [`Staging::commit`]): everything goes into a staging folder beside the output,
 //! unique to the run (`.OUT.bake-partial-PID-N`) and locked while the run lives. At the end the staging
@@ -21,7 +23,10 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::failpoint;
-use super::listing::{entries_under, FileListing, MANIFEST_FILE};
+use super::listing::{
+    entries_under, is_as_serialized, is_timings_log, FileListing, OutputsFile, BAKE_UNLISTED, LOG_FILE, MANIFEST_FILE,
+    OUTPUTS_FILE,
+};
 use crate::error::{BakeError, IoContext, Result};
 
 /// A folder the output must keep clear of.
@@ -34,13 +39,22 @@ pub struct Protected<'a> {
     pub refuse_inside: bool,
 }
 
-/// What an existing folder must be for `--force` to replace it.
+/// Which file list proves that bake wrote an existing folder (so that `--force` may replace it).
 #[derive(Debug, Clone, Copy)]
 pub enum Ownership {
-    /// A bake: its `bake.json` lists every file it holds.
+    /// A bake: `bake.json`'s `outputs`.
     Manifest,
-    /// A folder holding only these files, the first of them present (what `bake probe` writes).
-    OnlyFiles(&'static [&'static str]),
+    /// A probe report or a search: `outputs.json`, which [`Staging::commit`] writes.
+    Listing,
+}
+
+impl Ownership {
+    fn list_file(self) -> &'static str {
+        match self {
+            Ownership::Manifest => MANIFEST_FILE,
+            Ownership::Listing => OUTPUTS_FILE,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -177,31 +191,34 @@ fn existing(resolved: &Path, ownership: Ownership) -> std::result::Result<Existi
             "is not empty and was not written by bake ({why}); bake replaces only folders it wrote, even with --force"
         ))
     };
-    match ownership {
-        Ownership::Manifest => {
-            if !resolved.join(MANIFEST_FILE).exists() {
-                return not_ours(format!("{} there, and no bake.json", describe_some(&entries)));
-            }
-            let listing = match FileListing::read(resolved) {
-                Ok(l) => l,
-                Err(e) => return not_ours(format!("its bake.json is unreadable: {e}")),
-            };
-            if let Some((name, why)) = listing.unsafe_entries().first() {
-                return not_ours(format!("its bake.json lists `{name}`, which {why}"));
-            }
-            let unlisted = listing.unlisted(resolved).map_err(|e| e.to_string())?;
-            if !unlisted.is_empty() {
-                return not_ours(format!("{} not listed in its bake.json", describe_some(&unlisted)));
-            }
-        }
-        Ownership::OnlyFiles(names) => {
-            let foreign: Vec<String> = entries.iter().filter(|e| !names.contains(&e.as_str())).cloned().collect();
-            if !foreign.is_empty() {
-                return not_ours(format!("{} not written by bake", describe_some(&foreign)));
-            }
-            if !entries.iter().any(|e| e == names[0]) {
-                return not_ours(format!("no {}", names[0]));
-            }
+    let list_file = ownership.list_file();
+    let text = match super::fs::read_text(&resolved.join(list_file), super::fs::limits::JSON) {
+        Ok(text) => text,
+        Err(_) => return not_ours(format!("{} there, and no readable {list_file}", describe_some(&entries))),
+    };
+    if !is_as_serialized(&text) {
+        return not_ours(format!("its {list_file} is not as bake wrote it"));
+    }
+    let (listing, unlisted_by_design) = match ownership {
+        Ownership::Manifest => (FileListing::read(resolved), BAKE_UNLISTED),
+        Ownership::Listing => (OutputsFile::read(resolved).map(|f| f.outputs), &[OUTPUTS_FILE][..]),
+    };
+    let listing = match listing {
+        Ok(l) => l,
+        Err(e) => return not_ours(format!("its {list_file} is not bake's: {e}")),
+    };
+    let differences = listing.differences(resolved, unlisted_by_design).map_err(|e| e.to_string())?;
+    if let Some((name, what)) = differences.first() {
+        let more = match differences.len() {
+            1 => String::new(),
+            n => format!(", and {} more", n - 1),
+        };
+        return not_ours(format!("`{name}`: {what} in its {list_file}{more}"));
+    }
+    if matches!(ownership, Ownership::Manifest) {
+        let log = resolved.join(LOG_FILE);
+        if log.exists() && !super::fs::read_text(&log, 1 << 20).is_ok_and(|t| is_timings_log(&t)) {
+            return not_ours(format!("its {LOG_FILE} holds more than bake's timings"));
         }
     }
     Ok(Existing::OwnedFolder)
@@ -331,6 +348,11 @@ impl Staging {
     /// Publishes the staging folder as the output. The output is checked again first: it may have changed
     /// during a long run.
     pub fn commit(mut self) -> Result<Published> {
+        if matches!(self.target.ownership, Ownership::Listing) {
+            let listing = OutputsFile::of_folder(&self.path)?;
+            let path = self.path.join(OUTPUTS_FILE);
+            std::fs::write(&path, listing.to_text()).at(&path)?;
+        }
         failpoint::hit("commit").at(&self.path)?;
         let parent = self.path.parent().expect("a staging folder has a parent").to_path_buf();
         // Runs into the same parent commit one at a time, so the check below holds until the rename.

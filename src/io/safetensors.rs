@@ -169,15 +169,11 @@ pub fn write_shards(dir: &Path, shards: Vec<Shard>, on_written: OnWritten) -> Re
         })
         .collect::<Result<Vec<_>>>()?;
     if shards.len() > 1 {
-        let tensors: Vec<(&str, u64, &String)> = shards
+        let tensors = shards
             .iter()
             .zip(&names)
-            .flat_map(|(s, name)| s.tensors().into_iter().map(move |(t, n)| (t, n, name)))
-            .collect();
-        let total_size: u64 = tensors.iter().map(|(_, n, _)| n).sum();
-        let weight_map: BTreeMap<&str, &String> = tensors.iter().map(|(t, _, name)| (*t, *name)).collect();
-        let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
-        let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers") + "\n";
+            .flat_map(|(s, name)| s.tensors().into_iter().map(move |(t, n)| (t, n, name.as_str())));
+        let text = index_text(tensors);
         written.push(write_file(&dir.join(INDEX_FILE), text.as_bytes())?);
     }
     Ok(written)
@@ -254,6 +250,35 @@ pub fn write_safetensors(
         on_written(t);
     }
     out.finish()
+}
+
+/// A small safetensors file held in memory, byte for byte what [`write_safetensors`] writes.
+pub fn safetensors_bytes(tensors: &[&TensorBytes], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let header = header(tensors, metadata);
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    for t in tensors {
+        t.bytes.with(|b| bytes.extend_from_slice(b));
+    }
+    bytes
+}
+
+/// The header (length prefix included) that bake's writer gives a file of `tensors` in this order and no
+/// metadata of its own: the bytes a written shard must start with.
+pub fn written_header(tensors: &[&TensorBytes]) -> Vec<u8> {
+    let header = header(tensors, &BTreeMap::new());
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    bytes
+}
+
+/// `model.safetensors.index.json` for tensors given as (name, bytes, file name).
+pub fn index_text<'a>(tensors: impl IntoIterator<Item = (&'a str, u64, &'a str)>) -> String {
+    let tensors: Vec<(&str, u64, &str)> = tensors.into_iter().collect();
+    let total_size: u64 = tensors.iter().map(|(_, n, _)| n).sum();
+    let weight_map: BTreeMap<&str, &str> = tensors.iter().map(|(t, _, name)| (*t, *name)).collect();
+    let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+    serde_json::to_string_pretty(&index).expect("JSON of strings and numbers") + "\n"
 }
 
 /// Writes a small file and hashes it.

@@ -265,15 +265,18 @@ fn check_no_sliding_window(fields: &Fields, family: Family, context: usize) -> R
 
 fn read_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
     // transformers 5 nests everything under `rope_parameters`; transformers 4 keeps `rope_theta` at the top and
-    // the scaling in `rope_scaling`.
-    let (scope, scope_name) = match fields.map.get("rope_parameters") {
-        Some(Value::Object(params)) => (Some(params), "rope_parameters"),
-        Some(Value::Null) | None => match fields.map.get("rope_scaling") {
-            Some(Value::Object(params)) => (Some(params), "rope_scaling"),
-            Some(Value::Null) | None => (None, "rope_scaling"),
-            Some(_) => return Err(fields.wrong("rope_scaling", "an object or null")),
-        },
-        Some(_) => return Err(fields.wrong("rope_parameters", "an object")),
+    // the scaling in `rope_scaling`. When both are there, a non-empty `rope_scaling` wins, as in transformers 5
+    // (`rope_parameters = rope_scaling or rope_parameters`): the theta inside `rope_parameters` is then not read.
+    let legacy = match fields.map.get("rope_scaling") {
+        Some(Value::Object(params)) if !params.is_empty() => Some(params),
+        Some(Value::Object(_)) | Some(Value::Null) | None => None,
+        Some(_) => return Err(fields.wrong("rope_scaling", "an object or null")),
+    };
+    let (scope, scope_name) = match (legacy, fields.map.get("rope_parameters")) {
+        (Some(params), _) => (Some(params), "rope_scaling"),
+        (None, Some(Value::Object(params))) => (Some(params), "rope_parameters"),
+        (None, Some(Value::Null) | None) => (None, "rope_scaling"),
+        (None, Some(_)) => return Err(fields.wrong("rope_parameters", "an object")),
     };
     let nested = scope.map(|map| Fields { path: fields.path, map });
     let theta_nested = match &nested {
@@ -292,7 +295,11 @@ fn read_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
     };
     let field = |name: &str| format!("{scope_name}.{name}");
     let required = |name: &str| -> Result<f64> {
-        match n.optional_f64(name)? {
+        let number = n.optional_f64(name).map_err(|_| {
+            let found = n.map.get(name).map(Value::to_string).unwrap_or_default();
+            BakeError::field(fields.path, field(name), format!("expected a number, found {found}"))
+        })?;
+        match number {
             Some(v) if v.is_finite() && v > 0.0 => Ok(v),
             Some(v) => {
                 Err(BakeError::field(fields.path, field(name), format!("expected a finite number > 0, found {v}")))
@@ -300,6 +307,10 @@ fn read_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
             None => Err(BakeError::field(fields.path, field(name), "a number (required by this rope_type)")),
         }
     };
+    // A factor is read only by some rope types, but one that is there must be a number whatever the type.
+    if n.map.contains_key("factor") {
+        required("factor")?;
+    }
     let scaling = match kind.as_str() {
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear { factor: required("factor")? },
@@ -456,6 +467,28 @@ mod tests {
         assert_eq!(new.rope_theta, 500000.0);
         assert_eq!(old.rope_scaling, RopeScaling::Default);
         assert_eq!(old.head_dim, 12);
+    }
+
+    #[test]
+    fn a_legacy_rope_scaling_beside_rope_parameters_wins_as_in_transformers_5() {
+        let both = parse(&format!(
+            "{{{BASE},\"rope_theta\":5e5,\"rope_parameters\":{{\"rope_theta\":1e6,\"rope_type\":\"default\"}},\
+             \"rope_scaling\":{{\"rope_type\":\"linear\",\"factor\":2.0}}}}"
+        ))
+        .unwrap();
+        assert_eq!(both.rope_theta, 5e5);
+        assert_eq!(both.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let empty_legacy = parse(&format!(
+            "{{{BASE},\"rope_parameters\":{{\"rope_theta\":1e6,\"rope_type\":\"default\"}},\"rope_scaling\":{{}}}}"
+        ))
+        .unwrap();
+        assert_eq!(empty_legacy.rope_theta, 1e6);
+        let text = parse(&format!(
+            "{{{BASE},\"rope_parameters\":{{\"rope_type\":\"default\"}},\"rope_scaling\":{{\"rope_type\":\"default\",\"factor\":\"abc\"}}}}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(text.contains("rope_scaling.factor"), "{text}");
     }
 
     #[test]

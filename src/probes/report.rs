@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::heatmap::Heatmap;
 use crate::error::{IoContext, Result};
 use crate::figure;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProbeReport {
     pub tool_version: String,
     pub model: String,
@@ -34,7 +35,7 @@ pub struct ProbeReport {
     /// Per shifted layer, δ in o_proj-input layout (`num_heads * head_dim` values).
     pub delta: BTreeMap<String, Vec<f32>>,
     /// Seconds per stage. Left out of reports inside a baked folder, which must be byte-reproducible.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<BTreeMap<String, f64>>,
 }
 
@@ -44,17 +45,36 @@ pub const FILES: &[&str] = &["report.json", "heatmap.png", "heatmap.svg"];
 impl ProbeReport {
     /// Writes [`FILES`] into `dir`; returns their paths.
     pub fn write_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
-        let paths: Vec<PathBuf> = FILES.iter().map(|f| dir.join(f)).collect();
-        self.write_json(&paths[0])?;
-        let heatmap = self.heatmap();
-        figure::write_png(&heatmap, &paths[1])?;
-        figure::write_svg(&heatmap, &paths[2])?;
+        let mut paths = Vec::new();
+        for (name, bytes) in self.files(dir)? {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).at(&path)?;
+            paths.push(path);
+        }
         Ok(paths)
     }
 
-    pub fn write_json(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).expect("report serializes") + "\n";
-        std::fs::write(path, text).at(path)
+    /// The bytes of each of [`FILES`] (for `dir`, named in errors): what [`Self::write_files`] writes and
+    /// what `bake verify` re-derives a bake's copies from.
+    pub fn files(&self, dir: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let heatmap = self.heatmap();
+        Ok(vec![
+            (FILES[0], self.json().into_bytes()),
+            (FILES[1], figure::png_bytes(&heatmap, &dir.join(FILES[1]))?),
+            (FILES[2], figure::svg_text(&heatmap, &dir.join(FILES[2]))?.into_bytes()),
+        ])
+    }
+
+    /// `report.json`'s text: pretty JSON and a final newline.
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serializes") + "\n"
+    }
+
+    /// Reads `report.json`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = crate::io::fs::read_text(path, crate::io::fs::limits::JSON)?;
+        serde_json::from_str(&text)
+            .map_err(|e| crate::error::BakeError::parse(path, format!("not a probe report: {e}")))
     }
 
     /// The layers × heads figure of validation accuracy, chosen heads outlined.

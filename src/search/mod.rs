@@ -452,11 +452,15 @@ pub fn search(
     let c = &model.config;
     options.check(c.num_layers * c.num_heads)?;
     let mut timings = crate::progress::Laps::start();
+    // Everything checkable is checked before the activation pass: the dataset, the corpus, the folds.
+    let inputs = eval::read_inputs(model, recipe, &options.eval, progress)?;
+    let n = inputs.data.questions.len();
+    let plans = eval::fold_splits(n, options.folds, recipe, "--folds")?;
+    // The recipe the search reports (and `recipe.yaml` bakes) names the documents it measured.
+    let recipe = &with_documents_used(recipe, inputs.corpus.as_ref());
     let prepared = pipeline::prepare(model, recipe, probe_options, progress)?;
     timings.lap("data and activations");
-    let n = prepared.dataset.questions.len();
-    let plans = eval::fold_splits(n, options.folds, recipe, "--folds")?;
-    let setup = eval::set_up(model, recipe, &options.eval, prepared.dataset.clone())?;
+    let setup = eval::set_up(model, recipe, inputs)?;
 
     progress.stage("search: probes");
     let folds: Vec<FoldState> = plans
@@ -812,6 +816,16 @@ fn rung_questions(n: usize, fraction: f64, fewest: usize) -> usize {
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, count) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     sum / count.max(1) as f64
+}
+
+/// `recipe` with its corpus's `documents` set to the number of documents the sample holds, when the corpus
+/// had fewer usable ones than asked for.
+fn with_documents_used(recipe: &Recipe, corpus: Option<&eval::corpus::Corpus>) -> Recipe {
+    let mut recipe = recipe.clone();
+    if let (Some(spec), Some(c)) = (recipe.corpus.as_mut(), corpus) {
+        spec.documents = spec.documents.min(c.documents.len());
+    }
+    recipe
 }
 
 #[cfg(test)]

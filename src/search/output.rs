@@ -161,18 +161,29 @@ pub fn table(report: &SearchReport) -> String {
     let cost = &report.cost;
     let _ = writeln!(
         s,
-        "\nbase (α = 0): MC1 {:.4}, MC2 {:.4}, CE {:.4}. Work: {} of {} candidate-questions scored ({:.1}× fewer), {} of {} \
-         documents run, {} probe fits instead of {}.",
+        "\nbase (α = 0): MC1 {:.4}, MC2 {:.4}, CE {:.4}. Work: {} of {} candidate-questions scored ({}), {} \
+         documents run against the full grid's {} ({}), {} probe fits instead of {}.",
         base.mc1,
         base.mc2,
         base.ce,
         cost.questions_scored,
         cost.questions_full_grid,
-        cost.questions_full_grid as f64 / cost.questions_scored.max(1) as f64,
+        compared_with_full(cost.questions_scored, cost.questions_full_grid),
         cost.documents_run,
         cost.documents_full_grid,
+        compared_with_full(cost.documents_run, cost.documents_full_grid),
         cost.probe_fits,
         cost.probe_fits_full_grid
     );
     s
+}
+
+/// How much work a search did against the full grid, read at a glance: `9.2× fewer`, `the same`, or
+/// `1.3× more` (the KL screen's documents come on top of the finalists', so a small grid can run more).
+fn compared_with_full(done: usize, full: usize) -> String {
+    match done.cmp(&full) {
+        std::cmp::Ordering::Less => format!("{:.1}× fewer", full as f64 / done.max(1) as f64),
+        std::cmp::Ordering::Equal => "the same".to_string(),
+        std::cmp::Ordering::Greater => format!("{:.1}× more", done as f64 / full.max(1) as f64),
+    }
 }

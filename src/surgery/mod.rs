@@ -42,6 +42,27 @@ pub fn o_proj_bias(
     Ok(bias)
 }
 
+/// The largest |bias| a layer may add to the residual stream. The stream is stored in the model dtype, and
+/// the next RMSNorm squares and sums `hidden` of its values in f32 (transformers upcasts there), so each must
+/// stay below `sqrt(f32::MAX / hidden)` or the norm becomes infinite and every logit NaN. Half of the smaller
+/// bound leaves room for the stream's own values. Finite biases above it would pass a finiteness check and
+/// still break every forward pass.
+pub fn largest_safe_bias(dtype: StoredDtype, hidden: usize) -> f64 {
+    let norm_bound = (f32::MAX as f64 / hidden.max(1) as f64).sqrt();
+    dtype.max_finite().min(norm_bound) / 2.0
+}
+
+/// The bias tensors a bake adds to `checkpoint` (those it does not have), in the order they are written:
+/// per layer q, k, v, o.
+pub fn added_tensors(checkpoint: &Checkpoint, config: &ModelConfig) -> Vec<String> {
+    (0..config.num_layers)
+        .flat_map(|l| {
+            [Attention::Q, Attention::K, Attention::V, Attention::O].map(|p| names::Layer(l).attention(p, Param::Bias))
+        })
+        .filter(|name| checkpoint.get(name).is_none())
+        .collect()
+}
+
 /// Every bias tensor a baked checkpoint holds, in `dtype`. Existing q/k/v biases are carried over unchanged
 /// by the caller (they are copied with the other base tensors), so only missing ones are created here.
 pub fn bias_tensors<'a>(
@@ -69,9 +90,11 @@ pub fn bias_tensors<'a>(
             }
         }
         let name = names.attention(Attention::O, Param::Bias);
-        if let Some(v) = bias.iter().find(|v| v.is_nan() || v.abs() > dtype.max_finite()) {
+        let largest = largest_safe_bias(dtype, config.hidden_size);
+        if let Some(v) = bias.iter().find(|v| v.is_nan() || v.abs() > largest) {
             return Err(BakeError::NotFinite(format!(
-                "{name}: W_o·δ reaches {v}, which {} cannot store; lower alpha (or check the base's o_proj weights)",
+                "{name}: W_o·δ reaches {v}; a {} model carries at most |{largest:.3e}| there (its residual stream \
+                 and the next RMSNorm would overflow); lower alpha (or check the base's o_proj weights)",
                 dtype.torch_name()
             )));
         }

@@ -7,9 +7,14 @@
 //! 3. `biases`: each o_proj bias equals `W_o · δ_l` (+ the base's bias) within the dtype's rounding, with δ
 //!    from the diff; added q/k/v biases are zero.
 //! 4. `diff`: the pyvene files and the safetensors twin hold the same δ for the same layers.
-//! 5. `config`: `config.json` differs from the base's only where the manifest says.
-//! 6. `run` (optional): a forward pass shows the logits moved away from the base's and equal the base with δ
-//!    added at the o_proj input.
+//! 5. `config`: `config.json` differs from the base's only in the keys a bake changes (`attention_bias`, the
+//!    family rewrite), whatever the manifest declares.
+//! 6. `derived` (with a base): every other file is re-derived from the base and `report.json` and must be
+//!    equal byte for byte, the manifest included ([`derived`]); only `bake.log` is free.
+//! 7. `run` (optional): a forward pass shows the logits finite, moved away from the base's and equal to the
+//!    base with δ added at the o_proj input.
+
+mod derived;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -23,9 +28,8 @@ use crate::export::manifest::Manifest;
 use crate::export::pyvene;
 use crate::io::dtype::StoredDtype;
 use crate::io::fs::{limits, read_text};
-use crate::io::hash::sha256_file;
 use crate::io::hub::{Repo, RepoKind};
-use crate::io::listing::{check_relative, FileListing};
+use crate::io::listing::{check_relative, FileListing, BAKE_UNLISTED};
 use crate::io::names::{self, Attention, Param};
 use crate::io::safetensors::SINGLE_FILE;
 use crate::model::weights::TensorEntry;
@@ -110,7 +114,11 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
         }
         Err(e) => return Err(e),
     };
-    check_files(dir, &manifest.outputs, &mut found)?;
+    let differing = manifest.outputs.differences(dir, BAKE_UNLISTED)?;
+    for (name, what) in &differing {
+        found.add("files", name.as_str(), None, format!("{what} in bake.json"));
+    }
+    let differing: BTreeSet<String> = differing.into_iter().map(|(name, _)| name).collect();
 
     checks.push("diff");
     let deltas = check_diff(dir, manifest.dtype, &mut found);
@@ -123,10 +131,11 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
     if let Some(base_spec) = &options.base {
         progress.stage("verify: tensors");
         let base = ModelFiles::open(base_spec)?;
-        for d in manifest.base_differences(&base)? {
+        let base_hashes = base.input_hashes()?;
+        for d in manifest.base_differences(&base, &base_hashes) {
             found.add("tensors", d.key, None, "the base given differs from the base this folder was baked from");
         }
-        checks.extend(["tensors", "biases", "config"]);
+        checks.extend(["tensors", "biases", "config", "derived"]);
         match &baked {
             Err(e) => found.add("tensors", SINGLE_FILE, None, format!("cannot read the baked weights: {e}")),
             Ok(baked) => {
@@ -136,7 +145,17 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
                 }
             }
         }
-        check_config(dir, &base, &manifest, &mut found);
+        check_config(dir, &base, &mut found);
+        let derivation = derived::Derivation {
+            dir,
+            base: &base,
+            base_hashes: &base_hashes,
+            manifest: &manifest,
+            deltas: deltas.as_ref(),
+            baked: baked.as_ref().ok(),
+            differing: &differing,
+        };
+        derived::check_derived(&derivation, &mut found)?;
         if options.run && found.list.is_empty() {
             progress.stage("verify: run");
             checks.push("run");
@@ -146,25 +165,6 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
         }
     }
     Ok(report(checks, found))
-}
-
-fn check_files(dir: &Path, listing: &FileListing, found: &mut Findings) -> Result<()> {
-    let unsafe_entries = listing.unsafe_entries();
-    for (name, why) in &unsafe_entries {
-        found.add("files", *name, None, format!("listed in bake.json, but the path {why}: outside the folder"));
-    }
-    for (name, entry) in listing.iter().filter(|(n, _)| !unsafe_entries.iter().any(|(u, _)| u == n)) {
-        let path = dir.join(name);
-        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
-            found.add("files", name.as_str(), None, "listed in bake.json but missing (or not a regular file)");
-        } else if sha256_file(&path)? != entry.sha256 {
-            found.add("files", name.as_str(), None, format!("sha256 differs from bake.json ({})", entry.sha256));
-        }
-    }
-    for name in listing.unlisted(dir)? {
-        found.add("files", name, None, "not listed in bake.json");
-    }
-    Ok(())
 }
 
 /// Refuses to `action` a folder that fails the self-consistency checks (files, diff, finite values): `push`
@@ -239,11 +239,26 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
     Some(deltas)
 }
 
-/// Every attention bias of the baked weights is finite: a NaN or infinity there breaks every forward pass.
+/// Every attention bias of the baked weights is finite, and every o_proj bias within what the dtype's residual
+/// stream can carry ([`crate::surgery::largest_safe_bias`]): past it every logit is NaN.
 fn check_finite_biases(baked: &Checkpoint, found: &mut Findings) {
     for (name, entry) in baked.tensors.iter().filter(|(n, _)| names::is_attention_bias(n)) {
-        if let Some((i, v)) = entry.dtype.decode(baked.bytes(entry)).iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        let values = entry.dtype.decode(baked.bytes(entry));
+        let is_o_proj =
+            names::layer_of(name).is_some_and(|l| *name == names::Layer(l).attention(Attention::O, Param::Bias));
+        let largest = match (is_o_proj, entry.shape.as_slice()) {
+            (true, [hidden]) => crate::surgery::largest_safe_bias(entry.dtype, *hidden),
+            _ => f64::INFINITY,
+        };
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             found.add("finite", file_name(baked, entry), Some(name), format!("element {i} is {v}"));
+        } else if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| v.abs() > largest) {
+            found.add(
+                "finite",
+                file_name(baked, entry),
+                Some(name),
+                format!("element {i} is {v}, beyond the {largest:.3e} the residual stream can carry: every logit would be NaN"),
+            );
         }
     }
 }
@@ -279,15 +294,6 @@ fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
     }
 }
 
-/// The rounding a value stored in `dtype` may carry, relative to its magnitude.
-fn relative_rounding(dtype: StoredDtype) -> f64 {
-    match dtype {
-        StoredDtype::Bf16 => 2f64.powi(-8),
-        StoredDtype::F16 => 2f64.powi(-11),
-        StoredDtype::F32 => 2f64.powi(-23),
-    }
-}
-
 fn check_biases(
     base: &ModelFiles,
     baked: &Checkpoint,
@@ -316,15 +322,16 @@ fn check_biases(
             continue;
         };
         let expected = crate::surgery::o_proj_bias(&base.checkpoint, c, layer, deltas.get(&layer).map(Vec::as_slice))?;
-        let stored = entry.dtype.decode(baked.bytes(entry));
-        // The same f64 sum bake computed, so the only difference allowed is the rounding to the stored dtype
-        // (half a unit in the last place; a full one is allowed).
-        let tolerance = |e: f64| relative_rounding(entry.dtype) * e.abs() + 1e-9 * scale(&expected);
-        let differs = |s: f64, e: f64| {
-            let difference = (s - e).abs();
-            difference.is_nan() || difference > tolerance(e)
-        };
-        if let Some((i, (s, e))) = stored.iter().zip(&expected).enumerate().find(|(_, (s, e))| differs(**s, **e)) {
+        // The same f64 sum bake computed, rounded the same way: the stored bytes must be exactly these.
+        let expected_bytes = entry.dtype.encode(expected.iter().map(|&v| v as f32));
+        if baked.bytes(entry) != expected_bytes.as_slice() {
+            let stored = entry.dtype.decode(baked.bytes(entry));
+            let (i, (s, e)) = stored
+                .iter()
+                .zip(&expected)
+                .enumerate()
+                .find(|(_, (s, e))| s.to_bits() != (**e as f32 as f64).to_bits())
+                .unwrap_or((0, (&f64::NAN, &f64::NAN)));
             found.add("biases", file_name(baked, entry), Some(&name), format!("element {i} is {s}, W_o·δ gives {e}"));
         }
     }
@@ -335,7 +342,8 @@ fn scale(values: &[f64]) -> f64 {
     values.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3)
 }
 
-fn check_config(dir: &Path, base: &ModelFiles, manifest: &Manifest, found: &mut Findings) {
+fn check_config(dir: &Path, base: &ModelFiles, found: &mut Findings) {
+    let changes = crate::export::baked::config_changes(base);
     let path = dir.join("config.json");
     let baked: Option<serde_json::Map<String, Value>> =
         read_text(&path, limits::JSON).ok().and_then(|t| serde_json::from_str(&t).ok());
@@ -350,14 +358,13 @@ fn check_config(dir: &Path, base: &ModelFiles, manifest: &Manifest, found: &mut 
         if before == after {
             continue;
         }
-        let declared = manifest.config_changes.get(key).map(|c| &c.baked);
-        if declared != after {
-            found.add(
-                "config",
-                "config.json",
-                None,
-                format!("`{key}` is {after:?}, the base has {before:?}, bake.json declares {declared:?}"),
-            );
+        let made = changes.get(key).map(|c| &c.baked);
+        if made != after {
+            let what = match made {
+                Some(v) => format!("a bake sets it to {v}"),
+                None => "a bake never changes it".to_string(),
+            };
+            found.add("config", "config.json", None, format!("`{key}` is {after:?}, the base has {before:?}; {what}"));
         }
     }
 }
@@ -387,9 +394,20 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
         last(base_model.forward(&batch, &Request { logits: true, shift: Some(&shift), ..Default::default() })?)?;
     drop(base_model);
     let baked = last(baked_files.load(&device)?.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
+    // NaN must not vanish into a maximum (`f32::max` ignores it): it counts as infinitely far.
     let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-        a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max)
+        a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, |m, d| {
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                m.max(d)
+            }
+        })
     };
+    if let Some(v) = baked.iter().flatten().find(|v| !v.is_finite()) {
+        found.add("run", "model.safetensors", None, format!("the baked model's logits are not finite ({v})"));
+        return Ok(());
+    }
     let moved = max_diff(&baked, &plain);
     let agreement = max_diff(&baked, &hooked);
     let tolerance = match dtype {
