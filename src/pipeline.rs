@@ -64,8 +64,14 @@ pub struct Prepared {
     pub timings: BTreeMap<String, f64>,
 }
 
-/// Checks what can be checked first (K, the device, the number of questions), then loads the data, builds
-/// the prompts and runs (or reuses) the activation pass.
+/// The recipe's K against the model's heads (layers × heads per layer).
+pub fn check_recipe_heads(model: &ModelFiles, recipe: &Recipe) -> Result<()> {
+    probes::check_head_count(recipe.heads, model.config.num_layers * model.config.num_heads)
+}
+
+/// Checks what can be checked first (the device, the number of questions), then loads the data, builds the
+/// prompts and runs (or reuses) the activation pass. The recipe's K is the caller's to check: `bake search`
+/// tries its own.
 pub fn prepare(
     model: &ModelFiles,
     recipe: &Recipe,
@@ -75,7 +81,6 @@ pub fn prepare(
     let mut timings = Laps::start();
     let c = &model.config;
     let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
-    probes::check_head_count(recipe.heads, layout.layers * layout.heads)?;
     // Before anything else: a cached run never touches the device, and must not record a bogus one.
     pick_device(&recipe.device)?;
 
@@ -110,6 +115,7 @@ pub fn run_probe(
     options: &ProbeOptions,
     progress: &dyn Progress,
 ) -> Result<ProbeOutcome> {
+    check_recipe_heads(model, recipe)?;
     let prepared = prepare(model, recipe, options, progress)?;
     let mut timings = Laps::start();
     progress.stage("probes");

@@ -389,6 +389,16 @@ fn push_failures_are_clear() {
     );
     hub.lock().unwrap().corrupt_lfs = false;
 
+    // A revision that cannot be a branch name is refused before any request (`?` would end the URL's path).
+    let requests = hub.lock().unwrap().log.len();
+    for revision in ["", "main?x=1", "a..b", "feature branch"] {
+        let out = push(&dir, &endpoint, TOKEN, &["--repo", "test-org/revisions", "--revision", revision]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{revision}: {stderr}");
+        assert!(stderr.contains("expected a branch name"), "{revision}: {stderr}");
+    }
+    assert_eq!(hub.lock().unwrap().log.len(), requests);
+
     // A folder that no longer matches its manifest is refused before any request.
     let requests = hub.lock().unwrap().log.len();
     let shard = std::fs::read_dir(&dir)

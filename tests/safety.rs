@@ -903,3 +903,233 @@ fn a_heatmap_that_cannot_be_written_is_an_io_error() {
         other => panic!("expected an I/O error, got {other:?}"),
     }
 }
+
+// Issue #28: ownership by content, a card's provenance, what a dtype can carry, and checks before the work.
+
+fn bake_command(s: &Setup, command: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bake"))
+        .arg(command)
+        .arg("--model")
+        .arg(s.model())
+        .arg("--dataset")
+        .arg(&s.inputs.1)
+        .args(args)
+        .env("BAKE_CACHE_DIR", s.path("cache"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn force_replaces_a_bake_only_when_every_file_is_as_bake_recorded_it() {
+    let s = Setup::new();
+    let good = s.path("good");
+    assert_ok(&s.bake(&good, &["--limit", "4"], &[]));
+    let copy = |name: &str| {
+        let dir = s.path(name);
+        for file in bake::io::listing::entries_under(&good).unwrap() {
+            std::fs::create_dir_all(dir.join(&file).parent().unwrap()).unwrap();
+            std::fs::copy(good.join(&file), dir.join(&file)).unwrap();
+        }
+        dir
+    };
+    let refused = |dir: &Path, needles: &[&str]| {
+        let before = tree(dir);
+        assert_refused(&s.bake(dir, &["--limit", "4", "--force"], &[]), needles, Some(dir));
+        assert_eq!(tree(dir), before, "{} was changed", dir.display());
+    };
+    // The user edited the model card: the sha256 bake recorded no longer holds.
+    let dir = copy("edited-card");
+    std::fs::write(dir.join("README.md"), "# my notes on this model\n").unwrap();
+    refused(&dir, &["was not written by bake", "`README.md`", "bytes, listed as"]);
+    // A real bake.json whose listed files all hold other content (same sizes).
+    let dir = copy("other-content");
+    for file in bake::io::listing::FileListing::read(&dir).unwrap().iter().map(|(f, _)| f.clone()) {
+        let path = dir.join(&file);
+        let zeros = vec![b'x'; std::fs::metadata(&path).unwrap().len() as usize];
+        std::fs::write(&path, zeros).unwrap();
+    }
+    refused(&dir, &["was not written by bake", "sha256 differs"]);
+    // bake.json edited by hand, even only its spacing.
+    let dir = copy("hand-edited-manifest");
+    let text = std::fs::read_to_string(dir.join("bake.json")).unwrap();
+    std::fs::write(dir.join("bake.json"), text.replacen("  ", "   ", 1)).unwrap();
+    refused(&dir, &["its bake.json is not as bake wrote it"]);
+    // bake.log holding the user's words.
+    let dir = copy("user-log");
+    std::fs::write(dir.join("bake.log"), "my lab notebook: do not delete\n").unwrap();
+    refused(&dir, &["its bake.log holds more than bake's timings"]);
+    // The untouched copy is bake's, and is replaced.
+    let dir = copy("untouched");
+    assert_ok(&s.bake(&dir, &["--limit", "4", "--force"], &[]));
+}
+
+#[test]
+fn force_replaces_a_probe_or_search_folder_only_when_its_outputs_json_vouches_for_every_file() {
+    let s = Setup::new();
+    let probe = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["--heads", "2", "--limit", "4", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        bake_command(&s, "probe", &args)
+    };
+    let search = |out: &Path| {
+        let corpus = s.path("corpus.txt");
+        std::fs::write(&corpus, "Bees make honey.\n\nThe sky is blue.\n").unwrap();
+        let args = ["--limit", "4", "--corpus", corpus.to_str().unwrap(), "--force", "--out", out.to_str().unwrap()];
+        bake_command(&s, "search", &args)
+    };
+    // A folder holding only the user's own report.json (or search.json and recipe.yaml).
+    let mine = s.path("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("report.json"), "{\"my\": \"results\"}\n").unwrap();
+    assert_refused(&probe(&mine, &["--force"]), &["was not written by bake", "no readable outputs.json"], Some(&mine));
+    let searched = s.path("searched");
+    std::fs::create_dir(&searched).unwrap();
+    std::fs::write(searched.join("search.json"), "{}\n").unwrap();
+    std::fs::write(searched.join("recipe.yaml"), "alpha: 3\n").unwrap();
+    assert_refused(&search(&searched), &["was not written by bake"], Some(&searched));
+    assert!(mine.join("report.json").exists() && searched.join("recipe.yaml").exists());
+
+    // bake's own folder, one file edited by the user: refused by both commands.
+    let out = s.path("report");
+    assert_ok(&probe(&out, &[]));
+    assert!(out.join("outputs.json").exists());
+    assert_ok(&probe(&out, &["--force"]));
+    let text = std::fs::read_to_string(out.join("report.json")).unwrap();
+    std::fs::write(out.join("report.json"), text.replacen("\"heads\"", "\"heads\" ", 1)).unwrap();
+    let before = tree(&out);
+    assert_refused(&probe(&out, &["--force"]), &["`report.json`", "in its outputs.json"], Some(&out));
+    assert_refused(&search(&out), &["`report.json`", "in its outputs.json"], Some(&out));
+    assert_eq!(tree(&out), before);
+}
+
+#[test]
+fn eval_card_takes_only_its_own_bakes_numbers() {
+    let s = Setup::new();
+    let (a, b) = (s.path("a"), s.path("b"));
+    assert_ok(&s.bake(&a, &["--limit", "4", "--alpha", "5"], &[]));
+    assert_ok(&s.bake(&b, &["--limit", "4"], &[]));
+    let other = s.path("other-model");
+    let spec = bake::model::synthetic::SyntheticSpec { vocab: 256, seed: 7, ..Default::default() };
+    bake::model::synthetic::write_synthetic_model(&other, &spec, u64::MAX).unwrap();
+    std::fs::copy(s.model().join("tokenizer.json"), other.join("tokenizer.json")).unwrap();
+    let before = (tree(&a), tree(&b));
+    let eval = |model: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bake"))
+            .arg("eval")
+            .arg("--model")
+            .arg(model)
+            .arg("--dataset")
+            .arg(&s.inputs.1)
+            .args(["--limit", "4", "--protocol", "leaderboard"])
+            .args(args)
+            .env("BAKE_CACHE_DIR", s.path("eval-cache"))
+            .output()
+            .unwrap()
+    };
+    // Another model's numbers into b's card.
+    let run = eval(&other, &["--card", b.to_str().unwrap()]);
+    assert_refused(&run, &["baked from a different base", "bake.json"], None);
+    assert!(!stderr(&run).contains("eval: leaderboard"), "it evaluated before refusing: {}", stderr(&run));
+    // a's numbers into b's card.
+    let run = eval(s.model(), &["--baked", a.to_str().unwrap(), "--card", b.to_str().unwrap()]);
+    assert_refused(&run, &["its card can only hold its own evaluation", "a"], None);
+    // A cross-validation of another α into b's card.
+    let run = eval(s.model(), &["--cv", "2", "--heads", "2", "--alpha", "5", "--card", b.to_str().unwrap()]);
+    assert_refused(&run, &["recipe.alpha", "another shift"], None);
+    assert!(!s.path("eval-cache").exists(), "the activation pass ran before refusing");
+    assert_eq!((tree(&a), tree(&b)), before);
+
+    // Its own numbers: accepted, and the card's evaluation verifies against the base.
+    assert_ok(&eval(s.model(), &["--baked", b.to_str().unwrap(), "--card", b.to_str().unwrap()]));
+    assert!(std::fs::read_to_string(b.join("README.md")).unwrap().contains("## Evaluation (`bake eval`)"));
+    let (code, report, err) = verify_json(&b, Some(s.model()));
+    assert_eq!(code, 0, "{report} {err}");
+}
+
+#[test]
+fn an_alpha_the_dtype_cannot_carry_is_refused_and_a_forged_one_never_verifies() {
+    let s = Setup::new();
+    let out = s.path("baked");
+    let huge = s.bake(&out, &["--limit", "4", "--alpha", "3e38"], &[]);
+    assert_refused(&huge, &["o_proj.bias", "residual stream", "lower alpha"], Some(&out));
+    assert!(!out.exists());
+
+    // A finite bias far beyond what the residual stream carries: every logit would be NaN.
+    assert_ok(&s.bake(&out, &["--limit", "4"], &[]));
+    forge_bias(&out, "model.layers.0.self_attn.o_proj.bias", 3e37);
+    for base in [None, Some(s.model())] {
+        let (code, report, err) = verify_json(&out, base);
+        assert_eq!(code, 1, "{report} {err}");
+        let hit = report["mismatches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["check"] == "finite" && m["message"].as_str().unwrap().contains("every logit would be NaN"));
+        assert!(hit, "{report}");
+    }
+}
+
+#[test]
+fn argument_and_corpus_errors_come_before_any_activation_work() {
+    let s = Setup::new();
+    let dir = s.path("corpora");
+    std::fs::create_dir(&dir).unwrap();
+    let corpus = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let fifo = dir.join("fifo.txt");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let looped = dir.join("loop.txt");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let oversized = dir.join("huge.txt");
+    std::fs::File::create(&oversized).unwrap().set_len((1 << 30) + 1).unwrap();
+    let bad_corpora: Vec<(PathBuf, &str)> = vec![
+        (dir.join("missing.txt"), "missing.txt"),
+        (fifo, "fifo.txt"),
+        (dir.clone(), "corpora"),
+        (looped, "loop.txt"),
+        (oversized, "huge.txt"),
+        (corpus("empty.txt", b""), "empty.txt"),
+        (corpus("blank.txt", b"  \n\t\n \n"), "blank.txt"),
+        (corpus("latin1.txt", b"caf\xe9 au lait\n"), "not UTF-8"),
+        (corpus("binary.txt", &[0u8, 159, 146, 150, 0, 1]), "binary.txt"),
+        (corpus("no-text.jsonl", b"{\"body\": \"hello there\"}\n"), "`text`"),
+        (corpus("numeric.jsonl", b"{\"text\": 42}\n"), "`text`"),
+        (corpus("broken.jsonl", b"{\"text\": \"unclosed\n"), "broken.jsonl"),
+    ];
+    for (path, needle) in &bad_corpora {
+        for command in ["eval --cv 2", "search"] {
+            let mut args: Vec<&str> = command.split(' ').skip(1).collect();
+            args.extend(["--limit", "4", "--corpus", path.to_str().unwrap()]);
+            let search_out = s.path("search-out");
+            if command == "search" {
+                args.extend(["--out", search_out.to_str().unwrap()]);
+            }
+            let run = bake_command(&s, command.split(' ').next().unwrap(), &args);
+            assert_refused(&run, &[needle], None);
+            assert!(!s.path("cache").exists(), "{command} {needle}: the activation pass ran before refusing");
+            assert!(!search_out.exists(), "{command} {needle}: wrote an output");
+        }
+    }
+    let good = corpus("good.txt", b"Bees make honey.\n\nThe sky is blue.\n");
+    let good = good.to_str().unwrap();
+    for (command, args, needle) in [
+        ("eval", vec!["--cv", "0"], "--cv 0"),
+        ("eval", vec!["--cv", "1"], "--cv 1"),
+        ("eval", vec!["--cv", "5"], "--cv 5: expected between 2 and the number of questions (4)"),
+        ("search", vec!["--documents", "0", "--corpus", good], "documents must be ≥ 1"),
+        ("search", vec!["--folds", "9", "--corpus", good], "--folds 9: expected between 2 and the number of questions"),
+    ] {
+        let mut args = args.clone();
+        args.extend(["--limit", "4"]);
+        let out = s.path("search-out");
+        if command == "search" {
+            args.extend(["--out", out.to_str().unwrap()]);
+        }
+        let run = bake_command(&s, command, &args);
+        assert_refused(&run, &[needle], None);
+        assert!(!s.path("cache").exists(), "{command} {args:?}: the activation pass ran before refusing");
+    }
+}

@@ -184,3 +184,23 @@ fn bad_search_input_is_a_clear_error_before_any_weight_is_read() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("expected one value here"), "{stderr}");
 }
+
+#[test]
+fn a_corpus_smaller_than_asked_is_a_warning_and_the_recipe_says_what_was_measured() {
+    let root = tempfile::tempdir().unwrap();
+    let inputs = common::synthetic_inputs(root.path());
+    let corpus = root.path().join("one-line.txt");
+    std::fs::write(&corpus, "Bees make honey and the sky is blue.\n").unwrap();
+    let args = ["--corpus", corpus.to_str().unwrap(), "--limit", "6", "--heads", "2", "--alpha", "0,5"];
+    let (ok, stderr) = search_cli(&inputs, root.path(), &[&args[..], &["--documents", "2", "--quiet"]].concat());
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("has 1 usable documents") && stderr.contains("not the 2"),
+        "{stderr}"
+    );
+    let search: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.path().join("search/search.json")).unwrap()).unwrap();
+    let recipe = bake::recipe::Recipe::load(&root.path().join("search/recipe.yaml")).unwrap();
+    assert_eq!(search["documents"], 1, "{search}");
+    assert_eq!(recipe.corpus.unwrap().documents, 1);
+}

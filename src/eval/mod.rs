@@ -301,6 +301,7 @@ pub fn cross_validate(
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
     let started = Instant::now();
+    pipeline::check_recipe_heads(model, recipe)?;
     let inputs = read_inputs(model, recipe, options, progress)?;
     let n = inputs.data.questions.len();
     let plan = fold_splits(n, folds, recipe, "--cv")?;

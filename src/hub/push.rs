@@ -368,3 +368,26 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{check_revision, encode_revision};
+
+    #[test]
+    fn a_revision_is_one_encoded_path_segment() {
+        assert_eq!(encode_revision("refs/pr/1"), "refs%2Fpr%2F1");
+        assert_eq!(encode_revision("v1.0_rc-2~x"), "v1.0_rc-2~x");
+        assert_eq!(encode_revision("main?x=1#f"), "main%3Fx%3D1%23f");
+        assert_eq!(encode_revision("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn branch_names_follow_gits_rules() {
+        for good in ["main", "iti-v2", "refs/pr/1", "feature/x.y"] {
+            assert_eq!(check_revision(good), Ok(()), "{good}");
+        }
+        for bad in ["", "main?x=1", "a..b", "a b", "-x", "x/", "x.lock", "a//b", "x@{1}", "a\\b"] {
+            assert!(check_revision(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -187,3 +187,15 @@ fn compared_with_full(done: usize, full: usize) -> String {
         std::cmp::Ordering::Greater => format!("{:.1}× more", done as f64 / full.max(1) as f64),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::compared_with_full;
+
+    #[test]
+    fn work_against_the_full_grid_reads_right_either_way() {
+        assert_eq!(compared_with_full(3270, 30229), "9.2× fewer");
+        assert_eq!(compared_with_full(60, 60), "the same");
+        assert_eq!(compared_with_full(90, 60), "1.5× more");
+    }
+}
