@@ -348,16 +348,54 @@ impl RecipeArgs {
 }
 
 /// Draws the library's progress events on stderr: each stage with the time since the run began, counted work
-/// as a bar in human units. `--quiet` keeps only warnings.
+/// as a bar in human units on a terminal, and as a plain line at least every 30 seconds elsewhere (a log
+/// file, `nohup`, `tee`, CI, a cluster job), where a bar shows nothing. `--quiet` keeps only warnings.
 struct Bars {
     bar: Mutex<Option<ProgressBar>>,
     started: Instant,
     quiet: bool,
+    /// Where stderr is no terminal: how often counted work prints a line.
+    line_every: Option<std::time::Duration>,
+    counted: Mutex<Option<Counted>>,
+}
+
+/// Counted work in progress, for the plain lines.
+struct Counted {
+    total: u64,
+    unit: String,
+    done: u64,
+    started: Instant,
+    last_line: Instant,
+}
+
+impl Counted {
+    fn line(&self) -> String {
+        let amount = |n: u64| match self.unit.as_str() {
+            "bytes" => bake::units::format_bytes(n),
+            unit => format!("{n} {unit}"),
+        };
+        let seconds = self.started.elapsed().as_secs_f64();
+        let rate = self.done as f64 / seconds.max(1e-9);
+        let left = match self.done {
+            0 => "time left unknown".to_string(),
+            done => format!("about {:.0} s left", (self.total.saturating_sub(done)) as f64 / rate),
+        };
+        format!("  {} of {} ({:.0}%), {:.0} s, {left}", amount(self.done), amount(self.total), self.percent(), seconds)
+    }
+
+    fn percent(&self) -> f64 {
+        100.0 * self.done as f64 / self.total.max(1) as f64
+    }
 }
 
 impl Bars {
     fn new(quiet: bool) -> Self {
-        Bars { bar: Mutex::new(None), started: Instant::now(), quiet }
+        use std::io::IsTerminal;
+        // BAKE_PROGRESS_SECONDS sets the interval of the plain lines (tests use 0: a line per step).
+        let seconds = std::env::var("BAKE_PROGRESS_SECONDS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(30.0);
+        let line_every =
+            (!std::io::stderr().is_terminal()).then(|| std::time::Duration::from_secs_f64(seconds.max(0.0)));
+        Bars { bar: Mutex::new(None), started: Instant::now(), quiet, line_every, counted: Mutex::new(None) }
     }
 
     /// Prints a line above the bar, if one is drawn.
@@ -390,6 +428,12 @@ impl Progress for Bars {
         if self.quiet {
             return;
         }
+        if self.line_every.is_some() {
+            let now = Instant::now();
+            *self.counted.lock().unwrap() =
+                Some(Counted { total, unit: unit.to_string(), done: 0, started: now, last_line: now });
+            return;
+        }
         let bar = ProgressBar::new(total);
         // Bytes in decimal units (MB = 10⁶ bytes), as every size bake prints; other counts with separators.
         let template = if unit == "bytes" {
@@ -406,11 +450,24 @@ impl Progress for Bars {
         if let Some(bar) = self.bar.lock().unwrap().as_ref() {
             bar.inc(n);
         }
+        if let (Some(every), Some(counted)) = (self.line_every, self.counted.lock().unwrap().as_mut()) {
+            counted.done += n;
+            if counted.last_line.elapsed() >= every {
+                counted.last_line = Instant::now();
+                eprintln!("{}", counted.line());
+            }
+        }
     }
 
     fn finish(&self) {
         if let Some(bar) = self.bar.lock().unwrap().take() {
             bar.finish_and_clear();
+        }
+        // A long count ends with its total, so a log shows it completed.
+        if let (Some(every), Some(counted)) = (self.line_every, self.counted.lock().unwrap().take()) {
+            if counted.started.elapsed() >= every {
+                eprintln!("{}", counted.line());
+            }
         }
     }
 
@@ -611,7 +668,7 @@ fn print_bake_summary(
         println!("  {stage:<12} {seconds:>6.1} s");
     }
     for (part, seconds) in &written.timings {
-        println!("    {part:<12} {seconds:>4.1} s");
+        println!("    {part:<13} {seconds:>4.1} s");
     }
     println!("  {:<12} {total_seconds:>6.1} s", "total");
     println!();
@@ -659,9 +716,10 @@ fn run_verify(args: &VerifyArgs, quiet: bool) -> Result<ExitCode> {
         );
         if report.scope == bake::verify::Scope::SelfConsistency {
             println!(
-                "note: self-consistency only: the files match bake.json and the diff is consistent, but nothing was \
-                 compared with the base model, so replaced weights with updated hashes would pass. To prove the \
-                 weights are exactly base + diff: bake verify {} --base MODEL",
+                "note: self-consistency only: the files match bake.json, and the figures, the diff and the \
+                 manifest's recipe and heads agree with report.json; but nothing was compared with the base model, \
+                 so replaced weights, tokenizer, chat template or config with updated hashes would pass. To prove \
+                 every file is exactly what the base and the shift give: bake verify {} --base MODEL",
                 args.target
             );
         }

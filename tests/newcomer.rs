@@ -181,3 +181,19 @@ fn the_heatmap_is_a_figure_at_every_model_size() {
         assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
     }
 }
+
+#[test]
+fn progress_reaches_a_log_when_stderr_is_no_terminal() {
+    let root = tempfile::tempdir().unwrap();
+    let inputs = common::synthetic_inputs(root.path());
+    let out = root.path().join("baked");
+    // stderr is a pipe here, as in `nohup`, `tee` or CI; a line per step instead of one per 30 seconds.
+    let args = ["--limit", "6", "--batch-tokens", "64", "--no-cache", "--out", out.to_str().unwrap()];
+    let run = common::bake_synthetic(root.path(), &inputs, &args, &[("BAKE_PROGRESS_SECONDS", "0")]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let counted: Vec<&str> = stderr.lines().filter(|l| l.contains("%), ") && l.contains(" s, ")).collect();
+    assert!(counted.len() >= 3, "no progress lines for a multi-batch pass: {stderr}");
+    assert!(counted.iter().any(|l| l.contains("(100%)")), "the count does not end at its total: {stderr}");
+    assert!(stderr.contains("s  activations"), "no stage line: {stderr}");
+}

@@ -497,22 +497,23 @@ fn verify_json(dir: &Path, base: Option<&Path>) -> (i32, Value, String) {
     (out.status.code().unwrap(), serde_json::from_str(stdout.trim()).unwrap_or(Value::Null), stderr(&out))
 }
 
+/// Bakes into `out`, forges layer 0's o_proj bias to `value`, and requires `verify`, with and without the
+/// base, to fail with a mismatch `is_the_one` accepts.
+fn assert_forged_bias_never_verifies(s: &Setup, out: &Path, value: f32, is_the_one: impl Fn(&Value) -> bool) {
+    assert_ok(&s.bake(out, &["--limit", "4"], &[]));
+    forge_bias(out, "model.layers.0.self_attn.o_proj.bias", value);
+    for base in [None, Some(s.model())] {
+        let (code, report, err) = verify_json(out, base);
+        assert_eq!(code, 1, "{report} {err}");
+        assert!(report["mismatches"].as_array().unwrap().iter().any(&is_the_one), "{report}");
+    }
+}
+
 #[test]
 fn verify_treats_a_forged_nan_bias_as_a_mismatch_with_or_without_the_base() {
     let s = Setup::new();
     let out = s.path("baked");
-    assert_ok(&s.bake(&out, &["--limit", "4"], &[]));
-    forge_bias(&out, "model.layers.0.self_attn.o_proj.bias", f32::NAN);
-    for base in [None, Some(s.model())] {
-        let (code, report, err) = verify_json(&out, base);
-        assert_eq!(code, 1, "{report} {err}");
-        let hit = report["mismatches"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["tensor"] == "model.layers.0.self_attn.o_proj.bias");
-        assert!(hit, "{report}");
-    }
+    assert_forged_bias_never_verifies(&s, &out, f32::NAN, |m| m["tensor"] == "model.layers.0.self_attn.o_proj.bias");
 }
 
 // 6. Too few questions for a split.
@@ -1055,18 +1056,9 @@ fn an_alpha_the_dtype_cannot_carry_is_refused_and_a_forged_one_never_verifies() 
     assert!(!out.exists());
 
     // A finite bias far beyond what the residual stream carries: every logit would be NaN.
-    assert_ok(&s.bake(&out, &["--limit", "4"], &[]));
-    forge_bias(&out, "model.layers.0.self_attn.o_proj.bias", 3e37);
-    for base in [None, Some(s.model())] {
-        let (code, report, err) = verify_json(&out, base);
-        assert_eq!(code, 1, "{report} {err}");
-        let hit = report["mismatches"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["check"] == "finite" && m["message"].as_str().unwrap().contains("every logit would be NaN"));
-        assert!(hit, "{report}");
-    }
+    assert_forged_bias_never_verifies(&s, &out, 3e37, |m| {
+        m["check"] == "finite" && m["message"].as_str().unwrap().contains("every logit would be NaN")
+    });
 }
 
 #[test]
@@ -1100,7 +1092,7 @@ fn argument_and_corpus_errors_come_before_any_activation_work() {
         (corpus("broken.jsonl", b"{\"text\": \"unclosed\n"), "broken.jsonl"),
     ];
     for (path, needle) in &bad_corpora {
-        for command in ["eval --cv 2", "search"] {
+        for command in ["eval --cv 2 --heads 2", "search"] {
             let mut args: Vec<&str> = command.split(' ').skip(1).collect();
             args.extend(["--limit", "4", "--corpus", path.to_str().unwrap()]);
             let search_out = s.path("search-out");
@@ -1116,9 +1108,9 @@ fn argument_and_corpus_errors_come_before_any_activation_work() {
     let good = corpus("good.txt", b"Bees make honey.\n\nThe sky is blue.\n");
     let good = good.to_str().unwrap();
     for (command, args, needle) in [
-        ("eval", vec!["--cv", "0"], "--cv 0"),
-        ("eval", vec!["--cv", "1"], "--cv 1"),
-        ("eval", vec!["--cv", "5"], "--cv 5: expected between 2 and the number of questions (4)"),
+        ("eval", vec!["--cv", "0", "--heads", "2"], "--cv 0"),
+        ("eval", vec!["--cv", "1", "--heads", "2"], "--cv 1"),
+        ("eval", vec!["--cv", "5", "--heads", "2"], "--cv 5: expected between 2 and the number of questions (4)"),
         ("search", vec!["--documents", "0", "--corpus", good], "documents must be ≥ 1"),
         ("search", vec!["--folds", "9", "--corpus", good], "--folds 9: expected between 2 and the number of questions"),
     ] {

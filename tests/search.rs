@@ -158,12 +158,18 @@ fn search_cli(inputs: &(std::path::PathBuf, std::path::PathBuf), root: &Path, ar
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-#[test]
-fn bad_search_input_is_a_clear_error_before_any_weight_is_read() {
+/// A temporary folder with synthetic inputs and a corpus holding `text`.
+fn synthetic_search(text: &str) -> (tempfile::TempDir, (std::path::PathBuf, std::path::PathBuf), std::path::PathBuf) {
     let root = tempfile::tempdir().unwrap();
     let inputs = common::synthetic_inputs(root.path());
     let corpus = root.path().join("corpus.txt");
-    std::fs::write(&corpus, "Bees make honey.\n\nThe sky is blue.\n").unwrap();
+    std::fs::write(&corpus, text).unwrap();
+    (root, inputs, corpus)
+}
+
+#[test]
+fn bad_search_input_is_a_clear_error_before_any_weight_is_read() {
+    let (root, inputs, corpus) = synthetic_search("Bees make honey.\n\nThe sky is blue.\n");
     let c = corpus.to_str().unwrap();
     for (args, expected) in [
         (vec!["--corpus", c, "--heads", ""], "--heads"),
@@ -187,10 +193,7 @@ fn bad_search_input_is_a_clear_error_before_any_weight_is_read() {
 
 #[test]
 fn a_corpus_smaller_than_asked_is_a_warning_and_the_recipe_says_what_was_measured() {
-    let root = tempfile::tempdir().unwrap();
-    let inputs = common::synthetic_inputs(root.path());
-    let corpus = root.path().join("one-line.txt");
-    std::fs::write(&corpus, "Bees make honey and the sky is blue.\n").unwrap();
+    let (root, inputs, corpus) = synthetic_search("Bees make honey and the sky is blue.\n");
     let args = ["--corpus", corpus.to_str().unwrap(), "--limit", "6", "--heads", "2", "--alpha", "0,5"];
     let (ok, stderr) = search_cli(&inputs, root.path(), &[&args[..], &["--documents", "2", "--quiet"]].concat());
     assert!(ok, "{stderr}");

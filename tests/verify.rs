@@ -288,6 +288,11 @@ fn with_a_base_tampering_outside_the_tensors_fails() {
     // The manifest's own claims: α, and the heads.
     let dir = case("alpha", &|d| edit_json(d, "bake.json", &|m| m["recipe"]["alpha"] = 99.0.into()));
     assert_fails_naming(&dir, &base, "bake.json", "recipe.alpha 15 → 99");
+    // Even without the base, the manifest's claims must agree with report.json.
+    let out = Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&dir).arg("--json").output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let named = report["mismatches"].as_array().unwrap().iter().any(|m| m["file"] == "report.json");
+    assert!(out.status.code() == Some(1) && named, "{report}");
     let dir = case("heads", &|d| {
         edit_json(d, "bake.json", &|m| m["heads"].as_array_mut().unwrap().truncate(1));
     });

@@ -1,5 +1,7 @@
-//! `bake verify --base`, check `derived`: every file of a bake that is not a weight is re-derived from the base
-//! and the folder's own probe report, and must equal it byte for byte.
+//! `bake verify`, check `derived`: every file of a bake that is not a weight is re-derived from the base and
+//! the folder's own probe report, and must equal it byte for byte. Without a base, what the report
+//! determines on its own is (the figures, the pyvene diff and its twin, the manifest's recipe, heads and
+//! splits).
 //!
 //! A bake is a function of three things: the base model, what its probe stage found (`report.json`: the
 //! recipe, splits, accuracies, σ; δ is in `activation_diff.safetensors`), and a few recorded facts (the
@@ -33,49 +35,55 @@ const CARD: &str = "README.md";
 /// What the `derived` check needs from the other checks.
 pub(super) struct Derivation<'a> {
     pub dir: &'a Path,
-    pub base: &'a ModelFiles,
-    /// sha256 of the base's config and weight files.
-    pub base_hashes: &'a [(std::path::PathBuf, String)],
     pub manifest: &'a Manifest,
     /// δ per layer as the twin holds it (f32, exact), when the twin could be read.
     pub deltas: Option<&'a BTreeMap<usize, Vec<f32>>>,
-    pub baked: Option<&'a Checkpoint>,
     /// The files the `files` check found not as `bake.json` records them (or not listed there).
     pub differing: &'a BTreeSet<String>,
+    /// Without it, only what `report.json` determines on its own is re-derived (its figures, the diff, the
+    /// manifest's recipe, heads and splits).
+    pub base: Option<Base<'a>>,
+}
+
+/// The base model a bake is verified against.
+pub(super) struct Base<'a> {
+    pub model: &'a ModelFiles,
+    /// sha256 of the base's config and weight files.
+    pub hashes: &'a [(std::path::PathBuf, String)],
+    /// The bake's weights, when they could be read.
+    pub baked: Option<&'a Checkpoint>,
 }
 
 pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> {
     let mut expected: BTreeSet<String> = [MANIFEST, LOG].map(String::from).into();
-    let weights = check_weight_layout(d, found)?;
-    expected.extend(weights);
-    expected.extend(check_copied_files(d, found)?);
-    expected.insert("config.json".into());
-    let _ = compare(d.dir, "config.json", baked::config_text(d.base).as_bytes(), d, found);
+    if let Some(base) = &d.base {
+        expected.extend(check_weight_layout(d, base, found)?);
+        expected.extend(check_copied_files(d, base, found)?);
+        expected.insert("config.json".into());
+        let _ = compare(d.dir, "config.json", baked::config_text(base.model).as_bytes(), d, found);
+    }
 
-    let report = match read_report(d, found) {
-        Some(r) => r,
-        None => {
-            // Without a report nothing else can be derived; the files that would be are at least not unknown.
-            expected.extend(REPORT_FILES.iter().map(|f| f.to_string()));
-            expected.insert(CARD.into());
-            report_unknown_files(d.dir, &expected, |name| name.starts_with(baked::DIFF_DIR), found)?;
-            return Ok(());
-        }
+    let Some(report) = read_report(d, found) else {
+        // Without a report nothing else can be derived; the files that would be are at least not unknown.
+        expected.extend(REPORT_FILES.iter().map(|f| f.to_string()));
+        expected.insert(CARD.into());
+        return report_unknown_files(d, &expected, |name| name.starts_with(baked::DIFF_DIR), found);
     };
     // Every file report.json determines. When one disagrees, either it or report.json was edited: both are
     // named.
     let mut from_report: Vec<(String, Vec<u8>)> =
         report.files(d.dir)?.into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect();
-    let width = d.base.config.attn_width();
-    let deltas: Vec<Option<Vec<f32>>> =
-        (0..d.base.config.num_layers).map(|l| report.delta.get(&l.to_string()).cloned()).collect();
-    from_report.extend(baked::activation_diff_files(&report, &deltas, width, d.base.dtype()));
-    let card_text = card::model_card(d.base, &report);
-    let card_text = match &d.manifest.evaluation {
-        Some(section) => card::with_evaluation(&card_text, section),
-        None => card_text,
-    };
-    from_report.push((CARD.into(), card_text.into_bytes()));
+    let width = report.heads_per_layer * report.head_dim;
+    let deltas: Vec<Option<Vec<f32>>> = (0..report.layers).map(|l| report.delta.get(&l.to_string()).cloned()).collect();
+    from_report.extend(baked::activation_diff_files(&report, &deltas, width, d.manifest.dtype));
+    if let Some(base) = &d.base {
+        let card_text = card::model_card(base.model, &report);
+        let card_text = match &d.manifest.evaluation {
+            Some(section) => card::with_evaluation(&card_text, section),
+            None => card_text,
+        };
+        from_report.push((CARD.into(), card_text.into_bytes()));
+    }
     let mut disagreeing = Vec::new();
     for (name, bytes) in from_report {
         if !compare(d.dir, &name, &bytes, d, found) && name != REPORT {
@@ -85,6 +93,8 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
     }
     let m = d.manifest;
     let claims_match = m.recipe == report.recipe
+        && m.recipe_sha256 == report.recipe.sha256()
+        && m.seed == report.recipe.seed
         && m.heads == report.heads
         && (&m.train_questions, &m.val_questions, &m.tuning_question)
             == (&report.train_questions, &report.val_questions, &report.tuning_question);
@@ -96,22 +106,24 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
         found.add(CHECK, REPORT, None, message);
     }
 
+    let Some(base) = &d.base else { return Ok(()) };
     let manifest = baked::expected_manifest(
-        d.base,
+        base.model,
         &report,
         Recorded {
             base_revision: d.manifest.base_revision.clone(),
-            inputs: expected_inputs(d)?,
+            inputs: expected_inputs(d, base)?,
             outputs: actual_outputs(d)?,
             evaluation: d.manifest.evaluation.clone(),
         },
     );
     let _ = compare(d.dir, MANIFEST, manifest.to_text().as_bytes(), d, found);
-    report_unknown_files(d.dir, &expected, |_| false, found)
+    report_unknown_files(d, &expected, |_| false, found)
 }
 
 /// `report.json`, with δ taken from the twin (exact f32; the report's decimal copy must print the same), after
-/// checking that its shape is the base's (so that nothing below indexes out of range).
+/// checking that its shape is consistent, and the base's when there is one (so that nothing below indexes
+/// out of range).
 fn read_report(d: &Derivation, found: &mut Findings) -> Option<ProbeReport> {
     let mut report = match ProbeReport::read(&d.dir.join(REPORT)) {
         Ok(r) => r,
@@ -120,16 +132,17 @@ fn read_report(d: &Derivation, found: &mut Findings) -> Option<ProbeReport> {
             return None;
         }
     };
-    let c = &d.base.config;
-    let shape_ok = report.layers == c.num_layers
-        && report.heads_per_layer == c.num_heads
-        && report.head_dim == c.head_dim
-        && report.val_accuracy.len() == c.num_layers
-        && report.val_accuracy.iter().all(|row| row.len() == c.num_heads)
-        && report.heads.iter().all(|&[l, h]| l < c.num_layers && h < c.num_heads)
+    let (layers, heads) = (report.layers, report.heads_per_layer);
+    let consistent = report.val_accuracy.len() == layers
+        && report.val_accuracy.iter().all(|row| row.len() == heads)
+        && report.heads.iter().all(|&[l, h]| l < layers && h < heads)
         && report.heads.len() == report.sigma.len();
-    if !shape_ok {
-        found.add(CHECK, REPORT, None, "its layers, heads or chosen heads do not fit the base model");
+    let fits_base = d.base.as_ref().is_none_or(|b| {
+        let c = &b.model.config;
+        (layers, heads, report.head_dim) == (c.num_layers, c.num_heads, c.head_dim)
+    });
+    if !(consistent && fits_base) {
+        found.add(CHECK, REPORT, None, "its layers, heads or chosen heads do not fit each other or the base model");
         return None;
     }
     if let Some(deltas) = d.deltas {
@@ -140,15 +153,15 @@ fn read_report(d: &Derivation, found: &mut Findings) -> Option<ProbeReport> {
 
 /// The manifest's `inputs`: the base's config, weights and copied files as hashed now, and the dataset's
 /// hashes as recorded (the dataset is not at hand here).
-fn expected_inputs(d: &Derivation) -> Result<BTreeMap<String, String>> {
-    let mut model_files = d.base_hashes.to_vec();
-    for file in d.base.location.companion_files() {
+fn expected_inputs(d: &Derivation, base: &Base) -> Result<BTreeMap<String, String>> {
+    let mut model_files = base.hashes.to_vec();
+    for file in base.model.location.companion_files() {
         let hash = sha256_file(&file)?;
         model_files.push((file, hash));
     }
-    let mut inputs = manifest::inputs(&d.base.location.dir, &model_files, &[]);
+    let mut inputs = manifest::inputs(&base.model.location.dir, &model_files, &[]);
     match local_dataset_hashes(&d.manifest.recipe)? {
-        Some(files) => inputs.extend(manifest::inputs(&d.base.location.dir, &[], &files)),
+        Some(files) => inputs.extend(manifest::inputs(&base.model.location.dir, &[], &files)),
         None => inputs.extend(
             d.manifest.inputs.iter().filter(|(k, _)| k.starts_with("dataset/")).map(|(k, v)| (k.clone(), v.clone())),
         ),
@@ -184,9 +197,9 @@ fn actual_outputs(d: &Derivation) -> Result<crate::io::listing::FileListing> {
 
 /// The base's tokenizer, generation config, chat template and licence: each must be in the bake as it is in
 /// the base. Returns their names.
-fn check_copied_files(d: &Derivation, found: &mut Findings) -> Result<Vec<String>> {
+fn check_copied_files(d: &Derivation, base: &Base, found: &mut Findings) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for file in d.base.location.companion_files() {
+    for file in base.model.location.companion_files() {
         let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let copy = d.dir.join(&name);
         if !copy.is_file() {
@@ -202,9 +215,9 @@ fn check_copied_files(d: &Derivation, found: &mut Findings) -> Result<Vec<String
 /// Each weight file is either a byte-for-byte copy of a base weight file or exactly what bake's writer gives
 /// its tensors (header and layout; the tensors' bytes are the `tensors` and `biases` checks'), and the index
 /// is exactly the one bake writes for them. Returns the names of the weight files and the index.
-fn check_weight_layout(d: &Derivation, found: &mut Findings) -> Result<Vec<String>> {
-    let Some(baked) = d.baked else { return Ok(Vec::new()) };
-    let base_weight_hashes: BTreeSet<&str> = d.base_hashes.iter().map(|(_, h)| h.as_str()).collect();
+fn check_weight_layout(d: &Derivation, base: &Base, found: &mut Findings) -> Result<Vec<String>> {
+    let Some(baked) = base.baked else { return Ok(Vec::new()) };
+    let base_weight_hashes: BTreeSet<&str> = base.hashes.iter().map(|(_, h)| h.as_str()).collect();
     let file_name = |i: usize| baked.files[i].file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut names = Vec::new();
     let mut index_entries = Vec::new();
@@ -277,14 +290,17 @@ fn compare(dir: &Path, name: &str, expected: &[u8], d: &Derivation, found: &mut 
     false
 }
 
-/// Files a bake does not write.
+/// Files a bake does not write (known only with the base, which decides which files are copied).
 fn report_unknown_files(
-    dir: &Path,
+    d: &Derivation,
     expected: &BTreeSet<String>,
     also_allowed: impl Fn(&str) -> bool,
     found: &mut Findings,
 ) -> Result<()> {
-    for name in entries_under(dir)? {
+    if d.base.is_none() {
+        return Ok(());
+    }
+    for name in entries_under(d.dir)? {
         if !expected.contains(&name) && !also_allowed(&name) && name != DIFF_SAFETENSORS {
             found.add(CHECK, &name, None, "not a file a bake writes");
         }

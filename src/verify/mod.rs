@@ -128,40 +128,45 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
         check_finite_biases(baked, &mut found);
     }
 
-    if let Some(base_spec) = &options.base {
-        progress.stage("verify: tensors");
-        let base = ModelFiles::open(base_spec)?;
-        let base_hashes = base.input_hashes()?;
-        for d in manifest.base_differences(&base, &base_hashes) {
+    let base = match &options.base {
+        Some(spec) => {
+            progress.stage("verify: tensors");
+            let model = ModelFiles::open(spec)?;
+            let hashes = model.input_hashes()?;
+            Some((model, hashes))
+        }
+        None => None,
+    };
+    if let Some((base, base_hashes)) = &base {
+        for d in manifest.base_differences(base, base_hashes) {
             found.add("tensors", d.key, None, "the base given differs from the base this folder was baked from");
         }
-        checks.extend(["tensors", "biases", "config", "derived"]);
+        checks.extend(["tensors", "biases", "config"]);
         match &baked {
             Err(e) => found.add("tensors", SINGLE_FILE, None, format!("cannot read the baked weights: {e}")),
             Ok(baked) => {
-                check_tensors(&base, baked, &mut found);
+                check_tensors(base, baked, &mut found);
                 if let Some(deltas) = &deltas {
-                    check_biases(&base, baked, deltas, &mut found)?;
+                    check_biases(base, baked, deltas, &mut found)?;
                 }
             }
         }
-        check_config(dir, &base, &mut found);
-        let derivation = derived::Derivation {
-            dir,
-            base: &base,
-            base_hashes: &base_hashes,
-            manifest: &manifest,
-            deltas: deltas.as_ref(),
-            baked: baked.as_ref().ok(),
-            differing: &differing,
-        };
-        derived::check_derived(&derivation, &mut found)?;
-        if options.run && found.list.is_empty() {
-            progress.stage("verify: run");
-            checks.push("run");
-            if let Some(deltas) = &deltas {
-                check_run(dir, &base, deltas, &mut found)?;
-            }
+        check_config(dir, base, &mut found);
+    }
+    checks.push("derived");
+    let derivation = derived::Derivation {
+        dir,
+        manifest: &manifest,
+        deltas: deltas.as_ref(),
+        differing: &differing,
+        base: base.as_ref().map(|(model, hashes)| derived::Base { model, hashes, baked: baked.as_ref().ok() }),
+    };
+    derived::check_derived(&derivation, &mut found)?;
+    if let (Some((base, _)), true) = (&base, options.run && found.list.is_empty()) {
+        progress.stage("verify: run");
+        checks.push("run");
+        if let Some(deltas) = &deltas {
+            check_run(dir, base, deltas, &mut found)?;
         }
     }
     Ok(report(checks, found))
