@@ -366,25 +366,24 @@ struct Counted {
     done: u64,
     started: Instant,
     last_line: Instant,
+    /// `done` when the last line was printed.
+    shown: u64,
 }
 
 impl Counted {
-    fn line(&self) -> String {
-        let amount = |n: u64| match self.unit.as_str() {
-            "bytes" => bake::units::format_bytes(n),
-            unit => format!("{n} {unit}"),
+    /// `12.4 MB of 40.0 MB (31%), about 9 s left` or `110 of 307 prompts (36%), about 9 s left`.
+    fn describe(&self) -> String {
+        let (done, total) = match self.unit.as_str() {
+            "bytes" => (bake::units::format_bytes(self.done), bake::units::format_bytes(self.total)),
+            unit => (self.done.to_string(), format!("{} {unit}", self.total)),
         };
-        let seconds = self.started.elapsed().as_secs_f64();
-        let rate = self.done as f64 / seconds.max(1e-9);
+        let percent = 100.0 * self.done as f64 / self.total.max(1) as f64;
+        let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         let left = match self.done {
             0 => "time left unknown".to_string(),
-            done => format!("about {:.0} s left", (self.total.saturating_sub(done)) as f64 / rate),
+            _ => format!("about {:.0} s left", self.total.saturating_sub(self.done) as f64 / rate),
         };
-        format!("  {} of {} ({:.0}%), {:.0} s, {left}", amount(self.done), amount(self.total), self.percent(), seconds)
-    }
-
-    fn percent(&self) -> f64 {
-        100.0 * self.done as f64 / self.total.max(1) as f64
+        format!("{done} of {total} ({percent:.0}%), {left}")
     }
 }
 
@@ -396,6 +395,11 @@ impl Bars {
         let line_every =
             (!std::io::stderr().is_terminal()).then(|| std::time::Duration::from_secs_f64(seconds.max(0.0)));
         Bars { bar: Mutex::new(None), started: Instant::now(), quiet, line_every, counted: Mutex::new(None) }
+    }
+
+    /// `bake:   12.3 s  text`: the time since the run began, as every stage line.
+    fn timed(&self, text: &str) -> String {
+        format!("bake: {:>6.1} s  {text}", self.started.elapsed().as_secs_f64())
     }
 
     /// Prints a line above the bar, if one is drawn.
@@ -420,7 +424,7 @@ fn rounded_rate(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
 impl Progress for Bars {
     fn stage(&self, name: &str) {
         if !self.quiet {
-            self.line(&format!("bake: {:>6.1} s  {name}", self.started.elapsed().as_secs_f64()));
+            self.line(&self.timed(name));
         }
     }
 
@@ -431,7 +435,7 @@ impl Progress for Bars {
         if self.line_every.is_some() {
             let now = Instant::now();
             *self.counted.lock().unwrap() =
-                Some(Counted { total, unit: unit.to_string(), done: 0, started: now, last_line: now });
+                Some(Counted { total, unit: unit.to_string(), done: 0, started: now, last_line: now, shown: 0 });
             return;
         }
         let bar = ProgressBar::new(total);
@@ -454,7 +458,8 @@ impl Progress for Bars {
             counted.done += n;
             if counted.last_line.elapsed() >= every {
                 counted.last_line = Instant::now();
-                eprintln!("{}", counted.line());
+                counted.shown = counted.done;
+                self.line(&self.timed(&counted.describe()));
             }
         }
     }
@@ -465,8 +470,8 @@ impl Progress for Bars {
         }
         // A long count ends with its total, so a log shows it completed.
         if let (Some(every), Some(counted)) = (self.line_every, self.counted.lock().unwrap().take()) {
-            if counted.started.elapsed() >= every {
-                eprintln!("{}", counted.line());
+            if counted.started.elapsed() >= every && counted.shown != counted.done {
+                self.line(&self.timed(&counted.describe()));
             }
         }
     }

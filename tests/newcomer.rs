@@ -192,7 +192,7 @@ fn progress_reaches_a_log_when_stderr_is_no_terminal() {
     let run = common::bake_synthetic(root.path(), &inputs, &args, &[("BAKE_PROGRESS_SECONDS", "0")]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
-    let counted: Vec<&str> = stderr.lines().filter(|l| l.contains("%), ") && l.contains(" s, ")).collect();
+    let counted: Vec<&str> = stderr.lines().filter(|l| l.contains("%), ") && l.contains(" of ")).collect();
     assert!(counted.len() >= 3, "no progress lines for a multi-batch pass: {stderr}");
     assert!(counted.iter().any(|l| l.contains("(100%)")), "the count does not end at its total: {stderr}");
     assert!(stderr.contains("s  activations"), "no stage line: {stderr}");
