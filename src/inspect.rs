@@ -64,6 +64,15 @@ pub struct Inspection {
     pub bake_memory_estimate: MemoryEstimate,
     /// The activation pass over the full TruthfulQA set in both modes (no budget: resident is chosen).
     pub activation_plan: Plan,
+    /// What this machine would do with that pass on the CPU in f32, by its available memory.
+    pub this_machine: MachineVerdict,
+}
+
+/// The mode the memory this machine has now allows (`None`: neither fits, or the memory is unknown).
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineVerdict {
+    pub available_bytes: Option<u64>,
+    pub mode: Option<plan::Mode>,
 }
 
 pub fn inspect(model: &ModelFiles) -> Inspection {
@@ -73,6 +82,12 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
     let batch_tokens = plan::auto_batch_tokens(&model.config, &compute, None);
     let activation_plan = plan::plan(model, &TRUTHFULQA_PASS, &compute, batch_tokens, rate, None)
         .expect("without a budget a plan always exists");
+    let available = plan::budget_for(&compute.device, None).map(|b| b.bytes);
+    let this_machine = MachineVerdict {
+        available_bytes: available,
+        mode: available
+            .and_then(|a| plan::mode_for(activation_plan.resident_bytes, activation_plan.streamed_bytes, Some(a))),
+    };
     let c = &model.config;
     let ck = &model.checkpoint;
     let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();
@@ -109,6 +124,7 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
         total_bytes: files.iter().map(|f| f.bytes).sum(),
         files,
         activation_plan,
+        this_machine,
         bake_memory_estimate: MemoryEstimate {
             weights_f32_bytes,
             mapped_weights_bytes,

@@ -37,9 +37,9 @@ struct Cli {
 struct BakeArgs {
     #[command(flatten)]
     recipe: RecipeArgs,
-    /// Output folder for the baked checkpoint (written atomically).
-    #[arg(long, short)]
-    out: PathBuf,
+    /// Output folder for the baked checkpoint (written atomically); not needed with --dry-run.
+    #[arg(long, short, required_unless_present = "dry_run")]
+    out: Option<PathBuf>,
     /// Replace an existing output folder, if bake wrote it (a folder bake did not write is never replaced).
     #[arg(long)]
     force: bool,
@@ -590,6 +590,26 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
         gib(m.writer_bytes)
     );
     println!("activations  full TruthfulQA set: {}", report.activation_plan.describe());
+    let (plan, machine) = (&report.activation_plan, &report.this_machine);
+    let gb = |b: u64| b as f64 / 1e9;
+    match (machine.available_bytes, machine.mode) {
+        (Some(a), Some(bake::activations::plan::Mode::Resident)) => {
+            println!("this machine ~{:.2} GB available: a bake runs resident", gb(a))
+        }
+        (Some(a), Some(bake::activations::plan::Mode::Streamed)) => println!(
+            "this machine ~{:.2} GB available: a bake runs layer-streamed (resident needs ~{:.2} GB)",
+            gb(a),
+            gb(plan.resident_bytes)
+        ),
+        (Some(a), None) => println!(
+            "warning: this machine has ~{:.2} GB available, less than a bake needs (resident ~{:.2} GB, \
+             streamed ~{:.2} GB): try --dtype bf16, a GPU, or a machine with more memory",
+            gb(a),
+            gb(plan.resident_bytes),
+            gb(plan.streamed_bytes)
+        ),
+        (None, _) => println!("this machine: available memory unknown; give --max-memory to bake"),
+    }
     Ok(())
 }
 
@@ -633,13 +653,17 @@ fn run_bake(args: &BakeArgs, quiet: bool) -> Result<()> {
     let bars = Bars::new(quiet);
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
-    let target = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Bake)?;
-    if args.dry_run {
+    let target = args
+        .out
+        .as_ref()
+        .map(|out| pipeline::check_output(out, args.force, &model, &recipe, OutputKind::Bake))
+        .transpose()?;
+    let Some(target) = target.filter(|_| !args.dry_run) else {
         let plan = pipeline::plan_run(&model, &recipe, args.recipe.max_memory)?;
         println!("activation pass: {}", plan.describe());
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
-    }
+    };
     let staging = target.stage()?;
     staging.notes.iter().for_each(|n| bars.note(n));
     let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
@@ -666,7 +690,8 @@ fn print_bake_summary(
     let timings = outcome.report.timings.clone().unwrap_or_default();
     let stages = ["data", "activations", "probes"].map(|s| (s, timings.get(s).copied().unwrap_or(0.0)));
     let bytes: u64 = written.files.iter().map(|f| f.bytes).sum();
-    let (report, out, model) = (&outcome.report, args.out.display(), &args.recipe.model);
+    let out_path = &written.published.out;
+    let (report, out, model) = (&outcome.report, out_path.display(), &args.recipe.model);
     println!();
     println!("  stage        time");
     for (stage, seconds) in stages.into_iter().chain([("write", write_seconds)]) {
@@ -684,7 +709,7 @@ fn print_bake_summary(
         "  questions    {} ({} probe prompts, {} tuning prompts)",
         outcome.questions, report.probe_prompts, report.tuning_prompts
     );
-    println!("  figure       {}", args.out.join("heatmap.png").display());
+    println!("  figure       {}", out_path.join("heatmap.png").display());
     println!();
     println!("next:");
     for (why, command) in [

@@ -259,7 +259,8 @@ fn activations_for(
     }
     let tokens = activations::tokenize(&model.tokenizer()?, &texts)?;
     let packed = PackedPrompts::new(&tokens, batch_tokens, &compute.device)?;
-    let plan = plan_for(model, &packed, prompts.probe.len(), &compute, batch_tokens, options.max_memory)?;
+    let budget = activations::plan::budget_for(&compute.device, options.max_memory);
+    let plan = plan_for(model, &packed, prompts.probe.len(), &compute, batch_tokens, budget)?;
     progress.note(&format!("activations: {}", plan.describe()));
     let Compute { device, dtype } = &compute;
     let acts = match plan.mode {
@@ -276,14 +277,16 @@ fn activations_for(
     Ok((probe, tuning, false))
 }
 
-/// The execution plan of a run's activation pass, without running it.
-pub fn plan_run(model: &ModelFiles, recipe: &Recipe, budget: Option<u64>) -> Result<Plan> {
+/// The execution plan of a run's activation pass on this machine, without running it. `max_memory` is the
+/// user's budget; without it, what the device has.
+pub fn plan_run(model: &ModelFiles, recipe: &Recipe, max_memory: Option<u64>) -> Result<Plan> {
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
     let tokens = activations::tokenize(&model.tokenizer()?, &prompts.texts())?;
     let compute = compute_for(model, recipe)?;
-    let batch_tokens = batch_tokens_for(model, recipe, &compute, budget);
+    let batch_tokens = batch_tokens_for(model, recipe, &compute, max_memory);
     let packed = PackedPrompts::new(&tokens, batch_tokens, &compute.device)?;
+    let budget = activations::plan::budget_for(&compute.device, max_memory);
     plan_for(model, &packed, prompts.probe.len(), &compute, batch_tokens, budget)
 }
 
@@ -294,11 +297,12 @@ pub fn compute_for(model: &ModelFiles, recipe: &Recipe) -> Result<Compute> {
     Ok(Compute { device, dtype })
 }
 
-/// The recipe's token budget per batch, `auto` resolved for this model, device and memory budget.
-pub fn batch_tokens_for(model: &ModelFiles, recipe: &Recipe, compute: &Compute, budget: Option<u64>) -> usize {
+/// The recipe's token budget per batch, `auto` resolved for this model, device and the user's memory budget
+/// (never the memory that happens to be free: the same flags give the same batches).
+pub fn batch_tokens_for(model: &ModelFiles, recipe: &Recipe, compute: &Compute, max_memory: Option<u64>) -> usize {
     match recipe.batch_tokens {
         BatchTokens::Fixed(n) => n,
-        BatchTokens::Auto => activations::plan::auto_batch_tokens(&model.config, compute, budget),
+        BatchTokens::Auto => activations::plan::auto_batch_tokens(&model.config, compute, max_memory),
     }
 }
 
@@ -310,7 +314,7 @@ fn plan_for(
     probe_prompts: usize,
     compute: &Compute,
     batch_tokens: usize,
-    budget: Option<u64>,
+    budget: Option<activations::plan::Budget>,
 ) -> Result<Plan> {
     let rate = activations::plan::measure_matmul_rate(&model.config, compute)?;
     activations::plan::plan(model, &packed.shape(probe_prompts), compute, batch_tokens, Some(rate), budget)

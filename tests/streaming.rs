@@ -70,7 +70,7 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
     let too_small = plan("50MB");
     let stderr = String::from_utf8_lossy(&too_small.stderr);
     assert_eq!(too_small.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--max-memory") && stderr.contains("streamed"), "{stderr}");
+    assert!(stderr.contains("memory budget of 0.05 GB") && stderr.contains("streamed about"), "{stderr}");
     assert!(!tmp.path().join("never").exists());
 
     // A real bake under the tight budget streams and verifies.
@@ -85,4 +85,66 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
         .output()
         .unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+/// Every file of a folder but `bake.log` (timings), with its bytes.
+fn bake_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let names = bake::io::listing::entries_under(dir).unwrap();
+    names.into_iter().filter(|n| n != "bake.log").map(|n| (n.clone(), std::fs::read(dir.join(&n)).unwrap())).collect()
+}
+
+#[test]
+fn without_a_budget_the_machines_memory_picks_the_mode_and_no_byte_changes() {
+    let Some(shared) = common::shared_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = shared.join("fixtures/tiny-gqa");
+    // BAKE_AVAILABLE_MEMORY stands in for what /proc/meminfo or the cgroup say.
+    let bake = |available: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bake"))
+            .arg("--model")
+            .arg(&tiny)
+            .args(["--limit", "5", "--heads", "4", "--no-cache"])
+            .args(extra)
+            .env("BAKE_AVAILABLE_MEMORY", available)
+            .env("BAKE_CACHE_DIR", tmp.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    // --dry-run needs no --out, and says what this machine would do.
+    let dry = bake("8GB", &["--dry-run"]);
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success() && stdout.contains("≤ 8.00 GB available"), "{stdout}");
+    let json: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    assert_eq!(json["budget_source"], "available", "{json}");
+    let streamed = json["streamed_bytes"].as_u64().unwrap();
+
+    // Too little memory: refused before the activation pass, naming both estimates and what is available.
+    let out = tmp.path().join("refused");
+    let run = bake("50MB", &["--out", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    for needle in ["0.05 GB of host memory available", "resident about", "layer-streamed about", "try "] {
+        assert!(stderr.contains(needle), "`{needle}` not in {stderr}");
+    }
+    assert!(!out.exists() && !stderr.contains("probes"), "{stderr}");
+
+    // Between the estimates, the machine's memory picks streaming; the bytes are the forced run's and the
+    // resident run's.
+    let between = streamed.to_string();
+    let folders: Vec<_> = [
+        ("available-streamed", between.as_str(), vec![], "layer-streamed"),
+        ("forced-streamed", "8GB", vec!["--max-memory", between.as_str()], "layer-streamed"),
+        ("resident", "8GB", vec![], "resident (all layers loaded)"),
+    ]
+    .into_iter()
+    .map(|(name, available, extra, mode)| {
+        let out = tmp.path().join(name);
+        let run = bake(available, &[&extra[..], &["--out", out.to_str().unwrap()]].concat());
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success() && stderr.contains(mode), "{name}: {stderr}");
+        bake_files(&out)
+    })
+    .collect();
+    assert!(folders[0].len() > 10);
+    assert!(folders[0] == folders[1] && folders[1] == folders[2], "the mode changed an output byte");
 }

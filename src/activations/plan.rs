@@ -89,6 +89,8 @@ pub struct Plan {
     /// Hidden states kept between layers in the streamed mode (in the matmuls' dtype).
     pub hidden_state_bytes: u64,
     pub budget_bytes: Option<u64>,
+    /// Where the budget came from (`None`: no budget, which is only the case of a plan made for reading).
+    pub budget_source: Option<BudgetSource>,
     pub pass: PassShape,
     /// Floating-point operations of the pass (matmuls only; they are most of its time).
     pub flops: f64,
@@ -98,15 +100,92 @@ pub struct Plan {
     pub estimated_seconds: Option<f64>,
 }
 
-/// The estimates for a pass of this shape, and the mode a `budget` allows: resident when it fits (it is
-/// faster), else streamed, else an error giving both estimates.
+/// How much memory a run may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Budget {
+    pub bytes: u64,
+    pub source: BudgetSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetSource {
+    /// The user's (`max_memory`).
+    Given,
+    /// What the machine has for this run (see [`budget_for`]).
+    Available,
+}
+
+impl Budget {
+    /// How messages name it.
+    fn describe(&self, memory: &str) -> String {
+        let gb = self.bytes as f64 / 1e9;
+        match self.source {
+            BudgetSource::Given => format!("the memory budget of {gb:.2} GB"),
+            BudgetSource::Available => format!("the {gb:.2} GB of {memory} memory available to this run"),
+        }
+    }
+}
+
+/// The memory a run on `device` may use: `given` when the user set one, else what the device has: on the CPU
+/// the memory available to this process now (`MemAvailable`, or what the cgroup's limit leaves when that is
+/// lower; `BAKE_AVAILABLE_MEMORY` overrides both, for containers that misreport), on CUDA the GPU's total
+/// memory. It chooses between resident and streamed only: batch sizes never depend on it, so the outputs are
+/// the same whatever memory happened to be free.
+pub fn budget_for(device: &Device, given: Option<u64>) -> Option<Budget> {
+    if let Some(bytes) = given {
+        return Some(Budget { bytes, source: BudgetSource::Given });
+    }
+    let available = match device.is_cpu() {
+        true => host_memory_available(),
+        false => device_memory(device),
+    };
+    available.map(|bytes| Budget { bytes, source: BudgetSource::Available })
+}
+
+/// The host memory this process can still use: the smaller of `MemAvailable` and the cgroup's limit less its
+/// usage (cgroup v2, then v1).
+fn host_memory_available() -> Option<u64> {
+    if let Some(bytes) = std::env::var("BAKE_AVAILABLE_MEMORY").ok().and_then(|t| crate::units::parse_size(&t).ok()) {
+        return Some(bytes);
+    }
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let number = |text: Option<String>| text.and_then(|t| t.trim().parse::<u64>().ok());
+    let meminfo = read("/proc/meminfo").and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    let cgroup = [
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ]
+    .iter()
+    .find_map(|(limit, usage)| Some(number(read(limit))?.saturating_sub(number(read(usage)).unwrap_or(0))));
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The mode a budget allows: resident when it fits (it is faster), else streamed; `None` when neither fits.
+pub fn mode_for(resident: u64, streamed: u64, budget: Option<u64>) -> Option<Mode> {
+    match budget {
+        None => Some(Mode::Resident),
+        Some(b) if resident <= b => Some(Mode::Resident),
+        Some(b) if streamed <= b => Some(Mode::Streamed),
+        Some(_) => None,
+    }
+}
+
+/// The estimates for a pass of this shape, and the mode `budget` allows ([`mode_for`]), or an error giving
+/// both estimates, the budget and what to try.
 pub fn plan(
     model: &ModelFiles,
     pass: &PassShape,
     compute: &Compute,
     batch_tokens: usize,
     matmul_gflops: Option<f64>,
-    budget: Option<u64>,
+    budget: Option<Budget>,
 ) -> Result<Plan> {
     let c = &model.config;
     let ck = &model.checkpoint;
@@ -171,21 +250,22 @@ pub fn plan(
     };
     let memory = if on_cpu { "host" } else { "device" };
     let flops = pass_flops(c, pass);
-    let mode = match budget {
-        None => Mode::Resident,
-        Some(b) if resident <= b => Mode::Resident,
-        Some(b) if streamed <= b => Mode::Streamed,
-        Some(b) => {
-            let gb = |x: u64| x as f64 / 1e9;
-            return Err(BakeError::Invalid(format!(
-                "--max-memory {:.2} GB: too small for this run on {} (resident needs about {:.2} GB of {memory} \
-                 memory, layer-streamed {:.2} GB)",
-                gb(b),
-                compute.device_name(),
-                gb(resident),
-                gb(streamed)
-            )));
-        }
+    let Some(mode) = mode_for(resident, streamed, budget.map(|b| b.bytes)) else {
+        let budget = budget.expect("without a budget a mode always exists");
+        let gb = |x: u64| x as f64 / 1e9;
+        let try_this = match (on_cpu, compute.dtype == DType::F32) {
+            (true, true) => "dtype bf16 (half the weights' memory), a GPU, or a machine with more memory",
+            (true, false) => "a GPU, or a machine with more memory",
+            (false, _) => "a GPU with more memory, or the CPU",
+        };
+        return Err(BakeError::Invalid(format!(
+            "this run needs more than {} on {}: resident about {:.2} GB, layer-streamed about {:.2} GB of {memory} \
+             memory; try {try_this}",
+            budget.describe(memory),
+            compute.device_name(),
+            gb(resident),
+            gb(streamed)
+        )));
     };
     Ok(Plan {
         mode,
@@ -198,7 +278,8 @@ pub fn plan(
         streamed_bytes: streamed,
         bytes_read: stored,
         hidden_state_bytes,
-        budget_bytes: budget,
+        budget_bytes: budget.map(|b| b.bytes),
+        budget_source: budget.map(|b| b.source),
         pass: *pass,
         flops,
         matmul_gflops,
@@ -280,7 +361,11 @@ impl Plan {
             Mode::Resident => "resident (all layers loaded)",
             Mode::Streamed => "layer-streamed (one layer loaded at a time)",
         };
-        let budget = self.budget_bytes.map(|b| format!(" ≤ budget {:.2} GB", gb(b))).unwrap_or_default();
+        let budget = match (self.budget_bytes, self.budget_source) {
+            (Some(b), Some(BudgetSource::Available)) => format!(" ≤ {:.2} GB available", gb(b)),
+            (Some(b), _) => format!(" ≤ budget {:.2} GB", gb(b)),
+            _ => String::new(),
+        };
         let time = match (self.estimated_seconds, self.matmul_gflops) {
             (Some(s), Some(rate)) => format!(
                 "; {:.1} TFLOP, ~{} of matmuls at the measured {rate:.0} GFLOP/s",
