@@ -784,7 +784,7 @@ fn run_search(args: &SearchArgs, quiet: bool) -> Result<()> {
         trials: args.trials,
         early_discard: !args.full_grid,
         min_rung_questions: search::MIN_RUNG_QUESTIONS,
-        eval: reference_protocol(recipe.corpus.clone()),
+        eval: reference_protocol(recipe.corpus.clone(), args.recipe.max_memory),
     };
     // Before the activation pass, which takes minutes: every option, and the output folder.
     options.check(model_heads)?;
@@ -808,13 +808,14 @@ fn run_search(args: &SearchArgs, quiet: bool) -> Result<()> {
 }
 
 /// The reference MC protocol with the default instruction and answers found by token offsets.
-fn reference_protocol(corpus: Option<bake::recipe::CorpusSpec>) -> bake::eval::EvalOptions {
+fn reference_protocol(corpus: Option<bake::recipe::CorpusSpec>, max_memory: Option<u64>) -> bake::eval::EvalOptions {
     use bake::eval::mc;
     bake::eval::EvalOptions {
         protocols: vec![mc::Protocol::Reference],
         instruction: mc::INSTRUCTION_DEFAULT.into(),
         answer_tokens: mc::AnswerTokens::Offsets,
         corpus,
+        max_memory,
     }
 }
 
@@ -850,6 +851,7 @@ fn run_eval(args: &EvalArgs, quiet: bool) -> Result<()> {
             AnswerTokensArg::ReferenceSlice => mc::AnswerTokens::ReferenceSlice,
         },
         corpus: recipe.corpus.clone(),
+        max_memory: args.recipe.max_memory,
     };
     let bars = Bars::new(quiet);
     let report = match (args.cv, &args.baked) {

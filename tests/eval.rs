@@ -134,6 +134,16 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     let tokenizer = base_files.tokenizer().unwrap();
     let base = base_files.load(&Device::Cpu).unwrap();
     let baked = baked_files.load(&Device::Cpu).unwrap();
+    let biases = baked_files.o_proj_biases(&Device::Cpu, base.dtype()).unwrap();
+    let documents: Vec<Vec<u32>> = ["The capital of France is Paris.", "Bees make honey from the nectar of flowers."]
+        .iter()
+        .map(|t| tokenizer.encode(t).unwrap())
+        .collect();
+    let two_models = score::language_scores(&base, &[Variant::plain(&baked)], &documents, 2, 0, &Silent).unwrap();
+    let one_model =
+        score::language_scores(&base, &[Variant::baked(&base, &biases)], &documents, 2, 0, &Silent).unwrap();
+    assert_eq!(one_model, two_models, "CE and KL of the bake, run as base + biases and loaded whole");
+    assert!(one_model.1[0].kl > 0.0);
     let deltas = baked_deltas(&out, base.config.num_layers);
     assert!(deltas.iter().any(Option::is_some));
     let every = Hook::new(&deltas, HookMode::EveryPosition, &Device::Cpu).unwrap();
@@ -144,10 +154,12 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
         let set =
             mc::build(protocol, &data, &questions, &tokenizer, mc::INSTRUCTION_DEFAULT, AnswerTokens::Offsets).unwrap();
         let score = |v: Variant| score::score_items(v, &set.items, 8, 0, &Silent).unwrap();
-        let plain = score(Variant { model: &base, hook: None });
-        let hooked = score(Variant { model: &base, hook: Some(&every) });
-        let from_prompt_end = score(Variant { model: &base, hook: Some(&from_end) });
-        let direct = score(Variant { model: &baked, hook: None });
+        let plain = score(Variant::plain(&base));
+        let hooked = score(Variant::hooked(&base, &every));
+        let from_prompt_end = score(Variant::hooked(&base, &from_end));
+        let direct = score(Variant::plain(&baked));
+        // One model in memory: the base's weights with the bake's o_proj biases are the bake, bit for bit.
+        assert_eq!(score(Variant::baked(&base, &biases)), direct, "{protocol:?}: one model differs from two");
         let worst = hooked.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         let moved = plain.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         let hook_moved = from_prompt_end.iter().zip(&hooked).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
@@ -217,4 +229,28 @@ fn the_table_goes_into_the_model_card_and_the_folder_still_verifies() {
     let verify =
         Command::new(env!("CARGO_BIN_EXE_bake")).arg("verify").arg(&baked).arg("--base").arg(&base).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+#[test]
+fn eval_runs_in_the_dtype_asked_for_and_refuses_what_does_not_fit() {
+    let Some(shared) = common::shared_dir() else { return };
+    let tiny = shared.join("fixtures/tiny-gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus.txt");
+    std::fs::write(&corpus, "The capital of France is Paris.\n\nBees make honey from nectar.\n").unwrap();
+    let args = ["--limit", "6", "--protocol", "leaderboard", "--corpus", corpus.to_str().unwrap()];
+    let numbers = |json: &Value| {
+        let row = &json["rows"][0];
+        [row["mc"]["leaderboard"]["mc2"].as_f64().unwrap(), row["ce"].as_f64().unwrap()]
+    };
+    let f32 = numbers(&eval_json(&tiny, &[&args[..], &["--dtype", "f32"]].concat()));
+    let bf16 = numbers(&eval_json(&tiny, &[&args[..], &["--dtype", "bf16"]].concat()));
+    // bf16 matmuls: not the f32 numbers, but within bf16's precision of them.
+    assert_ne!(f32, bf16, "--dtype bf16 changed nothing");
+    for (a, b) in f32.iter().zip(&bf16) {
+        assert!((a - b).abs() <= 0.02 * a.abs().max(1.0), "f32 {f32:?} vs bf16 {bf16:?}");
+    }
+    // Too little memory for one model: refused before loading, naming the estimate and what to try.
+    let out = bake_eval(&tiny, &[&args[..], &["--max-memory", "1MB"]].concat());
+    assert_fails(&out, &["evaluating", "needs about", "the memory budget of 0.00 GB", "dtype bf16"]);
 }

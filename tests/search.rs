@@ -25,6 +25,7 @@ fn eval_options(corpus: &Path) -> EvalOptions {
         instruction: INSTRUCTION_DEFAULT.into(),
         answer_tokens: AnswerTokens::Offsets,
         corpus: Some(CorpusSpec { documents: DOCUMENTS, tokens: 48, path: corpus.into() }),
+        max_memory: None,
     }
 }
 

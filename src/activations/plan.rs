@@ -117,8 +117,8 @@ pub enum BudgetSource {
 }
 
 impl Budget {
-    /// How messages name it.
-    fn describe(&self, memory: &str) -> String {
+    /// How messages name it; `memory` is `host` or `device`.
+    pub fn describe(&self, memory: &str) -> String {
         let gb = self.bytes as f64 / 1e9;
         match self.source {
             BudgetSource::Given => format!("the memory budget of {gb:.2} GB"),

@@ -11,10 +11,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::activations::plan::{budget_for, Compute};
 use crate::data::TruthfulQa;
 use crate::error::{BakeError, Result};
 use crate::export::manifest::Manifest;
-use crate::model::{pick_device, Llama, ModelFiles, TextTokenizer};
+use crate::model::{Llama, ModelFiles, TextTokenizer};
 use crate::pipeline::{self, Fit, ProbeOptions};
 use crate::probes;
 use crate::progress::Progress;
@@ -22,6 +23,37 @@ use crate::recipe::CorpusSpec;
 use crate::recipe::Recipe;
 use mc::{AnswerTokens, McScores, Protocol};
 use score::{Hook, HookMode, LanguageScores, Variant};
+
+/// The memory an evaluation holds at its peak: the weights once in the matmuls' dtype, one tensor being
+/// converted beside them, and a batch's logits with their log-probabilities and probabilities (f32, at most
+/// [`LOGIT_TOKENS`] tokens a row). Refused before loading when over the budget ([`budget_for`]).
+fn check_memory(model: &ModelFiles, compute: &Compute, recipe: &Recipe, max_memory: Option<u64>) -> Result<()> {
+    let Some(budget) = budget_for(&compute.device, max_memory) else { return Ok(()) };
+    let ck = &model.checkpoint;
+    let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();
+    let weights = parameters * compute.dtype.size_in_bytes() as u64;
+    let largest = ck.tensors.values().map(|e| (e.end - e.start) as u64).max().unwrap_or(0);
+    let logits = (recipe.batch_size.max(1) * LOGIT_TOKENS * model.config.vocab_size) as u64 * 4 * 3;
+    let needed = weights + 2 * largest + logits + (64 << 20);
+    if needed <= budget.bytes {
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    Err(BakeError::Invalid(format!(
+        "evaluating {} needs about {:.2} GB (its weights in {} {:.2} GB, a batch's logits {:.2} GB), more than {}; \
+         try dtype bf16, a smaller batch_size, or a GPU (scoring layer by layer is not implemented yet)",
+        model.location.spec,
+        gb(needed),
+        compute.dtype_name(),
+        gb(weights),
+        gb(logits),
+        budget.describe(if compute.device.is_cpu() { "host" } else { "device" })
+    )))
+}
+
+/// The tokens a row of logits is counted at in [`check_memory`]: the reference cuts corpus documents to 128
+/// tokens, and a multiple-choice batch's prefix tree holds fewer per answer.
+const LOGIT_TOKENS: usize = 128;
 
 /// How to evaluate, beyond the recipe (dataset, limit, seed, batch size, device).
 #[derive(Debug, Clone)]
@@ -32,6 +64,8 @@ pub struct EvalOptions {
     pub answer_tokens: AnswerTokens,
     /// CE and KL are measured when a corpus is given.
     pub corpus: Option<CorpusSpec>,
+    /// The memory budget (`None`: what the device has).
+    pub max_memory: Option<u64>,
 }
 
 /// Mean MC1 and MC2 of one protocol.
@@ -125,9 +159,32 @@ pub(crate) struct Setup {
     pub corpus: Option<corpus::Corpus>,
 }
 
-/// Loads the base model beside the inputs read by [`read_inputs`].
-pub(crate) fn set_up(model: &ModelFiles, recipe: &Recipe, inputs: Inputs) -> Result<Setup> {
-    let base = model.load(&pick_device(&recipe.device)?)?;
+/// A baked folder is evaluated as its base's weights with its o_proj biases; `bake verify --base` (without
+/// the forward run) proves that is what it is before anything is scored.
+fn require_base_plus_biases(baked: &ModelFiles, model: &ModelFiles, progress: &dyn Progress) -> Result<()> {
+    progress.stage("eval: checking the baked folder is its base plus biases (bake verify --base)");
+    let options = crate::verify::VerifyOptions { base: Some(model.location.spec.clone()), run: false };
+    let report = crate::verify::verify(&baked.location.dir, &options, &crate::progress::Silent)?;
+    match report.mismatches.first() {
+        None => Ok(()),
+        Some(m) => Err(BakeError::Invalid(format!(
+            "{}: fails `bake verify --base {}` ({} mismatches; first: {}: {}), so it is not its base plus o_proj \
+             biases, which is how it is evaluated",
+            baked.location.dir.display(),
+            model.location.spec,
+            report.mismatches.len(),
+            m.file,
+            m.message
+        ))),
+    }
+}
+
+/// Loads the base model beside the inputs read by [`read_inputs`], in the recipe's device and dtype, after
+/// checking that it fits the memory budget.
+pub(crate) fn set_up(model: &ModelFiles, recipe: &Recipe, options: &EvalOptions, inputs: Inputs) -> Result<Setup> {
+    let compute = pipeline::compute_for(model, recipe)?;
+    check_memory(model, &compute, recipe, options.max_memory)?;
+    let base = model.load_as(&compute.device, compute.dtype)?;
     let Inputs { data, tokenizer, corpus } = inputs;
     Ok(Setup { data, tokenizer, base, pad_id: model.config.pad_id(), corpus })
 }
@@ -201,34 +258,25 @@ pub fn evaluate(
         Manifest::read(&b.location.dir)?.check_base(model, &b.location.dir)?;
     }
     let inputs = read_inputs(model, recipe, options, progress)?;
-    let setup = set_up(model, recipe, inputs)?;
+    if let Some(b) = baked {
+        require_base_plus_biases(b, model, progress)?;
+    }
+    let setup = set_up(model, recipe, options, inputs)?;
     let questions: Vec<usize> = (0..setup.data.questions.len()).collect();
-    let baked_model = baked.map(|b| b.load(setup.base.device())).transpose()?;
+    // The bake runs as its base's weights with its own o_proj biases: one model in memory, not two.
+    let baked_biases = baked.map(|b| b.o_proj_biases(setup.base.device(), setup.base.dtype())).transpose()?;
+    let baked_variant = baked_biases.as_deref().map(|biases| Variant::baked(&setup.base, biases));
     let mut base_scores = Vec::new();
     let mut baked_scores = Vec::new();
     for &protocol in &options.protocols {
         progress.stage(&format!("eval: {} protocol, base", protocol.name()));
-        base_scores.push(setup.score(
-            Variant { model: &setup.base, hook: None },
-            protocol,
-            &questions,
-            options,
-            recipe,
-            progress,
-        )?);
-        if let Some(m) = &baked_model {
+        base_scores.push(setup.score(Variant::plain(&setup.base), protocol, &questions, options, recipe, progress)?);
+        if let Some(variant) = baked_variant {
             progress.stage(&format!("eval: {} protocol, baked", protocol.name()));
-            baked_scores.push(setup.score(
-                Variant { model: m, hook: None },
-                protocol,
-                &questions,
-                options,
-                recipe,
-                progress,
-            )?);
+            baked_scores.push(setup.score(variant, protocol, &questions, options, recipe, progress)?);
         }
     }
-    let edited: Vec<Variant> = baked_model.iter().map(|m| Variant { model: m, hook: None }).collect();
+    let edited: Vec<Variant> = baked_variant.into_iter().collect();
     let language = setup.language(&edited, recipe, progress)?;
     let mut rows = vec![row("base", &base_scores, None, language.as_ref().map(|l| l.0))];
     if baked.is_some() {
@@ -306,7 +354,7 @@ pub fn cross_validate(
     let n = inputs.data.questions.len();
     let plan = fold_splits(n, folds, recipe, "--cv")?;
     let prepared = pipeline::prepare(model, recipe, probe_options, progress)?;
-    let setup = set_up(model, recipe, inputs)?;
+    let setup = set_up(model, recipe, options, inputs)?;
     let mut fitted = Vec::new();
     for (i, fold) in plan.iter().enumerate() {
         progress.stage(&format!("eval: fold {i}: probes"));
@@ -325,20 +373,13 @@ pub fn cross_validate(
     let mut fold_scores: Vec<(Vec<McScores>, Vec<McScores>)> = vec![(Vec::new(), Vec::new()); folds];
     for &protocol in &options.protocols {
         progress.stage(&format!("eval: {} protocol, base", protocol.name()));
-        base_scores.push(setup.score(
-            Variant { model: &setup.base, hook: None },
-            protocol,
-            &all,
-            options,
-            recipe,
-            progress,
-        )?);
+        base_scores.push(setup.score(Variant::plain(&setup.base), protocol, &all, options, recipe, progress)?);
         for (i, ((_, (bias, hook)), test)) in fitted.iter().zip(&fold_questions).enumerate() {
             let (bias_out, hook_out) = &mut fold_scores[i];
             for (mode, variant_hook, out) in [("bias", bias, bias_out), ("hook", hook, hook_out)] {
                 progress.stage(&format!("eval: {} protocol, fold {i}, ITI as {mode}", protocol.name()));
                 out.push(setup.score(
-                    Variant { model: &setup.base, hook: Some(variant_hook) },
+                    Variant::hooked(&setup.base, variant_hook),
                     protocol,
                     test,
                     options,
@@ -348,8 +389,7 @@ pub fn cross_validate(
             }
         }
     }
-    let edited: Vec<Variant> =
-        fitted.iter().map(|(_, (bias, _))| Variant { model: &setup.base, hook: Some(bias) }).collect();
+    let edited: Vec<Variant> = fitted.iter().map(|(_, (bias, _))| Variant::hooked(&setup.base, bias)).collect();
     let language = setup.language(&edited, recipe, progress)?;
 
     let mut fold_reports = Vec::new();

@@ -38,11 +38,33 @@ impl Hook {
     }
 }
 
-/// A model as evaluated: its weights, and the hook if it runs with one.
+/// A model as evaluated: its weights, and the hook or a bake's o_proj biases if it runs with them.
 #[derive(Clone, Copy)]
 pub struct Variant<'a> {
     pub model: &'a Llama,
     pub hook: Option<&'a Hook>,
+    /// A bake of this model, as its o_proj biases ([`crate::model::Request::o_proj_biases`]).
+    pub biases: Option<&'a [Option<Tensor>]>,
+}
+
+impl<'a> Variant<'a> {
+    pub fn plain(model: &'a Llama) -> Self {
+        Variant { model, hook: None, biases: None }
+    }
+
+    pub fn hooked(model: &'a Llama, hook: &'a Hook) -> Self {
+        Variant { model, hook: Some(hook), biases: None }
+    }
+
+    /// The bake whose o_proj biases are `biases`, run on its base's weights.
+    pub fn baked(model: &'a Llama, biases: &'a [Option<Tensor>]) -> Self {
+        Variant { model, hook: None, biases: Some(biases) }
+    }
+
+    /// A request of this variant with `shift`.
+    fn request(&self, shift: Option<&'a Shift>) -> Request<'a> {
+        Request { shift, o_proj_biases: self.biases, ..Default::default() }
+    }
 }
 
 /// Longest common prefix of all sequences.
@@ -76,7 +98,7 @@ pub fn score_items(
         0 => None,
         n => {
             let batch = Batch::right_padded(&[items[0].ids[..n].to_vec()], pad_id, model.device())?;
-            let request = Request { keep_kv: true, shift: every_position.as_ref(), ..Default::default() };
+            let request = Request { keep_kv: true, ..variant.request(every_position.as_ref()) };
             model.forward(&batch, &request)?.prefix
         }
     };
@@ -95,16 +117,14 @@ pub fn score_items(
         // Per item of the chunk: its logits row and, for each of its positions, the index of that row.
         let (logits, rows): (Vec<Tensor>, Vec<Vec<usize>>) = if as_trees {
             let (batch, last) = Batch::prefix_tree(&suffixes, model.device())?;
-            let request =
-                Request { prefix: prefix.as_ref(), shift: every_position.as_ref(), logits: true, ..Default::default() };
+            let request = Request { prefix: prefix.as_ref(), logits: true, ..variant.request(every_position.as_ref()) };
             let logits = model.forward(&batch, &request)?.logits.expect("logits requested").get(0)?;
             (vec![logits; chunk.len()], last.iter().map(|&l| batch.tree_path(l)).collect())
         } else {
             let batch = Batch::right_padded(&suffixes, pad_id, model.device())?;
             let from = chunk.iter().map(|&i| items[i].prompt_last - shared).collect();
             let shift = variant.hook.map(|h| h.shift(Some(from)));
-            let request =
-                Request { prefix: prefix.as_ref(), shift: shift.as_ref(), logits: true, ..Default::default() };
+            let request = Request { prefix: prefix.as_ref(), logits: true, ..variant.request(shift.as_ref()) };
             let logits = model.forward(&batch, &request)?.logits.expect("logits requested");
             let per_row = (0..chunk.len()).map(|row| logits.get(row)).collect::<candle_core::Result<_>>()?;
             (per_row, suffixes.iter().map(|s| (0..s.len()).collect()).collect())
@@ -158,10 +178,10 @@ pub fn language_scores(
         let batch = Batch::right_padded(chunk, pad_id, base.device())?;
         let logits = |v: Variant| -> Result<Tensor> {
             let shift = v.hook.map(|h| h.shift(None));
-            let request = Request { shift: shift.as_ref(), logits: true, ..Default::default() };
+            let request = Request { logits: true, ..v.request(shift.as_ref()) };
             Ok(v.model.forward(&batch, &request)?.logits.expect("logits requested"))
         };
-        let base_logits = logits(Variant { model: base, hook: None })?;
+        let base_logits = logits(Variant::plain(base))?;
         // The base's log-probabilities and probabilities of each document, once for every edited variant.
         let mut base_docs = Vec::with_capacity(chunk.len());
         for (row, doc) in chunk.iter().enumerate() {

@@ -127,6 +127,18 @@ fn empty_prompt() -> BakeError {
     BakeError::Invalid("cannot run the model on an empty prompt".into())
 }
 
+/// A projection with another bias: the same weights (shared, not copied) and the same product, so it gives
+/// bit for bit what a checkpoint holding that bias gives.
+trait WithBias {
+    fn with_bias(&self, bias: &Tensor) -> Linear;
+}
+
+impl WithBias for Linear {
+    fn with_bias(&self, bias: &Tensor) -> Linear {
+        Linear::new(self.weight().clone(), Some(bias.clone()))
+    }
+}
+
 /// Per-layer vectors added to the o_proj input (the ITI shift), each `[num_heads * head_dim]`.
 #[derive(Clone)]
 pub struct Shift {
@@ -157,6 +169,9 @@ pub struct Request<'a> {
     /// Read the o_proj input of every layer at these tokens, each given as `row * t + position`.
     pub capture_at: Option<&'a [usize]>,
     pub shift: Option<&'a Shift>,
+    /// Per layer, an o_proj bias used in place of the layer's own: a bake is its base with these biases, so
+    /// the base's weights and a bake's biases run the bake, bit for bit, without loading it.
+    pub o_proj_biases: Option<&'a [Option<Tensor>]>,
     /// Compute logits over the vocabulary for every position. Without them the pass stops after the last
     /// layer's attention.
     pub logits: bool,
@@ -397,7 +412,11 @@ impl Llama {
         };
         let kv = request.keep_kv.then_some((k, v));
         if !stop_after_attention {
-            let mut h = (&*x + layer.o_proj.forward(&attn)?)?;
+            let o_proj = match request.o_proj_biases.and_then(|b| b.get(l)).and_then(Option::as_ref) {
+                Some(bias) => layer.o_proj.with_bias(bias).forward(&attn)?,
+                None => layer.o_proj.forward(&attn)?,
+            };
+            let mut h = (&*x + o_proj)?;
             let normed = self.rms_norm(&h, &layer.post_attention_norm)?;
             let gated = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
             h = (&h + layer.down_proj.forward(&(gated * layer.up_proj.forward(&normed)?)?)?)?;

@@ -49,6 +49,25 @@ impl ModelFiles {
         Llama::load(self, device, dtype)
     }
 
+    /// Every layer's o_proj bias (`None` where a layer has none) on `device` in `dtype`, as [`Self::load_as`]
+    /// loads it: with a base's weights ([`Request::o_proj_biases`]), a bake's biases run the bake.
+    pub fn o_proj_biases(
+        &self,
+        device: &candle_core::Device,
+        dtype: candle_core::DType,
+    ) -> Result<Vec<Option<candle_core::Tensor>>> {
+        use crate::io::names::{Attention, Layer, Param};
+        (0..self.config.num_layers)
+            .map(|l| {
+                let name = Layer(l).attention(Attention::O, Param::Bias);
+                match self.checkpoint.get(&name) {
+                    Some(_) => self.checkpoint.load_as(&name, &[self.config.hidden_size], dtype, device).map(Some),
+                    None => Ok(None),
+                }
+            })
+            .collect()
+    }
+
     /// The dtype a baked copy is written in: the config's, or else the weights'.
     pub fn dtype(&self) -> StoredDtype {
         self.config.dtype.or(self.checkpoint.dominant_dtype()).unwrap_or(StoredDtype::F32)

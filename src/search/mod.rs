@@ -460,7 +460,7 @@ pub fn search(
     let recipe = &with_documents_used(recipe, inputs.corpus.as_ref());
     let prepared = pipeline::prepare(model, recipe, probe_options, progress)?;
     timings.lap("data and activations");
-    let setup = eval::set_up(model, recipe, inputs)?;
+    let setup = eval::set_up(model, recipe, &options.eval, inputs)?;
 
     progress.stage("search: probes");
     let folds: Vec<FoldState> = plans
@@ -544,7 +544,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn variant<'v>(&'v self, fold: &'v CandidateFold) -> Variant<'v> {
-        Variant { model: &self.setup.base, hook: Some(&fold.hook) }
+        Variant::hooked(&self.setup.base, &fold.hook)
     }
 
     /// Drops the candidates whose mean KL over the folds on the first documents is over the budget, α by α
@@ -859,6 +859,7 @@ mod tests {
                 instruction: String::new(),
                 answer_tokens: crate::eval::mc::AnswerTokens::Offsets,
                 corpus: None,
+                max_memory: None,
             },
         };
         let points: Vec<(usize, f64)> = options.points().iter().map(|p| (p.heads, p.alpha)).collect();

@@ -393,12 +393,15 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
         let logits = out.logits.expect("requested");
         sequences.iter().enumerate().map(|(i, s)| Ok(logits.get(i)?.get(s.len() - 1)?.to_vec1()?)).collect()
     };
+    // One model in memory: the checks before this one proved the bake is its base with other o_proj biases,
+    // so the base's weights with the bake's biases are the baked model, bit for bit.
     let base_model = base.load(&device)?;
+    let baked_biases = baked_files.o_proj_biases(&device, base_model.dtype())?;
     let plain = last(base_model.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
     let hooked =
         last(base_model.forward(&batch, &Request { logits: true, shift: Some(&shift), ..Default::default() })?)?;
-    drop(base_model);
-    let baked = last(baked_files.load(&device)?.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
+    let baked_request = Request { logits: true, o_proj_biases: Some(&baked_biases), ..Default::default() };
+    let baked = last(base_model.forward(&batch, &baked_request)?)?;
     // NaN must not vanish into a maximum (`f32::max` ignores it): it counts as infinitely far.
     let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
         a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, |m, d| {
