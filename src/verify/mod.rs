@@ -268,6 +268,15 @@ fn check_finite_biases(baked: &Checkpoint, found: &mut Findings) {
     }
 }
 
+/// Where a missing tensor should have been listed, for messages: the index of a sharded checkpoint, else its
+/// one weight file.
+fn where_missing(ck: &Checkpoint) -> String {
+    match ck.files.as_slice() {
+        [one] => one.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        _ => crate::io::safetensors::INDEX_FILE.to_string(),
+    }
+}
+
 /// The weight file a tensor is stored in, for messages.
 fn file_name(ck: &Checkpoint, entry: &TensorEntry) -> String {
     ck.file_of(entry).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
@@ -279,7 +288,7 @@ fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
         let replaced =
             names::layer_of(name).is_some_and(|l| *name == names::Layer(l).attention(Attention::O, Param::Bias));
         match baked.get(name) {
-            None => found.add("tensors", SINGLE_FILE, Some(name), "missing from the baked checkpoint"),
+            None => found.add("tensors", where_missing(baked), Some(name), "missing from the baked checkpoint"),
             Some(b) if b.dtype != entry.dtype || b.shape != entry.shape => found.add(
                 "tensors",
                 file_name(baked, b),
@@ -292,9 +301,9 @@ fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
             Some(_) => {}
         }
     }
-    for name in baked.tensors.keys() {
+    for (name, entry) in &baked.tensors {
         if base_ck.get(name).is_none() && !names::is_attention_bias(name) {
-            found.add("tensors", SINGLE_FILE, Some(name), "not in the base and not an attention bias");
+            found.add("tensors", file_name(baked, entry), Some(name), "not in the base and not an attention bias");
         }
     }
 }
@@ -314,7 +323,9 @@ fn check_biases(
                 continue; // compared byte for byte with the base
             }
             match baked.get(&name) {
-                None => found.add("biases", SINGLE_FILE, Some(&name), "missing (attention_bias: true needs it)"),
+                None => {
+                    found.add("biases", where_missing(baked), Some(&name), "missing (attention_bias: true needs it)")
+                }
                 Some(e) if e.dtype.decode(baked.bytes(e)).iter().any(|v| *v != 0.0 || v.is_nan()) => {
                     found.add("biases", file_name(baked, e), Some(&name), "should be zero")
                 }
@@ -323,7 +334,7 @@ fn check_biases(
         }
         let name = names.attention(Attention::O, Param::Bias);
         let Some(entry) = baked.get(&name) else {
-            found.add("biases", SINGLE_FILE, Some(&name), "missing");
+            found.add("biases", where_missing(baked), Some(&name), "missing");
             continue;
         };
         let expected = crate::surgery::o_proj_bias(&base.checkpoint, c, layer, deltas.get(&layer).map(Vec::as_slice))?;
@@ -397,6 +408,12 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
     // so the base's weights with the bake's biases are the baked model, bit for bit.
     let base_model = base.load(&device)?;
     let baked_biases = baked_files.o_proj_biases(&device, base_model.dtype())?;
+    // The file holding the first shifted layer's bias, which mismatches below name.
+    let ck = &baked_files.checkpoint;
+    let biases_file = deltas
+        .keys()
+        .find_map(|&l| ck.get(&names::Layer(l).attention(Attention::O, Param::Bias)))
+        .map_or_else(|| where_missing(ck), |e| file_name(ck, e));
     let plain = last(base_model.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
     let hooked =
         last(base_model.forward(&batch, &Request { logits: true, shift: Some(&shift), ..Default::default() })?)?;
@@ -413,7 +430,7 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
         })
     };
     if let Some(v) = baked.iter().flatten().find(|v| !v.is_finite()) {
-        found.add("run", "model.safetensors", None, format!("the baked model's logits are not finite ({v})"));
+        found.add("run", biases_file, None, format!("the baked model's logits are not finite ({v})"));
         return Ok(());
     }
     let moved = max_diff(&baked, &plain);
@@ -426,7 +443,7 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
     if shifted && moved <= 1e-4 {
         found.add(
             "run",
-            "model.safetensors",
+            biases_file.as_str(),
             None,
             format!("logits equal the base's (max difference {moved:e}): the bake changed nothing"),
         );
@@ -434,7 +451,7 @@ fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, 
     if agreement > tolerance {
         found.add(
             "run",
-            "model.safetensors",
+            biases_file.as_str(),
             None,
             format!("logits differ from base + δ by {agreement} (tolerance {tolerance})"),
         );
