@@ -39,7 +39,7 @@ fn the_gpu_check_script_runs_every_section_in_smoke_mode() {
         .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let result: Value = serde_json::from_str(&std::fs::read_to_string(out.join("gpu-check.json")).unwrap()).unwrap();
-    for section in ["parity", "speed", "end_to_end", "streaming"] {
+    for section in ["parity", "speed", "end_to_end", "evaluation", "streaming"] {
         assert!(result[section].get("error").is_none(), "{section}: {}", result[section]);
     }
     // The bf16 pass (on the CPU here) against transformers' own bf16 error, as on the GPU.
@@ -50,4 +50,6 @@ fn the_gpu_check_script_runs_every_section_in_smoke_mode() {
     assert!(result["streaming"]["max_abs_vs_resident"].as_f64().unwrap() <= 1e-5, "{}", result["streaming"]);
     assert!(result["speed"]["speedup_vs_reference"].as_f64().unwrap() > 0.0, "{}", result["speed"]);
     assert!(result["end_to_end"]["stage_seconds"]["write"].is_number(), "{}", result["end_to_end"]);
+    let rows = result["evaluation"]["rows"].as_array().unwrap();
+    assert!(rows.len() == 2 && rows[1]["kl"].as_f64().unwrap() >= 0.0, "{}", result["evaluation"]);
 }

@@ -8,6 +8,8 @@ Sections:
              (bf16, SDPA, 256 prompts a batch) and the reference's way (batch 1, fp16, hooks; on a subset,
              extrapolated)
   end_to_end `bake --model <7B shape> --out ...`, wall time and stage times
+  evaluation `bake eval --baked` of that bake: one model in the checkpoint's dtype, both protocols on 100
+             questions, CE/KL on 100 documents; wall time, peak device memory, bake's own stage times
   streaming  a 13B-shaped model under --max-memory 8GB (layer-streamed), peak device memory, activations
              against a resident run
 """
@@ -299,8 +301,26 @@ def end_to_end():
         if len(parts) == 3 and parts[2] == "s" and parts[0] in {"data", "activations", "probes", "write", "total"}:
             stages[parts[0]] = float(parts[1])
     size = sum(os.path.getsize(f) for f in glob.glob(f"{out}/**", recursive=True) if os.path.isfile(f))
-    shutil.rmtree(out)
     return {"wall_seconds": wall, "stage_seconds": stages, "written_bytes": size}
+
+
+def evaluation():
+    model, baked = os.path.join(args.work, "llama-7b-shape"), f"{args.work}/baked-7b"
+    # The model is random, so any English will do for CE/KL's timing: 100 documents of about 128 tokens.
+    corpus = os.path.join(args.work, "corpus.txt")
+    words = "the model reads a long document about rivers cities and the people who live beside them".split()
+    with open(corpus, "w") as f:
+        f.write("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(120)) for i in range(100)))
+    limit, documents = ("10", "4") if smoke else ("100", "100")
+    try:
+        with PeakDeviceMemory() as peak:
+            wall, stdout, _ = bake("eval", "--model", model, "--baked", baked, "--limit", limit, "--protocol", "both",
+                                   "--corpus", corpus, "--documents", documents, "--json", name="eval-7b")
+    finally:
+        shutil.rmtree(baked, ignore_errors=True)
+    report = json.loads(stdout)
+    return {"wall_seconds": wall, "peak_device_bytes": peak.peak if gpu else None, "rows": report["rows"],
+            "bake_seconds": report["timings"]}
 
 
 def streaming():
@@ -327,7 +347,8 @@ def streaming():
 
 
 os.makedirs(args.out, exist_ok=True)
-for name, body in [("parity", parity), ("speed", speed), ("end_to_end", end_to_end), ("streaming", streaming)]:
+for name, body in [("parity", parity), ("speed", speed), ("end_to_end", end_to_end), ("evaluation", evaluation),
+                   ("streaming", streaming)]:
     section(name, body)
 result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
 save()
