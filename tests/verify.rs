@@ -298,6 +298,19 @@ fn with_a_base_tampering_outside_the_tensors_fails() {
     });
     assert_fails_naming(&dir, &base, "bake.json", "heads cut");
 
+    // The last digit of one head's probe accuracy, a number no figure shows to that precision.
+    let dir = case("accuracy-digit", &|d| {
+        let text = std::fs::read_to_string(d.join("report.json")).unwrap();
+        let from = text.find("\"val_accuracy\"").unwrap() + "\"val_accuracy\"".len();
+        let start = from + text[from..].find(|c: char| c.is_ascii_digit()).unwrap();
+        let last = start + text[start..].find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap() - 1;
+        let mut bytes = text.into_bytes();
+        bytes[last] = if bytes[last] == b'9' { b'8' } else { bytes[last] + 1 };
+        std::fs::write(d.join("report.json"), bytes).unwrap();
+        rehash(d, "report.json");
+    });
+    assert_fails_naming(&dir, &base, "report.json", "one digit of an accuracy");
+
     // A file a bake never writes.
     let dir = case("extra", &|d| {
         std::fs::write(d.join("special_tokens_map.json"), "{}").unwrap();

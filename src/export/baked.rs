@@ -286,16 +286,24 @@ pub fn activation_diff_files(
             bytes: StoredDtype::F32.encode(d.iter().copied()).into(),
         })
         .collect();
+    // Every number of report.json that no other file holds exactly (every head's accuracy, the prompt counts)
+    // is here too, so that `bake verify` sees an edit of either file.
     let metadata = BTreeMap::from([
         ("alpha".to_string(), report.recipe.alpha.to_string()),
-        ("heads".to_string(), serde_json::to_string(&report.heads).expect("JSON")),
-        ("sigma".to_string(), serde_json::to_string(&report.sigma).expect("JSON")),
+        ("heads".to_string(), json_text(&report.heads)),
+        ("sigma".to_string(), json_text(&report.sigma)),
+        ("val_accuracy".to_string(), json_text(&report.val_accuracy)),
+        ("prompts".to_string(), json_text(&[report.probe_prompts, report.tuning_prompts])),
         ("hook".to_string(), "model.layers[l].self_attn.o_proj.input".to_string()),
         ("model_dtype".to_string(), dtype.torch_name().to_string()),
     ]);
     let twin_refs: Vec<&TensorBytes> = twin.iter().collect();
     files.push((DIFF_SAFETENSORS.to_string(), safetensors_bytes(&twin_refs, &metadata)));
     files
+}
+
+fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain JSON")
 }
 
 /// `bake.json` for this bake.

@@ -12,7 +12,9 @@
 //! and index must be exactly what bake's writer gives their tensors. Only `bake.log` (timings) is free.
 //!
 //! A value that appears in one file only and cannot be re-derived would be editable without notice; none is:
-//! the report's numbers are drawn in the heatmap, written in the card, the manifest and the twin's metadata.
+//! every field of `report.json` is also in the manifest (recipe, heads, splits, model, version), the twin's
+//! tensors (δ) or its metadata (α, heads, σ, every head's accuracy, the prompt counts), or follows from the
+//! base (the shape).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
