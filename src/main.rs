@@ -477,9 +477,13 @@ impl Progress for Bars {
     }
 
     fn note(&self, message: &str) {
-        if !self.quiet || message.starts_with("warning") {
+        if !self.quiet {
             self.line(&format!("bake: {message}"));
         }
+    }
+
+    fn warn(&self, message: &str) {
+        self.line(&format!("bake: warning: {message}"));
     }
 }
 
@@ -630,10 +634,7 @@ fn run_probe(args: &ProbeArgs, quiet: bool) -> Result<()> {
 /// A replaced folder that could not be removed is worth saying, not failing for: the new output is in place.
 fn note_leftover(published: &bake::io::output::Published, progress: &dyn Progress) {
     if let Some((path, why)) = &published.leftover {
-        progress.note(&format!(
-            "warning: the replaced folder is left at {} ({why}); remove it when convenient",
-            path.display()
-        ));
+        progress.warn(&format!("the replaced folder is left at {} ({why}); remove it when convenient", path.display()));
     }
 }
 

@@ -254,7 +254,7 @@ fn activations_for(
                 return Ok((probe, tuning, true));
             }
             Ok(None) => {}
-            Err(e) => progress.note(&format!("warning: activation cache not used: {e}")),
+            Err(e) => progress.warn(&format!("activation cache not used: {e}")),
         }
     }
     let tokens = activations::tokenize(&model.tokenizer()?, &texts)?;
@@ -271,7 +271,7 @@ fn activations_for(
     let (probe, tuning) = acts.split_rows(prompts.probe.len());
     if let Some(path) = &cache_path {
         if let Err(e) = cache::store(path, &[("probe", &probe), ("tuning", &tuning)], &key) {
-            progress.note(&format!("warning: activations not cached: {e}"));
+            progress.warn(&format!("activations not cached: {e}"));
         }
     }
     Ok((probe, tuning, false))

@@ -12,6 +12,10 @@ pub trait Progress: Sync {
     fn finish(&self) {}
     /// A remark worth showing (a cache hit, a skipped file).
     fn note(&self, _message: &str) {}
+    /// Something the user must see even when progress is hidden: the run goes on, but not as they may think.
+    fn warn(&self, message: &str) {
+        self.note(&format!("warning: {message}"));
+    }
 }
 
 /// Reports nothing.

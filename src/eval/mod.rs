@@ -137,8 +137,8 @@ pub(crate) fn read_inputs(
     let corpus = options.corpus.as_ref().map(|spec| corpus::load(spec, &tokenizer, recipe.seed)).transpose()?;
     if let (Some(spec), Some(c)) = (&options.corpus, &corpus) {
         if c.documents.len() < spec.documents {
-            progress.note(&format!(
-                "warning: {} has {} usable documents (of at least 2 tokens), not the {} asked for; CE and KL are \
+            progress.warn(&format!(
+                "{} has {} usable documents (of at least 2 tokens), not the {} asked for; CE and KL are \
                  measured on {}",
                 spec.path.display(),
                 c.documents.len(),

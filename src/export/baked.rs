@@ -97,7 +97,11 @@ pub fn write_baked(
 
     progress.stage("write");
     if let Some(note) = card::architecture_note(model) {
-        progress.note(&note);
+        // A Qwen3 bake may lose its shift in a runtime: that is a warning; the Llama rewrite is a remark.
+        match model.config.family.written_as_llama() {
+            true => progress.note(&note),
+            false => progress.warn(&note),
+        }
     }
     let biases = surgery::bias_tensors(&model.checkpoint, &model.config, input.deltas, dtype)?;
     clock.lap("biases");
