@@ -128,6 +128,11 @@ pub fn is_attention_bias(name: &str) -> bool {
     layer_of(name).is_some_and(|l| Attention::ALL.iter().any(|&p| name == Layer(l).attention(p, Param::Bias)))
 }
 
+/// Whether `name` is the o_proj bias of some layer (the one tensor a bake replaces or adds with a value).
+pub fn is_o_proj_bias(name: &str) -> bool {
+    layer_of(name).is_some_and(|l| name == Layer(l).attention(Attention::O, Param::Bias))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,9 +56,7 @@ pub fn largest_safe_bias(dtype: StoredDtype, hidden: usize) -> f64 {
 /// per layer q, k, v, o.
 pub fn added_tensors(checkpoint: &Checkpoint, config: &ModelConfig) -> Vec<String> {
     (0..config.num_layers)
-        .flat_map(|l| {
-            [Attention::Q, Attention::K, Attention::V, Attention::O].map(|p| names::Layer(l).attention(p, Param::Bias))
-        })
+        .flat_map(|l| Attention::ALL.map(|p| names::Layer(l).attention(p, Param::Bias)))
         .filter(|name| checkpoint.get(name).is_none())
         .collect()
 }

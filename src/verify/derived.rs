@@ -62,7 +62,7 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
         expected.extend(check_weight_layout(d, base, found)?);
         expected.extend(check_copied_files(d, base, found)?);
         expected.insert("config.json".into());
-        let _ = compare(d.dir, "config.json", baked::config_text(base.model).as_bytes(), d, found);
+        let _ = compare("config.json", baked::config_text(base.model).as_bytes(), d, found);
     }
 
     let Some(report) = read_report(d, found) else {
@@ -88,7 +88,7 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
     }
     let mut disagreeing = Vec::new();
     for (name, bytes) in from_report {
-        if !compare(d.dir, &name, &bytes, d, found) && name != REPORT {
+        if !compare(&name, &bytes, d, found) && name != REPORT {
             disagreeing.push(name.clone());
         }
         expected.insert(name);
@@ -119,7 +119,7 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
             evaluation: d.manifest.evaluation.clone(),
         },
     );
-    let _ = compare(d.dir, MANIFEST, manifest.to_text().as_bytes(), d, found);
+    let _ = compare(MANIFEST, manifest.to_text().as_bytes(), d, found);
     report_unknown_files(d, &expected, |_| false, found)
 }
 
@@ -260,7 +260,7 @@ fn check_weight_layout(d: &Derivation, base: &Base, found: &mut Findings) -> Res
     if d.dir.join(INDEX_FILE).exists() {
         let names_ref = &names;
         let text = index_text(index_entries.iter().map(|(n, bytes, i)| (n.as_str(), *bytes, names_ref[*i].as_str())));
-        let _ = compare(d.dir, INDEX_FILE, text.as_bytes(), d, found);
+        let _ = compare(INDEX_FILE, text.as_bytes(), d, found);
         names.push(INDEX_FILE.into());
     }
     Ok(names)
@@ -277,8 +277,8 @@ fn read_prefix(path: &Path, n: usize) -> std::io::Result<(u64, Vec<u8>)> {
 }
 
 /// Compares the file `name` of the bake with the bytes it should hold; `true` when they are equal.
-fn compare(dir: &Path, name: &str, expected: &[u8], d: &Derivation, found: &mut Findings) -> bool {
-    match std::fs::read(dir.join(name)) {
+fn compare(name: &str, expected: &[u8], d: &Derivation, found: &mut Findings) -> bool {
+    match std::fs::read(d.dir.join(name)) {
         Err(_) => found.add(CHECK, name, None, "missing: a bake writes it"),
         Ok(bytes) if bytes != expected => {
             let version = match d.manifest.tool_version.as_str() {

@@ -4,8 +4,8 @@
 //! 1. `files`: every file's sha256 against `bake.json`; no file missing, none unlisted.
 //! 2. `tensors` (with a base): every base tensor is in the output byte for byte (name, dtype, shape, bytes),
 //!    except the o_proj biases the bake replaces; nothing else is added but q/k/v/o biases.
-//! 3. `biases`: each o_proj bias equals `W_o · δ_l` (+ the base's bias) within the dtype's rounding, with δ
-//!    from the diff; added q/k/v biases are zero.
+//! 3. `biases`: each o_proj bias is exactly `W_o · δ_l` (+ the base's bias) accumulated in f64 and rounded to
+//!    the dtype as the bake rounds it, with δ from the diff; added q/k/v biases are zero.
 //! 4. `diff`: the pyvene files and the safetensors twin hold the same δ for the same layers.
 //! 5. `config`: `config.json` differs from the base's only in the keys a bake changes (`attention_bias`, the
 //!    family rewrite), whatever the manifest declares.
@@ -249,9 +249,7 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
 fn check_finite_biases(baked: &Checkpoint, found: &mut Findings) {
     for (name, entry) in baked.tensors.iter().filter(|(n, _)| names::is_attention_bias(n)) {
         let values = entry.dtype.decode(baked.bytes(entry));
-        let is_o_proj =
-            names::layer_of(name).is_some_and(|l| *name == names::Layer(l).attention(Attention::O, Param::Bias));
-        let largest = match (is_o_proj, entry.shape.as_slice()) {
+        let largest = match (names::is_o_proj_bias(name), entry.shape.as_slice()) {
             (true, [hidden]) => crate::surgery::largest_safe_bias(entry.dtype, *hidden),
             _ => f64::INFINITY,
         };
@@ -285,8 +283,7 @@ fn file_name(ck: &Checkpoint, entry: &TensorEntry) -> String {
 fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
     let base_ck = &base.checkpoint;
     for (name, entry) in &base_ck.tensors {
-        let replaced =
-            names::layer_of(name).is_some_and(|l| *name == names::Layer(l).attention(Attention::O, Param::Bias));
+        let replaced = names::is_o_proj_bias(name);
         match baked.get(name) {
             None => found.add("tensors", where_missing(baked), Some(name), "missing from the baked checkpoint"),
             Some(b) if b.dtype != entry.dtype || b.shape != entry.shape => found.add(
