@@ -73,12 +73,13 @@ fn one_prompt_per_question(labels: &[bool]) -> Vec<Prompt> {
 
 /// SmolLM2's real probe activations on the full TruthfulQA set, split as a bake splits them.
 fn smollm2(out: &Path) {
-    use bake::pipeline::{prepare, ProbeOptions};
+    use bake::pipeline::{prepare, Resolved, RunOptions};
     let model = bake::model::ModelFiles::open(&std::env::var("BAKE_SMOLLM2").expect("BAKE_SMOLLM2")).unwrap();
     let mut recipe = bake::recipe::Recipe::shipped();
     recipe.dataset.source = format!("{}/data/truthfulqa", std::env::var("BAKE_SHARED").expect("BAKE_SHARED"));
-    let options = ProbeOptions { cache_dir: Some(bake::activations::cache::default_dir()), max_memory: None };
-    let prepared = prepare(&model, &recipe, &options, &bake::progress::Silent).unwrap();
+    let options = RunOptions { cache_dir: Some(bake::activations::cache::default_dir()), max_memory: None };
+    let resolved = Resolved::new(&model, &recipe, &options).unwrap();
+    let prepared = prepare(&model, &recipe, &resolved, &bake::progress::Silent).unwrap();
     let split = bake::probes::split_questions(prepared.dataset.questions.len(), recipe.validation_ratio, recipe.seed);
     let repeat = std::env::var("BAKE_BENCH_REPEAT").ok().and_then(|r| r.parse().ok()).unwrap_or(1);
     run(&prepared.probe_acts, &prepared.prompts.probe, &split, prepared.layout, out, repeat);

@@ -10,7 +10,7 @@ use anyhow::Result;
 use bake::export::baked::{BakeOptions, Sharding};
 use bake::inspect;
 use bake::model::{resolve::ALIASES, ModelFiles};
-use bake::pipeline::{self, OutputKind, ProbeOptions};
+use bake::pipeline::{self, OutputKind, Resolved, RunOptions};
 use bake::progress::Progress;
 use bake::recipe::{DirectionKind, Overrides, Recipe};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -260,10 +260,10 @@ struct RecipeArgs {
     batch_tokens: Option<bake::recipe::BatchTokens>,
     /// cpu, cuda, cuda:N or auto (CUDA when built with it and a GPU is present).
     #[arg(long)]
-    device: Option<String>,
+    device: Option<bake::recipe::DeviceChoice>,
     /// The matmuls' dtype: auto (f32 on the CPU, the checkpoint's on a GPU), f32, bf16 or f16.
     #[arg(long)]
-    dtype: Option<String>,
+    dtype: Option<bake::recipe::DtypeChoice>,
     /// How directions are found.
     #[arg(long, value_enum)]
     direction: Option<Direction>,
@@ -327,8 +327,8 @@ impl RecipeArgs {
             limit: self.limit,
             batch_size: self.batch_size,
             batch_tokens: self.batch_tokens,
-            device: self.device.clone(),
-            dtype: self.dtype.clone(),
+            device: self.device,
+            dtype: self.dtype,
             direction: self.direction.map(|d| match d {
                 Direction::CenterOfMass => DirectionKind::CenterOfMass,
                 Direction::Probe => DirectionKind::Probe,
@@ -339,8 +339,8 @@ impl RecipeArgs {
         Ok(recipe)
     }
 
-    fn probe_options(&self) -> ProbeOptions {
-        ProbeOptions {
+    fn run_options(&self) -> RunOptions {
+        RunOptions {
             cache_dir: (!self.no_cache).then(bake::activations::cache::default_dir),
             max_memory: self.max_memory,
         }
@@ -620,10 +620,11 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
 fn run_probe(args: &ProbeArgs, quiet: bool) -> Result<()> {
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
+    let run = Resolved::new(&model, &recipe, &args.recipe.run_options())?;
     let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Report)?.stage()?;
     let bars = Bars::new(quiet);
     staging.notes.iter().for_each(|n| bars.note(n));
-    let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
+    let outcome = pipeline::run_probe(&model, &recipe, &run, &bars)?;
     let published = pipeline::publish_probe_outputs(&outcome.report, staging)?;
     print_heads(&outcome);
     note_leftover(&published, &bars);
@@ -654,20 +655,21 @@ fn run_bake(args: &BakeArgs, quiet: bool) -> Result<()> {
     let bars = Bars::new(quiet);
     let recipe = args.recipe.load()?;
     let model = ModelFiles::open(&args.recipe.model)?;
+    let run = Resolved::new(&model, &recipe, &args.recipe.run_options())?;
     let target = args
         .out
         .as_ref()
         .map(|out| pipeline::check_output(out, args.force, &model, &recipe, OutputKind::Bake))
         .transpose()?;
     let Some(target) = target.filter(|_| !args.dry_run) else {
-        let plan = pipeline::plan_run(&model, &recipe, args.recipe.max_memory)?;
+        let plan = pipeline::plan_run(&model, &recipe, &run)?;
         println!("activation pass: {}", plan.describe());
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
     };
     let staging = target.stage()?;
     staging.notes.iter().for_each(|n| bars.note(n));
-    let outcome = pipeline::run_probe(&model, &recipe, &args.recipe.probe_options(), &bars)?;
+    let outcome = pipeline::run_probe(&model, &recipe, &run, &bars)?;
     let write_started = Instant::now();
     let sharding = args.max_shard_size.map_or(Sharding::KeepBase, Sharding::MaxBytes);
     let options = BakeOptions { sharding };
@@ -785,14 +787,13 @@ fn run_search(args: &SearchArgs, quiet: bool) -> Result<()> {
         trials: args.trials,
         early_discard: !args.full_grid,
         min_rung_questions: search::MIN_RUNG_QUESTIONS,
-        eval: reference_protocol(recipe.corpus.clone(), args.recipe.max_memory),
+        eval: reference_protocol(),
     };
-    // Before the activation pass, which takes minutes: every option, and the output folder.
-    options.check(model_heads)?;
+    let run = Resolved::new(&model, &recipe, &args.recipe.run_options())?;
     let staging = pipeline::check_output(&args.out, args.force, &model, &recipe, OutputKind::Report)?.stage()?;
     let bars = Bars::new(quiet);
     staging.notes.iter().for_each(|n| bars.note(n));
-    let outcome = search::search(&model, &recipe, &options, &args.recipe.probe_options(), &bars)?;
+    let outcome = search::search(&model, &recipe, &options, &run, &bars)?;
     output::write_files(&outcome, staging.path())?;
     let published = staging.commit()?;
     bars.stage("done");
@@ -809,19 +810,18 @@ fn run_search(args: &SearchArgs, quiet: bool) -> Result<()> {
 }
 
 /// The reference MC protocol with the default instruction and answers found by token offsets.
-fn reference_protocol(corpus: Option<bake::recipe::CorpusSpec>, max_memory: Option<u64>) -> bake::eval::EvalOptions {
-    use bake::eval::mc;
-    bake::eval::EvalOptions {
+fn reference_protocol() -> bake::scoring::ScoreOptions {
+    use bake::scoring::mc;
+    bake::scoring::ScoreOptions {
         protocols: vec![mc::Protocol::Reference],
         instruction: mc::INSTRUCTION_DEFAULT.into(),
         answer_tokens: mc::AnswerTokens::Offsets,
-        corpus,
-        max_memory,
     }
 }
 
 fn run_eval(args: &EvalArgs, quiet: bool) -> Result<()> {
-    use bake::eval::{self, mc};
+    use bake::eval;
+    use bake::scoring::{mc, ScoreOptions};
     let mut recipe = args.recipe.load()?;
     if let (Some(n), Some(corpus)) = (args.documents, recipe.corpus.as_mut()) {
         corpus.documents = n;
@@ -836,7 +836,7 @@ fn run_eval(args: &EvalArgs, quiet: bool) -> Result<()> {
         // Before the evaluation, which takes minutes: the card must be intact and get only its own numbers.
         eval::card::check_target(dir, &model, compared, args.baked.as_deref(), &recipe)?;
     }
-    let options = eval::EvalOptions {
+    let options = ScoreOptions {
         protocols: match args.protocol {
             ProtocolArg::Reference => vec![mc::Protocol::Reference],
             ProtocolArg::Leaderboard => vec![mc::Protocol::Leaderboard],
@@ -851,19 +851,16 @@ fn run_eval(args: &EvalArgs, quiet: bool) -> Result<()> {
             AnswerTokensArg::Offsets => mc::AnswerTokens::Offsets,
             AnswerTokensArg::ReferenceSlice => mc::AnswerTokens::ReferenceSlice,
         },
-        corpus: recipe.corpus.clone(),
-        max_memory: args.recipe.max_memory,
     };
+    let run = Resolved::new(&model, &recipe, &args.recipe.run_options())?;
     let bars = Bars::new(quiet);
     let report = match (args.cv, &args.baked) {
-        (Some(folds), _) => {
-            eval::cross_validate(&model, &recipe, folds, &options, &args.recipe.probe_options(), &bars)?
-        }
+        (Some(folds), _) => eval::cross_validate(&model, &recipe, folds, &options, &run, &bars)?,
         (None, Some(dir)) => {
             let baked = ModelFiles::open(&dir.to_string_lossy())?;
-            eval::evaluate(&model, Some(&baked), &recipe, &options, &bars)?
+            eval::evaluate(&model, Some(&baked), &recipe, &options, &run, &bars)?
         }
-        (None, None) => eval::evaluate(&model, None, &recipe, &options, &bars)?,
+        (None, None) => eval::evaluate(&model, None, &recipe, &options, &run, &bars)?,
     };
     if let Some(dir) = &args.card {
         let published = eval::card::put_evaluation(dir, &eval::card::section(&report, compared))?;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::activations::plan::{Compute, Mode, Plan};
+use crate::activations::plan::{budget_for, Budget, Compute, Mode, Plan};
 use crate::activations::{self, cache, Activations, PackedPrompts};
 use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
 use crate::error::Result;
@@ -16,12 +16,46 @@ use crate::probes::{self, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Spli
 use crate::progress::{Laps, Progress};
 use crate::recipe::{BatchTokens, Recipe};
 
-pub struct ProbeOptions {
+/// How a run may use the machine, beyond the recipe.
+pub struct RunOptions {
     /// `None` disables the activation cache.
     pub cache_dir: Option<PathBuf>,
-    /// Memory budget (host on the CPU, GPU memory on CUDA); the activation pass streams layers when the
-    /// resident model would not fit.
+    /// Memory budget (host on the CPU, GPU memory on CUDA); `None`: what the device has. The activation pass
+    /// streams layers when the resident model would not fit.
     pub max_memory: Option<u64>,
+}
+
+/// What a command works out once from the model, the recipe and its options, and hands to every stage it runs.
+/// The device is created here and nowhere else: candle gives each CUDA device it creates an id of its own, and
+/// tensors of two never meet.
+pub struct Resolved {
+    /// The device and the matmuls' dtype.
+    pub compute: Compute,
+    /// The user's memory budget (`None`: what the device has, see [`Resolved::budget`]).
+    pub max_memory: Option<u64>,
+    /// Most tokens in one batch of the activation pass, `auto` resolved from the model's shape, the device and
+    /// the user's budget (never from the memory that happens to be free: the same flags give the same batches).
+    pub batch_tokens: usize,
+    /// `None` disables the activation cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Resolved {
+    pub fn new(model: &ModelFiles, recipe: &Recipe, options: &RunOptions) -> Result<Self> {
+        let device = pick_device(recipe.device)?;
+        let dtype = pick_dtype(recipe.dtype, &device, model.dtype());
+        let compute = Compute { device, dtype };
+        let batch_tokens = match recipe.batch_tokens {
+            BatchTokens::Fixed(n) => n,
+            BatchTokens::Auto => activations::plan::auto_batch_tokens(&model.config, &compute, options.max_memory),
+        };
+        Ok(Resolved { compute, max_memory: options.max_memory, batch_tokens, cache_dir: options.cache_dir.clone() })
+    }
+
+    /// The memory this run may use: the user's budget, or what the device has.
+    pub fn budget(&self) -> Option<Budget> {
+        budget_for(&self.compute.device, self.max_memory)
+    }
 }
 
 /// Everything the probe stage produced, for the report and for baking.
@@ -69,20 +103,13 @@ pub fn check_recipe_heads(model: &ModelFiles, recipe: &Recipe) -> Result<()> {
     probes::check_head_count(recipe.heads, model.config.num_layers * model.config.num_heads)
 }
 
-/// Checks what can be checked first (the device, the number of questions), then loads the data, builds the
-/// prompts and runs (or reuses) the activation pass. The recipe's K is the caller's to check: `bake search`
-/// tries its own.
-pub fn prepare(
-    model: &ModelFiles,
-    recipe: &Recipe,
-    options: &ProbeOptions,
-    progress: &dyn Progress,
-) -> Result<Prepared> {
+/// Checks the number of questions, then loads the data, builds the prompts and runs (or reuses) the activation
+/// pass. The recipe's K is the caller's to check: `bake search` tries its own. The device was checked when `run`
+/// was resolved, before anything else: a cached run never touches it, and must not record a bogus one.
+pub fn prepare(model: &ModelFiles, recipe: &Recipe, run: &Resolved, progress: &dyn Progress) -> Result<Prepared> {
     let mut timings = Laps::start();
     let c = &model.config;
     let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
-    // Before anything else: a cached run never touches the device, and must not record a bogus one.
-    pick_device(&recipe.device)?;
 
     progress.stage("data");
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
@@ -94,7 +121,7 @@ pub fn prepare(
 
     progress.stage("activations");
     let (probe_acts, tuning_acts, cache_hit) =
-        activations_for(model, recipe, &dataset, &prompts, &model_hashes, options, progress)?;
+        activations_for(model, recipe, &dataset, &prompts, &model_hashes, run, progress)?;
     timings.lap("activations");
     Ok(Prepared {
         dataset,
@@ -109,14 +136,9 @@ pub fn prepare(
 }
 
 /// The ITI core: probes on the reference's split, the top K heads, their shifts, and the report.
-pub fn run_probe(
-    model: &ModelFiles,
-    recipe: &Recipe,
-    options: &ProbeOptions,
-    progress: &dyn Progress,
-) -> Result<ProbeOutcome> {
+pub fn run_probe(model: &ModelFiles, recipe: &Recipe, run: &Resolved, progress: &dyn Progress) -> Result<ProbeOutcome> {
     check_recipe_heads(model, recipe)?;
-    let prepared = prepare(model, recipe, options, progress)?;
+    let prepared = prepare(model, recipe, run, progress)?;
     let mut timings = Laps::start();
     progress.stage("probes");
     let layout = prepared.layout;
@@ -220,14 +242,13 @@ fn activations_for(
     dataset: &TruthfulQa,
     prompts: &PromptSets,
     model_hashes: &[(PathBuf, String)],
-    options: &ProbeOptions,
+    run: &Resolved,
     progress: &dyn Progress,
 ) -> Result<(Activations, Activations, bool)> {
     // One pass and one cache entry for both sets, split afterwards.
     let texts = prompts.texts();
     let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
-    let compute = compute_for(model, recipe)?;
-    let batch_tokens = batch_tokens_for(model, recipe, &compute, options.max_memory);
+    let (compute, batch_tokens) = (&run.compute, run.batch_tokens);
     let device_name = compute.device_name();
     let key = cache::CacheKey {
         tool_version: crate::VERSION,
@@ -241,7 +262,7 @@ fn activations_for(
         prompts: &texts,
     }
     .digest();
-    let cache_path = options.cache_dir.as_deref().map(|d| cache::path_for(d, &key));
+    let cache_path = run.cache_dir.as_deref().map(|d| cache::path_for(d, &key));
     if let Some(path) = &cache_path {
         // The cache only saves time: an unreadable entry is recomputed, never fatal.
         match cache::load(path, &["probe", "tuning"]) {
@@ -259,10 +280,9 @@ fn activations_for(
     }
     let tokens = activations::tokenize(&model.tokenizer()?, &texts)?;
     let packed = PackedPrompts::new(&tokens, batch_tokens, &compute.device)?;
-    let budget = activations::plan::budget_for(&compute.device, options.max_memory);
-    let plan = plan_for(model, &packed, prompts.probe.len(), &compute, batch_tokens, budget)?;
+    let plan = plan_for(model, &packed, prompts.probe.len(), run)?;
     progress.note(&format!("activations: {}", plan.describe()));
-    let Compute { device, dtype } = &compute;
+    let Compute { device, dtype } = compute;
     let acts = match plan.mode {
         Mode::Resident => activations::capture_last_token(&model.load_as(device, *dtype)?, &packed, progress)?,
         Mode::Streamed => activations::capture_last_token_streamed(model, device, *dtype, &packed, progress)?,
@@ -277,47 +297,21 @@ fn activations_for(
     Ok((probe, tuning, false))
 }
 
-/// The execution plan of a run's activation pass on this machine, without running it. `max_memory` is the
-/// user's budget; without it, what the device has.
-pub fn plan_run(model: &ModelFiles, recipe: &Recipe, max_memory: Option<u64>) -> Result<Plan> {
+/// The execution plan of a run's activation pass on this machine, without running it.
+pub fn plan_run(model: &ModelFiles, recipe: &Recipe, run: &Resolved) -> Result<Plan> {
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
     let tokens = activations::tokenize(&model.tokenizer()?, &prompts.texts())?;
-    let compute = compute_for(model, recipe)?;
-    let batch_tokens = batch_tokens_for(model, recipe, &compute, max_memory);
-    let packed = PackedPrompts::new(&tokens, batch_tokens, &compute.device)?;
-    let budget = activations::plan::budget_for(&compute.device, max_memory);
-    plan_for(model, &packed, prompts.probe.len(), &compute, batch_tokens, budget)
-}
-
-/// The device and dtype the recipe's activation pass runs on.
-pub fn compute_for(model: &ModelFiles, recipe: &Recipe) -> Result<Compute> {
-    let device = pick_device(&recipe.device)?;
-    let dtype = pick_dtype(&recipe.dtype, &device, model.dtype())?;
-    Ok(Compute { device, dtype })
-}
-
-/// The recipe's token budget per batch, `auto` resolved for this model, device and the user's memory budget
-/// (never the memory that happens to be free: the same flags give the same batches).
-pub fn batch_tokens_for(model: &ModelFiles, recipe: &Recipe, compute: &Compute, max_memory: Option<u64>) -> usize {
-    match recipe.batch_tokens {
-        BatchTokens::Fixed(n) => n,
-        BatchTokens::Auto => activations::plan::auto_batch_tokens(&model.config, compute, max_memory),
-    }
+    let packed = PackedPrompts::new(&tokens, run.batch_tokens, &run.compute.device)?;
+    plan_for(model, &packed, prompts.probe.len(), run)
 }
 
 /// The execution plan of the activation pass over these packed prompts, timed at the device's measured
 /// matmul rate.
-fn plan_for(
-    model: &ModelFiles,
-    packed: &PackedPrompts,
-    probe_prompts: usize,
-    compute: &Compute,
-    batch_tokens: usize,
-    budget: Option<activations::plan::Budget>,
-) -> Result<Plan> {
-    let rate = activations::plan::measure_matmul_rate(&model.config, compute)?;
-    activations::plan::plan(model, &packed.shape(probe_prompts), compute, batch_tokens, Some(rate), budget)
+fn plan_for(model: &ModelFiles, packed: &PackedPrompts, probe_prompts: usize, run: &Resolved) -> Result<Plan> {
+    let rate = activations::plan::measure_matmul_rate(&model.config, &run.compute)?;
+    let shape = packed.shape(probe_prompts);
+    activations::plan::plan(model, &shape, &run.compute, run.batch_tokens, Some(rate), run.budget())
 }
 
 /// A NaN or infinity in the activations would silently become NaN biases: name where it first appears.

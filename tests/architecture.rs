@@ -1,5 +1,5 @@
-//! The structure of the library, checked: modules form layers in pipeline order and no module imports a
-//! later one, and no two source files import each other (directly or around a longer loop).
+//! The structure of the library, checked: modules form layers in pipeline order, no module imports a later one
+//! and no command another, and no two source files import each other (directly or around a longer loop).
 //!
 //! Imports are read from the source: every `use crate::…` / `use super::…` tree and every inline
 //! `crate::…` / `super::…` path. A module re-exporting its children (`pub use child::X`) is its interface,
@@ -9,22 +9,25 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// The library's top-level modules, lowest first. A module may import its own layer and the ones before.
+/// The library's top-level modules, lowest first. A module may import its own layer and the ones before, except
+/// that a command never imports another command.
 const LAYERS: &[&[&str]] = &[
     &["error", "progress", "units", "rng", "io", "figure"], // below every stage: errors, reporting, files, plots
     &["recipe"],                                            // every choice of a run
-    &["model"],                                             // 1. resolve, config, weights, forward pass
-    &["data"],                                              // 2. TruthfulQA and the prompts
-    &["activations"],                                       // 3. the activation pass
-    &["probes"],                                            // 4. probes, heads, directions, σ, δ
-    &["surgery"],                                           // 5. δ → biases
-    &["export"],                                            // 6. the baked folder and its manifest
+    &["model"],                                             // stage 1: resolve, config, weights, forward pass
+    &["data"],                                              // stage 2: TruthfulQA and the prompts
+    &["activations"],                                       // stage 3: the activation pass
+    &["probes"],                                            // stage 4: probes, heads, directions, σ, δ
+    &["surgery"],                                           // stage 5: δ → biases
+    &["export"],                                            // stage 6: the baked folder and its manifest
     &["pipeline", "inspect"],                               // stages 2–6 in one call; what a bake will cost
-    &["verify"],                                            // 7. a baked folder is base + diff
-    &["hub"],                                               // 8. publishing
-    &["eval"],                                              // 9. MC1/MC2, CE/KL
-    &["search"],                                            // 10. K and α chosen by cross-validation
+    &["verify"],                                            // the proof that a baked folder is base + diff
+    &["scoring"],                                           // MC1/MC2, CE/KL and folds, shared by eval and search
+    COMMANDS,
 ];
+
+/// The commands built on the stages and the scoring layer (`bake`, `probe` and `inspect` are the pipeline's).
+const COMMANDS: &[&str] = &["hub", "eval", "search"];
 
 fn layer_of(module: &str) -> usize {
     LAYERS
@@ -166,7 +169,7 @@ impl Tree {
 }
 
 #[test]
-fn no_module_imports_a_later_stage() {
+fn no_module_imports_a_later_stage_or_another_command() {
     let tree = read_tree();
     let mut upward = BTreeSet::new();
     for (file, imports) in &tree.imports {
@@ -175,12 +178,17 @@ fn no_module_imports_a_later_stage() {
             let target = &path[0];
             // Items of the crate root (`crate::VERSION`) are below every stage.
             let is_module = tree.files.contains_key(&path[..1]);
-            if is_module && target != own && layer_of(target) > layer_of(own) {
+            let another_command = COMMANDS.contains(&target.as_str()) && COMMANDS.contains(&own.as_str());
+            if is_module && target != own && (layer_of(target) > layer_of(own) || another_command) {
                 upward.insert(format!("{} imports {}", file.display(), path.join("::")));
             }
         }
     }
-    assert!(upward.is_empty(), "imports from a later stage:\n{}", upward.into_iter().collect::<Vec<_>>().join("\n"));
+    assert!(
+        upward.is_empty(),
+        "imports from a later stage or another command:\n{}",
+        upward.into_iter().collect::<Vec<_>>().join("\n")
+    );
 }
 
 #[test]

@@ -60,8 +60,8 @@ fn bake_logits(model_dir: &Path, prompts: &[Vec<u32>], shift: Option<&Shift>) ->
         .collect()
 }
 
-fn python_check(baked: &Path, base: &Path, prompts: &[Vec<u32>]) -> Option<Value> {
-    let python = common::python()?;
+fn python_check(baked: &Path, base: &Path, prompts: &[Vec<u32>]) -> Value {
+    let python = common::python();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_baked.py");
     let out = Command::new(python)
         .arg(script)
@@ -72,7 +72,7 @@ fn python_check(baked: &Path, base: &Path, prompts: &[Vec<u32>]) -> Option<Value
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
-    Some(serde_json::from_str(stdout.lines().last().unwrap()).unwrap())
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
 fn floats(v: &Value) -> Vec<Vec<f32>> {
@@ -84,7 +84,7 @@ fn floats(v: &Value) -> Vec<Vec<f32>> {
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| common::max_abs_diff(x, y)).fold(0.0, f32::max)
+    common::zip_exact(a, b).map(|(x, y)| common::max_abs_diff(x, y)).fold(0.0, f32::max)
 }
 
 /// Bakes `base`, verifies the output, and checks it against the hooked base in bake and in transformers and
@@ -116,7 +116,7 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) -> tempfil
     assert!(hook_vs_bias <= own_tolerance, "{}: hooked base vs baked bias differ by {hook_vs_bias}", base.display());
     assert!(max_diff(&baked_own, &base_own) > 1e-3, "the bake changed nothing");
 
-    let Some(reference) = python_check(&out, base, &prompts) else { return out_root };
+    let reference = python_check(&out, base, &prompts);
     let loading = &reference["loading"];
     for key in ["missing_keys", "unexpected_keys", "mismatched_keys", "warnings"] {
         assert_eq!(loading[key], Value::Array(vec![]), "{key}: {loading}");
@@ -136,17 +136,16 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) -> tempfil
 }
 
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_python)), ignore = "needs BAKE_SHARED and BAKE_PYTHON (see tests/common)")]
 fn tiny_gqa_bake_loads_in_transformers_and_pyvene() {
-    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let tiny = common::shared("fixtures/tiny-gqa");
     check_baked_model(&tiny, &["--limit", "30", "--heads", "4"], 1e-4);
 }
 
 #[test]
+#[cfg_attr(not(all(fixture_smollm2, fixture_python)), ignore = "needs BAKE_SMOLLM2 and BAKE_PYTHON (see tests/common)")]
 fn smollm2_bake_loads_in_transformers_and_pyvene() {
-    let Some(smol) = common::smollm2_dir() else { return };
-    if common::shared_dir().is_none() {
-        return;
-    }
+    let smol = common::smollm2_dir();
     // bf16 weights: the stored bias is W_o·δ rounded to bf16, so the hooked forward differs by that rounding.
     check_baked_model(&smol, &["--limit", "12", "--heads", "16", "--batch-size", "64"], 5e-2);
 }
@@ -170,8 +169,9 @@ fn tree_hashes(dir: &Path) -> Vec<(String, String)> {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn two_bakes_are_byte_identical() {
-    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let tiny = common::shared("fixtures/tiny-gqa");
     let root = tempfile::tempdir().unwrap();
     let (a, b) = (root.path().join("a"), root.path().join("b"));
     bake_ok(&tiny, &a, &["--limit", "20", "--heads", "3", "--max-shard-size", "4MB"]);
@@ -203,8 +203,9 @@ fn verify_mismatches(dir: &Path, base: &Path) -> Vec<Value> {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn by_default_the_base_files_are_copied_whole_and_the_added_biases_go_in_one_more() {
-    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let tiny = common::shared("fixtures/tiny-gqa");
     let root = tempfile::tempdir().unwrap();
     let base = root.path().join("sharded");
     common::reshard(&tiny, &base, 4_000_000);
@@ -232,8 +233,9 @@ fn by_default_the_base_files_are_copied_whole_and_the_added_biases_go_in_one_mor
     bake_ok(&baked, &rebaked, &["--limit", "20", "--heads", "3"]);
     let again = Checkpoint::weight_files(&rebaked).unwrap();
     assert_eq!(again.len(), files.len());
-    let same: Vec<bool> =
-        files.iter().zip(&again).map(|(a, b)| std::fs::read(a).unwrap() == std::fs::read(b).unwrap()).collect();
+    let same: Vec<bool> = common::zip_exact(&files, &again)
+        .map(|(a, b)| std::fs::read(a).unwrap() == std::fs::read(b).unwrap())
+        .collect();
     assert_eq!(same, [vec![true; base_files.len()], vec![false]].concat());
     assert_eq!(verify_mismatches(&rebaked, &baked), Vec::<Value>::new());
 }
@@ -254,14 +256,11 @@ fn assert_refused(output: &Output, needle: &str, out: &Path) {
 }
 
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_root)), ignore = "needs BAKE_SHARED and root (see tests/common)")]
 fn a_full_disk_leaves_no_partial_output() {
-    let Some(tiny) = common::shared("fixtures/tiny-gqa") else { return };
+    let tiny = common::shared("fixtures/tiny-gqa");
     let mount = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(mount.path()).status();
-    if !mounted.is_ok_and(|s| s.success()) {
-        common::say_skipped("cannot mount a small tmpfs here (needs root)");
-        return;
-    }
+    common::mount_small_tmpfs(mount.path(), "4m");
     let out = mount.path().join("baked");
     let output = run_bake(&tiny, &out, &["--limit", "5", "--heads", "2"]);
     let _ = Command::new("umount").arg(mount.path()).status();
@@ -274,9 +273,10 @@ fn a_full_disk_leaves_no_partial_output() {
 /// LlamaForCausalLM, the class whose attention reads an o_proj bias; Qwen3 kept) loads in transformers with
 /// no warning, equals the base with the hook in transformers and in pyvene, and evaluates.
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_python)), ignore = "needs BAKE_SHARED and BAKE_PYTHON (see tests/common)")]
 fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_reads_the_bias() {
     use bake::activations::{capture_last_token, PackedPrompts};
-    let (Some(python), Some(tiny)) = (common::python(), common::shared("fixtures/tiny-gqa")) else { return };
+    let (python, tiny) = (common::python(), common::shared("fixtures/tiny-gqa"));
     let tokenizer = bake::model::TextTokenizer::load(&tiny.join("tokenizer.json")).unwrap();
     let prompts: Vec<Vec<u32>> = [
         "Q: What happens if you crack your knuckles a lot? A: Nothing in particular.",
@@ -303,7 +303,7 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
         let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
         let model = files.load(&Device::Cpu).unwrap();
         let logits = bake_logits(&dir, &prompts, None);
-        for (i, (case, prompt)) in reference["cases"].as_array().unwrap().iter().zip(&prompts).enumerate() {
+        for (i, (case, prompt)) in common::zip_exact(reference["cases"].as_array().unwrap(), &prompts).enumerate() {
             let theirs: Vec<f32> = floats(&Value::Array(vec![case["last_logits"].clone()])).remove(0);
             let diff = common::max_abs_diff(&logits[i], &theirs);
             assert!(diff <= 1e-4, "{family} prompt {i}: logits differ from transformers by {diff}");

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use bake::data::TruthfulQa;
-use bake::eval::mc::{self, AnswerTokens, Protocol};
-use bake::eval::score::{self, Hook, HookMode, Variant};
 use bake::model::{Batch, ModelFiles, Request};
 use bake::progress::Silent;
+use bake::scoring::logprobs::{self, Hook, HookMode, Variant};
+use bake::scoring::mc::{self, AnswerTokens, Protocol};
 use candle_core::Device;
 use serde_json::Value;
 
@@ -36,11 +36,12 @@ fn eval_json(model: &Path, extra: &[&str]) -> Value {
 }
 
 #[test]
+#[cfg_attr(
+    not(all(fixture_shared, fixture_smollm2, fixture_python)),
+    ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 and BAKE_PYTHON (see tests/common)"
+)]
 fn smollm2_scores_agree_with_transformers() {
-    let (Some(shared), Some(model), Some(python)) = (common::shared_dir(), common::smollm2_dir(), common::python())
-    else {
-        return;
-    };
+    let (shared, model, python) = (common::shared_dir(), common::smollm2_dir(), common::python());
     let corpus = shared.join("data/wikitext2/test.jsonl");
     let limit = "8";
     let ours = eval_json(&model, &["--limit", limit, "--corpus", corpus.to_str().unwrap(), "--documents", "6"]);
@@ -71,6 +72,7 @@ fn smollm2_scores_agree_with_transformers() {
 }
 
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
 fn the_shared_prefix_forward_and_its_prefix_tree_equal_the_full_forward() {
     for (name, dir, _) in common::reference_models() {
         let model = ModelFiles::open(dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
@@ -122,10 +124,8 @@ fn baked_deltas(dir: &Path, layers: usize) -> Vec<Option<Vec<f32>>> {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
-    if common::shared_dir().is_none() {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("baked");
     let base_dir = common::bake_tiny(&out, TINY_BAKE);
@@ -139,9 +139,9 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
         .iter()
         .map(|t| tokenizer.encode(t).unwrap())
         .collect();
-    let two_models = score::language_scores(&base, &[Variant::plain(&baked)], &documents, 2, 0, &Silent).unwrap();
+    let two_models = logprobs::language_scores(&base, &[Variant::plain(&baked)], &documents, 2, 0, &Silent).unwrap();
     let one_model =
-        score::language_scores(&base, &[Variant::baked(&base, &biases)], &documents, 2, 0, &Silent).unwrap();
+        logprobs::language_scores(&base, &[Variant::baked(&base, &biases)], &documents, 2, 0, &Silent).unwrap();
     assert_eq!(one_model, two_models, "CE and KL of the bake, run as base + biases and loaded whole");
     assert!(one_model.1[0].kl > 0.0);
     let deltas = baked_deltas(&out, base.config.num_layers);
@@ -153,16 +153,16 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     for protocol in [Protocol::Reference, Protocol::Leaderboard] {
         let set =
             mc::build(protocol, &data, &questions, &tokenizer, mc::INSTRUCTION_DEFAULT, AnswerTokens::Offsets).unwrap();
-        let score = |v: Variant| score::score_items(v, &set.items, 8, 0, &Silent).unwrap();
+        let score = |v: Variant| logprobs::score_items(v, &set.items, 8, 0, &Silent).unwrap();
         let plain = score(Variant::plain(&base));
         let hooked = score(Variant::hooked(&base, &every));
         let from_prompt_end = score(Variant::hooked(&base, &from_end));
         let direct = score(Variant::plain(&baked));
         // One model in memory: the base's weights with the bake's o_proj biases are the bake, bit for bit.
         assert_eq!(score(Variant::baked(&base, &biases)), direct, "{protocol:?}: one model differs from two");
-        let worst = hooked.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        let moved = plain.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        let hook_moved = from_prompt_end.iter().zip(&hooked).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let worst = common::zip_exact(&hooked, &direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let moved = common::zip_exact(&plain, &direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let hook_moved = common::zip_exact(&from_prompt_end, &hooked).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         eprintln!(
             "{protocol:?}: baked vs hooked {worst:.2e}; baked vs base {moved:.3}; hook modes differ by {hook_moved:.3}"
         );
@@ -171,7 +171,7 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
         assert!(hook_moved > 100.0 * worst.max(1e-6), "{protocol:?}: the two hook modes should differ ({hook_moved})");
         let (a, b) = (set.combine(&hooked), set.combine(&direct));
         assert_eq!(a.mc1, b.mc1);
-        assert!(a.mc2.iter().zip(&b.mc2).all(|(x, y)| (x - y).abs() < 1e-4));
+        assert!(common::zip_exact(&a.mc2, &b.mc2).all(|(x, y)| (x - y).abs() < 1e-4));
     }
 }
 
@@ -184,8 +184,9 @@ fn assert_fails(out: &Output, needles: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn bad_inputs_get_clear_errors() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let tiny = shared.join("fixtures/tiny-gqa");
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("missing.jsonl");
@@ -213,8 +214,8 @@ fn bad_inputs_get_clear_errors() {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn the_table_goes_into_the_model_card_and_the_folder_still_verifies() {
-    let Some(_) = common::shared_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let baked = tmp.path().join("baked");
     let base = common::bake_tiny(&baked, TINY_BAKE);
@@ -232,8 +233,9 @@ fn the_table_goes_into_the_model_card_and_the_folder_still_verifies() {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn eval_runs_in_the_dtype_asked_for_and_refuses_what_does_not_fit() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let tiny = shared.join("fixtures/tiny-gqa");
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus.txt");
@@ -247,7 +249,7 @@ fn eval_runs_in_the_dtype_asked_for_and_refuses_what_does_not_fit() {
     let bf16 = numbers(&eval_json(&tiny, &[&args[..], &["--dtype", "bf16"]].concat()));
     // bf16 matmuls: not the f32 numbers, but within bf16's precision of them.
     assert_ne!(f32, bf16, "--dtype bf16 changed nothing");
-    for (a, b) in f32.iter().zip(&bf16) {
+    for (a, b) in common::zip_exact(&f32, &bf16) {
         assert!((a - b).abs() <= 0.02 * a.abs().max(1.0), "f32 {f32:?} vs bf16 {bf16:?}");
     }
     // Too little memory for one model: refused before loading, naming the estimate and what to try.

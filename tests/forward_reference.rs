@@ -2,7 +2,8 @@
 
 mod common;
 
-use bake::model::{forward::mean_next_token_nll, Batch, ModelFiles, Request};
+use bake::model::{Batch, ModelFiles, Request};
+use bake::scoring::logprobs::mean_next_token_nll;
 use candle_core::{Device, Tensor};
 use common::max_abs_diff;
 use serde_json::Value;
@@ -16,6 +17,7 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
 fn forward_matches_transformers_on_every_reference_model() {
     for (name, dir, reference) in common::reference_models() {
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
@@ -62,6 +64,7 @@ fn forward_matches_transformers_on_every_reference_model() {
 }
 
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
 fn padded_batch_equals_one_prompt_at_a_time() {
     for (name, dir, reference) in common::reference_models() {
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
@@ -81,7 +84,7 @@ fn padded_batch_equals_one_prompt_at_a_time() {
                     &Request { capture_at: Some(&[prompt.len() - 1]), logits: true, ..Default::default() },
                 )
                 .unwrap();
-            for (layer, (a, b)) in alone.o_proj_inputs.iter().zip(&together.o_proj_inputs).enumerate() {
+            for (layer, (a, b)) in common::zip_exact(&alone.o_proj_inputs, &together.o_proj_inputs).enumerate() {
                 let diff = max_abs_diff(&a.get(0).unwrap().to_vec1().unwrap(), &b.get(i).unwrap().to_vec1().unwrap());
                 assert!(diff <= 1e-4, "{name} prompt {i} layer {layer}: batched differs by {diff}");
             }
@@ -99,6 +102,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 }
 
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
 fn capture_only_pass_stops_early_with_the_same_activations() {
     for (name, dir, reference) in common::reference_models() {
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
@@ -111,7 +115,7 @@ fn capture_only_pass_stops_early_with_the_same_activations() {
         let short = model.forward(&batch, &Request { capture_at: Some(&at), ..Default::default() }).unwrap();
         assert!(short.logits.is_none());
         assert_eq!(short.o_proj_inputs.len(), model.config.num_layers, "{name}");
-        for (a, b) in full.o_proj_inputs.iter().zip(&short.o_proj_inputs) {
+        for (a, b) in common::zip_exact(&full.o_proj_inputs, &short.o_proj_inputs) {
             assert_eq!(flat(a), flat(b), "{name}");
         }
     }
@@ -121,6 +125,7 @@ fn capture_only_pass_stops_early_with_the_same_activations() {
 /// truncation, an extension, a duplicate), every prompt still gets transformers' o_proj inputs and top-20
 /// logits, and what it gets when run alone.
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
 fn prefix_tree_batch_equals_transformers_and_one_prompt_at_a_time() {
     for (name, dir, reference) in common::reference_models() {
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
@@ -145,7 +150,7 @@ fn prefix_tree_batch_equals_transformers_and_one_prompt_at_a_time() {
                     &Request { capture_at: Some(&single.last_tokens()), logits: true, ..Default::default() },
                 )
                 .unwrap();
-            for (layer, (a, b)) in alone.o_proj_inputs.iter().zip(&packed.o_proj_inputs).enumerate() {
+            for (layer, (a, b)) in common::zip_exact(&alone.o_proj_inputs, &packed.o_proj_inputs).enumerate() {
                 let diff = max_abs_diff(&flat(&a.get(0).unwrap()), &flat(&b.get(i).unwrap()));
                 assert!(diff <= 1e-4, "{name} prompt {i} layer {layer}: packed differs from alone by {diff}");
             }

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use bake::activations::{capture_last_token, tokenize, PackedPrompts};
 use bake::model::ModelFiles;
-use bake::pipeline::{run_probe, ProbeOptions};
+use bake::pipeline::{run_probe, Resolved, RunOptions};
 use bake::probes::logistic;
 use bake::progress::Silent;
 use bake::recipe::Recipe;
@@ -36,43 +36,62 @@ fn probe_heads(n: usize, heads: usize, d: usize) -> (Vec<f32>, Vec<bool>) {
     (features, labels)
 }
 
-#[test]
-fn batched_probes_equal_the_scalar_reference_and_sklearns_optimum() {
+const PROBE_ROWS: usize = 400;
+const PROBE_HEADS: usize = 5;
+const PROBE_WIDTH: usize = 24;
+const TRAIN_ROWS: usize = 320;
+
+/// Probes fitted by the batched trainer on `probe_heads`' data (the first 320 rows train), and each head's
+/// training rows.
+fn fitted_probe_heads() -> (bake::probes::ProbeResults, Vec<Vec<Vec<f64>>>, Vec<bool>) {
     use bake::activations::Activations;
     use bake::data::prompts::Prompt;
     use bake::probes::{train_probes, HeadLayout, Split};
-    let (n, heads, d) = (400, 5, 24);
+    let (n, heads, d) = (PROBE_ROWS, PROBE_HEADS, PROBE_WIDTH);
     let (features, labels) = probe_heads(n, heads, d);
-    // One prompt per question, so the split is by row: the first 320 train, the rest validate.
+    // One prompt per question, so the split is by row.
     let acts = Activations::from_vec(n, 1, heads * d, features.clone());
     let prompts: Vec<Prompt> =
         labels.iter().enumerate().map(|(i, &label)| Prompt { text: String::new(), question: i, label }).collect();
-    let split = Split { train: (0..320).collect(), val: (320..n).collect() };
+    let split = Split { train: (0..TRAIN_ROWS).collect(), val: (TRAIN_ROWS..n).collect() };
     let fitted = train_probes(&acts, &prompts, &split, HeadLayout { layers: 1, heads, head_dim: d });
-
-    let head_rows = |h: usize, rows: std::ops::Range<usize>| -> Vec<Vec<f64>> {
-        rows.map(|i| features[(i * heads + h) * d..(i * heads + h + 1) * d].iter().map(|&v| v as f64).collect())
+    let head_rows = |h: usize| -> Vec<Vec<f64>> {
+        (0..TRAIN_ROWS)
+            .map(|i| features[(i * heads + h) * d..(i * heads + h + 1) * d].iter().map(|&v| v as f64).collect())
             .collect()
     };
-    let mut sklearn_input = Vec::new();
-    for h in 0..heads {
-        let rows = head_rows(h, 0..320);
-        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
-        let reference = logistic::reference::fit(&refs, &labels[..320], 1.0, 1e-6);
-        let fast = &fitted.probes[h];
-        for (a, b) in
-            reference.weights.iter().chain([&reference.intercept]).zip(fast.weights.iter().chain([&fast.intercept]))
-        {
-            assert!((a - b).abs() <= 1e-6, "head {h}: reference {a}, batched {b}");
-        }
-        sklearn_input.push(rows);
-    }
-    let last: Vec<f32> = head_rows(heads - 1, 0..320).into_iter().flatten().map(|v| v as f32).collect();
-    let train_accuracy = fitted.probes[heads - 1].accuracy(&last, &labels[..320]);
-    assert!(train_accuracy >= 0.995, "the last head should be nearly separable (training accuracy {train_accuracy})");
+    (fitted, (0..heads).map(head_rows).collect(), labels)
+}
 
-    let Some(python) = common::python() else { return };
-    let data = serde_json::json!({ "heads": sklearn_input, "y": &labels[..320] });
+/// Every weight and the intercept of `ours` within `tolerance` of `theirs` (same length).
+fn assert_probe_equals(head: usize, ours: &bake::probes::logistic::Probe, theirs: &[f64], tolerance: f64, who: &str) {
+    let ours: Vec<f64> = ours.weights.iter().chain([&ours.intercept]).copied().collect();
+    for (a, b) in common::zip_exact(&ours, theirs) {
+        assert!((a - b).abs() <= tolerance, "head {head}: bake {a}, {who} {b}");
+    }
+}
+
+#[test]
+fn batched_probes_equal_the_scalar_reference() {
+    let (fitted, train_rows, labels) = fitted_probe_heads();
+    assert_eq!(fitted.probes.len(), PROBE_HEADS);
+    for (h, rows) in train_rows.iter().enumerate() {
+        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
+        let reference = logistic::reference::fit(&refs, &labels[..TRAIN_ROWS], 1.0, 1e-6);
+        let theirs: Vec<f64> = reference.weights.iter().chain([&reference.intercept]).copied().collect();
+        assert_probe_equals(h, &fitted.probes[h], &theirs, 1e-6, "the scalar reference");
+    }
+    let last: Vec<f32> = train_rows[PROBE_HEADS - 1].iter().flatten().map(|&v| v as f32).collect();
+    let train_accuracy = fitted.probes[PROBE_HEADS - 1].accuracy(&last, &labels[..TRAIN_ROWS]);
+    assert!(train_accuracy >= 0.995, "the last head should be nearly separable (training accuracy {train_accuracy})");
+}
+
+#[test]
+#[cfg_attr(not(fixture_python), ignore = "needs BAKE_PYTHON (torch, transformers, scikit-learn, pyvene)")]
+fn batched_probes_reach_sklearns_optimum() {
+    let (fitted, train_rows, labels) = fitted_probe_heads();
+    let python = common::python();
+    let data = serde_json::json!({ "heads": train_rows, "y": &labels[..TRAIN_ROWS] });
     let script = r#"
 import json, sys
 import numpy as np
@@ -96,11 +115,9 @@ print(json.dumps(out))
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let optimum: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(optimum.len(), fitted.probes.len());
     for (h, theirs) in optimum.iter().enumerate() {
-        let ours = &fitted.probes[h];
-        for (a, b) in ours.weights.iter().chain([&ours.intercept]).zip(theirs) {
-            assert!((a - b).abs() <= 1e-6, "head {h}: bake {a}, scikit-learn's optimum {b}");
-        }
+        assert_probe_equals(h, &fitted.probes[h], theirs, 1e-6, "scikit-learn's optimum");
     }
 }
 
@@ -114,8 +131,9 @@ fn recipe_for(limit: usize) -> Recipe {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn batched_activations_equal_one_prompt_at_a_time() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let files = ModelFiles::open(shared.join("fixtures/tiny-gqa").to_str().unwrap()).unwrap();
     let model = files.load(&Device::Cpu).unwrap();
     let tokenizer = files.tokenizer().unwrap();
@@ -139,12 +157,16 @@ fn batched_activations_equal_one_prompt_at_a_time() {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn activation_cache_is_reused_and_invalidated() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let cache = tempfile::tempdir().unwrap();
-    let options = ProbeOptions { cache_dir: Some(cache.path().to_path_buf()), max_memory: None };
+    let options = RunOptions { cache_dir: Some(cache.path().to_path_buf()), max_memory: None };
     let gqa = ModelFiles::open(shared.join("fixtures/tiny-gqa").to_str().unwrap()).unwrap();
     let recipe = recipe_for(6);
+    let run_probe = |model: &ModelFiles, recipe: &Recipe, options: &RunOptions, progress: &Silent| {
+        run_probe(model, recipe, &Resolved::new(model, recipe, options).unwrap(), progress)
+    };
     let first = run_probe(&gqa, &recipe, &options, &Silent).unwrap();
     let second = run_probe(&gqa, &recipe, &options, &Silent).unwrap();
     assert!(!first.cache_hit && second.cache_hit);
@@ -197,8 +219,9 @@ fn probe_error(dataset: &Path, model: &Path, extra: &[&str]) -> String {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn bad_datasets_and_recipes_get_clear_errors() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let model = shared.join("fixtures/tiny-gqa");
     let dir = tempfile::tempdir().unwrap();
 
@@ -224,8 +247,9 @@ fn bad_datasets_and_recipes_get_clear_errors() {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn parquet_and_jsonl_give_the_same_dataset() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let jsonl = shared.join("data/truthfulqa");
     let parquet = tempfile::tempdir().unwrap();
     for config in ["multiple_choice", "generation"] {
@@ -246,7 +270,7 @@ fn parquet_and_jsonl_give_the_same_dataset() {
         .filter(|s| s.is_empty())
         .count();
     assert_eq!(empty, 31, "the Hub's empty answers are kept");
-    for (x, y) in a.questions.iter().zip(&b.questions) {
+    for (x, y) in common::zip_exact(&a.questions, &b.questions) {
         assert_eq!(
             (&x.question, &x.mc2, &x.correct_answers, &x.incorrect_answers),
             (&y.question, &y.mc2, &y.correct_answers, &y.incorrect_answers)

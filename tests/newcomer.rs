@@ -42,8 +42,9 @@ fn the_builtin_prompts_are_truthfulqas() {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn the_builtin_copy_equals_the_pinned_hub_files() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let folder = shared.join("data/truthfulqa");
     let builtin = TruthfulQa::load(builtin::SOURCE, builtin::SPLIT, None).unwrap();
     for (path, sha256) in &builtin.files {
@@ -52,7 +53,7 @@ fn the_builtin_copy_equals_the_pinned_hub_files() {
         assert_eq!(&bake::io::hash::sha256_file(&hub_file).unwrap(), sha256, "{}", hub_file.display());
     }
     let jsonl = TruthfulQa::load(folder.to_str().unwrap(), "validation", None).unwrap();
-    for (a, b) in builtin.questions.iter().zip(&jsonl.questions) {
+    for (a, b) in common::zip_exact(&builtin.questions, &jsonl.questions) {
         assert_eq!(
             (&a.question, &a.mc1, &a.mc2, &a.best_answer, &a.correct_answers, &a.incorrect_answers),
             (&b.question, &b.mc1, &b.mc2, &b.best_answer, &b.correct_answers, &b.incorrect_answers)

@@ -12,6 +12,7 @@ use bake::model::{pick_device, pick_dtype, ModelFiles};
 use bake::probes::{self, HeadLayout};
 use bake::progress::Silent;
 use bake::recipe::Recipe;
+use bake::recipe::{DeviceChoice, DtypeChoice};
 use candle_core::{DType, Device};
 
 /// Prompts whose activations are compared with transformers' (each runs alone there, in eager attention).
@@ -41,8 +42,9 @@ fn relative_rms(a: &Activations, b: &Activations, rows: usize) -> Vec<f64> {
 /// the norm weight, and the rotary tables, to bf16; bake keeps both in f32), so neither is the exact twin
 /// of the other.
 #[test]
+#[cfg_attr(not(all(fixture_smollm2, fixture_python)), ignore = "needs BAKE_SMOLLM2 and BAKE_PYTHON (see tests/common)")]
 fn bf16_pass_is_as_close_to_f32_as_transformers_bf16_and_ranks_heads_alike() {
-    let (Some(dir), Some(python)) = (common::smollm2_dir(), common::python()) else { return };
+    let (dir, python) = (common::smollm2_dir(), common::python());
     let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
     let recipe = Recipe::shipped();
     let data = TruthfulQa::load("builtin", "validation", Some(80)).unwrap();
@@ -64,7 +66,7 @@ fn bf16_pass_is_as_close_to_f32_as_transformers_bf16_and_ranks_heads_alike() {
     let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let theirs: Vec<f64> = reference["relative_rms"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let ours = relative_rms(&full, &half, COMPARED_PROMPTS);
-    for (layer, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+    for (layer, (o, t)) in common::zip_exact(&ours, &theirs).enumerate() {
         eprintln!("layer {layer:2}: bf16 vs f32 relative RMS error: bake {o:.2e}, transformers {t:.2e}");
         assert!(*o <= 1.5 * t, "layer {layer}: bake's bf16 error {o:.3e} against transformers' {t:.3e}");
     }
@@ -110,16 +112,25 @@ fn bf16_pass_is_as_close_to_f32_as_transformers_bf16_and_ranks_heads_alike() {
 
 #[test]
 fn auto_picks_the_cpu_and_f32_here_and_explicit_choices_are_kept() {
-    let device = pick_device("auto").unwrap();
+    let device = pick_device(DeviceChoice::Auto).unwrap();
     // The default build has no CUDA; a CUDA build on a machine without a GPU also falls back to the CPU.
     if !candle_core::utils::cuda_is_available() {
         assert!(device.is_cpu());
-        let err = pick_device("cuda").unwrap_err().to_string();
+        let err = pick_device(DeviceChoice::Cuda(None)).unwrap_err().to_string();
         assert!(err.contains("--features cuda"), "{err}");
     }
     use bake::io::dtype::StoredDtype;
-    assert_eq!(pick_dtype("auto", &Device::Cpu, StoredDtype::Bf16).unwrap(), DType::F32);
-    assert_eq!(pick_dtype("bf16", &Device::Cpu, StoredDtype::F32).unwrap(), DType::BF16);
-    assert_eq!(pick_dtype("f16", &Device::Cpu, StoredDtype::Bf16).unwrap(), DType::F16);
-    assert!(pick_dtype("fp8", &Device::Cpu, StoredDtype::Bf16).is_err());
+    assert_eq!(pick_dtype(DtypeChoice::Auto, &Device::Cpu, StoredDtype::Bf16), DType::F32);
+    assert_eq!(pick_dtype(DtypeChoice::Bf16, &Device::Cpu, StoredDtype::F32), DType::BF16);
+    assert_eq!(pick_dtype(DtypeChoice::F16, &Device::Cpu, StoredDtype::Bf16), DType::F16);
+    // The words of a recipe or a flag, read once into the choices and written back as they were.
+    for word in ["auto", "cpu", "cuda", "cuda:1"] {
+        assert_eq!(word.parse::<DeviceChoice>().unwrap().to_string(), word);
+    }
+    assert_eq!("cuda:1".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(Some(1))));
+    assert!("metal".parse::<DeviceChoice>().unwrap_err().contains("expected cpu, cuda, cuda:N or auto"));
+    for word in ["auto", "f32", "bf16", "f16"] {
+        assert_eq!(word.parse::<DtypeChoice>().unwrap().to_string(), word);
+    }
+    assert!("fp8".parse::<DtypeChoice>().is_err());
 }

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use sha2::Digest;
 
 /// Several shards, so the LFS checks see more than one weight file.
-const TINY_BAKE: &[&str] = &["--limit", "12", "--heads", "4", "--max-shard-size", "4MB"];
+const BAKE_ARGS: &[&str] = &["--limit", "6", "--heads", "4"];
 const TOKEN: &str = "hf_mockTOKEN1234567890";
 
 #[derive(Default)]
@@ -300,12 +300,9 @@ fn edit_card(dir: &Path) {
 
 #[test]
 fn push_creates_uploads_once_and_checks_the_remote() {
-    if common::shared_dir().is_none() {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let dir: PathBuf = tmp.path().join("baked");
-    common::bake_tiny(&dir, TINY_BAKE);
+    common::bake_sharded_synthetic(tmp.path(), &dir, BAKE_ARGS);
     let (endpoint, hub) = serve();
     let repo = ["--repo", "test-org/honest-tiny"];
 
@@ -348,12 +345,9 @@ fn push_creates_uploads_once_and_checks_the_remote() {
 
 #[test]
 fn push_failures_are_clear() {
-    if common::shared_dir().is_none() {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("baked");
-    common::bake_tiny(&dir, TINY_BAKE);
+    common::bake_sharded_synthetic(tmp.path(), &dir, BAKE_ARGS);
     let (endpoint, hub) = serve();
 
     // Transient server errors are retried.

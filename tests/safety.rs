@@ -539,7 +539,7 @@ fn a_bad_device_is_refused_even_with_a_warm_cache() {
     for (device, needle) in [
         ("cuda", "built without CUDA"),
         ("cuda:99", "built without CUDA"),
-        ("metal", "--device metal: expected cpu, cuda, cuda:N or auto"),
+        ("metal", "invalid value 'metal' for '--device <DEVICE>': expected cpu, cuda, cuda:N or auto"),
     ] {
         let run = s.bake(&out, &["--limit", "4", "--device", device], &[]);
         assert_refused(&run, &[needle], Some(&out));
@@ -869,13 +869,10 @@ fn an_alpha_zero_bake_verifies_with_a_forward_run() {
 }
 
 #[test]
+#[cfg_attr(not(fixture_root), ignore = "needs root to mount a small tmpfs")]
 fn a_heatmap_that_cannot_be_written_is_an_io_error() {
     let mount = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(mount.path()).status();
-    if !mounted.is_ok_and(|s| s.success()) {
-        common::say_skipped("cannot mount a small tmpfs here (needs root)");
-        return;
-    }
+    common::mount_small_tmpfs(mount.path(), "64k");
     // Fill the filesystem, then ask for a heatmap on it.
     let filler = mount.path().join("filler");
     let _ = std::fs::write(&filler, vec![0u8; 1 << 20]);
@@ -1001,6 +998,20 @@ fn force_replaces_a_probe_or_search_folder_only_when_its_outputs_json_vouches_fo
     assert_refused(&probe(&out, &["--force"]), &["`report.json`", "in its outputs.json"], Some(&out));
     assert_refused(&search(&out), &["`report.json`", "in its outputs.json"], Some(&out));
     assert_eq!(tree(&out), before);
+
+    // A search folder: its outputs.json leaves out search.log (seconds), so two searches list the same bytes;
+    // bake's own folder is replaced, one whose search.log holds the user's text is not.
+    let (first, second) = (s.path("search-1"), s.path("search-2"));
+    assert_ok(&search(&first));
+    assert_ok(&search(&second));
+    let listed = |dir: &Path| std::fs::read(dir.join("outputs.json")).unwrap();
+    assert_eq!(listed(&first), listed(&second), "outputs.json differs between two runs of one search");
+    assert!(!String::from_utf8(listed(&first)).unwrap().contains("search.log"));
+    assert_ok(&search(&first));
+    std::fs::write(first.join("search.log"), "my notes on this search\n").unwrap();
+    let before = tree(&first);
+    assert_refused(&search(&first), &["its search.log holds more than bake's timings"], Some(&first));
+    assert_eq!(tree(&first), before);
 }
 
 #[test]

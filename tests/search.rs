@@ -8,36 +8,34 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use bake::eval::mc::{AnswerTokens, Protocol, INSTRUCTION_DEFAULT};
-use bake::eval::EvalOptions;
 use bake::model::ModelFiles;
-use bake::pipeline::ProbeOptions;
+use bake::pipeline::{Resolved, RunOptions};
 use bake::progress::Silent;
 use bake::recipe::{CorpusSpec, Recipe};
+use bake::scoring::mc::{AnswerTokens, Protocol, INSTRUCTION_DEFAULT};
+use bake::scoring::ScoreOptions;
 use bake::search::{self, output, Objective, Reached, SearchOptions, SearchReport};
 
 const QUESTIONS: usize = 12;
 const DOCUMENTS: usize = 2;
 
-fn eval_options(corpus: &Path) -> EvalOptions {
-    EvalOptions {
+fn eval_options() -> ScoreOptions {
+    ScoreOptions {
         protocols: vec![Protocol::Reference],
         instruction: INSTRUCTION_DEFAULT.into(),
         answer_tokens: AnswerTokens::Offsets,
-        corpus: Some(CorpusSpec { documents: DOCUMENTS, tokens: 48, path: corpus.into() }),
-        max_memory: None,
     }
 }
 
 fn recipe(corpus: &Path) -> Recipe {
     let mut recipe = Recipe::shipped();
     recipe.limit = Some(QUESTIONS);
-    recipe.device = "cpu".into();
-    recipe.corpus = eval_options(corpus).corpus;
+    recipe.device = bake::recipe::DeviceChoice::Cpu;
+    recipe.corpus = Some(CorpusSpec { documents: DOCUMENTS, tokens: 48, path: corpus.into() });
     recipe
 }
 
-fn options(corpus: &Path, early_discard: bool, kl_budget: f64) -> SearchOptions {
+fn options(early_discard: bool, kl_budget: f64) -> SearchOptions {
     SearchOptions {
         heads: vec![4, 16],
         alphas: vec![0.0, 5.0, 20.0],
@@ -49,16 +47,18 @@ fn options(corpus: &Path, early_discard: bool, kl_budget: f64) -> SearchOptions 
         early_discard,
         // 6 held-out questions per fold: the first rung scores 3 of them.
         min_rung_questions: 3,
-        eval: eval_options(corpus),
+        eval: eval_options(),
     }
 }
 
-fn probe_options() -> ProbeOptions {
-    ProbeOptions { cache_dir: Some(std::env::temp_dir().join("bake-test-cache")), max_memory: None }
+/// What a command resolves from the model and the recipe, with the tests' activation cache.
+fn resolved(model: &ModelFiles, recipe: &Recipe) -> Resolved {
+    let options = RunOptions { cache_dir: Some(std::env::temp_dir().join("bake-test-cache")), max_memory: None };
+    Resolved::new(model, recipe, &options).unwrap()
 }
 
 fn run(model: &ModelFiles, recipe: &Recipe, options: &SearchOptions) -> search::SearchOutcome {
-    let outcome = search::search(model, recipe, options, &probe_options(), &Silent).unwrap();
+    let outcome = search::search(model, recipe, options, &resolved(model, recipe), &Silent).unwrap();
     eprintln!("search seconds: {:?}", outcome.timings);
     outcome
 }
@@ -72,8 +72,7 @@ fn close(a: Option<f64>, b: Option<f64>, what: &str) {
 fn check_against_cross_validation(model: &ModelFiles, recipe: &Recipe, report: &SearchReport, candidate: usize) {
     let c = &report.candidates[candidate];
     let fixed = Recipe { heads: c.heads, alpha: c.alpha, ..recipe.clone() };
-    let corpus = recipe.corpus.as_ref().unwrap().path.clone();
-    let cv = bake::eval::cross_validate(model, &fixed, 2, &eval_options(&corpus), &probe_options(), &Silent).unwrap();
+    let cv = bake::eval::cross_validate(model, &fixed, 2, &eval_options(), &resolved(model, &fixed), &Silent).unwrap();
     eprintln!("eval --cv seconds: {:?}", cv.timings);
     let row = cv.rows.iter().find(|r| r.name.starts_with("ITI (bias")).unwrap();
     let mc = &row.mc["reference"];
@@ -82,21 +81,22 @@ fn check_against_cross_validation(model: &ModelFiles, recipe: &Recipe, report: &
     close(c.mc2, Some(mc.mc2), "MC2");
     close(c.ce, row.ce, "CE");
     close(c.kl, row.kl, "KL");
-    for (fold, numbers) in cv.folds.iter().zip(&c.folds) {
+    for (fold, numbers) in common::zip_exact(&cv.folds, &c.folds) {
         let heads: Vec<[usize; 2]> = fold.heads.clone();
         assert_eq!(heads, numbers.heads, "fold {}: the same heads", fold.fold);
     }
 }
 
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
 fn a_search_on_smollm2_measures_what_eval_cv_measures_and_keeps_the_full_grid_winner() {
-    let (Some(shared), Some(dir)) = (common::shared_dir(), common::smollm2_dir()) else { return };
+    let (shared, dir) = (common::shared_dir(), common::smollm2_dir());
     let corpus = shared.join("data/wikitext2/test.jsonl");
     let model = ModelFiles::open(dir.to_str().unwrap()).unwrap();
     let recipe = recipe(&corpus);
 
-    let halving = run(&model, &recipe, &options(&corpus, true, 1.0)).report;
-    let full = run(&model, &recipe, &options(&corpus, false, 1.0)).report;
+    let halving = run(&model, &recipe, &options(true, 1.0)).report;
+    let full = run(&model, &recipe, &options(false, 1.0)).report;
     eprintln!("{}", output::table(&halving));
     eprintln!("{}", output::table(&full));
     assert_eq!(halving.candidates.len(), 5, "(4, 0) once, then K ∈ {{4, 16}} × α ∈ {{5, 20}}");
@@ -119,7 +119,7 @@ fn a_search_on_smollm2_measures_what_eval_cv_measures_and_keeps_the_full_grid_wi
     }
 
     // No shift fits a budget of 1e-12 nats: "no shift" is the answer.
-    let strict = run(&model, &recipe, &options(&corpus, true, 1e-12)).report;
+    let strict = run(&model, &recipe, &options(true, 1e-12)).report;
     assert_eq!(strict.chosen().alpha, 0.0);
     let shifted: Vec<&Reached> = strict.candidates.iter().filter(|c| c.alpha > 0.0).map(|c| &c.reached).collect();
     assert!(shifted.iter().all(|r| matches!(r, Reached::KlScreen | Reached::KlImplied)), "{shifted:?}");
@@ -136,7 +136,7 @@ fn a_search_on_smollm2_measures_what_eval_cv_measures_and_keeps_the_full_grid_wi
     assert_eq!(written, output::chosen_recipe(&halving, &sha));
     assert_eq!((written.heads, written.alpha), (halving.chosen().heads, halving.chosen().alpha));
     assert_eq!(written.search.as_ref().unwrap().sha256, sha);
-    let probed = bake::pipeline::run_probe(&model, &written, &probe_options(), &Silent).unwrap();
+    let probed = bake::pipeline::run_probe(&model, &written, &resolved(&model, &written), &Silent).unwrap();
     let card = bake::export::card::model_card(&model, &probed.report);
     assert!(card.contains("## How K and α were chosen") && card.contains(&sha), "{card}");
     let png = std::fs::read(out.path().join("tradeoff.png")).unwrap();

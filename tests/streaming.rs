@@ -11,8 +11,9 @@ use bake::progress::Silent;
 use candle_core::{DType, Device};
 
 #[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
 fn streamed_and_resident_passes_capture_the_same_activations() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let data = TruthfulQa::load("builtin", "validation", Some(6)).unwrap();
     let prompts = build_prompt_sets(&data, &bake::recipe::Recipe::shipped().prompts, 42);
     let texts = prompts.texts();
@@ -32,8 +33,9 @@ fn streamed_and_resident_passes_capture_the_same_activations() {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn a_memory_budget_picks_the_mode_or_refuses() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let tmp = tempfile::tempdir().unwrap();
     let plan = |budget: &str| {
         Command::new(env!("CARGO_BIN_EXE_bake"))
@@ -94,8 +96,9 @@ fn bake_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 }
 
 #[test]
+#[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn without_a_budget_the_machines_memory_picks_the_mode_and_no_byte_changes() {
-    let Some(shared) = common::shared_dir() else { return };
+    let shared = common::shared_dir();
     let tmp = tempfile::tempdir().unwrap();
     let tiny = shared.join("fixtures/tiny-gqa");
     // BAKE_AVAILABLE_MEMORY stands in for what /proc/meminfo or the cgroup say.

@@ -58,12 +58,9 @@ fn assert_caught(report: &Value, expected: &[(&str, &str, Option<&str>)]) {
 
 #[test]
 fn verify_passes_a_fresh_bake_and_catches_every_one_byte_change() {
-    if common::shared_dir().is_none() {
-        return;
-    }
     let root = tempfile::tempdir().unwrap();
     let good = root.path().join("good");
-    let base = common::bake_tiny(&good, &["--limit", "20", "--heads", "4", "--max-shard-size", "4MB"]);
+    let base = common::bake_sharded_synthetic(root.path(), &good, &["--limit", "6", "--heads", "4"]);
     let (code, report) = verify(&good, &base, &["--run"]);
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["checks"].as_array().unwrap().len(), 8);
@@ -151,7 +148,10 @@ fn verify_passes_a_fresh_bake_and_catches_every_one_byte_change() {
     assert_eq!(verify(&dir, &base, &[]).0, 2);
 
     // A base that is not the one baked from.
-    let other = common::shared("fixtures/tiny-llama3-rope").unwrap();
+    let other = root.path().join("other-base");
+    let spec = bake::model::synthetic::SyntheticSpec { vocab: 256, intermediate: 4096, seed: 1, ..Default::default() };
+    bake::model::synthetic::write_synthetic_model(&other, &spec, u64::MAX).unwrap();
+    std::fs::copy(base.join("tokenizer.json"), other.join("tokenizer.json")).unwrap();
     let (code, report) = verify(&good, &other, &[]);
     assert_eq!(code, 1);
     assert_caught(&report, &[("tensors", "model/", None)]);

@@ -1,4 +1,4 @@
-//! Stage 6: the baked output folder, written into a staging folder ([`crate::io::output`]) and published
+//! The baked output folder, written into a staging folder ([`crate::io::output`]) and published
 //! at the end, so a failure or interrupt never leaves a partial output.
 //!
 //! ```text

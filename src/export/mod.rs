@@ -1,4 +1,4 @@
-//! Stage 5: writing the baked checkpoint, the pyvene activation diff, the model card and the manifest.
+//! Stage 6: writing the baked checkpoint, the pyvene activation diff, the model card and the manifest.
 
 pub mod baked;
 pub mod card;

@@ -106,8 +106,19 @@ pub fn is_timings_log(text: &str) -> bool {
         })
 }
 
+/// `bake search`'s log of seconds, beside its `outputs.json`.
+pub const SEARCH_LOG_FILE: &str = "search.log";
+
+/// The logs of seconds bake writes beside its outputs. They differ from run to run, so no listing holds them (the
+/// same inputs must give the same listing, byte for byte), and a folder holding one is bake's only while it holds
+/// nothing but timings ([`is_timings_log`]).
+pub const TIMINGS_LOGS: &[&str] = &[LOG_FILE, SEARCH_LOG_FILE];
+
 /// The files a baked folder holds beside its listed ones.
 pub const BAKE_UNLISTED: &[&str] = &[MANIFEST_FILE, LOG_FILE];
+
+/// The files a probe or search folder holds beside its listed ones.
+pub const OUTPUTS_UNLISTED: &[&str] = &[OUTPUTS_FILE, SEARCH_LOG_FILE];
 
 /// `outputs.json`: the file list of a probe or search folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,10 +130,10 @@ pub struct OutputsFile {
 }
 
 impl OutputsFile {
-    /// Lists (and hashes) every file below `dir`.
+    /// Lists (and hashes) every file below `dir` but the unlisted ones ([`OUTPUTS_UNLISTED`]).
     pub fn of_folder(dir: &Path) -> Result<Self> {
         let mut outputs = BTreeMap::new();
-        for name in entries_under(dir)?.into_iter().filter(|n| n != OUTPUTS_FILE) {
+        for name in entries_under(dir)?.into_iter().filter(|n| !OUTPUTS_UNLISTED.contains(&n.as_str())) {
             let path = dir.join(&name);
             let bytes = std::fs::metadata(&path).at(&path)?.len();
             outputs.insert(name, FileEntry { sha256: super::hash::sha256_file(&path)?, bytes });

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::failpoint;
 use super::listing::{
-    entries_under, is_as_serialized, is_timings_log, FileListing, OutputsFile, BAKE_UNLISTED, LOG_FILE, MANIFEST_FILE,
-    OUTPUTS_FILE,
+    entries_under, is_as_serialized, is_timings_log, FileListing, OutputsFile, BAKE_UNLISTED, MANIFEST_FILE,
+    OUTPUTS_FILE, OUTPUTS_UNLISTED, TIMINGS_LOGS,
 };
 use crate::error::{BakeError, IoContext, Result};
 
@@ -201,7 +201,7 @@ fn existing(resolved: &Path, ownership: Ownership) -> std::result::Result<Existi
     }
     let (listing, unlisted_by_design) = match ownership {
         Ownership::Manifest => (FileListing::read(resolved), BAKE_UNLISTED),
-        Ownership::Listing => (OutputsFile::read(resolved).map(|f| f.outputs), &[OUTPUTS_FILE][..]),
+        Ownership::Listing => (OutputsFile::read(resolved).map(|f| f.outputs), OUTPUTS_UNLISTED),
     };
     let listing = match listing {
         Ok(l) => l,
@@ -215,10 +215,10 @@ fn existing(resolved: &Path, ownership: Ownership) -> std::result::Result<Existi
         };
         return not_ours(format!("`{name}`: {what} in its {list_file}{more}"));
     }
-    if matches!(ownership, Ownership::Manifest) {
-        let log = resolved.join(LOG_FILE);
+    for name in TIMINGS_LOGS {
+        let log = resolved.join(name);
         if log.exists() && !super::fs::read_text(&log, 1 << 20).is_ok_and(|t| is_timings_log(&t)) {
-            return not_ours(format!("its {LOG_FILE} holds more than bake's timings"));
+            return not_ours(format!("its {name} holds more than bake's timings"));
         }
     }
     Ok(Existing::OwnedFolder)

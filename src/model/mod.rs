@@ -1,5 +1,6 @@
 //! Stage 1: find a model, read its config, map its weights, load its tokenizer, run it.
 
+pub mod batch;
 pub mod config;
 pub mod forward;
 pub mod resolve;
@@ -8,14 +9,16 @@ pub mod tokenizer;
 mod tree_attention;
 pub mod weights;
 
+pub use batch::Batch;
 pub use config::{ModelConfig, RopeScaling};
-pub use forward::{Batch, Llama, Output, Prefix, Request, Shift};
+pub use forward::{Llama, Output, Prefix, Request, Shift};
 pub use resolve::ModelLocation;
 pub use tokenizer::TextTokenizer;
 pub use weights::Checkpoint;
 
 use crate::error::Result;
 use crate::io::dtype::StoredDtype;
+use crate::recipe::{DeviceChoice, DtypeChoice};
 
 /// A resolved model whose config and weights have been checked against each other. Nothing is computed yet:
 /// the weights stay memory-mapped until [`ModelFiles::load`].
@@ -84,44 +87,32 @@ impl ModelFiles {
     }
 }
 
-/// The dtype of the forward pass's matmuls named by a recipe or `--dtype`: `f32`, `bf16`, `f16` or `auto`,
-/// which is f32 on the CPU (candle's CPU matmul has no bf16 kernel and widens to f32 anyway; f32 is also
-/// what the tests compare against transformers in) and the checkpoint's own dtype on a GPU.
-pub fn pick_dtype(spec: &str, device: &candle_core::Device, stored: StoredDtype) -> Result<candle_core::DType> {
+/// The matmuls' dtype a recipe's choice means on `device` for a checkpoint stored in `stored`: `auto` is f32 on
+/// the CPU (candle's CPU matmul has no bf16 kernel and widens to f32 anyway; f32 is also what the tests compare
+/// against transformers in) and the checkpoint's own dtype on a GPU.
+pub fn pick_dtype(choice: DtypeChoice, device: &candle_core::Device, stored: StoredDtype) -> candle_core::DType {
     use candle_core::DType;
-    Ok(match spec {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        "auto" if device.is_cpu() => DType::F32,
-        "auto" => stored.candle(),
-        other => {
-            return Err(crate::error::BakeError::Invalid(format!("dtype `{other}`: expected auto, f32, bf16 or f16")))
-        }
-    })
+    match choice {
+        DtypeChoice::F32 => DType::F32,
+        DtypeChoice::Bf16 => DType::BF16,
+        DtypeChoice::F16 => DType::F16,
+        DtypeChoice::Auto if device.is_cpu() => DType::F32,
+        DtypeChoice::Auto => stored.candle(),
+    }
 }
 
-/// The device named by a recipe or `--device`: `cpu`, `cuda`, `cuda:N` or `auto`.
-pub fn pick_device(spec: &str) -> Result<candle_core::Device> {
-    use crate::error::BakeError;
-    let cuda_index = match spec {
-        "cpu" => return Ok(candle_core::Device::Cpu),
-        "auto" => {
-            return Ok(if candle_core::utils::cuda_is_available() {
-                candle_core::Device::new_cuda(0)?
-            } else {
-                candle_core::Device::Cpu
-            })
-        }
-        "cuda" => 0,
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => n,
-            None => return Err(BakeError::Invalid(format!("device `{other}`: expected cpu, cuda, cuda:N or auto"))),
-        },
+/// Creates the device a recipe's choice names. Each CUDA device created gets an id of its own, and tensors of
+/// two cannot meet: a command calls this once (see [`crate::pipeline::Resolved`]).
+pub fn pick_device(choice: DeviceChoice) -> Result<candle_core::Device> {
+    let cuda_index = match choice {
+        DeviceChoice::Cpu => return Ok(candle_core::Device::Cpu),
+        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => 0,
+        DeviceChoice::Auto => return Ok(candle_core::Device::Cpu),
+        DeviceChoice::Cuda(index) => index.unwrap_or(0),
     };
     if !candle_core::utils::cuda_is_available() {
-        return Err(BakeError::Invalid(format!(
-            "device `{spec}`: this bake was built without CUDA (rebuild with `--features cuda`) or no GPU is present"
+        return Err(crate::error::BakeError::Invalid(format!(
+            "device `{choice}`: this bake was built without CUDA (rebuild with `--features cuda`) or no GPU is present"
         )));
     }
     Ok(candle_core::Device::new_cuda(cuda_index)?)

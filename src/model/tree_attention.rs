@@ -129,7 +129,7 @@ mod tests {
     fn dense(q: &Tensor, k: &Tensor, v: &Tensor, pk: &Tensor, pv: &Tensor, parents: &[Option<usize>]) -> Vec<f32> {
         let group = q.dim(0).unwrap() / k.dim(0).unwrap();
         let past = pk.dim(1).unwrap();
-        let mask = super::super::forward::tree_mask(parents, past, &Device::Cpu).unwrap().squeeze(0).unwrap();
+        let mask = super::super::batch::tree_mask(parents, past, &Device::Cpu).unwrap().squeeze(0).unwrap();
         let keys = Tensor::cat(&[&repeated(pk, group), &repeated(k, group)], 1).unwrap();
         let values = Tensor::cat(&[&repeated(pv, group), &repeated(v, group)], 1).unwrap();
         let scores = q.matmul(&keys.t().unwrap()).unwrap().broadcast_add(&mask).unwrap();

@@ -10,9 +10,10 @@ use sha2::{Digest, Sha256};
 use super::{SearchOutcome, SearchReport};
 use crate::error::{IoContext, Result};
 use crate::figure;
+use crate::io::listing::SEARCH_LOG_FILE;
 use crate::recipe::{HeldOut, Recipe, SearchSummary};
 
-pub const FILES: &[&str] = &["search.json", "search.log", "tradeoff.png", "tradeoff.svg", "recipe.yaml"];
+pub const FILES: &[&str] = &["search.json", SEARCH_LOG_FILE, "tradeoff.png", "tradeoff.svg", "recipe.yaml"];
 
 /// `search.json` as written: its sha256 names the search in the recipe it chose.
 pub fn report_json(report: &SearchReport) -> String {

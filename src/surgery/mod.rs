@@ -1,4 +1,4 @@
-//! Stage 5a: turning per-layer o_proj-input shifts δ_l into checkpoint tensors.
+//! Stage 5: turning per-layer o_proj-input shifts δ_l into checkpoint tensors.
 //!
 //! `o_proj(z + δ) = W_o z + W_o δ`, so the shift becomes the bias `b_l = W_o · δ_l` (plus any bias the base
 //! already had). HF LLaMA's `attention_bias: true` gives q, k, v and o a bias in every layer, so every layer

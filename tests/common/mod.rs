@@ -4,67 +4,57 @@
 //!   beside the repository, when it exists.
 //! * `BAKE_SMOLLM2`: the SmolLM2-135M-Instruct checkpoint built by `fixtures/make_smollm2.py`. Default:
 //!   `~/.cache/bake/fixtures/smollm2-135m-instruct`, when it exists.
-//! * `BAKE_REQUIRE_FIXTURES=1` (CI sets it): a missing fixture fails the test instead of skipping it.
+//! * `BAKE_PYTHON`: a Python with the references (torch, transformers, scikit-learn, pyvene).
+//! * `BAKE_REQUIRE_FIXTURES=1` (CI sets it): every test runs, and a missing fixture fails its test.
+//!
+//! `build.rs` applies the same rules at build time; a test needing a fixture it did not find is ignored.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
-fn required() -> bool {
-    std::env::var("BAKE_REQUIRE_FIXTURES").is_ok_and(|v| v == "1")
-}
-
-/// Says why a test is skipped. Written straight to stderr: libtest captures `eprintln!`, not the handle.
-pub fn say_skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why}");
-}
-
-fn found_or_skip(what: &str, path: Option<PathBuf>, how: &str) -> Option<PathBuf> {
+/// Where a fixture should be, or a failure saying how to provide it. The tests that call these carry
+/// `#[cfg_attr(not(fixture_…), ignore = "…")]`: `build.rs` sets the flag when it finds the fixture (or under
+/// `BAKE_REQUIRE_FIXTURES=1`), so a test runs only where its fixture is, shows as ignored with the reason where it
+/// is not, and a fixture that vanished after the build is a failure, never a silent pass.
+fn found(what: &str, path: Option<PathBuf>, how: &str) -> PathBuf {
     match path.filter(|p| p.exists()) {
-        Some(p) => Some(p),
-        None if required() => panic!("{what} not found and BAKE_REQUIRE_FIXTURES=1: {how}"),
-        None => {
-            say_skipped(&format!("{what} not found ({how})"));
-            None
-        }
+        Some(p) => p,
+        None => panic!("{what} not found: {how}"),
     }
 }
 
 /// The Python with the references (torch, transformers, scikit-learn, pyvene), from `BAKE_PYTHON`.
-pub fn python() -> Option<PathBuf> {
+pub fn python() -> PathBuf {
     let path = std::env::var_os("BAKE_PYTHON").map(PathBuf::from);
-    found_or_skip("BAKE_PYTHON", path, "set it to a Python with torch, transformers, scikit-learn and pyvene")
+    found("BAKE_PYTHON", path, "set it to a Python with torch, transformers, scikit-learn and pyvene")
 }
 
-pub fn shared_dir() -> Option<PathBuf> {
+pub fn shared_dir() -> PathBuf {
     let path = std::env::var_os("BAKE_SHARED")
         .map(PathBuf::from)
         .or_else(|| Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")));
-    found_or_skip("the shared folder", path, "set BAKE_SHARED to the folder holding fixtures/ and data/")
+    found("the shared folder", path, "set BAKE_SHARED to the folder holding fixtures/ and data/")
 }
 
-pub fn shared(relative: &str) -> Option<PathBuf> {
-    shared_dir().map(|d| d.join(relative))
+pub fn shared(relative: &str) -> PathBuf {
+    shared_dir().join(relative)
 }
 
-pub fn smollm2_dir() -> Option<PathBuf> {
+pub fn smollm2_dir() -> PathBuf {
     let path = std::env::var_os("BAKE_SMOLLM2").map(PathBuf::from).or_else(|| {
         std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bake/fixtures/smollm2-135m-instruct"))
     });
-    found_or_skip(
+    found(
         "the SmolLM2 fixture",
         path.filter(|p| p.join("model.safetensors").exists()),
         "build it with fixtures/make_smollm2.py and set BAKE_SMOLLM2",
     )
 }
 
-/// The three reference models: SmolLM2 (when built) and the two tiny GQA checkpoints.
+/// The three reference models: SmolLM2 and the two tiny GQA checkpoints.
 pub fn reference_models() -> Vec<(String, PathBuf, PathBuf)> {
-    let mut out = Vec::new();
-    let Some(shared) = shared_dir() else { return out };
-    if let Some(dir) = smollm2_dir() {
-        out.push(("smollm2".into(), dir, shared.join("fixtures/smollm2/reference_forward.json")));
-    }
+    let shared = shared_dir();
+    let mut out = vec![("smollm2".into(), smollm2_dir(), shared.join("fixtures/smollm2/reference_forward.json"))];
     for tiny in ["tiny-gqa", "tiny-llama3-rope"] {
         let dir = shared.join("fixtures").join(tiny);
         out.push((tiny.into(), dir.clone(), dir.join("reference_forward.json")));
@@ -80,8 +70,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Bakes the tiny GQA fixture (shared folder required) into `out` with the built-in recipe and TruthfulQA
 /// and `extra` flags; returns the base folder.
 pub fn bake_tiny(out: &std::path::Path, extra: &[&str]) -> PathBuf {
-    let shared = shared_dir().expect("callers check the shared folder first");
-    let tiny = shared.join("fixtures/tiny-gqa");
+    let tiny = shared("fixtures/tiny-gqa");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_bake"))
         .arg("--model")
         .arg(&tiny)
@@ -99,6 +88,21 @@ pub fn bake_tiny(out: &std::path::Path, extra: &[&str]) -> PathBuf {
 /// handling, bad input): a random 2-layer LLaMA, a word-level tokenizer over the dataset's words, and six
 /// questions in TruthfulQA's Hub layout. Returns (model folder, dataset folder).
 pub fn synthetic_inputs(root: &std::path::Path) -> (PathBuf, PathBuf) {
+    synthetic_inputs_shaped(root, &bake::model::synthetic::SyntheticSpec { vocab: 256, ..Default::default() })
+}
+
+/// A synthetic model too large for one 1 MB shard (its FFN is 4096 wide: about 3.3 MB of weights), with the
+/// synthetic dataset, for tests of sharded bakes.
+pub fn sharded_synthetic_inputs(root: &std::path::Path) -> (PathBuf, PathBuf) {
+    let spec = bake::model::synthetic::SyntheticSpec { vocab: 256, intermediate: 4096, ..Default::default() };
+    synthetic_inputs_shaped(root, &spec)
+}
+
+/// [`synthetic_inputs`] with a model of this shape.
+pub fn synthetic_inputs_shaped(
+    root: &std::path::Path,
+    spec: &bake::model::synthetic::SyntheticSpec,
+) -> (PathBuf, PathBuf) {
     use serde_json::json;
     let questions = [
         ("What colour is the sky on a clear day?", ["It is blue", "It looks blue"], ["It is green", "It is red"]),
@@ -131,8 +135,7 @@ pub fn synthetic_inputs(root: &std::path::Path) -> (PathBuf, PathBuf) {
     words.extend(["Q", "A", ":"].map(String::from));
 
     let model = root.join("model");
-    let spec = bake::model::synthetic::SyntheticSpec { vocab: 256, ..Default::default() };
-    bake::model::synthetic::write_synthetic_model(&model, &spec, u64::MAX).unwrap();
+    bake::model::synthetic::write_synthetic_model(&model, spec, u64::MAX).unwrap();
     let mut vocab = serde_json::Map::new();
     vocab.insert("[UNK]".into(), json!(0));
     for (i, w) in words.iter().enumerate() {
@@ -190,6 +193,26 @@ pub fn bake_synthetic(
     command.output().unwrap()
 }
 
+/// Bakes the model of `sharded_synthetic_inputs(root)` into `out`, in 1 MB shards, with `args`; returns the base
+/// model folder.
+pub fn bake_sharded_synthetic(root: &std::path::Path, out: &std::path::Path, args: &[&str]) -> PathBuf {
+    let inputs = sharded_synthetic_inputs(root);
+    let args = [args, &["--max-shard-size", "1MB"]].concat();
+    let run = bake_synthetic(root, &inputs, &[&args[..], &["--out", out.to_str().unwrap()]].concat(), &[]);
+    assert!(run.status.success(), "bake failed: {}", String::from_utf8_lossy(&run.stderr));
+    inputs.0
+}
+
+/// Mounts a tmpfs of `size` (such as "4m") at `at`, for tests of a full disk. Callers need root
+/// (`#[cfg_attr(not(fixture_root), ignore = …)]`), so a failed mount is a failure.
+pub fn mount_small_tmpfs(at: &std::path::Path, size: &str) {
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(at)
+        .status();
+    assert!(mounted.is_ok_and(|s| s.success()), "cannot mount a tmpfs at {}", at.display());
+}
+
 /// Re-shards a model folder with the library's writer, copying every tensor's bytes.
 pub fn reshard(from: &std::path::Path, to: &std::path::Path, max_shard_bytes: u64) {
     let checkpoint = bake::model::Checkpoint::open(bake::model::Checkpoint::weight_files(from).unwrap()).unwrap();
@@ -211,4 +234,16 @@ pub fn reshard(from: &std::path::Path, to: &std::path::Path, max_shard_bytes: u6
             std::fs::copy(from.join(&name), to.join(&name)).unwrap();
         }
     }
+}
+
+/// `a.zip(b)` for comparing results with expectations: sequences of different lengths are a failure, never a
+/// comparison that silently stops at the shorter one.
+pub fn zip_exact<A: IntoIterator, B: IntoIterator>(a: A, b: B) -> std::iter::Zip<A::IntoIter, B::IntoIter>
+where
+    A::IntoIter: ExactSizeIterator,
+    B::IntoIter: ExactSizeIterator,
+{
+    let (a, b) = (a.into_iter(), b.into_iter());
+    assert_eq!(a.len(), b.len(), "the compared sequences differ in length");
+    a.zip(b)
 }

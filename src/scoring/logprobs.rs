@@ -4,7 +4,6 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::mc::Item;
 use crate::error::Result;
-use crate::model::forward::mean_next_token_nll_of;
 use crate::model::{Batch, Llama, Request, Shift};
 use crate::progress::Progress;
 
@@ -214,4 +213,24 @@ pub fn language_scores(
 fn mean_kl(p: &Tensor, logp: &Tensor, logq: &Tensor) -> Result<f64> {
     let kl = (p * (logp - logq)?)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     Ok(kl / p.dim(0)? as f64)
+}
+
+/// Mean negative log-likelihood of each next token, over the real tokens of one sequence of `logits [t, vocab]`.
+pub fn mean_next_token_nll(logits: &Tensor, ids: &[u32]) -> Result<f64> {
+    let n = ids.len();
+    if n < 2 {
+        return Ok(0.0);
+    }
+    mean_next_token_nll_of(&candle_nn::ops::log_softmax(&logits.narrow(0, 0, n - 1)?, D::Minus1)?, ids)
+}
+
+/// The same from log-probabilities `[≥ n − 1, vocab]` (row p: the distribution of token p + 1).
+pub fn mean_next_token_nll_of(logp: &Tensor, ids: &[u32]) -> Result<f64> {
+    let n = ids.len();
+    if n < 2 {
+        return Ok(0.0);
+    }
+    let targets = Tensor::from_slice(&ids[1..], n - 1, logp.device())?;
+    let picked = logp.narrow(0, 0, n - 1)?.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    Ok(-(picked.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?))
 }

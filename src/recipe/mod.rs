@@ -6,9 +6,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BakeError, Result};
+use yaml::{deepest_nesting, duplicate_key_line, without_location};
+
+mod choices;
+mod yaml;
+
+pub use choices::{BatchTokens, DeviceChoice, DtypeChoice};
 
 /// `recipes/truthfulqa.yaml`, built in: the recipe used when none is given.
-pub const SHIPPED: &str = include_str!("../recipes/truthfulqa.yaml");
+pub const SHIPPED: &str = include_str!("../../recipes/truthfulqa.yaml");
 /// How errors name the built-in recipe.
 pub const SHIPPED_NAME: &str = "the built-in recipe (recipes/truthfulqa.yaml)";
 
@@ -71,10 +77,10 @@ pub struct Recipe {
     #[serde(default)]
     pub batch_tokens: BatchTokens,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
-    pub device: String,
+    pub device: DeviceChoice,
     /// The dtype of the forward pass's matmuls: `auto`, `f32`, `bf16` or `f16`.
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: DtypeChoice,
     /// Only the first N questions in multiple_choice order (null: all).
     #[serde(default)]
     pub limit: Option<usize>,
@@ -116,64 +122,6 @@ pub struct HeldOut {
     pub mc2: f64,
     pub ce: f64,
     pub kl: f64,
-}
-
-/// How many tokens a batch of the activation pass may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BatchTokens {
-    /// Chosen from the model's shape and the memory the run may use
-    /// ([`crate::activations::plan::auto_batch_tokens`]).
-    #[default]
-    Auto,
-    Fixed(usize),
-}
-
-impl Serialize for BatchTokens {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        match self {
-            BatchTokens::Auto => s.serialize_str("auto"),
-            BatchTokens::Fixed(n) => s.serialize_u64(*n as u64),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for BatchTokens {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Word(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(BatchTokens::Fixed(n as usize)),
-            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-impl std::str::FromStr for BatchTokens {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(BatchTokens::Auto),
-            n => n.parse().map(BatchTokens::Fixed).map_err(|_| format!("a number of tokens or `auto`, found `{n}`")),
-        }
-    }
-}
-
-impl std::fmt::Display for BatchTokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        match self {
-            BatchTokens::Auto => f.write_str("auto"),
-            BatchTokens::Fixed(n) => write!(f, "{n}"),
-        }
-    }
-}
-
-fn default_dtype() -> String {
-    "auto".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,8 +170,8 @@ pub struct Overrides {
     pub limit: Option<usize>,
     pub batch_size: Option<usize>,
     pub batch_tokens: Option<BatchTokens>,
-    pub device: Option<String>,
-    pub dtype: Option<String>,
+    pub device: Option<DeviceChoice>,
+    pub dtype: Option<DtypeChoice>,
     pub direction: Option<DirectionKind>,
     pub corpus: Option<std::path::PathBuf>,
 }
@@ -296,13 +244,11 @@ impl Recipe {
             flag("batch-tokens", &v, ranges::batch_tokens(v))?;
             self.batch_tokens = v;
         }
-        if let Some(v) = &o.device {
-            flag("device", v, ranges::device(v))?;
-            self.device = v.clone();
+        if let Some(v) = o.device {
+            self.device = v;
         }
-        if let Some(v) = &o.dtype {
-            flag("dtype", v, ranges::dtype(v))?;
-            self.dtype = v.clone();
+        if let Some(v) = o.dtype {
+            self.dtype = v;
         }
         if let Some(v) = o.direction {
             self.direction = v;
@@ -331,8 +277,6 @@ impl Recipe {
             field("limit", ranges::at_least_one(limit).map_err(|e| format!("{e}, or null for all")))?;
         }
         field("batch_tokens", ranges::batch_tokens(self.batch_tokens))?;
-        field("device", ranges::device(&self.device))?;
-        field("dtype", ranges::dtype(&self.dtype))?;
         for (name, template, keys) in [
             ("prompts.probe", &self.prompts.probe, &PROBE_PLACEHOLDERS[..]),
             ("prompts.tuning", &self.prompts.tuning, &TUNING_PLACEHOLDERS[..]),
@@ -374,23 +318,6 @@ mod ranges {
             _ => Ok(()),
         }
     }
-
-    pub fn dtype(v: &str) -> Result<(), String> {
-        if matches!(v, "auto" | "f32" | "bf16" | "f16") {
-            Ok(())
-        } else {
-            Err(format!("auto, f32, bf16 or f16, found `{v}`"))
-        }
-    }
-
-    pub fn device(v: &str) -> Result<(), String> {
-        let cuda_index = v.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok());
-        if matches!(v, "cpu" | "cuda" | "auto") || cuda_index == Some(true) {
-            Ok(())
-        } else {
-            Err(format!("cpu, cuda, cuda:N or auto, found `{v}`"))
-        }
-    }
 }
 
 /// Every `{name}` of a template must be one of `known`, and each of `known` must appear.
@@ -411,70 +338,6 @@ fn check_template(template: &str, known: &[&str]) -> std::result::Result<(), Str
         Some(missing) => Err(format!("a template containing {missing}")),
         None => Ok(()),
     }
-}
-
-/// The line and depth of the deepest nesting: indentation levels of block collections plus brackets of
-/// flow collections (quoted text and comments aside). An estimate that never undercounts real nesting.
-fn deepest_nesting(text: &str) -> Option<(usize, usize)> {
-    let mut indents: Vec<usize> = Vec::new();
-    let mut flow = 0usize;
-    let mut deepest: Option<(usize, usize)> = None;
-    for (number, line) in text.lines().enumerate() {
-        let content = line.trim_start();
-        if content.is_empty() || content.starts_with('#') {
-            continue;
-        }
-        if flow == 0 {
-            let indent = line.len() - content.len();
-            while indents.last().is_some_and(|&i| i >= indent) {
-                indents.pop();
-            }
-            indents.push(indent);
-        }
-        let mut quote: Option<char> = None;
-        for c in content.chars() {
-            match (quote, c) {
-                (Some(q), c) if c == q => quote = None,
-                (Some(_), _) => {}
-                (None, '"' | '\'') => quote = Some(c),
-                (None, '#') => break,
-                (None, '[' | '{') => flow += 1,
-                (None, ']' | '}') => flow = flow.saturating_sub(1),
-                _ => {}
-            }
-            let depth = indents.len() + flow;
-            if deepest.is_none_or(|(_, d)| depth > d) {
-                deepest = Some((number + 1, depth));
-            }
-        }
-    }
-    deepest
-}
-
-/// serde_yaml's message without the ` at line L column C` it appends (the location is printed first).
-fn without_location(error: &serde_yaml::Error) -> String {
-    let message = error.to_string();
-    match message.rfind(" at line ") {
-        Some(i) if message[i..].contains(" column ") => message[..i].to_string(),
-        _ => message,
-    }
-}
-
-/// serde_yaml reports a duplicate key at the line of the mapping that holds it; the line of the second
-/// occurrence of the key is what a person needs.
-fn duplicate_key_line(text: &str, error: &serde_yaml::Error) -> Option<usize> {
-    let message = error.to_string();
-    let key = message
-        .split("duplicate field `")
-        .nth(1)
-        .and_then(|rest| rest.split('`').next())
-        .or_else(|| message.split("duplicate entry with key \"").nth(1)?.split('"').next())?;
-    let from = error.location()?.line().saturating_sub(1);
-    let is_key = |line: &str| {
-        let content = line.trim_start();
-        content.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
-    };
-    text.lines().enumerate().skip(from).filter(|(_, l)| is_key(l)).nth(1).map(|(i, _)| i + 1)
 }
 
 #[cfg(test)]
