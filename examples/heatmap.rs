@@ -20,7 +20,7 @@ fn main() {
     let number = |i: usize| -> usize { args[i].parse().unwrap_or_else(|_| panic!("argument {i} must be a number")) };
     let (layers, heads, k) = (number(1), number(2), number(3));
     let accuracy = synthetic_accuracy(layers, heads);
-    let chosen = top_k(&accuracy, k);
+    let chosen = bake::probes::select_heads(&accuracy, k).expect("K is at most layers × heads");
     let figure = Heatmap {
         accuracy: &accuracy,
         chosen: &chosen,
@@ -48,12 +48,4 @@ fn synthetic_accuracy(layers: usize, heads: usize) -> Vec<Vec<f64>> {
             (0..heads).map(|_| (layer_level + 0.04 * rng.normal() + 0.15 * rng.uniform().powi(8)).min(0.95)).collect()
         })
         .collect()
-}
-
-fn top_k(accuracy: &[Vec<f64>], k: usize) -> Vec<[usize; 2]> {
-    let mut all: Vec<[usize; 2]> =
-        accuracy.iter().enumerate().flat_map(|(l, row)| (0..row.len()).map(move |h| [l, h])).collect();
-    all.sort_by(|a, b| accuracy[b[0]][b[1]].total_cmp(&accuracy[a[0]][a[1]]).then(a.cmp(b)));
-    all.truncate(k);
-    all
 }

@@ -47,7 +47,12 @@ pub enum BakeError {
     #[error("{path}: tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
 
-    /// A user-supplied value (flag, recipe value, dataset content) is out of range.
+    /// A file or folder bake could read holds something it cannot use: a dataset without questions, a corpus
+    /// without a scorable document, a folder that fails `bake verify`, a bake of another base.
+    #[error("{path}: {message}")]
+    Content { path: PathBuf, message: String },
+
+    /// A value is out of range or inconsistent with another (a recipe value, an option, a count).
     #[error("{0}")]
     Invalid(String),
 
@@ -83,6 +88,10 @@ impl BakeError {
 
     pub fn parse(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
         BakeError::Parse { path: path.into(), message: message.to_string() }
+    }
+
+    pub fn content(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        BakeError::Content { path: path.into(), message: message.into() }
     }
 
     pub fn field(path: impl Into<PathBuf>, field: impl Into<String>, expected: impl Into<String>) -> Self {

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use crate::activations::plan::{budget_for, Budget, Compute, Mode, Plan};
 use crate::activations::{self, cache, Activations, PackedPrompts};
-use crate::data::{build_prompt_sets, PromptSets, TruthfulQa};
+use crate::data::{build_prompt_sets, DatasetSource, PromptSets, TruthfulQa};
 use crate::error::Result;
 use crate::export::baked::BakeInput;
 use crate::io::output::{self, Ownership, Protected, Published, Request, Staging, Target};
 use crate::model::{pick_device, pick_dtype, ModelFiles};
 use crate::probes::report::ProbeReport;
-use crate::probes::{self, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Split};
+use crate::probes::{self, Deltas, Head, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Split};
 use crate::progress::{Laps, Progress};
 use crate::recipe::{BatchTokens, Recipe};
 
@@ -62,7 +62,7 @@ impl Resolved {
 pub struct ProbeOutcome {
     pub report: ProbeReport,
     /// δ per layer in o_proj-input layout; `None` for layers without a chosen head.
-    pub deltas: Vec<Option<Vec<f32>>>,
+    pub deltas: Deltas,
     /// Questions the stage ran on.
     pub questions: usize,
     /// sha256 of the model's config and weight files, and of the dataset files.
@@ -113,7 +113,7 @@ pub fn prepare(model: &ModelFiles, recipe: &Recipe, run: &Resolved, progress: &d
 
     progress.stage("data");
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
-    probes::check_question_count(dataset.questions.len(), recipe.validation_ratio, "a bake")?;
+    probes::check_question_count(dataset.questions.len(), recipe.validation_ratio, "the probe stage")?;
     let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
     progress.stage("hashing model files");
     let model_hashes = model.input_hashes()?;
@@ -157,12 +157,12 @@ pub fn run_probe(model: &ModelFiles, recipe: &Recipe, run: &Resolved, progress: 
         probe_prompts: prepared.prompts.probe.len(),
         tuning_prompts: prepared.prompts.tuning.len(),
         val_accuracy: fitted.probes.val_accuracy,
-        heads: fitted.chosen.iter().map(|&(l, h)| [l, h]).collect(),
+        heads: fitted.chosen.clone(),
         train_questions: split.train,
         val_questions: split.val,
         tuning_question: prepared.prompts.tuning_question.clone(),
         sigma: fitted.shifts.iter().map(|s| (s.layer, s.head, s.sigma)).collect(),
-        delta: fitted.deltas.iter().enumerate().filter_map(|(l, d)| d.clone().map(|d| (l.to_string(), d))).collect(),
+        delta: fitted.deltas.by_layer_number(),
         timings: Some(prepared.timings.clone().into_iter().chain(timings.done).collect()),
     };
     Ok(ProbeOutcome {
@@ -185,9 +185,9 @@ pub struct Fit<'a> {
 
 pub struct Fitted {
     pub probes: ProbeResults,
-    pub chosen: Vec<(usize, usize)>,
+    pub chosen: Vec<Head>,
     pub shifts: Vec<HeadShift>,
-    pub deltas: Vec<Option<Vec<f32>>>,
+    pub deltas: Deltas,
 }
 
 /// Probes on the split, the top K heads, their directions, σ and δ.
@@ -205,9 +205,9 @@ pub fn fit_probes(fit: &Fit) -> ProbeResults {
 
 /// The recipe's K heads and α applied to fitted probes.
 pub struct Shifted {
-    pub chosen: Vec<(usize, usize)>,
+    pub chosen: Vec<Head>,
     pub shifts: Vec<HeadShift>,
-    pub deltas: Vec<Option<Vec<f32>>>,
+    pub deltas: Deltas,
 }
 
 /// The top `recipe.heads` heads of `probes`, their directions, σ and δ at `recipe.alpha`. Cheap next to
@@ -249,11 +249,10 @@ fn activations_for(
     let texts = prompts.texts();
     let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
     let (compute, batch_tokens) = (&run.compute, run.batch_tokens);
-    let device_name = compute.device_name();
     let key = cache::CacheKey {
         tool_version: crate::VERSION,
         pass_version: activations::PASS_VERSION,
-        device_kind: device_name.split(':').next().unwrap_or_default(),
+        device_kind: compute.device_kind(),
         dtype: compute.dtype_name(),
         batch_tokens,
         model_hashes: &hashes,
@@ -338,8 +337,7 @@ pub enum OutputKind {
 /// holds them, and an existing folder only when bake wrote it (see [`crate::io::output`]).
 pub fn check_output(out: &Path, force: bool, model: &ModelFiles, recipe: &Recipe, kind: OutputKind) -> Result<Target> {
     let mut protected = vec![Protected { path: &model.location.dir, what: "the model folder", refuse_inside: true }];
-    let dataset = Path::new(&recipe.dataset.source);
-    if dataset.is_dir() {
+    if let Some(dataset) = DatasetSource::of(&recipe.dataset.source).folder() {
         protected.push(Protected { path: dataset, what: "the dataset folder", refuse_inside: false });
     }
     let ownership = match kind {

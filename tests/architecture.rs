@@ -2,7 +2,7 @@
 //! and no command another, and no two source files import each other (directly or around a longer loop).
 //!
 //! Imports are read from the source: every `use crate::…` / `use super::…` tree and every inline
-//! `crate::…` / `super::…` path. A module re-exporting its children (`pub use child::X`) is its interface,
+//! `crate::…` / `super::…` path; the binary (`main.rs`, `cli/`) is left out. A module re-exporting its children (`pub use child::X`) is its interface,
 //! not a dependency, and is not counted. Run it alone with `cargo test --test architecture`; set
 //! `BAKE_SOURCE_DIR` to check another checkout's `src/` (an older commit, say).
 
@@ -150,6 +150,8 @@ fn read_tree() -> Tree {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     let mut files = Vec::new();
     source_files(&src, &mut files);
+    // The binary (main.rs and its commands in cli/) sits above the library: it may import any of it.
+    files.retain(|f| !f.starts_with(src.join("cli")));
     let mut tree = Tree { files: BTreeMap::new(), imports: BTreeMap::new(), modules: BTreeMap::new() };
     for file in files {
         let module = module_path(&file, &src);
@@ -240,4 +242,26 @@ fn the_import_reader_reads_trees_and_paths() {
             .map(String::from)
             .into();
     assert_eq!(found, expected);
+}
+
+/// candle gives each CUDA device it creates an id of its own, and tensors of two never meet: a command creates
+/// its device once, when it resolves its run (`pipeline::Resolved::new`), and hands it down. Checked by
+/// construction: `pick_device` has that one caller, and only `pick_device` creates a CUDA device.
+#[test]
+fn the_device_is_created_in_one_place() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    source_files(&src, &mut files);
+    files.push(src.join("main.rs"));
+    let mut callers = Vec::new();
+    let mut creators = Vec::new();
+    for file in &files {
+        let code = library_code(&std::fs::read_to_string(file).unwrap());
+        let relative = file.strip_prefix(&src).unwrap().display().to_string();
+        let calls = code.matches("pick_device(").count() - code.matches("fn pick_device(").count();
+        callers.extend(std::iter::repeat_n(relative.clone(), calls));
+        creators.extend(std::iter::repeat_n(relative, code.matches("new_cuda(").count()));
+    }
+    assert_eq!(callers, ["pipeline.rs"], "pick_device is called from more than the run's resolution");
+    assert_eq!(creators, ["model/mod.rs"], "a CUDA device is created outside pick_device");
 }

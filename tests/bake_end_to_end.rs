@@ -35,18 +35,6 @@ fn bake_ok(model: &Path, out: &Path, extra: &[&str]) {
     assert!(output.status.success(), "bake failed: {}", String::from_utf8_lossy(&output.stderr));
 }
 
-fn deltas_from_report(dir: &Path, layers: usize) -> Vec<Option<Tensor>> {
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
-    (0..layers)
-        .map(|l| {
-            report["delta"].get(l.to_string()).map(|v| {
-                let values: Vec<f32> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-                Tensor::new(values, &Device::Cpu).unwrap()
-            })
-        })
-        .collect()
-}
-
 /// Last-position logits of bake's own forward: on `model_dir`, with `shift` added at every o_proj input.
 fn bake_logits(model_dir: &Path, prompts: &[Vec<u32>], shift: Option<&Shift>) -> Vec<Vec<f32>> {
     let model = ModelFiles::open(model_dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
@@ -108,7 +96,11 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) -> tempfil
         .iter()
         .map(|p| tokenizer.encode(p).unwrap())
         .collect();
-    let shift = Shift { per_layer: deltas_from_report(&out, files.config.num_layers), from_position: None };
+    let per_layer = common::report_deltas(&out, files.config.num_layers)
+        .into_iter()
+        .map(|d| d.map(|values| Tensor::new(values, &Device::Cpu).unwrap()))
+        .collect();
+    let shift = Shift { per_layer, from_position: None };
     let hooked = bake_logits(base, &prompts, Some(&shift));
     let baked_own = bake_logits(&out, &prompts, None);
     let base_own = bake_logits(base, &prompts, None);
@@ -147,25 +139,19 @@ fn tiny_gqa_bake_loads_in_transformers_and_pyvene() {
 fn smollm2_bake_loads_in_transformers_and_pyvene() {
     let smol = common::smollm2_dir();
     // bf16 weights: the stored bias is W_o·δ rounded to bf16, so the hooked forward differs by that rounding.
-    check_baked_model(&smol, &["--limit", "12", "--heads", "16", "--batch-size", "64"], 5e-2);
+    check_baked_model(&smol, &["--limit", "12", "--heads", "16"], 5e-2);
 }
 
+/// sha256 of every file of a bake but its log.
 fn tree_hashes(dir: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_none_or(|x| x != "log") {
-                let name = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-                out.push((name, bake::io::hash::sha256_file(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
+    let files = common::files_of(dir).into_iter().filter(|(n, _)| !n.ends_with(".log"));
+    files.map(|(n, bytes)| (n, bake::io::hash::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes)))).collect()
+}
+
+/// `bake verify --base`'s mismatches on a folder.
+fn mismatches(dir: &Path, base: &Path) -> Vec<Value> {
+    let (_, report, stderr) = common::verify_json(dir, Some(base), &[]);
+    report["mismatches"].as_array().unwrap_or_else(|| panic!("verify printed no report: {stderr}")).clone()
 }
 
 #[test]
@@ -186,20 +172,6 @@ fn two_bakes_are_byte_identical() {
             assert_eq!(manifest["outputs"][name]["sha256"].as_str(), Some(hash.as_str()), "{name}");
         }
     }
-}
-
-/// `bake verify --base` on a folder; its JSON report's mismatches.
-fn verify_mismatches(dir: &Path, base: &Path) -> Vec<Value> {
-    let output = Command::new(env!("CARGO_BIN_EXE_bake"))
-        .arg("verify")
-        .arg(dir)
-        .arg("--base")
-        .arg(base)
-        .arg("--json")
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&output.stdout).expect("verify prints JSON");
-    report["mismatches"].as_array().unwrap().clone()
 }
 
 #[test]
@@ -225,7 +197,7 @@ fn by_default_the_base_files_are_copied_whole_and_the_added_biases_go_in_one_mor
     let last = Checkpoint::open(vec![files.last().unwrap().clone()]).unwrap();
     assert!(!added.is_empty());
     assert_eq!(last.tensors.keys().map(String::as_str).collect::<BTreeSet<_>>(), added);
-    assert_eq!(verify_mismatches(&baked, &base), Vec::<Value>::new());
+    assert_eq!(mismatches(&baked, &base), Vec::<Value>::new());
 
     // Baking the bake: its o_proj biases are replaced, so the file holding them is rewritten; the rest are
     // copies, and nothing is added.
@@ -237,22 +209,7 @@ fn by_default_the_base_files_are_copied_whole_and_the_added_biases_go_in_one_mor
         .map(|(a, b)| std::fs::read(a).unwrap() == std::fs::read(b).unwrap())
         .collect();
     assert_eq!(same, [vec![true; base_files.len()], vec![false]].concat());
-    assert_eq!(verify_mismatches(&rebaked, &baked), Vec::<Value>::new());
-}
-
-fn assert_refused(output: &Output, needle: &str, out: &Path) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(needle), "`{needle}` not in {stderr}");
-    let parent = out.parent().unwrap();
-    if parent.is_dir() {
-        let leftovers: Vec<_> = std::fs::read_dir(parent)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .filter(|n| n.to_string_lossy().contains("bake-partial"))
-            .collect();
-        assert!(leftovers.is_empty(), "partial output left: {leftovers:?}");
-    }
+    assert_eq!(mismatches(&rebaked, &baked), Vec::<Value>::new());
 }
 
 #[test]
@@ -264,7 +221,7 @@ fn a_full_disk_leaves_no_partial_output() {
     let out = mount.path().join("baked");
     let output = run_bake(&tiny, &out, &["--limit", "5", "--heads", "2"]);
     let _ = Command::new("umount").arg(mount.path()).status();
-    assert_refused(&output, "No space left on device", &out);
+    common::assert_refused(&output, &["No space left on device"], Some(&out));
     assert!(!out.exists());
 }
 

@@ -111,16 +111,17 @@ fn the_shared_prefix_forward_and_its_prefix_tree_equal_the_full_forward() {
 }
 
 /// δ per layer from the baked folder's safetensors twin.
-fn baked_deltas(dir: &Path, layers: usize) -> Vec<Option<Vec<f32>>> {
+fn baked_deltas(dir: &Path, layers: usize) -> bake::probes::Deltas {
     let twin = bake::model::Checkpoint::open(vec![dir.join("activation_diff.safetensors")]).unwrap();
-    (0..layers)
+    let deltas = (0..layers)
         .map(|l| {
             let name = format!("layers.{l}.self_attn.o_proj.input.delta");
             twin.get(&name).map(|_| {
                 twin.load_f32(&name, &[twin.get(&name).unwrap().shape[0]], &Device::Cpu).unwrap().to_vec1().unwrap()
             })
         })
-        .collect()
+        .collect();
+    bake::probes::Deltas(deltas)
 }
 
 #[test]
@@ -175,14 +176,6 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     }
 }
 
-fn assert_fails(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "expected exit 2: {stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
-    }
-}
-
 #[test]
 #[cfg_attr(not(fixture_shared), ignore = "needs the shared folder (BAKE_SHARED)")]
 fn bad_inputs_get_clear_errors() {
@@ -190,10 +183,13 @@ fn bad_inputs_get_clear_errors() {
     let tiny = shared.join("fixtures/tiny-gqa");
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("missing.jsonl");
-    assert_fails(&bake_eval(&tiny, &["--limit", "2", "--corpus", missing.to_str().unwrap()]), &["missing.jsonl"]);
+    common::assert_exit_2(
+        &bake_eval(&tiny, &["--limit", "2", "--corpus", missing.to_str().unwrap()]),
+        &["missing.jsonl"],
+    );
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "\n  \n").unwrap();
-    assert_fails(
+    common::assert_exit_2(
         &bake_eval(&tiny, &["--limit", "2", "--corpus", empty.to_str().unwrap()]),
         &["empty.txt", "no documents"],
     );
@@ -203,14 +199,14 @@ fn bad_inputs_get_clear_errors() {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(tiny.join(f), no_tokenizer.join(f)).unwrap();
     }
-    assert_fails(&bake_eval(&no_tokenizer, &["--limit", "2"]), &["tokenizer.json", "missing"]);
+    common::assert_exit_2(&bake_eval(&no_tokenizer, &["--limit", "2"]), &["tokenizer.json", "missing"]);
 
     // A folder baked from tiny-gqa, evaluated against another base.
     let baked = tmp.path().join("baked");
     common::bake_tiny(&baked, TINY_BAKE);
     let other = shared.join("fixtures/tiny-llama3-rope");
     let out = bake_eval(&other, &["--limit", "2", "--baked", baked.to_str().unwrap()]);
-    assert_fails(&out, &["bake.json", "different base", "sha256", "tiny-llama3-rope"]);
+    common::assert_exit_2(&out, &["bake.json", "different base", "sha256", "tiny-llama3-rope"]);
 }
 
 #[test]
@@ -254,5 +250,5 @@ fn eval_runs_in_the_dtype_asked_for_and_refuses_what_does_not_fit() {
     }
     // Too little memory for one model: refused before loading, naming the estimate and what to try.
     let out = bake_eval(&tiny, &[&args[..], &["--max-memory", "1MB"]].concat());
-    assert_fails(&out, &["evaluating", "needs about", "the memory budget of 0.00 GB", "dtype bf16"]);
+    common::assert_exit_2(&out, &["evaluating", "needs about", "the memory budget of 0.00 GB", "dtype bf16"]);
 }

@@ -29,13 +29,6 @@ fn assert_fails(dir: &Path, needles: &[&str]) {
     }
 }
 
-fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
-    let path = dir.join("config.json");
-    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(value.as_object_mut().unwrap());
-    std::fs::write(&path, serde_json::to_string(&value).unwrap()).unwrap();
-}
-
 fn inspect_json(dir: &Path) -> serde_json::Value {
     let out =
         Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--json", "--model"]).arg(dir).output().unwrap();
@@ -115,7 +108,7 @@ fn mlp_biases_are_not_attention_biases() {
 fn missing_config_key_is_named() {
     let dir = tempfile::tempdir().unwrap();
     synthetic(dir.path());
-    edit_config(dir.path(), |c| {
+    common::edit_config(dir.path(), |c| {
         c.remove("intermediate_size");
     });
     assert_fails(dir.path(), &["config.json", "intermediate_size", "missing"]);
@@ -125,7 +118,7 @@ fn missing_config_key_is_named() {
 fn shape_contradicting_the_config_is_named() {
     let dir = tempfile::tempdir().unwrap();
     synthetic(dir.path());
-    edit_config(dir.path(), |c| {
+    common::edit_config(dir.path(), |c| {
         c.insert("intermediate_size".into(), 65.into());
     });
     assert_fails(dir.path(), &["model.safetensors", "mlp.gate_proj.weight", "shape [64, 32]", "[65, 32]"]);

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use bake::data::{builtin, TruthfulQa};
 use bake::model::synthetic::{write_byte_level_tokenizer, write_synthetic_model, SyntheticSpec, BYTE_LEVEL_VOCAB};
+use bake::probes::Head;
 use serde_json::Value;
 
 #[test]
@@ -151,7 +152,7 @@ fn the_heatmap_is_a_figure_at_every_model_size() {
         let accuracy: Vec<Vec<f64>> = (0..layers)
             .map(|l| (0..heads).map(|h| 0.5 + 0.4 * ((l * 7 + h * 3) % 11) as f64 / 10.0).collect())
             .collect();
-        let chosen = [[layers / 2, heads / 2], [0, 0]];
+        let chosen = [Head { layer: layers / 2, head: heads / 2 }, Head { layer: 0, head: 0 }];
         let figure = Heatmap { accuracy: &accuracy, chosen: &chosen, title: "Title".into(), subtitle: "sub".into() };
         let path = tmp.path().join(format!("{layers}x{heads}.png"));
         bake::figure::write_png(&figure, &path).unwrap();

@@ -97,14 +97,15 @@ fn bf16_pass_is_as_close_to_f32_as_transformers_bf16_and_ranks_heads_alike() {
     // The top K: a head may enter or leave only where bf16's accuracy changes reach, at the cut.
     let top = |acc: &[Vec<f64>]| probes::select_heads(acc, recipe.heads).unwrap();
     let (full_top, half_top) = (top(&full_acc), top(&half_acc));
-    let cut = full_acc[full_top.last().unwrap().0][full_top.last().unwrap().1];
-    let swapped: Vec<&(usize, usize)> = full_top
+    let last = full_top.last().unwrap();
+    let cut = full_acc[last.layer][last.head];
+    let swapped: Vec<&probes::Head> = full_top
         .iter()
         .filter(|h| !half_top.contains(h))
         .chain(half_top.iter().filter(|h| !full_top.contains(h)))
         .collect();
     eprintln!("top {} heads: {} swapped {swapped:?}", recipe.heads, swapped.len());
-    for &&(l, h) in &swapped {
+    for &&probes::Head { layer: l, head: h } in &swapped {
         let from_cut = in_prompts((full_acc[l][h] - cut).abs());
         assert!(from_cut <= largest_gap, "head ({l}, {h}) swapped {from_cut} prompts from the cut");
     }

@@ -269,21 +269,11 @@ fn count(hub: &Arc<Mutex<Hub>>, method: &str, needle: &str) -> usize {
     hub.lock().unwrap().log.iter().filter(|(m, p)| m == method && p.contains(needle)).count()
 }
 
+/// The files a push sends: every file of the folder but its log.
 fn local_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(&p, root, out);
-            } else {
-                out.insert(p.strip_prefix(root).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out.remove("bake.log");
-    out
+    let mut files = common::files_of(dir);
+    files.remove("bake.log");
+    files
 }
 
 /// A legitimate edit of one published file: the model card changes and the manifest records its new hash.

@@ -12,30 +12,8 @@ use std::process::{Command, Output};
 use bake::io::output::{self, Ownership, Request};
 use serde_json::Value;
 
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 fn assert_ok(output: &Output) {
-    assert!(output.status.success(), "bake failed: {}", stderr(output));
-}
-
-/// Exit 2 with every needle in stderr, no panic, and no staging folder left beside `out`.
-fn assert_refused(output: &Output, needles: &[&str], out: Option<&Path>) {
-    let text = stderr(output);
-    assert_eq!(output.status.code(), Some(2), "{text}");
-    assert!(!text.contains("panicked"), "{text}");
-    for needle in needles {
-        assert!(text.contains(needle), "`{needle}` not in: {text}");
-    }
-    if let Some(parent) = out.and_then(Path::parent).filter(|p| p.is_dir()) {
-        let leftovers: Vec<_> = std::fs::read_dir(parent)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".bake-"))
-            .collect();
-        assert!(leftovers.is_empty(), "left beside the output: {leftovers:?}");
-    }
+    assert!(output.status.success(), "bake failed: {}", common::stderr(output));
 }
 
 fn manifest(dir: &Path) -> Value {
@@ -59,19 +37,6 @@ fn siblings(out: &Path, role: &str) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found
-}
-
-fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = bake::io::listing::entries_under(dir)
-        .unwrap()
-        .into_iter()
-        .map(|n| {
-            let bytes = std::fs::read(dir.join(&n)).unwrap_or_default();
-            (n, bytes)
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 struct Setup {
@@ -118,7 +83,7 @@ fn home_and_working_folders_are_refused_with_force() {
     let work = home.join("projects/work");
     std::fs::create_dir_all(&work).unwrap();
     std::fs::write(work.join("notes.txt"), "mine").unwrap();
-    let before = tree(&home);
+    let before = common::files_of(&home);
     let run = |out: &str| {
         Command::new(env!("CARGO_BIN_EXE_bake"))
             .current_dir(&work)
@@ -132,10 +97,10 @@ fn home_and_working_folders_are_refused_with_force() {
             .output()
             .unwrap()
     };
-    assert_refused(&run(home.to_str().unwrap()), &["is your home folder"], None);
-    assert_refused(&run("."), &["is the working folder or one of its parents"], None);
-    assert_refused(&run(".."), &["is the working folder or one of its parents"], None);
-    assert_eq!(tree(&home), before, "a refused run changed the home folder");
+    common::assert_refused(&run(home.to_str().unwrap()), &["is your home folder"], None);
+    common::assert_refused(&run("."), &["is the working folder or one of its parents"], None);
+    common::assert_refused(&run(".."), &["is the working folder or one of its parents"], None);
+    assert_eq!(common::files_of(&home), before, "a refused run changed the home folder");
 }
 
 // 2. The model, its parent, the dataset's parent, and folders bake did not write.
@@ -144,18 +109,18 @@ fn home_and_working_folders_are_refused_with_force() {
 fn the_model_and_the_folders_holding_it_or_the_dataset_are_refused() {
     let s = Setup::new();
     std::fs::write(s.path("beside-the-model.txt"), "keep").unwrap();
-    let before = tree(s.root.path());
+    let before = common::files_of(s.root.path());
     let model = s.model().to_path_buf();
-    assert_refused(&s.bake(&model, &["--force"], &[]), &["is the model folder itself"], None);
-    assert_refused(&s.bake(s.root.path(), &["--force"], &[]), &["contains the model folder"], None);
-    assert_refused(
+    common::assert_refused(&s.bake(&model, &["--force"], &[]), &["is the model folder itself"], None);
+    common::assert_refused(&s.bake(s.root.path(), &["--force"], &[]), &["contains the model folder"], None);
+    common::assert_refused(
         &s.bake(&model.join("baked"), &["--force"], &[]),
         &["lies inside the model folder"],
         Some(&model.join("baked")),
     );
     let dataset_parent = s.inputs.1.join("multiple_choice").parent().unwrap().to_path_buf();
-    assert_refused(&s.bake(&dataset_parent, &["--force"], &[]), &["the dataset folder"], None);
-    assert_eq!(tree(s.root.path()), before, "a refused run changed the inputs");
+    common::assert_refused(&s.bake(&dataset_parent, &["--force"], &[]), &["the dataset folder"], None);
+    assert_eq!(common::files_of(s.root.path()), before, "a refused run changed the inputs");
 }
 
 #[test]
@@ -165,17 +130,17 @@ fn a_folder_bake_did_not_write_is_never_replaced() {
     std::fs::create_dir(&mine).unwrap();
     std::fs::write(mine.join("thesis.tex"), "years of work").unwrap();
     let out = s.bake(&mine, &["--force"], &[]);
-    assert_refused(&out, &["was not written by bake", "`thesis.tex`", "even with --force"], Some(&mine));
+    common::assert_refused(&out, &["was not written by bake", "`thesis.tex`", "even with --force"], Some(&mine));
     assert_eq!(std::fs::read_to_string(mine.join("thesis.tex")).unwrap(), "years of work");
     // Without --force the same folder is refused for the same reason.
-    assert_refused(&s.bake(&mine, &[], &[]), &["was not written by bake"], Some(&mine));
+    common::assert_refused(&s.bake(&mine, &[], &[]), &["was not written by bake"], Some(&mine));
 
     // A bake with a file of the user's added is not bake's alone any more.
     let baked = s.path("baked");
     assert_ok(&s.bake(&baked, &["--limit", "4"], &[]));
-    assert_refused(&s.bake(&baked, &["--limit", "4"], &[]), &["already exists; pass --force"], Some(&baked));
+    common::assert_refused(&s.bake(&baked, &["--limit", "4"], &[]), &["already exists; pass --force"], Some(&baked));
     std::fs::write(baked.join("my-notes.md"), "mine").unwrap();
-    assert_refused(
+    common::assert_refused(
         &s.bake(&baked, &["--limit", "4", "--force"], &[]),
         &["`my-notes.md`", "not listed in its bake.json"],
         Some(&baked),
@@ -185,10 +150,10 @@ fn a_folder_bake_did_not_write_is_never_replaced() {
     // A file, and a symbolic link, are not folders bake wrote.
     let file = s.path("a-file");
     std::fs::write(&file, "x").unwrap();
-    assert_refused(&s.bake(&file, &["--force"], &[]), &["exists and is not a folder"], Some(&file));
+    common::assert_refused(&s.bake(&file, &["--force"], &[]), &["exists and is not a folder"], Some(&file));
     let link = s.path("link");
     std::os::unix::fs::symlink(&baked, &link).unwrap();
-    assert_refused(&s.bake(&link, &["--force"], &[]), &["is a symbolic link"], Some(&link));
+    common::assert_refused(&s.bake(&link, &["--force"], &[]), &["is a symbolic link"], Some(&link));
     assert!(std::fs::read_to_string(&file).unwrap() == "x" && baked.join("bake.json").exists());
 
     // An empty folder (made by the user beforehand) is simply used.
@@ -257,7 +222,7 @@ fn a_removal_that_fails_half_way_keeps_the_new_bake_and_says_where_the_old_one_i
     let out = s.path("baked");
     let run = two_bakes(&s, &out, &[("BAKE_FAILPOINTS", "remove-old=error")]);
     assert_ok(&run);
-    assert!(stderr(&run).contains("the replaced folder is left at"), "{}", stderr(&run));
+    assert!(common::stderr(&run).contains("the replaced folder is left at"), "{}", common::stderr(&run));
     assert_complete_bake(&out, s.model(), 25.0);
     assert_eq!(siblings(&out, "partial").len(), 1);
     assert_ok(&s.bake(&out, &["--limit", "4", "--alpha", "25", "--force"], &[]));
@@ -297,7 +262,7 @@ fn without_an_atomic_swap_a_kill_between_the_renames_is_repaired_by_the_next_run
         &["--limit", "4", "--alpha", "5", "--force"],
         &[("BAKE_FAILPOINTS", "exchange=unsupported,moved-aside=error")],
     );
-    assert_refused(&failed, &["failure injected at `moved-aside`"], None);
+    common::assert_refused(&failed, &["failure injected at `moved-aside`"], None);
     assert_complete_bake(&out, s.model(), 25.0);
 }
 
@@ -360,7 +325,7 @@ fn a_bake_without_force_does_not_replace_one_that_appeared_while_it_ran() {
     assert_ok(&s.bake(&out, &["--limit", "4", "--alpha", "25"], &[]));
     std::fs::write(&go, "").unwrap();
     let first = first.wait_with_output().unwrap();
-    assert_refused(&first, &["appeared while bake ran; pass --force"], None);
+    common::assert_refused(&first, &["appeared while bake ran; pass --force"], None);
     assert_complete_bake(&out, s.model(), 25.0);
     assert!(siblings(&out, "partial").is_empty());
 }
@@ -386,11 +351,11 @@ fn probe_out_follows_the_same_rules() {
     let out = s.path("report");
     assert_ok(&probe(&out, &[]));
     assert!(out.join("report.json").exists() && out.join("heatmap.png").exists());
-    assert_refused(&probe(&out, &[]), &["already exists; pass --force"], Some(&out));
+    common::assert_refused(&probe(&out, &[]), &["already exists; pass --force"], Some(&out));
     assert_ok(&probe(&out, &["--force"]));
     std::fs::write(out.join("analysis.ipynb"), "mine").unwrap();
-    assert_refused(&probe(&out, &["--force"]), &["`analysis.ipynb`", "not written by bake"], Some(&out));
-    assert_refused(&probe(s.model(), &["--force"]), &["is the model folder itself"], None);
+    common::assert_refused(&probe(&out, &["--force"]), &["`analysis.ipynb`", "not written by bake"], Some(&out));
+    common::assert_refused(&probe(s.model(), &["--force"]), &["is the model folder itself"], None);
 }
 
 #[test]
@@ -400,7 +365,7 @@ fn eval_card_refuses_a_tampered_folder_before_evaluating() {
     assert_ok(&s.bake(&out, &["--limit", "4"], &[]));
     let card = out.join("README.md");
     std::fs::write(&card, std::fs::read_to_string(&card).unwrap() + "\nThis model never lies.\n").unwrap();
-    let before = tree(&out);
+    let before = common::files_of(&out);
     let eval = Command::new(env!("CARGO_BIN_EXE_bake"))
         .arg("eval")
         .arg("--model")
@@ -413,19 +378,20 @@ fn eval_card_refuses_a_tampered_folder_before_evaluating() {
         .arg(&out)
         .output()
         .unwrap();
-    assert_refused(&eval, &["refusing to put an evaluation into a folder that fails `bake verify`", "README.md"], None);
-    assert!(!stderr(&eval).contains("eval: leaderboard"), "it evaluated before refusing: {}", stderr(&eval));
-    assert_eq!(tree(&out), before);
+    common::assert_refused(
+        &eval,
+        &["refusing to put an evaluation into a folder that fails `bake verify`", "README.md"],
+        None,
+    );
+    assert!(
+        !common::stderr(&eval).contains("eval: leaderboard"),
+        "it evaluated before refusing: {}",
+        common::stderr(&eval)
+    );
+    assert_eq!(common::files_of(&out), before);
 }
 
 // 5. Non-finite values never become a bake, and never verify.
-
-fn edit_config(model: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let path = model.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(config.as_object_mut().unwrap());
-    std::fs::write(&path, config.to_string()).unwrap();
-}
 
 /// Overwrites the first `count` f32 values of a tensor of the model with `value`.
 fn poke_tensor(model: &Path, name: &str, count: usize, value: f32) {
@@ -448,23 +414,23 @@ fn non_finite_values_stop_the_bake_naming_where() {
     let s = Setup::new();
     let out = s.path("baked");
     let alpha = s.bake(&out, &["--limit", "4", "--alpha", "1e300"], &[]);
-    assert_refused(&alpha, &["head", "not a finite f32", "lower alpha"], Some(&out));
+    common::assert_refused(&alpha, &["head", "not a finite f32", "lower alpha"], Some(&out));
 
-    edit_config(s.model(), |c| {
+    common::edit_config(s.model(), |c| {
         c.insert("rope_theta".into(), 0.into());
     });
-    assert_refused(
+    common::assert_refused(
         &s.bake(&out, &["--limit", "4"], &[]),
         &["config.json", "rope_theta", "finite number > 0, found 0"],
         Some(&out),
     );
-    edit_config(s.model(), |c| {
+    common::edit_config(s.model(), |c| {
         c.insert("rope_theta".into(), 10000.0.into());
     });
 
     poke_tensor(s.model(), "model.layers.1.self_attn.v_proj.weight", 64, f32::NAN);
     let nan = s.bake(&out, &["--limit", "4", "--no-cache"], &[]);
-    assert_refused(&nan, &["the activation pass produced NaN at layer 1, head", "non-finite"], Some(&out));
+    common::assert_refused(&nan, &["the activation pass produced NaN at layer 1, head", "non-finite"], Some(&out));
     assert!(!out.exists());
 }
 
@@ -486,24 +452,13 @@ fn forge_bias(dir: &Path, name: &str, value: f32) {
     std::fs::write(dir.join("bake.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
 }
 
-fn verify_json(dir: &Path, base: Option<&Path>) -> (i32, Value, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_bake"));
-    command.arg("verify").arg(dir).arg("--json");
-    if let Some(b) = base {
-        command.arg("--base").arg(b);
-    }
-    let out = command.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    (out.status.code().unwrap(), serde_json::from_str(stdout.trim()).unwrap_or(Value::Null), stderr(&out))
-}
-
 /// Bakes into `out`, forges layer 0's o_proj bias to `value`, and requires `verify`, with and without the
 /// base, to fail with a mismatch `is_the_one` accepts.
 fn assert_forged_bias_never_verifies(s: &Setup, out: &Path, value: f32, is_the_one: impl Fn(&Value) -> bool) {
     assert_ok(&s.bake(out, &["--limit", "4"], &[]));
     forge_bias(out, "model.layers.0.self_attn.o_proj.bias", value);
     for base in [None, Some(s.model())] {
-        let (code, report, err) = verify_json(out, base);
+        let (code, report, err) = common::verify_json(out, base, &[]);
         assert_eq!(code, 1, "{report} {err}");
         assert!(report["mismatches"].as_array().unwrap().iter().any(&is_the_one), "{report}");
     }
@@ -523,7 +478,7 @@ fn too_few_questions_for_a_split_is_an_error() {
     let s = Setup::new();
     let out = s.path("baked");
     let one = s.bake(&out, &["--limit", "1"], &[]);
-    assert_refused(&one, &["needs at least 2 questions", "has 1", "raise --limit"], Some(&out));
+    common::assert_refused(&one, &["needs at least 2 questions", "has 1", "the recipe's `limit`"], Some(&out));
     assert!(!out.exists());
     assert_ok(&s.bake(&out, &["--limit", "2"], &[]));
 }
@@ -542,7 +497,7 @@ fn a_bad_device_is_refused_even_with_a_warm_cache() {
         ("metal", "invalid value 'metal' for '--device <DEVICE>': expected cpu, cuda, cuda:N or auto"),
     ] {
         let run = s.bake(&out, &["--limit", "4", "--device", device], &[]);
-        assert_refused(&run, &[needle], Some(&out));
+        common::assert_refused(&run, &[needle], Some(&out));
         assert!(!out.exists());
     }
 }
@@ -560,9 +515,9 @@ fn verify_without_a_base_says_it_checked_self_consistency_only() {
         plain.status.success() && text.contains("self-consistency only") && text.contains("--base MODEL"),
         "{text}"
     );
-    let (_, report, _) = verify_json(&out, None);
+    let (_, report, _) = common::verify_json(&out, None, &[]);
     assert_eq!(report["scope"], "self_consistency");
-    let (_, report, _) = verify_json(&out, Some(s.model()));
+    let (_, report, _) = common::verify_json(&out, Some(s.model()), &[]);
     assert_eq!(report["scope"], "against_base");
 
     // Entries that point outside the folder are mismatches, and are not read.
@@ -571,7 +526,7 @@ fn verify_without_a_base_says_it_checked_self_consistency_only() {
     m["outputs"]["../../recipe.yaml"] = serde_json::json!({ "sha256": "x", "bytes": 7 });
     m["outputs"]["/etc/hostname"] = serde_json::json!({ "sha256": "x", "bytes": 7 });
     std::fs::write(out.join("bake.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
-    let (code, report, _) = verify_json(&out, None);
+    let (code, report, _) = common::verify_json(&out, None, &[]);
     assert_eq!(code, 1);
     for name in ["../../recipe.yaml", "/etc/hostname"] {
         let hit = report["mismatches"]
@@ -600,7 +555,7 @@ fn a_corpus_with_no_scorable_token_is_an_error() {
         .arg(&corpus)
         .output()
         .unwrap();
-    assert_refused(&eval, &["corpus.txt", "no document has the 2 tokens"], None);
+    common::assert_refused(&eval, &["corpus.txt", "no document has the 2 tokens"], None);
 }
 
 // 11. Config sizes are bounded before anything is sized from them.
@@ -613,13 +568,13 @@ fn absurd_config_sizes_are_refused_at_once() {
         ("num_hidden_layers", 3, "3 layers, but the checkpoint holds 2"),
         ("vocab_size", 1 << 40, "vocab_size"),
     ] {
-        edit_config(s.model(), |c| {
+        common::edit_config(s.model(), |c| {
             c.insert(field.into(), value.into());
         });
         let started = std::time::Instant::now();
         let out =
             Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(s.model()).output().unwrap();
-        assert_refused(&out, &["config.json", field, needle], None);
+        common::assert_refused(&out, &["config.json", field, needle], None);
         assert!(started.elapsed().as_secs() < 20, "{field}: took {:?}", started.elapsed());
         common::synthetic_inputs(s.root.path());
     }
@@ -667,7 +622,7 @@ fn a_silent_hub_times_out_with_the_url_named() {
     ];
     for args in [&["inspect", "--model", "org/model"][..], &["verify", "org/baked"][..], &dataset_run[..]] {
         let (out, took) = run(args);
-        assert_refused(&out, &["no answer from", &endpoint, "timed out"], None);
+        common::assert_refused(&out, &["no answer from", &endpoint, "timed out"], None);
         assert!(took.as_secs() < 60, "{args:?} took {took:?}");
     }
 }
@@ -687,7 +642,7 @@ fn oversized_or_deeply_nested_inputs_are_refused_quickly() {
     for (recipe, needle) in [(&nested, "nested"), (&huge, "refused above")] {
         let started = std::time::Instant::now();
         let run = s.bake(&out, &["--recipe", recipe.to_str().unwrap()], &[]);
-        assert_refused(&run, &[recipe.file_name().unwrap().to_str().unwrap(), needle], Some(&out));
+        common::assert_refused(&run, &[recipe.file_name().unwrap().to_str().unwrap(), needle], Some(&out));
         assert!(started.elapsed().as_secs() < 20, "{needle}: took {:?}", started.elapsed());
     }
     let eval = Command::new(env!("CARGO_BIN_EXE_bake"))
@@ -699,7 +654,7 @@ fn oversized_or_deeply_nested_inputs_are_refused_quickly() {
         .args(["--limit", "4", "--corpus", "/dev/zero"])
         .output()
         .unwrap();
-    assert_refused(&eval, &["/dev/zero", "is a device; expected a regular file"], None);
+    common::assert_refused(&eval, &["/dev/zero", "is a device; expected a regular file"], None);
 }
 
 // 14. Only regular files are opened.
@@ -714,10 +669,10 @@ fn weights_that_are_a_fifo_or_a_folder_are_refused_without_blocking() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let inspect =
         || Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model"]).arg(s.model()).output().unwrap();
-    assert_refused(&inspect(), &["model.safetensors", "is a FIFO (named pipe); expected a regular file"], None);
+    common::assert_refused(&inspect(), &["model.safetensors", "is a FIFO (named pipe); expected a regular file"], None);
     std::fs::remove_file(&weights).unwrap();
     std::fs::create_dir(&weights).unwrap();
-    assert_refused(&inspect(), &["model.safetensors", "is a folder; expected a regular file"], None);
+    common::assert_refused(&inspect(), &["model.safetensors", "is a folder; expected a regular file"], None);
 }
 
 // 15, 16, 17, 18: messages.
@@ -727,17 +682,23 @@ fn os_errors_print_once_and_bad_flags_are_blamed_on_the_flag() {
     let s = Setup::new();
     let out = s.path("baked");
     let missing = s.bake(&out, &["--recipe", "/nonexistent/recipe.yaml"], &[]);
-    let text = stderr(&missing);
+    let text = common::stderr(&missing);
     assert_eq!(text.matches("No such file or directory").count(), 1, "{text}");
     for (flag, value, needle) in [
-        ("--alpha", "-1", "--alpha -1: expected a finite number ≥ 0"),
-        ("--limit", "0", "--limit 0: expected at least 1"),
-        ("--batch-size", "0", "--batch-size 0: expected at least 1"),
-        ("--heads", "0", "--heads 0: expected at least 1"),
+        ("--alpha", "-1", "'-1' for '--alpha <ALPHA>': expected a finite number ≥ 0"),
+        ("--limit", "0", "'0' for '--limit <LIMIT>': expected at least 1"),
+        ("--batch-tokens", "0", "'0' for '--batch-tokens <BATCH_TOKENS>': expected at least 1 token"),
+        ("--heads", "0", "'0' for '--heads <HEADS>': expected at least 1"),
+        // A flag belongs to the commands it means something to: a bake scores no answers.
+        ("--batch-size", "64", "unexpected argument '--batch-size'"),
     ] {
         let run = s.bake(&out, &[flag, value], &[]);
-        assert_refused(&run, &[needle], Some(&out));
-        assert!(!stderr(&run).contains("truthfulqa.yaml"), "{flag} was blamed on the recipe: {}", stderr(&run));
+        common::assert_refused(&run, &[needle], Some(&out));
+        assert!(
+            !common::stderr(&run).contains("truthfulqa.yaml"),
+            "{flag} was blamed on the recipe: {}",
+            common::stderr(&run)
+        );
     }
 }
 
@@ -754,7 +715,7 @@ fn hub_errors_name_the_cause_once_and_never_echo_huge_input() {
         .env_remove("HF_HUB_OFFLINE")
         .output()
         .unwrap();
-    let text = stderr(&out);
+    let text = common::stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("org/model: config.json") && text.to_lowercase().contains("connect"), "{text}");
     let url = format!("http://127.0.0.1:{port}/org/model/resolve/main/config.json");
@@ -763,8 +724,8 @@ fn hub_errors_name_the_cause_once_and_never_echo_huge_input() {
 
     let huge = format!("org/{}", "n".repeat(100_000));
     let out = Command::new(env!("CARGO_BIN_EXE_bake")).args(["inspect", "--model", &huge]).output().unwrap();
-    assert_refused(&out, &["unknown model", "100004 characters"], None);
-    assert!(stderr(&out).len() < 1000, "{} bytes of error", stderr(&out).len());
+    common::assert_refused(&out, &["unknown model", "100004 characters"], None);
+    assert!(common::stderr(&out).len() < 1000, "{} bytes of error", common::stderr(&out).len());
 }
 
 #[test]
@@ -776,8 +737,8 @@ fn a_token_id_outside_the_vocabulary_names_the_tokenizer() {
     std::fs::write(&path, tokenizer.to_string()).unwrap();
     let out = s.path("baked");
     let run = s.bake(&out, &["--limit", "4"], &[]);
-    assert_refused(&run, &["tokenizer.json", "token id 999999", "vocab_size 256"], Some(&out));
-    assert!(stderr(&run).lines().count() < 10, "{}", stderr(&run));
+    common::assert_refused(&run, &["tokenizer.json", "token id 999999", "vocab_size 256"], Some(&out));
+    assert!(common::stderr(&run).lines().count() < 10, "{}", common::stderr(&run));
 }
 
 // 19. An unwritable output is found before the work; an unusable cache is only a warning.
@@ -789,8 +750,8 @@ fn an_unwritable_output_fails_first_and_an_unusable_cache_is_skipped() {
     std::fs::write(&blocker, "").unwrap();
     let out = blocker.join("baked");
     let run = s.bake(&out, &["--limit", "4"], &[]);
-    assert_refused(&run, &["a-file", "cannot be written"], None);
-    assert!(!stderr(&run).contains("activations"), "the check came after the work: {}", stderr(&run));
+    common::assert_refused(&run, &["a-file", "cannot be written"], None);
+    assert!(!common::stderr(&run).contains("activations"), "the check came after the work: {}", common::stderr(&run));
 
     let out = s.path("baked");
     let run = common::bake_synthetic(
@@ -800,7 +761,7 @@ fn an_unwritable_output_fails_first_and_an_unusable_cache_is_skipped() {
         &[("BAKE_CACHE_DIR", blocker.join("cache").to_str().unwrap())],
     );
     assert_ok(&run);
-    assert!(stderr(&run).contains("warning: activations not cached"), "{}", stderr(&run));
+    assert!(common::stderr(&run).contains("warning: activations not cached"), "{}", common::stderr(&run));
     assert_complete_bake(&out, s.model(), 15.0);
 }
 
@@ -812,12 +773,12 @@ fn bad_sizes_paths_keys_and_placeholders_get_clear_errors() {
     let out = s.path("baked");
     for size in ["0", "-1", "999999999999TB", "5XB"] {
         let run = s.bake(&out, &["--max-shard-size", size], &[]);
-        assert_eq!(run.status.code(), Some(2), "{size}: {}", stderr(&run));
-        assert!(stderr(&run).contains("--max-shard-size"), "{size}: {}", stderr(&run));
+        assert_eq!(run.status.code(), Some(2), "{size}: {}", common::stderr(&run));
+        assert!(common::stderr(&run).contains("--max-shard-size"), "{size}: {}", common::stderr(&run));
     }
     for size in ["0", "-8GB"] {
         let run = s.bake(&out, &["--max-memory", size], &[]);
-        assert_eq!(run.status.code(), Some(2), "{size}: {}", stderr(&run));
+        assert_eq!(run.status.code(), Some(2), "{size}: {}", common::stderr(&run));
     }
 
     use std::os::unix::ffi::OsStrExt;
@@ -831,7 +792,7 @@ fn bad_sizes_paths_keys_and_placeholders_get_clear_errors() {
         .arg(&non_utf8)
         .output()
         .unwrap();
-    assert_refused(&run, &["not valid UTF-8"], None);
+    common::assert_refused(&run, &["not valid UTF-8"], None);
     assert!(!non_utf8.exists());
 
     let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/truthfulqa.yaml")).unwrap();
@@ -839,13 +800,13 @@ fn bad_sizes_paths_keys_and_placeholders_get_clear_errors() {
     let recipe = s.path("dup.yaml");
     std::fs::write(&recipe, shipped.replace("alpha: 15\n", "alpha: 15\nalpha: 20\n")).unwrap();
     let run = s.bake(&out, &["--recipe", recipe.to_str().unwrap()], &[]);
-    assert_refused(&run, &["dup.yaml", &format!("line {duplicate_line}:"), "duplicate"], None);
+    common::assert_refused(&run, &["dup.yaml", &format!("line {duplicate_line}:"), "duplicate"], None);
 
     let recipe = s.path("placeholder.yaml");
     std::fs::write(&recipe, shipped.replace("\"Q: {question} A: {answer}\"", "\"Q: {question} A: {answer} {answr}\""))
         .unwrap();
     let run = s.bake(&out, &["--recipe", recipe.to_str().unwrap()], &[]);
-    assert_refused(&run, &["placeholder.yaml", "prompts.probe", "`{answr}` is unknown"], None);
+    common::assert_refused(&run, &["placeholder.yaml", "prompts.probe", "`{answr}` is unknown"], None);
 }
 
 // Defects found in review (the code-health issue), each failing before its fix.
@@ -886,7 +847,7 @@ fn a_heatmap_that_cannot_be_written_is_an_io_error() {
         probe_prompts: 0,
         tuning_prompts: 0,
         val_accuracy: vec![vec![0.5; 9]; 30],
-        heads: vec![[0, 0]],
+        heads: vec![bake::probes::Head { layer: 0, head: 0 }],
         train_questions: vec![],
         val_questions: vec![],
         tuning_question: vec![],
@@ -931,9 +892,9 @@ fn force_replaces_a_bake_only_when_every_file_is_as_bake_recorded_it() {
         dir
     };
     let refused = |dir: &Path, needles: &[&str]| {
-        let before = tree(dir);
-        assert_refused(&s.bake(dir, &["--limit", "4", "--force"], &[]), needles, Some(dir));
-        assert_eq!(tree(dir), before, "{} was changed", dir.display());
+        let before = common::files_of(dir);
+        common::assert_refused(&s.bake(dir, &["--limit", "4", "--force"], &[]), needles, Some(dir));
+        assert_eq!(common::files_of(dir), before, "{} was changed", dir.display());
     };
     // The user edited the model card: the sha256 bake recorded no longer holds.
     let dir = copy("edited-card");
@@ -979,12 +940,16 @@ fn force_replaces_a_probe_or_search_folder_only_when_its_outputs_json_vouches_fo
     let mine = s.path("mine");
     std::fs::create_dir(&mine).unwrap();
     std::fs::write(mine.join("report.json"), "{\"my\": \"results\"}\n").unwrap();
-    assert_refused(&probe(&mine, &["--force"]), &["was not written by bake", "no readable outputs.json"], Some(&mine));
+    common::assert_refused(
+        &probe(&mine, &["--force"]),
+        &["was not written by bake", "no readable outputs.json"],
+        Some(&mine),
+    );
     let searched = s.path("searched");
     std::fs::create_dir(&searched).unwrap();
     std::fs::write(searched.join("search.json"), "{}\n").unwrap();
     std::fs::write(searched.join("recipe.yaml"), "alpha: 3\n").unwrap();
-    assert_refused(&search(&searched), &["was not written by bake"], Some(&searched));
+    common::assert_refused(&search(&searched), &["was not written by bake"], Some(&searched));
     assert!(mine.join("report.json").exists() && searched.join("recipe.yaml").exists());
 
     // bake's own folder, one file edited by the user: refused by both commands.
@@ -994,10 +959,10 @@ fn force_replaces_a_probe_or_search_folder_only_when_its_outputs_json_vouches_fo
     assert_ok(&probe(&out, &["--force"]));
     let text = std::fs::read_to_string(out.join("report.json")).unwrap();
     std::fs::write(out.join("report.json"), text.replacen("\"heads\"", "\"heads\" ", 1)).unwrap();
-    let before = tree(&out);
-    assert_refused(&probe(&out, &["--force"]), &["`report.json`", "in its outputs.json"], Some(&out));
-    assert_refused(&search(&out), &["`report.json`", "in its outputs.json"], Some(&out));
-    assert_eq!(tree(&out), before);
+    let before = common::files_of(&out);
+    common::assert_refused(&probe(&out, &["--force"]), &["`report.json`", "in its outputs.json"], Some(&out));
+    common::assert_refused(&search(&out), &["`report.json`", "in its outputs.json"], Some(&out));
+    assert_eq!(common::files_of(&out), before);
 
     // A search folder: its outputs.json leaves out search.log (seconds), so two searches list the same bytes;
     // bake's own folder is replaced, one whose search.log holds the user's text is not.
@@ -1009,9 +974,9 @@ fn force_replaces_a_probe_or_search_folder_only_when_its_outputs_json_vouches_fo
     assert!(!String::from_utf8(listed(&first)).unwrap().contains("search.log"));
     assert_ok(&search(&first));
     std::fs::write(first.join("search.log"), "my notes on this search\n").unwrap();
-    let before = tree(&first);
-    assert_refused(&search(&first), &["its search.log holds more than bake's timings"], Some(&first));
-    assert_eq!(tree(&first), before);
+    let before = common::files_of(&first);
+    common::assert_refused(&search(&first), &["its search.log holds more than bake's timings"], Some(&first));
+    assert_eq!(common::files_of(&first), before);
 }
 
 #[test]
@@ -1024,7 +989,7 @@ fn eval_card_takes_only_its_own_bakes_numbers() {
     let spec = bake::model::synthetic::SyntheticSpec { vocab: 256, seed: 7, ..Default::default() };
     bake::model::synthetic::write_synthetic_model(&other, &spec, u64::MAX).unwrap();
     std::fs::copy(s.model().join("tokenizer.json"), other.join("tokenizer.json")).unwrap();
-    let before = (tree(&a), tree(&b));
+    let before = (common::files_of(&a), common::files_of(&b));
     let eval = |model: &Path, args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_bake"))
             .arg("eval")
@@ -1040,21 +1005,25 @@ fn eval_card_takes_only_its_own_bakes_numbers() {
     };
     // Another model's numbers into b's card.
     let run = eval(&other, &["--card", b.to_str().unwrap()]);
-    assert_refused(&run, &["baked from a different base", "bake.json"], None);
-    assert!(!stderr(&run).contains("eval: leaderboard"), "it evaluated before refusing: {}", stderr(&run));
+    common::assert_refused(&run, &["baked from a different base", "bake.json"], None);
+    assert!(
+        !common::stderr(&run).contains("eval: leaderboard"),
+        "it evaluated before refusing: {}",
+        common::stderr(&run)
+    );
     // a's numbers into b's card.
     let run = eval(s.model(), &["--baked", a.to_str().unwrap(), "--card", b.to_str().unwrap()]);
-    assert_refused(&run, &["its card can only hold its own evaluation", "a"], None);
+    common::assert_refused(&run, &["its card can only hold its own evaluation", "a"], None);
     // A cross-validation of another α into b's card.
     let run = eval(s.model(), &["--cv", "2", "--heads", "2", "--alpha", "5", "--card", b.to_str().unwrap()]);
-    assert_refused(&run, &["recipe.alpha", "another shift"], None);
+    common::assert_refused(&run, &["recipe.alpha", "another shift"], None);
     assert!(!s.path("eval-cache").exists(), "the activation pass ran before refusing");
-    assert_eq!((tree(&a), tree(&b)), before);
+    assert_eq!((common::files_of(&a), common::files_of(&b)), before);
 
     // Its own numbers: accepted, and the card's evaluation verifies against the base.
     assert_ok(&eval(s.model(), &["--baked", b.to_str().unwrap(), "--card", b.to_str().unwrap()]));
     assert!(std::fs::read_to_string(b.join("README.md")).unwrap().contains("## Evaluation (`bake eval`)"));
-    let (code, report, err) = verify_json(&b, Some(s.model()));
+    let (code, report, err) = common::verify_json(&b, Some(s.model()), &[]);
     assert_eq!(code, 0, "{report} {err}");
 }
 
@@ -1063,7 +1032,7 @@ fn an_alpha_the_dtype_cannot_carry_is_refused_and_a_forged_one_never_verifies() 
     let s = Setup::new();
     let out = s.path("baked");
     let huge = s.bake(&out, &["--limit", "4", "--alpha", "3e38"], &[]);
-    assert_refused(&huge, &["o_proj.bias", "residual stream", "lower alpha"], Some(&out));
+    common::assert_refused(&huge, &["o_proj.bias", "residual stream", "lower alpha"], Some(&out));
     assert!(!out.exists());
 
     // A finite bias far beyond what the residual stream carries: every logit would be NaN.
@@ -1111,7 +1080,7 @@ fn argument_and_corpus_errors_come_before_any_activation_work() {
                 args.extend(["--out", search_out.to_str().unwrap()]);
             }
             let run = bake_command(&s, command.split(' ').next().unwrap(), &args);
-            assert_refused(&run, &[needle], None);
+            common::assert_refused(&run, &[needle], None);
             assert!(!s.path("cache").exists(), "{command} {needle}: the activation pass ran before refusing");
             assert!(!search_out.exists(), "{command} {needle}: wrote an output");
         }
@@ -1119,11 +1088,11 @@ fn argument_and_corpus_errors_come_before_any_activation_work() {
     let good = corpus("good.txt", b"Bees make honey.\n\nThe sky is blue.\n");
     let good = good.to_str().unwrap();
     for (command, args, needle) in [
-        ("eval", vec!["--cv", "0", "--heads", "2"], "--cv 0"),
-        ("eval", vec!["--cv", "1", "--heads", "2"], "--cv 1"),
-        ("eval", vec!["--cv", "5", "--heads", "2"], "--cv 5: expected between 2 and the number of questions (4)"),
+        ("eval", vec!["--cv", "0", "--heads", "2"], "'0' for '--cv <N>': expected a number of folds, at least 2"),
+        ("eval", vec!["--cv", "1", "--heads", "2"], "'1' for '--cv <N>'"),
+        ("eval", vec!["--cv", "5", "--heads", "2"], "5 folds: expected between 2 and the number of questions (4)"),
         ("search", vec!["--documents", "0", "--corpus", good], "documents must be ≥ 1"),
-        ("search", vec!["--folds", "9", "--corpus", good], "--folds 9: expected between 2 and the number of questions"),
+        ("search", vec!["--folds", "9", "--corpus", good], "9 folds: expected between 2 and the number of questions"),
     ] {
         let mut args = args.clone();
         args.extend(["--limit", "4"]);
@@ -1132,7 +1101,7 @@ fn argument_and_corpus_errors_come_before_any_activation_work() {
             args.extend(["--out", out.to_str().unwrap()]);
         }
         let run = bake_command(&s, command, &args);
-        assert_refused(&run, &[needle], None);
+        common::assert_refused(&run, &[needle], None);
         assert!(!s.path("cache").exists(), "{command} {args:?}: the activation pass ran before refusing");
     }
 }

@@ -58,7 +58,9 @@ fn resolved(model: &ModelFiles, recipe: &Recipe) -> Resolved {
 }
 
 fn run(model: &ModelFiles, recipe: &Recipe, options: &SearchOptions) -> search::SearchOutcome {
-    let outcome = search::search(model, recipe, options, &resolved(model, recipe), &Silent).unwrap();
+    let heads = model.config.num_layers * model.config.num_heads;
+    let options = options.clone().check(heads, recipe).unwrap();
+    let outcome = search::search(model, recipe, &options, &resolved(model, recipe), &Silent).unwrap();
     eprintln!("search seconds: {:?}", outcome.timings);
     outcome
 }
@@ -82,8 +84,7 @@ fn check_against_cross_validation(model: &ModelFiles, recipe: &Recipe, report: &
     close(c.ce, row.ce, "CE");
     close(c.kl, row.kl, "KL");
     for (fold, numbers) in common::zip_exact(&cv.folds, &c.folds) {
-        let heads: Vec<[usize; 2]> = fold.heads.clone();
-        assert_eq!(heads, numbers.heads, "fold {}: the same heads", fold.fold);
+        assert_eq!(fold.heads, numbers.heads, "fold {}: the same heads", fold.fold);
     }
 }
 
@@ -174,11 +175,11 @@ fn bad_search_input_is_a_clear_error_before_any_weight_is_read() {
     let c = corpus.to_str().unwrap();
     for (args, expected) in [
         (vec!["--corpus", c, "--heads", ""], "--heads"),
-        (vec!["--corpus", c, "--alpha", "5,-1"], "--alpha: expected finite numbers ≥ 0, found -1"),
-        (vec!["--corpus", c, "--heads", "2,100000"], "--heads: K = 100000 is not between 1 and the model's"),
-        (vec!["--corpus", c, "--kl-budget", "0"], "--kl-budget: expected a number > 0"),
-        (vec!["--corpus", c, "--ce-budget", "-0.5"], "--ce-budget: expected a number > 0"),
-        (vec!["--corpus", c, "--folds", "1"], "--folds 1: expected at least 2"),
+        (vec!["--corpus", c, "--alpha", "5,-1"], "'-1' for '--alpha <ALPHA>': expected a finite number ≥ 0"),
+        (vec!["--corpus", c, "--heads", "2,100000"], "heads: K = 100000 is not between 1 and the model's"),
+        (vec!["--corpus", c, "--kl-budget", "0"], "'0' for '--kl-budget <KL_BUDGET>': expected a number > 0"),
+        (vec!["--corpus", c, "--ce-budget", "-0.5"], "'-0.5' for '--ce-budget <CE_BUDGET>': expected a number > 0"),
+        (vec!["--corpus", c, "--folds", "1"], "'1' for '--folds <FOLDS>': expected a number of folds, at least 2"),
         (vec![], "needs a corpus"),
     ] {
         let (ok, stderr) = search_cli(&inputs, root.path(), &args);
@@ -189,7 +190,7 @@ fn bad_search_input_is_a_clear_error_before_any_weight_is_read() {
     let baked = root.path().join("baked");
     let out = common::bake_synthetic(root.path(), &inputs, &["--heads", "2,4", "--out", baked.to_str().unwrap()], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("expected one value here"), "{stderr}");
+    assert!(!out.status.success() && stderr.contains("'2,4' for '--heads <HEADS>'"), "{stderr}");
 }
 
 #[test]

@@ -90,9 +90,10 @@ fn a_memory_budget_picks_the_mode_or_refuses() {
 }
 
 /// Every file of a folder but `bake.log` (timings), with its bytes.
-fn bake_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let names = bake::io::listing::entries_under(dir).unwrap();
-    names.into_iter().filter(|n| n != "bake.log").map(|n| (n.clone(), std::fs::read(dir.join(&n)).unwrap())).collect()
+fn bake_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = common::files_of(dir);
+    files.remove("bake.log");
+    files
 }
 
 #[test]

@@ -9,19 +9,8 @@ use bake::model::Checkpoint;
 use serde_json::Value;
 
 fn verify(dir: &Path, base: &Path, extra: &[&str]) -> (i32, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bake"))
-        .arg("verify")
-        .arg(dir)
-        .arg("--base")
-        .arg(base)
-        .arg("--json")
-        .args(extra)
-        .output()
-        .unwrap();
-    let code = out.status.code().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
-    (code, json)
+    let (code, report, _) = common::verify_json(dir, Some(base), extra);
+    (code, report)
 }
 
 fn copy_tree(from: &Path, to: &Path) {

@@ -52,6 +52,16 @@ impl Compute {
         Compute { device: Device::Cpu, dtype: DType::F32 }
     }
 
+    /// `cpu`, `cuda` or `metal`: what the activation cache keys on (a pass gives the same numbers on any GPU
+    /// of a kind).
+    pub fn device_kind(&self) -> &'static str {
+        match self.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu",
+            candle_core::DeviceLocation::Cuda { .. } => "cuda",
+            candle_core::DeviceLocation::Metal { .. } => "metal",
+        }
+    }
+
     /// `cpu` or `cuda:N`.
     pub fn device_name(&self) -> String {
         match self.device.location() {

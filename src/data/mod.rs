@@ -6,4 +6,4 @@ pub mod prompts;
 pub mod truthfulqa;
 
 pub use prompts::{build_prompt_sets, PromptSets};
-pub use truthfulqa::{Question, TruthfulQa};
+pub use truthfulqa::{DatasetSource, Question, TruthfulQa};

@@ -59,19 +59,19 @@ impl TruthfulQa {
             let mc2 = targets(&mc_path, line, row, "mc2_targets")?;
             let mc1 = targets(&mc_path, line, row, "mc1_targets")?.into_iter().map(|(c, _)| c).collect();
             if !mc2.iter().any(|(_, t)| *t) || mc2.iter().all(|(_, t)| *t) {
-                return Err(BakeError::Invalid(format!(
-                    "{} line {}: question `{question}` needs at least one true and one false mc2 answer",
-                    mc_path.display(),
-                    line + 1
-                )));
+                return Err(BakeError::content(
+                    &mc_path,
+                    format!(
+                        "line {}: question `{question}` needs at least one true and one false mc2 answer",
+                        line + 1
+                    ),
+                ));
             }
             let Some(&(gen_line, gen_row)) = generation.get(question.trim()) else {
-                return Err(BakeError::Invalid(format!(
-                    "{}: no row for the question `{question}` of {} line {}",
-                    gen_path.display(),
-                    mc_path.display(),
-                    line + 1
-                )));
+                return Err(BakeError::content(
+                    &gen_path,
+                    format!("no row for the question `{question}` of {} line {}", mc_path.display(), line + 1),
+                ));
             };
             questions.push(Question {
                 question,
@@ -84,7 +84,7 @@ impl TruthfulQa {
             });
         }
         if questions.is_empty() {
-            return Err(BakeError::Invalid(format!("{}: the dataset has no questions", mc_path.display())));
+            return Err(BakeError::content(&mc_path, "the dataset has no questions"));
         }
         let files = vec![(mc_path, mc.sha256()), (gen_path, gen_file.sha256())];
         Ok(TruthfulQa { questions, files })
@@ -98,6 +98,41 @@ impl TruthfulQa {
     }
 }
 
+/// Where a recipe's `dataset.source` points, worked out in this one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatasetSource<'a> {
+    /// The copy built into bake.
+    Builtin,
+    /// A local folder in the Hub's layout.
+    Folder(&'a Path),
+    /// A Hub dataset id `org/name`.
+    Hub(&'a str),
+    /// None of them.
+    Unknown,
+}
+
+impl<'a> DatasetSource<'a> {
+    pub fn of(source: &'a str) -> Self {
+        if source == builtin::SOURCE {
+            DatasetSource::Builtin
+        } else if Path::new(source).is_dir() {
+            DatasetSource::Folder(Path::new(source))
+        } else if crate::model::resolve::parse_repo_id(source).is_some_and(|(_, rev)| rev.is_none()) {
+            DatasetSource::Hub(source)
+        } else {
+            DatasetSource::Unknown
+        }
+    }
+
+    /// The local folder, if that is what it is.
+    pub fn folder(self) -> Option<&'a Path> {
+        match self {
+            DatasetSource::Folder(dir) => Some(dir),
+            _ => None,
+        }
+    }
+}
+
 /// One config's file, read whole (a TruthfulQA file is about 1 MB), from wherever the source names.
 struct DataFile {
     /// Where it came from; for the built-in copy, `builtin/<config>/<file>`. The manifest keys it by its
@@ -108,20 +143,21 @@ struct DataFile {
 
 impl DataFile {
     fn find(source: &str, config: &str, split: &str) -> Result<Self> {
-        if source == builtin::SOURCE {
-            return Self::builtin(config, split);
-        }
-        let path = if Path::new(source).is_dir() {
-            config_file(Path::new(source), config, split)?
-        } else if crate::model::resolve::parse_repo_id(source).is_some_and(|(_, rev)| rev.is_none()) {
-            let repo = Repo { kind: RepoKind::Dataset, id: source, revision: None };
-            repo.fetch(&format!("{config}/{split}-00000-of-00001.parquet"))?
-        } else {
-            return Err(BakeError::Invalid(format!(
-                "dataset `{}`: neither `{}` (the copy built into bake), a local folder nor a Hub dataset id (org/name)",
-                crate::error::shorten(source, 100),
-                builtin::SOURCE
-            )));
+        let path = match DatasetSource::of(source) {
+            DatasetSource::Builtin => return Self::builtin(config, split),
+            DatasetSource::Folder(dir) => config_file(dir, config, split)?,
+            DatasetSource::Hub(id) => {
+                let repo = Repo { kind: RepoKind::Dataset, id, revision: None };
+                repo.fetch(&format!("{config}/{split}-00000-of-00001.parquet"))?
+            }
+            DatasetSource::Unknown => {
+                return Err(BakeError::Invalid(format!(
+                    "dataset `{}`: neither `{}` (the copy built into bake), a local folder nor a Hub dataset id \
+                     (org/name)",
+                    crate::error::shorten(source, 100),
+                    builtin::SOURCE
+                )))
+            }
         };
         let bytes = crate::io::fs::read_bytes(&path, limits::DATA)?;
         Ok(DataFile { path, bytes: bytes.into() })
@@ -181,7 +217,7 @@ fn config_file(dir: &Path, config: &str, split: &str) -> Result<PathBuf> {
     match (jsonl.exists(), parquet.exists()) {
         (true, _) => Ok(jsonl),
         (false, true) => Ok(parquet),
-        _ => Err(BakeError::Invalid(format!("{}: missing (nor is there {})", jsonl.display(), parquet.display()))),
+        _ => Err(BakeError::content(&jsonl, format!("missing (nor is there {})", parquet.display()))),
     }
 }
 

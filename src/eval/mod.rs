@@ -12,6 +12,7 @@ use crate::error::{BakeError, Result};
 use crate::export::manifest::Manifest;
 use crate::model::ModelFiles;
 use crate::pipeline::{self, Resolved};
+use crate::probes::Head;
 use crate::progress::Progress;
 use crate::recipe::Recipe;
 use crate::scoring::folds::fold_splits;
@@ -44,7 +45,7 @@ pub struct Fold {
     pub fold: usize,
     /// The held-out questions (indices in multiple_choice order) the rows are measured on.
     pub test_questions: Vec<usize>,
-    pub heads: Vec<[usize; 2]>,
+    pub heads: Vec<Head>,
     pub rows: Vec<Row>,
 }
 
@@ -73,15 +74,17 @@ fn require_base_plus_biases(baked: &ModelFiles, model: &ModelFiles, progress: &d
     let report = crate::verify::verify(&baked.location.dir, &options, &crate::progress::Silent)?;
     match report.mismatches.first() {
         None => Ok(()),
-        Some(m) => Err(BakeError::Invalid(format!(
-            "{}: fails `bake verify --base {}` ({} mismatches; first: {}: {}), so it is not its base plus o_proj \
-             biases, which is how it is evaluated",
-            baked.location.dir.display(),
-            model.location.spec,
-            report.mismatches.len(),
-            m.file,
-            m.message
-        ))),
+        Some(m) => Err(BakeError::content(
+            &baked.location.dir,
+            format!(
+                "fails `bake verify --base {}` ({} mismatches; first: {}: {}), so it is not its base plus o_proj \
+                 biases, which is how it is evaluated",
+                model.location.spec,
+                report.mismatches.len(),
+                m.file,
+                m.message
+            ),
+        )),
     }
 }
 
@@ -176,7 +179,7 @@ pub fn cross_validate(
     pipeline::check_recipe_heads(model, recipe)?;
     let inputs = read_inputs(model, recipe, progress)?;
     let n = inputs.data.questions.len();
-    let plan = fold_splits(n, folds, recipe, "--cv")?;
+    let plan = fold_splits(n, folds, recipe)?;
     let prepared = pipeline::prepare(model, recipe, run, progress)?;
     let scorer = set_up(model, recipe, run, inputs)?;
     let mut fitted = Vec::new();
@@ -223,7 +226,7 @@ pub fn cross_validate(
         fold_reports.push(Fold {
             fold: i,
             test_questions: test.clone(),
-            heads: fitted[i].0.iter().map(|&(l, h)| [l, h]).collect(),
+            heads: fitted[i].0.clone(),
             rows: vec![
                 row("base", &base_scores, Some(test), base_language),
                 row("ITI (bias, every position)", &fold_scores[i].0, None, fold_language),

@@ -36,6 +36,7 @@ use crate::io::safetensors::{
 use crate::model::weights::{Checkpoint, TensorEntry};
 use crate::model::ModelFiles;
 use crate::probes::report::ProbeReport;
+use crate::probes::Deltas;
 use crate::progress::{Laps, Progress};
 use crate::surgery;
 
@@ -66,7 +67,7 @@ pub struct BakeInput<'a> {
     /// `report.json` (recipe, splits, heads, σ, δ); its timings go to `bake.log`, not into the folder.
     pub report: &'a ProbeReport,
     /// δ per layer in o_proj-input layout; `None` for layers without a chosen head.
-    pub deltas: &'a [Option<Vec<f32>>],
+    pub deltas: &'a Deltas,
     /// sha256 of the model's config and weight files.
     pub model_hashes: &'a [(PathBuf, String)],
     /// sha256 of the dataset files.
@@ -267,7 +268,7 @@ fn write_activation_diff(input: &BakeInput, dtype: StoredDtype, dir: &Path) -> R
 /// bytes. What a bake writes and what `bake verify` re-derives them from.
 pub fn activation_diff_files(
     report: &ProbeReport,
-    deltas: &[Option<Vec<f32>>],
+    deltas: &Deltas,
     width: usize,
     dtype: StoredDtype,
 ) -> Vec<(String, Vec<u8>)> {

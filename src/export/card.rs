@@ -116,7 +116,9 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
         "![Probe validation accuracy per attention head, layers by heads; the chosen heads outlined](heatmap.png)\n\n",
     );
     s.push_str("| rank | layer | head | probe validation accuracy | σ |\n| --- | --- | --- | --- | --- |\n");
-    for (rank, ([l, h], (_, _, sigma))) in report.heads.iter().zip(&report.sigma).enumerate() {
+    for (rank, (crate::probes::Head { layer: l, head: h }, (_, _, sigma))) in
+        report.heads.iter().zip(&report.sigma).enumerate()
+    {
         let _ = writeln!(s, "| {} | {l} | {h} | {:.3} | {sigma:.4} |", rank + 1, report.val_accuracy[*l][*h]);
     }
     s.push_str(

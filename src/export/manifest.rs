@@ -43,7 +43,7 @@ pub struct Manifest {
     /// The dtype of the weights, the biases and the pyvene vectors.
     pub dtype: StoredDtype,
     /// Chosen heads `[layer, head]`, best first.
-    pub heads: Vec<[usize; 2]>,
+    pub heads: Vec<crate::probes::Head>,
     pub train_questions: Vec<usize>,
     pub val_questions: Vec<usize>,
     pub tuning_question: Vec<usize>,
@@ -117,14 +117,16 @@ impl Manifest {
     pub fn check_base(&self, base: &ModelFiles, manifest_dir: &Path) -> Result<()> {
         match self.base_differences(base, &base.input_hashes()?).first() {
             None => Ok(()),
-            Some(d) => Err(BakeError::Invalid(format!(
-                "{}: baked from a different base: `{}` has sha256 {} in the manifest, {} in {}",
-                manifest_dir.join(MANIFEST_FILE).display(),
-                d.key,
-                d.recorded.as_deref().unwrap_or("(absent)"),
-                d.found,
-                base.location.dir.display()
-            ))),
+            Some(d) => Err(BakeError::content(
+                manifest_dir.join(MANIFEST_FILE),
+                format!(
+                    "baked from a different base: `{}` has sha256 {} in the manifest, {} in {}",
+                    d.key,
+                    d.recorded.as_deref().unwrap_or("(absent)"),
+                    d.found,
+                    base.location.dir.display()
+                ),
+            )),
         }
     }
 }

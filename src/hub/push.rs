@@ -250,7 +250,7 @@ pub fn push(dir: &Path, options: &PushOptions, progress: &dyn Progress) -> Resul
         .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
         .filter(|_| crate::model::resolve::parse_repo_id(&options.repo).is_some_and(|(_, rev)| rev.is_none()))
         .ok_or_else(|| {
-            BakeError::Invalid(format!("--repo `{}`: expected org/name", crate::error::shorten(&options.repo, 100)))
+            BakeError::Invalid(format!("repository `{}`: expected org/name", crate::error::shorten(&options.repo, 100)))
         })?;
     let revision = options.revision.clone().unwrap_or_else(|| "main".into());
     check_revision(&revision).map_err(|why| {

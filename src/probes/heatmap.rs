@@ -15,7 +15,7 @@ pub struct Heatmap<'a> {
     /// `[layer][head]` validation accuracy.
     pub accuracy: &'a [Vec<f64>],
     /// Chosen heads `[layer, head]`.
-    pub chosen: &'a [[usize; 2]],
+    pub chosen: &'a [super::Head],
     pub title: String,
     pub subtitle: String,
 }
@@ -96,7 +96,7 @@ impl Figure for Heatmap<'_> {
                 drawing(area.draw(&Rectangle::new([(x, y), (x + l.cell, y + l.cell)], colour.filled())))?;
             }
         }
-        for &[layer, head] in self.chosen {
+        for &super::Head { layer, head } in self.chosen {
             let (x, y) = l.cell_origin(layer, head);
             // Two pixels wide, inside the cell, so neighbouring outlines never overlap.
             for inset in [0, 1] {

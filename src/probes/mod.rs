@@ -4,7 +4,10 @@ pub mod heatmap;
 pub mod logistic;
 pub mod report;
 
+use std::collections::BTreeMap;
+
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::activations::Activations;
 use crate::data::prompts::Prompt;
@@ -42,7 +45,7 @@ pub fn check_question_count(questions: usize, validation_ratio: f64, what: &str)
     if questions < minimum {
         return Err(BakeError::Invalid(format!(
             "{what} needs at least {minimum} questions (validation_ratio {validation_ratio} must leave at least one \
-             training and one validation question), but has {questions}; raise --limit or use a larger dataset"
+             training and one validation question), but has {questions}; use more of the dataset (the recipe's `limit`) or a larger one"
         )));
     }
     Ok(())
@@ -142,13 +145,37 @@ pub fn train_probes(acts: &Activations, prompts: &[Prompt], split: &Split, layou
     ProbeResults { val_accuracy, probes: probes.into_iter().map(|(p, _)| p).collect() }
 }
 
+/// One attention head: its layer, and its index among the layer's heads. Every file writes it `[layer, head]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Head {
+    pub layer: usize,
+    pub head: usize,
+}
+
+impl Serialize for Head {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        [self.layer, self.head].serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Head {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let [layer, head] = <[usize; 2]>::deserialize(d)?;
+        Ok(Head { layer, head })
+    }
+}
+
 /// The K heads with the highest validation accuracy. Ties go to the lower layer, then the lower head, so the
 /// choice never depends on sort stability.
-pub fn select_heads(val_accuracy: &[Vec<f64>], k: usize) -> Result<Vec<(usize, usize)>> {
-    let mut all: Vec<(usize, usize)> =
-        val_accuracy.iter().enumerate().flat_map(|(l, row)| (0..row.len()).map(move |h| (l, h))).collect();
+pub fn select_heads(val_accuracy: &[Vec<f64>], k: usize) -> Result<Vec<Head>> {
+    let mut all: Vec<Head> = val_accuracy
+        .iter()
+        .enumerate()
+        .flat_map(|(layer, row)| (0..row.len()).map(move |head| Head { layer, head }))
+        .collect();
     check_head_count(k, all.len())?;
-    all.sort_by(|a, b| val_accuracy[b.0][b.1].total_cmp(&val_accuracy[a.0][a.1]).then(a.cmp(b)));
+    let accuracy = |h: &Head| val_accuracy[h.layer][h.head];
+    all.sort_by(|a, b| accuracy(b).total_cmp(&accuracy(a)).then(a.cmp(b)));
     all.truncate(k);
     Ok(all)
 }
@@ -201,7 +228,7 @@ pub struct ShiftInputs<'a> {
 
 /// Directions, σ and δ for each chosen head, in the order given. A σ or δ that is not finite (in the f32
 /// the biases are computed from) is an error naming the head.
-pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Result<Vec<HeadShift>> {
+pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[Head]) -> Result<Vec<HeadShift>> {
     let d = inputs.layout.head_dim;
     let fit_questions: Vec<usize> = inputs.split.train.iter().chain(&inputs.split.val).copied().collect();
     let in_fit = question_mask(inputs.probe_prompts, &fit_questions);
@@ -215,7 +242,7 @@ pub fn compute_shifts(inputs: &ShiftInputs, chosen: &[(usize, usize)]) -> Result
     };
     chosen
         .iter()
-        .map(|&(layer, head)| {
+        .map(|&Head { layer, head }| {
             let direction = unit(match inputs.direction {
                 DirectionKind::CenterOfMass => center_of_mass(inputs, &in_fit, layer, head),
                 DirectionKind::Probe => inputs.probes.probes[layer * inputs.layout.heads + head].weights.clone(),
@@ -262,8 +289,34 @@ fn population_std(values: &[f64]) -> f64 {
     (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt()
 }
 
-/// One δ vector per layer in o_proj-input layout (head h at h·D..(h+1)·D), `None` where no head was chosen.
-pub fn per_layer_deltas(shifts: &[HeadShift], layout: HeadLayout) -> Vec<Option<Vec<f32>>> {
+/// The shift of every layer: one δ vector in o_proj-input layout (head h at h·D..(h+1)·D), `None` where no head
+/// was chosen. What the probe stage hands to surgery, export, the scorer's hooks and verify.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Deltas(pub Vec<Option<Vec<f32>>>);
+
+impl Deltas {
+    /// As `report.json` holds them: the shifted layers only, keyed by the layer's number.
+    pub fn by_layer_number(&self) -> BTreeMap<String, Vec<f32>> {
+        let shifted = self.0.iter().enumerate().filter_map(|(l, d)| Some((l.to_string(), d.clone()?)));
+        shifted.collect()
+    }
+
+    /// From `report.json`'s map, for a model of `layers` layers.
+    pub fn from_layer_numbers(map: &BTreeMap<String, Vec<f32>>, layers: usize) -> Self {
+        Deltas((0..layers).map(|l| map.get(&l.to_string()).cloned()).collect())
+    }
+}
+
+impl std::ops::Deref for Deltas {
+    type Target = [Option<Vec<f32>>];
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+/// The chosen heads' shifts placed in their layers.
+pub fn per_layer_deltas(shifts: &[HeadShift], layout: HeadLayout) -> Deltas {
     let mut out: Vec<Option<Vec<f32>>> = vec![None; layout.layers];
     for s in shifts {
         let layer = out[s.layer].get_or_insert_with(|| vec![0.0; layout.heads * layout.head_dim]);
@@ -271,7 +324,7 @@ pub fn per_layer_deltas(shifts: &[HeadShift], layout: HeadLayout) -> Vec<Option<
             layer[s.head * layout.head_dim + i] = *v as f32;
         }
     }
-    out
+    Deltas(out)
 }
 
 #[cfg(test)]
@@ -292,7 +345,11 @@ mod tests {
     #[test]
     fn ties_go_to_the_lower_layer_then_head() {
         let acc = vec![vec![0.5, 0.9], vec![0.9, 0.7]];
-        assert_eq!(select_heads(&acc, 3).unwrap(), vec![(0, 1), (1, 0), (1, 1)]);
+        let chosen: Vec<(usize, usize)> = select_heads(&acc, 3).unwrap().iter().map(|h| (h.layer, h.head)).collect();
+        assert_eq!(chosen, vec![(0, 1), (1, 0), (1, 1)]);
+        // Written as [layer, head] wherever a head is written.
+        assert_eq!(serde_json::to_string(&Head { layer: 3, head: 7 }).unwrap(), "[3,7]");
+        assert_eq!(serde_json::from_str::<Head>("[3,7]").unwrap(), Head { layer: 3, head: 7 });
         assert!(select_heads(&acc, 5).unwrap_err().to_string().contains("more than"));
     }
 }

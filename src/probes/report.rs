@@ -24,7 +24,7 @@ pub struct ProbeReport {
     /// `[layer][head]` validation accuracy of each probe.
     pub val_accuracy: Vec<Vec<f64>>,
     /// Chosen heads `[layer, head]`, best first.
-    pub heads: Vec<[usize; 2]>,
+    pub heads: Vec<super::Head>,
     /// Question indices (multiple_choice order).
     pub train_questions: Vec<usize>,
     pub val_questions: Vec<usize>,

@@ -25,7 +25,7 @@ const TUNING_PLACEHOLDERS: [&str; 3] = ["{question}", "{answer}", "{other_questi
 const MAX_NESTING: usize = 16;
 
 /// How the truthful direction of a head is found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum DirectionKind {
     /// mean(true) − mean(false) over train ∪ validation (the paper's best).
@@ -213,10 +213,13 @@ impl Recipe {
         Ok(recipe)
     }
 
-    /// Applies command-line values; each is checked as its recipe field is, and an error names the flag.
+    /// Applies values given in place of the recipe's; each is checked as its recipe field is (the command line
+    /// checks them first, with the same [`ranges`], and names the flag).
     pub fn apply(&mut self, o: &Overrides) -> Result<()> {
         let flag = |name: &str, value: &dyn std::fmt::Display, check: std::result::Result<(), String>| {
-            check.map_err(|expected| BakeError::Invalid(format!("--{name} {value}: expected {expected}")))
+            check.map_err(|expected| {
+                BakeError::Invalid(format!("{name} {value} (given for the recipe's): expected {expected}"))
+            })
         };
         if let Some(v) = o.alpha {
             flag("alpha", &v, ranges::alpha(v))?;
@@ -237,11 +240,11 @@ impl Recipe {
             self.limit = Some(v);
         }
         if let Some(v) = o.batch_size {
-            flag("batch-size", &v, ranges::at_least_one(v))?;
+            flag("batch_size", &v, ranges::at_least_one(v))?;
             self.batch_size = v;
         }
         if let Some(v) = o.batch_tokens {
-            flag("batch-tokens", &v, ranges::batch_tokens(v))?;
+            flag("batch_tokens", &v, ranges::batch_tokens(v))?;
             self.batch_tokens = v;
         }
         if let Some(v) = o.device {
@@ -295,7 +298,7 @@ impl Recipe {
 }
 
 /// Range checks shared by recipe fields and the flags that override them; `Err` says what was expected.
-mod ranges {
+pub mod ranges {
     pub fn alpha(v: f64) -> Result<(), String> {
         if v >= 0.0 && v.is_finite() {
             Ok(())

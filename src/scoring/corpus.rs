@@ -36,7 +36,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     };
     let documents: Vec<String> = documents.into_iter().filter(|d| !d.trim().is_empty()).collect();
     if documents.is_empty() {
-        return Err(BakeError::Invalid(format!("{}: the corpus holds no documents (it is empty)", path.display())));
+        return Err(BakeError::content(path, "the corpus holds no documents (it is empty)"));
     }
     Ok(documents)
 }
@@ -85,10 +85,10 @@ pub fn load(spec: &CorpusSpec, tokenizer: &TextTokenizer, seed: u64) -> Result<C
         }
     }
     if corpus.documents.is_empty() {
-        return Err(BakeError::Invalid(format!(
-            "corpus {}: no document has the 2 tokens a next-token prediction needs, so no token can be scored",
-            spec.path.display()
-        )));
+        return Err(BakeError::content(
+            &spec.path,
+            "no document has the 2 tokens a next-token prediction needs, so no token can be scored",
+        ));
     }
     Ok(corpus)
 }

@@ -34,12 +34,10 @@ impl FoldSplit {
     }
 }
 
-/// The folds of `n` questions, each with enough training questions; `flag` names the option in errors.
-pub fn fold_splits(n: usize, folds: usize, recipe: &Recipe, flag: &str) -> Result<Vec<FoldSplit>> {
+/// The folds of `n` questions, each with enough training questions.
+pub fn fold_splits(n: usize, folds: usize, recipe: &Recipe) -> Result<Vec<FoldSplit>> {
     if folds < 2 || folds > n {
-        return Err(BakeError::Invalid(format!(
-            "{flag} {folds}: expected between 2 and the number of questions ({n})"
-        )));
+        return Err(BakeError::Invalid(format!("{folds} folds: expected between 2 and the number of questions ({n})")));
     }
     contiguous_folds(n, folds)
         .into_iter()

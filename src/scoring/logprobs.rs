@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::mc::Item;
 use crate::error::Result;
 use crate::model::{Batch, Llama, Request, Shift};
+use crate::probes::Deltas;
 use crate::progress::Progress;
 
 /// Where the reference's runtime hook adds δ.
@@ -24,7 +25,7 @@ pub struct Hook {
 }
 
 impl Hook {
-    pub fn new(deltas: &[Option<Vec<f32>>], mode: HookMode, device: &Device) -> Result<Self> {
+    pub fn new(deltas: &Deltas, mode: HookMode, device: &Device) -> Result<Self> {
         let deltas = deltas
             .iter()
             .map(|d| d.as_ref().map(|d| Tensor::from_slice(d, d.len(), device)).transpose())

@@ -21,6 +21,26 @@ use crate::model::TextTokenizer;
 
 pub use crate::data::builtin::{INSTRUCTION_DEFAULT, INSTRUCTION_INFORMATIVE, QA_PRIMER};
 
+/// The instruction the reference protocol puts before its QA primer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Instruction {
+    /// TruthfulQA's and the reference's default.
+    Default,
+    /// The reference's "informative" variant.
+    Informative,
+    None,
+}
+
+impl Instruction {
+    pub fn text(self) -> &'static str {
+        match self {
+            Instruction::Default => INSTRUCTION_DEFAULT,
+            Instruction::Informative => INSTRUCTION_INFORMATIVE,
+            Instruction::None => "",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
@@ -38,7 +58,7 @@ impl Protocol {
 }
 
 /// How the answer's tokens are found in the tokenized prompt + answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AnswerTokens {
     /// Every token that covers a character of `" " + answer`, from the token offsets of the full string:
     /// right for any tokenizer.

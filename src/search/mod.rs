@@ -22,8 +22,8 @@ pub mod tradeoff;
 
 pub use halving::{choose, rung_questions, schedule, successive_halving, Finalist, Rung};
 pub use options::{
-    default_heads, Objective, Point, SearchOptions, DEFAULT_ALPHAS, DEFAULT_HEADS, DEFAULT_KL_BUDGET, DEFAULT_TRIALS,
-    ETA, MIN_RUNG_QUESTIONS, SCREEN_DOCUMENTS,
+    default_heads, Checked, Objective, Point, SearchOptions, DEFAULT_ALPHAS, DEFAULT_HEADS, DEFAULT_KL_BUDGET,
+    DEFAULT_TRIALS, ETA, MIN_RUNG_QUESTIONS, SCREEN_DOCUMENTS,
 };
 pub use report::{CandidateBase, CandidateReport, Cost, FoldNumbers, Reached, SearchOutcome, SearchReport};
 
@@ -33,7 +33,7 @@ use std::time::Instant;
 use crate::error::{BakeError, Result};
 use crate::model::ModelFiles;
 use crate::pipeline::{self, Resolved};
-use crate::probes::ProbeResults;
+use crate::probes::{Head, ProbeResults};
 use crate::progress::Progress;
 use crate::recipe::Recipe;
 use crate::rng::SeededRng;
@@ -61,7 +61,7 @@ struct Candidate {
 }
 
 struct CandidateFold {
-    heads: Vec<[usize; 2]>,
+    heads: Vec<Head>,
     hook: Hook,
     /// MC1 and MC2 per held-out question scored so far.
     scored: BTreeMap<usize, (f64, f64)>,
@@ -85,21 +85,19 @@ impl FoldState {
     }
 }
 
-/// Runs the search, its options checked first ([`SearchOptions::check`]).
+/// Runs the search with options checked for this model and recipe ([`SearchOptions::check`]).
 pub fn search(
     model: &ModelFiles,
     recipe: &Recipe,
-    options: &SearchOptions,
+    options: &Checked,
     run: &Resolved,
     progress: &dyn Progress,
 ) -> Result<SearchOutcome> {
-    let c = &model.config;
-    options.check(c.num_layers * c.num_heads, recipe)?;
     let mut timings = crate::progress::Laps::start();
     // Everything checkable is checked before the activation pass: the dataset, the corpus, the folds.
     let inputs = read_inputs(model, recipe, progress)?;
     let n = inputs.data.questions.len();
-    let plans = fold_splits(n, options.folds, recipe, "--folds")?;
+    let plans = fold_splits(n, options.folds, recipe)?;
     // The recipe the search reports (and `recipe.yaml` bakes) names the documents it measured.
     let recipe = &with_documents_used(recipe, inputs.corpus.as_ref());
     let prepared = pipeline::prepare(model, recipe, run, progress)?;
@@ -127,7 +125,7 @@ pub fn search(
                 .map(|f| {
                     let shifted = pipeline::shift_top_heads(&r, &f.plan.fit(&prepared), &f.probes)?;
                     Ok(CandidateFold {
-                        heads: shifted.chosen.iter().map(|&(l, h)| [l, h]).collect(),
+                        heads: shifted.chosen.clone(),
                         hook: Hook::new(&shifted.deltas, HookMode::EveryPosition, setup.base.device())?,
                         scored: BTreeMap::new(),
                         screen_kl: None,

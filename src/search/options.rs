@@ -25,7 +25,7 @@ pub const ETA: usize = 2;
 pub const DEFAULT_TRIALS: usize = 2;
 
 /// Which held-out number the search maximises (both from the reference MC protocol).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Objective {
     Mc1,
@@ -82,6 +82,18 @@ impl Point {
     }
 }
 
+/// Search options that passed [`SearchOptions::check`] for one model and recipe: what a search takes.
+#[derive(Debug, Clone)]
+pub struct Checked(SearchOptions);
+
+impl std::ops::Deref for Checked {
+    type Target = SearchOptions;
+
+    fn deref(&self) -> &SearchOptions {
+        &self.0
+    }
+}
+
 impl std::fmt::Display for Point {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         write!(f, "K = {}, α = {}", self.heads, self.alpha)
@@ -89,42 +101,40 @@ impl std::fmt::Display for Point {
 }
 
 impl SearchOptions {
-    /// Checks everything that needs no model weights: called before any is read. `model_heads` is layers ×
-    /// heads per layer.
-    pub fn check(&self, model_heads: usize, recipe: &Recipe) -> Result<()> {
+    /// Checks everything that needs no model weights, before any is read; `model_heads` is layers × heads per
+    /// layer. Only checked options can be searched with: the check runs once.
+    pub fn check(self, model_heads: usize, recipe: &Recipe) -> Result<Checked> {
         let invalid = |m: String| Err(BakeError::Invalid(m));
         if self.heads.is_empty() {
-            return invalid("--heads: expected at least one K, found an empty list".into());
+            return invalid("search heads: expected at least one K, found an empty list".into());
         }
         if self.alphas.is_empty() {
-            return invalid("--alpha: expected at least one α, found an empty list".into());
+            return invalid("search alphas: expected at least one α, found an empty list".into());
         }
         if let Some(k) = self.heads.iter().find(|&&k| k == 0 || k > model_heads) {
-            return invalid(format!("--heads: K = {k} is not between 1 and the model's {model_heads} attention heads"));
+            return invalid(format!(
+                "search heads: K = {k} is not between 1 and the model's {model_heads} attention heads"
+            ));
         }
         if let Some(a) = self.alphas.iter().find(|a| !(a.is_finite() && **a >= 0.0)) {
-            return invalid(format!("--alpha: expected finite numbers ≥ 0, found {a}"));
+            return invalid(format!("search alphas: expected finite numbers ≥ 0, found {a}"));
         }
         if !(self.kl_budget.is_finite() && self.kl_budget > 0.0) {
-            return invalid(format!("--kl-budget: expected a number > 0 (nats per token), found {}", self.kl_budget));
+            return invalid(format!("KL budget: expected a number > 0 (nats per token), found {}", self.kl_budget));
         }
         if let Some(b) = self.ce_budget.filter(|b| !(b.is_finite() && *b > 0.0)) {
-            return invalid(format!("--ce-budget: expected a number > 0 (nats per token), found {b}"));
+            return invalid(format!("CE budget: expected a number > 0 (nats per token), found {b}"));
         }
         if self.folds < 2 {
-            return invalid(format!("--folds {}: expected at least 2", self.folds));
+            return invalid(format!("{} folds: expected at least 2", self.folds));
         }
         if self.trials == 0 {
-            return invalid("--trials: expected at least 1".into());
+            return invalid("trials: expected at least 1".into());
         }
         if recipe.corpus.is_none() {
-            return invalid(
-                "bake search measures KL against a budget and needs a corpus: give --corpus FILE (.jsonl with a \
-                 `text` field, or plain text) or the recipe's `corpus:`"
-                    .into(),
-            );
+            return invalid("a search measures KL against a budget and needs the recipe's `corpus`".into());
         }
-        Ok(())
+        Ok(Checked(self))
     }
 
     /// The candidates in tie order (α, then K, ascending): every (K, α > 0), and α = 0 once, listed or not

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{SearchOutcome, SearchReport};
+use crate::data::DatasetSource;
 use crate::error::{IoContext, Result};
 use crate::figure;
 use crate::io::listing::SEARCH_LOG_FILE;
@@ -57,11 +58,9 @@ pub fn chosen_recipe(report: &SearchReport, search_sha256: &str) -> Recipe {
     if let Some(corpus) = recipe.corpus.as_mut() {
         corpus.path = std::path::absolute(&corpus.path).unwrap_or(corpus.path.clone());
     }
-    let dataset = Path::new(&recipe.dataset.source);
-    if dataset.is_dir() {
-        if let Ok(abs) = std::path::absolute(dataset) {
-            recipe.dataset.source = abs.to_string_lossy().into_owned();
-        }
+    let dataset = DatasetSource::of(&recipe.dataset.source).folder().and_then(|dir| std::path::absolute(dir).ok());
+    if let Some(abs) = dataset {
+        recipe.dataset.source = abs.to_string_lossy().into_owned();
     }
     let held_out = |mc1: Option<f64>, mc2: Option<f64>, ce: Option<f64>, kl: Option<f64>| HeldOut {
         mc1: mc1.unwrap_or(f64::NAN),

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use super::halving::Rung;
 use super::options::{Objective, Point};
+use crate::probes::Head;
 use crate::recipe::Recipe;
 use crate::scoring::mc::Protocol;
 
@@ -24,7 +25,7 @@ pub struct FoldNumbers {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
     /// The chosen heads `[layer, head]`, best first.
-    pub heads: Vec<[usize; 2]>,
+    pub heads: Vec<Head>,
 }
 
 /// Where a candidate's evaluation ended.

@@ -10,6 +10,7 @@ use crate::io::dtype::StoredDtype;
 use crate::io::names::{self, Attention, Param};
 use crate::io::safetensors::TensorBytes;
 use crate::model::{Checkpoint, ModelConfig};
+use crate::probes::Deltas;
 
 /// `W_o · δ` accumulated in f64, plus the base's own o_proj bias when it has one.
 pub fn o_proj_bias(
@@ -66,7 +67,7 @@ pub fn added_tensors(checkpoint: &Checkpoint, config: &ModelConfig) -> Vec<Strin
 pub fn bias_tensors<'a>(
     checkpoint: &Checkpoint,
     config: &ModelConfig,
-    deltas: &[Option<Vec<f32>>],
+    deltas: &Deltas,
     dtype: StoredDtype,
 ) -> Result<Vec<TensorBytes<'a>>> {
     use rayon::prelude::*;

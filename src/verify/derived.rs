@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::Findings;
+use crate::data::DatasetSource;
 use crate::error::{IoContext, Result};
 use crate::export::baked::{self, Recorded, DIFF_SAFETENSORS, LOG, MANIFEST};
 use crate::export::card;
@@ -29,6 +30,7 @@ use crate::io::listing::entries_under;
 use crate::io::safetensors::{index_text, written_header, TensorBytes, INDEX_FILE};
 use crate::model::{Checkpoint, ModelFiles};
 use crate::probes::report::{ProbeReport, FILES as REPORT_FILES};
+use crate::probes::Deltas;
 
 const CHECK: &str = "derived";
 const REPORT: &str = "report.json";
@@ -76,7 +78,7 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
     let mut from_report: Vec<(String, Vec<u8>)> =
         report.files(d.dir)?.into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect();
     let width = report.heads_per_layer * report.head_dim;
-    let deltas: Vec<Option<Vec<f32>>> = (0..report.layers).map(|l| report.delta.get(&l.to_string()).cloned()).collect();
+    let deltas = Deltas::from_layer_numbers(&report.delta, report.layers);
     from_report.extend(baked::activation_diff_files(&report, &deltas, width, d.manifest.dtype));
     if let Some(base) = &d.base {
         let card_text = card::model_card(base.model, &report);
@@ -137,7 +139,7 @@ fn read_report(d: &Derivation, found: &mut Findings) -> Option<ProbeReport> {
     let (layers, heads) = (report.layers, report.heads_per_layer);
     let consistent = report.val_accuracy.len() == layers
         && report.val_accuracy.iter().all(|row| row.len() == heads)
-        && report.heads.iter().all(|&[l, h]| l < layers && h < heads)
+        && report.heads.iter().all(|h| h.layer < layers && h.head < heads)
         && report.heads.len() == report.sigma.len();
     let fits_base = d.base.as_ref().is_none_or(|b| {
         let c = &b.model.config;
@@ -175,10 +177,12 @@ fn expected_inputs(d: &Derivation, base: &Base) -> Result<BTreeMap<String, Strin
 /// built-in copy, or a local folder).
 fn local_dataset_hashes(recipe: &crate::recipe::Recipe) -> Result<Option<Vec<(std::path::PathBuf, String)>>> {
     let source = &recipe.dataset.source;
-    if source != crate::data::builtin::SOURCE && !Path::new(source).is_dir() {
-        return Ok(None);
+    match DatasetSource::of(source) {
+        DatasetSource::Builtin | DatasetSource::Folder(_) => {
+            Ok(Some(crate::data::TruthfulQa::load(source, &recipe.dataset.split, recipe.limit)?.files))
+        }
+        DatasetSource::Hub(_) | DatasetSource::Unknown => Ok(None),
     }
-    Ok(Some(crate::data::TruthfulQa::load(source, &recipe.dataset.split, recipe.limit)?.files))
 }
 
 /// The manifest's `outputs` as the folder really is: the recorded entries the `files` check confirmed, the

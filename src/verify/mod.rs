@@ -178,13 +178,15 @@ pub fn require_intact(dir: &Path, action: &str) -> Result<()> {
     let check = verify(dir, &VerifyOptions { base: None, run: false }, &crate::progress::Silent)?;
     match check.mismatches.first() {
         None => Ok(()),
-        Some(m) => Err(BakeError::Invalid(format!(
-            "{}: refusing to {action} a folder that fails `bake verify` ({} mismatches; first: {}: {})",
-            dir.display(),
-            check.mismatches.len(),
-            m.file,
-            m.message
-        ))),
+        Some(m) => Err(BakeError::content(
+            dir,
+            format!(
+                "refusing to {action} a folder that fails `bake verify` ({} mismatches; first: {}: {})",
+                check.mismatches.len(),
+                m.file,
+                m.message
+            ),
+        )),
     }
 }
 

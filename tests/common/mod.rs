@@ -247,3 +247,73 @@ where
     assert_eq!(a.len(), b.len(), "the compared sequences differ in length");
     a.zip(b)
 }
+
+/// A command's stderr as text.
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Exit 2 (bake's "could not run") with every needle in stderr and no panic.
+pub fn assert_exit_2(output: &std::process::Output, needles: &[&str]) {
+    let text = stderr(output);
+    assert_eq!(output.status.code(), Some(2), "expected exit 2: {text}");
+    assert!(!text.contains("panicked"), "{text}");
+    for needle in needles {
+        assert!(text.contains(needle), "`{needle}` not in: {text}");
+    }
+}
+
+/// [`assert_exit_2`], and no staging or old folder of a run left beside `out`.
+pub fn assert_refused(output: &std::process::Output, needles: &[&str], out: Option<&std::path::Path>) {
+    assert_exit_2(output, needles);
+    if let Some(parent) = out.and_then(std::path::Path::parent).filter(|p| p.is_dir()) {
+        let leftovers: Vec<_> = std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".bake-"))
+            .collect();
+        assert!(leftovers.is_empty(), "left beside the output: {leftovers:?}");
+    }
+}
+
+/// Every file below `dir` (relative path → bytes).
+pub fn files_of(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let names = bake::io::listing::entries_under(dir).unwrap();
+    names.into_iter().map(|n| (n.clone(), std::fs::read(dir.join(&n)).unwrap_or_default())).collect()
+}
+
+/// Rewrites a model's config.json after `edit`.
+pub fn edit_config(model: &std::path::Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = model.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(config.as_object_mut().unwrap());
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+/// `bake verify DIR [--base BASE] --json EXTRA…`: (exit code, the JSON report, stderr).
+pub fn verify_json(
+    dir: &std::path::Path,
+    base: Option<&std::path::Path>,
+    extra: &[&str],
+) -> (i32, serde_json::Value, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bake"));
+    command.arg("verify").arg(dir).arg("--json").args(extra);
+    if let Some(b) = base {
+        command.arg("--base").arg(b);
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code().unwrap(), serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null), stderr(&out))
+}
+
+/// The per-layer δ a bake recorded in its `report.json` (`None` for layers without a chosen head).
+pub fn report_deltas(dir: &std::path::Path, layers: usize) -> Vec<Option<Vec<f32>>> {
+    let text = std::fs::read_to_string(dir.join("report.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    (0..layers)
+        .map(|l| {
+            let delta = report["delta"].get(l.to_string())?;
+            Some(delta.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        })
+        .collect()
+}

@@ -1,0 +1,32 @@
+//! The output folder's sequence, one for every command that writes a folder: checked before any work (a folder
+//! bake did not write is never replaced), staged beside it, and once the command has committed it, a word about
+//! anything the swap left behind.
+
+use std::path::Path;
+
+use anyhow::Result;
+use bake::io::output::{Published, Staging};
+use bake::model::ModelFiles;
+use bake::pipeline::{self, OutputKind};
+use bake::progress::Progress;
+use bake::recipe::Recipe;
+
+/// Checks `out` and stages the new folder beside it, saying what the check found (an old run's leftovers, say).
+pub fn staged(
+    out: &Path,
+    force: bool,
+    inputs: (&ModelFiles, &Recipe),
+    kind: OutputKind,
+    progress: &dyn Progress,
+) -> Result<Staging> {
+    let staging = pipeline::check_output(out, force, inputs.0, inputs.1, kind)?.stage()?;
+    staging.notes.iter().for_each(|n| progress.note(n));
+    Ok(staging)
+}
+
+/// A replaced folder that could not be removed is worth saying, not failing for: the new output is in place.
+pub fn note_leftover(published: &Published, progress: &dyn Progress) {
+    if let Some((path, why)) = &published.leftover {
+        progress.warn(&format!("the replaced folder is left at {} ({why}); remove it when convenient", path.display()));
+    }
+}
