@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs two builds of bake on the same inputs and compares what they write, byte for byte: a bake folder,
 # `bake probe`'s folder, `bake search`'s folder, and the JSON of `bake eval --baked` and `bake eval --cv 2`.
-# Timings (bake.log, search.log, the `timings` of eval's JSON) are the only things left out. For refactorings
-# that must not change a byte.
+# Timings (bake.log, probe.log, search.log, the `timings` of eval's JSON) are the only things left out. For
+# refactorings that must not change a byte. (Builds before 2026-12-06 wrote the probe's seconds into its
+# report.json and listed search.log in outputs.json, so against them those three files differ by nature.)
 #
 #   scripts/same-outputs.sh BEFORE_BINARY AFTER_BINARY MODEL CORPUS [LIMIT]
 #
@@ -25,7 +26,7 @@ run_all() {
         --json -q > "$out/eval-cv.json"
     "$bin" search --model "$model" --limit "$limit" --heads 4,8 --alpha 0,5 --corpus "$corpus" --documents 5 \
         --out "$out/search" -q > /dev/null
-    rm -rf "$out/cache" "$out/bake/bake.log" "$out/search/search.log"
+    rm -rf "$out/cache" "$out/bake/bake.log" "$out/probe/probe.log" "$out/search/search.log"
     for json in "$out"/eval-*.json; do
         python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d.pop("timings",None); json.dump(d,open(sys.argv[1],"w"),indent=1,sort_keys=True)' "$json"
     done

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::activations::plan::{budget_for, Budget, Compute, Mode, Plan};
 use crate::activations::{self, cache, Activations, PackedPrompts};
 use crate::data::{build_prompt_sets, DatasetSource, PromptSets, TruthfulQa};
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::export::baked::BakeInput;
 use crate::io::output::{self, Ownership, Protected, Published, Request, Staging, Target};
 use crate::model::{pick_device, pick_dtype, ModelFiles};
@@ -348,7 +348,11 @@ pub fn check_output(out: &Path, force: bool, model: &ModelFiles, recipe: &Recipe
 }
 
 /// Writes a probe report into `staging` and publishes it.
+/// Writes `bake probe`'s folder: `report.json` and the heatmap, byte-reproducible, and the seconds per stage in
+/// `probe.log`, which no listing holds.
 pub fn publish_probe_outputs(report: &ProbeReport, staging: Staging) -> Result<Published> {
-    report.write_files(staging.path())?;
+    ProbeReport { timings: None, ..report.clone() }.write_files(staging.path())?;
+    let log = staging.path().join(crate::io::listing::PROBE_LOG_FILE);
+    std::fs::write(&log, crate::export::baked::log_text(report)).at(&log)?;
     staging.commit()
 }

@@ -964,6 +964,19 @@ fn force_replaces_a_probe_or_search_folder_only_when_its_outputs_json_vouches_fo
     common::assert_refused(&search(&out), &["`report.json`", "in its outputs.json"], Some(&out));
     assert_eq!(common::files_of(&out), before);
 
+    // Two probe runs write the same bytes: their seconds go to probe.log, which outputs.json leaves out.
+    let (p1, p2) = (s.path("probe-1"), s.path("probe-2"));
+    assert_ok(&probe(&p1, &[]));
+    assert_ok(&probe(&p2, &[]));
+    let without_log = |dir: &Path| {
+        let mut files = common::files_of(dir);
+        assert!(files
+            .remove("probe.log")
+            .is_some_and(|log| bake::io::listing::is_timings_log(&String::from_utf8_lossy(&log))));
+        files
+    };
+    assert_eq!(without_log(&p1), without_log(&p2), "two runs of one probe differ");
+
     // A search folder: its outputs.json leaves out search.log (seconds), so two searches list the same bytes;
     // bake's own folder is replaced, one whose search.log holds the user's text is not.
     let (first, second) = (s.path("search-1"), s.path("search-2"));

@@ -138,7 +138,7 @@ pub fn write_baked(
     Ok(BakeWritten { files, published, timings: clock.done })
 }
 
-/// `bake.log`: what differs from run to run (seconds per stage), kept out of the hashed files.
+/// `bake.log` (and `probe.log`): what differs from run to run (seconds per stage), kept out of the hashed files.
 pub fn log_text(report: &ProbeReport) -> String {
     report.timings.iter().flatten().map(|(stage, seconds)| format!("{stage}: {seconds:.2} s\n")).collect()
 }

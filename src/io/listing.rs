@@ -106,19 +106,20 @@ pub fn is_timings_log(text: &str) -> bool {
         })
 }
 
-/// `bake search`'s log of seconds, beside its `outputs.json`.
+/// `bake search`'s and `bake probe`'s logs of seconds, beside their `outputs.json`.
 pub const SEARCH_LOG_FILE: &str = "search.log";
+pub const PROBE_LOG_FILE: &str = "probe.log";
 
 /// The logs of seconds bake writes beside its outputs. They differ from run to run, so no listing holds them (the
 /// same inputs must give the same listing, byte for byte), and a folder holding one is bake's only while it holds
 /// nothing but timings ([`is_timings_log`]).
-pub const TIMINGS_LOGS: &[&str] = &[LOG_FILE, SEARCH_LOG_FILE];
+pub const TIMINGS_LOGS: &[&str] = &[LOG_FILE, SEARCH_LOG_FILE, PROBE_LOG_FILE];
 
 /// The files a baked folder holds beside its listed ones.
 pub const BAKE_UNLISTED: &[&str] = &[MANIFEST_FILE, LOG_FILE];
 
 /// The files a probe or search folder holds beside its listed ones.
-pub const OUTPUTS_UNLISTED: &[&str] = &[OUTPUTS_FILE, SEARCH_LOG_FILE];
+pub const OUTPUTS_UNLISTED: &[&str] = &[OUTPUTS_FILE, SEARCH_LOG_FILE, PROBE_LOG_FILE];
 
 /// `outputs.json`: the file list of a probe or search folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

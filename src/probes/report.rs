@@ -34,7 +34,8 @@ pub struct ProbeReport {
     pub sigma: Vec<(usize, usize, f64)>,
     /// Per shifted layer, δ in o_proj-input layout (`num_heads * head_dim` values).
     pub delta: BTreeMap<String, Vec<f32>>,
-    /// Seconds per stage. Left out of reports inside a baked folder, which must be byte-reproducible.
+    /// Seconds per stage, while the run holds them. Never written into a folder, which must be byte-reproducible:
+    /// they go to `bake.log` or `probe.log`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<BTreeMap<String, f64>>,
 }
