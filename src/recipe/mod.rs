@@ -218,7 +218,7 @@ impl Recipe {
     pub fn apply(&mut self, o: &Overrides) -> Result<()> {
         let flag = |name: &str, value: &dyn std::fmt::Display, check: std::result::Result<(), String>| {
             check.map_err(|expected| {
-                BakeError::Invalid(format!("{name} {value} (given for the recipe's): expected {expected}"))
+                BakeError::Invalid(format!("{name} = {value} (in place of the recipe's): expected {expected}"))
             })
         };
         if let Some(v) = o.alpha {
