@@ -1,5 +1,6 @@
-//! The ITI core in one call: data → prompts → activations (cached) → probes → heads → shifts → report, and
-//! the checks of an output folder before any of it runs.
+//! The run a command works out once ([`Resolved`]: device, dtype, batch size, memory budget, cache), the ITI core
+//! in one call on it (data → prompts → activations (cached) → probes → heads → shifts → report), and the checks
+//! of an output folder before any of it runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
