@@ -299,11 +299,9 @@ fn activations_for(
 
 /// The execution plan of a run's activation pass on this machine, without running it.
 pub fn plan_run(model: &ModelFiles, recipe: &Recipe, run: &Resolved) -> Result<Plan> {
-    let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
-    let prompts = build_prompt_sets(&dataset, &recipe.prompts, recipe.seed);
-    let tokens = activations::tokenize(&model.tokenizer()?, &prompts.texts())?;
-    let packed = PackedPrompts::new(&tokens, run.batch_tokens, &run.compute.device)?;
-    plan_for(model, &packed, prompts.probe.len(), run)
+    let inputs = activations::pass_inputs(recipe, &model.tokenizer()?)?;
+    let packed = PackedPrompts::new(&inputs.tokens, run.batch_tokens, &run.compute.device)?;
+    plan_for(model, &packed, inputs.probe_prompts, run)
 }
 
 /// The execution plan of the activation pass over these packed prompts, timed at the device's measured

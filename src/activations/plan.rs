@@ -65,9 +65,10 @@ impl Compute {
     /// `cpu` or `cuda:N`.
     pub fn device_name(&self) -> String {
         match self.device.location() {
-            candle_core::DeviceLocation::Cpu => "cpu".into(),
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+            candle_core::DeviceLocation::Cpu => self.device_kind().into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } | candle_core::DeviceLocation::Metal { gpu_id } => {
+                format!("{}:{gpu_id}", self.device_kind())
+            }
         }
     }
 

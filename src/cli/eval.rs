@@ -72,8 +72,7 @@ impl Protocols {
 pub fn run(args: &EvalArgs, quiet: bool) -> Result<()> {
     let recipe = args.run.recipe(Some(&args.shift), Some(&args.scoring))?;
     let model = ModelFiles::open(&args.run.model)?;
-    let folds = args.cv;
-    let compared = match (folds, &args.baked) {
+    let compared = match (args.cv, &args.baked) {
         (Some(folds), _) => eval::card::Compared::CrossValidated { folds },
         (None, Some(_)) => eval::card::Compared::BakedAgainstBase,
         (None, None) => eval::card::Compared::Base,
@@ -89,7 +88,7 @@ pub fn run(args: &EvalArgs, quiet: bool) -> Result<()> {
     };
     let run = Resolved::new(&model, &recipe, &args.run.run_options())?;
     let bars = Bars::new(quiet);
-    let report = match (folds, &args.baked) {
+    let report = match (args.cv, &args.baked) {
         (Some(folds), _) => eval::cross_validate(&model, &recipe, folds, &options, &run, &bars)?,
         (None, Some(dir)) => {
             let baked = ModelFiles::open(&dir.to_string_lossy())?;
