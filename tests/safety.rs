@@ -1106,6 +1106,9 @@ fn argument_and_corpus_errors_come_before_any_activation_work() {
         ("eval", vec!["--cv", "5", "--heads", "2"], "5 folds: expected between 2 and the number of questions (4)"),
         ("search", vec!["--documents", "0", "--corpus", good], "documents must be ≥ 1"),
         ("search", vec!["--folds", "9", "--corpus", good], "9 folds: expected between 2 and the number of questions"),
+        // A model that cannot be scored in the memory given: refused before the activation pass, not after it.
+        ("eval", vec!["--cv", "2", "--heads", "2", "--max-memory", "1MB"], "needs about"),
+        ("search", vec!["--max-memory", "1MB", "--corpus", good], "needs about"),
     ] {
         let mut args = args.clone();
         args.extend(["--limit", "4"]);

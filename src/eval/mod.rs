@@ -128,11 +128,11 @@ pub fn evaluate(
     if let Some(b) = baked {
         Manifest::read(&b.location.dir)?.check_base(model, &b.location.dir)?;
     }
-    let inputs = read_inputs(model, recipe, progress)?;
+    let inputs = read_inputs(model, recipe, run, progress)?;
     if let Some(b) = baked {
         require_base_plus_biases(b, model, progress)?;
     }
-    let scorer = set_up(model, recipe, run, inputs)?;
+    let scorer = set_up(model, run, inputs)?;
     let questions: Vec<usize> = (0..scorer.data.questions.len()).collect();
     // The bake runs as its base's weights with its own o_proj biases: one model in memory, not two.
     let baked_biases = baked.map(|b| b.o_proj_biases(scorer.base.device(), scorer.base.dtype())).transpose()?;
@@ -177,11 +177,11 @@ pub fn cross_validate(
 ) -> Result<EvalReport> {
     let started = Instant::now();
     pipeline::check_recipe_heads(model, recipe)?;
-    let inputs = read_inputs(model, recipe, progress)?;
+    let inputs = read_inputs(model, recipe, run, progress)?;
     let n = inputs.data.questions.len();
     let plan = fold_splits(n, folds, recipe)?;
     let prepared = pipeline::prepare(model, recipe, run, progress)?;
-    let scorer = set_up(model, recipe, run, inputs)?;
+    let scorer = set_up(model, run, inputs)?;
     let mut fitted = Vec::new();
     for (i, fold) in plan.iter().enumerate() {
         progress.stage(&format!("eval: fold {i}: probes"));

@@ -28,7 +28,7 @@ pub struct ScoreOptions {
 
 /// The memory an evaluation holds at its peak: the weights once in the matmuls' dtype, one tensor being
 /// converted beside them, and a batch's logits with their log-probabilities and probabilities (f32, at most
-/// [`LOGIT_TOKENS`] tokens a row). Refused before loading when over the run's budget.
+/// [`LOGIT_TOKENS`] tokens a row). Refused before any model work when over the run's budget.
 fn check_memory(model: &ModelFiles, run: &Resolved, recipe: &Recipe) -> Result<()> {
     let Some(budget) = run.budget() else { return Ok(()) };
     let compute = &run.compute;
@@ -59,17 +59,18 @@ fn check_memory(model: &ModelFiles, run: &Resolved, recipe: &Recipe) -> Result<(
 const LOGIT_TOKENS: usize = 128;
 
 /// What every evaluation reads before any model work: the questions, the tokenizer and the corpus sample.
-/// Read first, so that a bad dataset, corpus or option is reported before the activation pass or the
-/// weights' loading (minutes for a 7B on the CPU).
+/// Read first, with the memory check, so that a bad dataset, corpus or option, or a model that does not fit, is
+/// reported before the activation pass or the weights' loading (minutes for a 7B on the CPU).
 pub struct Inputs {
     pub data: TruthfulQa,
     pub tokenizer: TextTokenizer,
     pub corpus: Option<corpus::Corpus>,
 }
 
-/// Reads the [`Inputs`] of an evaluation of `model` with `recipe`; a corpus with fewer usable documents than
-/// the recipe asks for is a warning.
-pub fn read_inputs(model: &ModelFiles, recipe: &Recipe, progress: &dyn Progress) -> Result<Inputs> {
+/// Checks that scoring `model` fits the run's memory, then reads the [`Inputs`] of an evaluation with `recipe`; a
+/// corpus with fewer usable documents than the recipe asks for is a warning.
+pub fn read_inputs(model: &ModelFiles, recipe: &Recipe, run: &Resolved, progress: &dyn Progress) -> Result<Inputs> {
+    check_memory(model, run, recipe)?;
     progress.stage("eval: data");
     let data = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
     let tokenizer = model.tokenizer()?;
@@ -98,10 +99,9 @@ pub struct Scorer {
     pub corpus: Option<corpus::Corpus>,
 }
 
-/// Loads the base model beside the inputs read by [`read_inputs`], in the recipe's device and dtype, after
-/// checking that it fits the memory budget.
-pub fn set_up(model: &ModelFiles, recipe: &Recipe, run: &Resolved, inputs: Inputs) -> Result<Scorer> {
-    check_memory(model, run, recipe)?;
+/// Loads the base model beside the inputs read by [`read_inputs`] (which checked that it fits the run's memory),
+/// in the run's device and dtype.
+pub fn set_up(model: &ModelFiles, run: &Resolved, inputs: Inputs) -> Result<Scorer> {
     let base = model.load_as(&run.compute.device, run.compute.dtype)?;
     let Inputs { data, tokenizer, corpus } = inputs;
     Ok(Scorer { data, tokenizer, base, pad_id: model.config.pad_id(), corpus })

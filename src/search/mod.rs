@@ -95,14 +95,14 @@ pub fn search(
 ) -> Result<SearchOutcome> {
     let mut timings = crate::progress::Laps::start();
     // Everything checkable is checked before the activation pass: the dataset, the corpus, the folds.
-    let inputs = read_inputs(model, recipe, progress)?;
+    let inputs = read_inputs(model, recipe, run, progress)?;
     let n = inputs.data.questions.len();
     let plans = fold_splits(n, options.folds, recipe)?;
     // The recipe the search reports (and `recipe.yaml` bakes) names the documents it measured.
     let recipe = &with_documents_used(recipe, inputs.corpus.as_ref());
     let prepared = pipeline::prepare(model, recipe, run, progress)?;
     timings.lap("data and activations");
-    let setup = set_up(model, recipe, run, inputs)?;
+    let setup = set_up(model, run, inputs)?;
 
     progress.stage("search: probes");
     let folds: Vec<FoldState> = plans
