@@ -12,6 +12,11 @@
 #   scripts/bench.sh bake-7b                   a random Llama-2-7B-shaped bf16 model (~13.8 GB, in
 #                                              $BAKE_BENCH_DIR or /tmp, deleted after): streamed bake, peak RSS
 #                                              against the plan, stage times, write rate vs cp + sync
+#   scripts/bench.sh fits-7b                   with no memory flags, on this machine: bake --limit 10, eval --baked
+#                                              and verify --base --run of a random Llama-2-7B-shaped bf16 model,
+#                                              then bake --limit 2 of a 13B shape (~27 GB each, in
+#                                              $BAKE_BENCH_DIR or /tmp, deleted after): each command's plan
+#                                              against its peak RSS, and its stage times
 #   scripts/bench.sh memory                    SmolLM2, resident and streamed: the plan's estimate vs peak RSS
 # Needs the environment of scripts/setup-test-env.sh (BAKE_SMOLLM2, BAKE_SHARED, BAKE_PYTHON).
 set -euo pipefail
@@ -116,6 +121,41 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
     echo "# SmolLM2-135M, real activations, full TruthfulQA (30 layers x 9 heads x 64)"
     run smollm2 "$work/smollm2"
     "$BAKE_PYTHON" scripts/bench_probes.py "$work/smollm2" --runs 3 2>/dev/null;;
+  fits-7b)
+    cargo build --release -q --example synthetic_model
+    cargo build --release -q
+    work=$(mktemp -d -p "${BAKE_BENCH_DIR:-/tmp}")
+    trap 'rm -rf "$work"' EXIT
+    corpus="$BAKE_SHARED/data/wikitext2/test.jsonl"
+    echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) memory"
+    # Runs one command under /usr/bin/time; prints its plan, its peak RSS against the plan, and its stage lines.
+    measure() {
+      local name=$1; shift
+      /usr/bin/time -v "$@" > "$work/$name.out" 2> "$work/$name.err" || { tail -5 "$work/$name.err"; exit 1; }
+      local plan peak
+      plan=$(grep -oE "peak (host|device) memory ~[0-9.]+ GB" "$work/$name.err" | head -1 | grep -oE "[0-9.]+ GB" | cut -d' ' -f1)
+      peak=$(awk '/Maximum resident/ {printf "%.2f", $6 * 1024 / 1e9}' "$work/$name.err")
+      echo "== $name: $(grep -E 'Elapsed' "$work/$name.err" | sed 's/.*: //') wall, peak RSS $peak GB, plan $plan GB ($(echo "scale=3; $peak / $plan" | bc)x)"
+      grep -E "^bake: .*(plan|passes|prompts, )" "$work/$name.err" | head -2 | cut -c1-700
+      grep -E "^bake: +[0-9.]+ s " "$work/$name.err" | head -20
+    }
+    # Llama-2-7B's shape (32 layers, hidden 4096, 32 heads of 128, FFN 11008) with SmolLM2's tokenizer (a
+    # vocabulary of 49,152 instead of 32,000).
+    ./target/release/examples/synthetic_model "$work/llama-7b" 32 4096 32 32 128 11008 49152 bf16 "$BAKE_SMOLLM2/tokenizer.json" > /dev/null
+    sync
+    measure bake-7b ./target/release/bake --model "$work/llama-7b" --no-cache --limit 10 --out "$work/baked"
+    grep -E "^  (data|activations|probes|write|total) " "$work/bake-7b.out"
+    measure eval-7b ./target/release/bake eval --model "$work/llama-7b" --baked "$work/baked" --limit 10 \
+      --corpus "$corpus" --documents 10
+    cat "$work/eval-7b.out"
+    measure verify-7b ./target/release/bake verify "$work/baked" --base "$work/llama-7b" --run
+    tail -1 "$work/verify-7b.out"
+    rm -rf "$work/llama-7b" "$work/baked"
+    # Llama-2-13B's shape: 40 layers, hidden 5120, 40 heads of 128, FFN 13824.
+    ./target/release/examples/synthetic_model "$work/llama-13b" 40 5120 40 40 128 13824 49152 bf16 "$BAKE_SMOLLM2/tokenizer.json" > /dev/null
+    sync
+    measure bake-13b ./target/release/bake --model "$work/llama-13b" --no-cache --limit 2 --out "$work/baked-13b"
+    grep -E "^  (data|activations|probes|write|total) " "$work/bake-13b.out";;
   bake-7b)
     cargo build --release -q --example synthetic_model
     cargo build --release -q

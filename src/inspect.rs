@@ -82,11 +82,13 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
     let batch_tokens = plan::auto_batch_tokens(&model.config, &compute, None);
     let activation_plan = plan::plan(model, &TRUTHFULQA_PASS, &compute, batch_tokens, rate, None)
         .expect("without a budget a plan always exists");
-    let available = plan::budget_for(&compute.device, None).map(|b| b.bytes);
+    let available = plan::budget_for(&compute.device, None);
     let this_machine = MachineVerdict {
-        available_bytes: available,
-        mode: available
-            .and_then(|a| plan::mode_for(activation_plan.resident_bytes, activation_plan.streamed_bytes, Some(a))),
+        available_bytes: available.map(|b| b.bytes),
+        mode: available.and_then(|b| {
+            plan::mode_for(activation_plan.estimate.resident_bytes, activation_plan.estimate.streamed_bytes, Some(b))
+                .ok()
+        }),
     };
     let c = &model.config;
     let ck = &model.checkpoint;

@@ -283,7 +283,7 @@ fn activations_for(
     let plan = plan_for(model, &packed, prompts.probe.len(), run)?;
     progress.note(&format!("activations: {}", plan.describe()));
     let Compute { device, dtype } = compute;
-    let acts = match plan.mode {
+    let acts = match plan.estimate.mode {
         Mode::Resident => activations::capture_last_token(&model.load_as(device, *dtype)?, &packed, progress)?,
         Mode::Streamed => activations::capture_last_token_streamed(model, device, *dtype, &packed, progress)?,
     };

@@ -21,8 +21,8 @@ const LAYERS: &[&[&str]] = &[
     &["surgery"],                                           // stage 5: δ → biases
     &["export"],                                            // stage 6: the baked folder and its manifest
     &["pipeline", "inspect"],                               // stages 2–6 in one call; what a bake will cost
+    &["scoring"],                                           // MC1/MC2, CE/KL and folds; the model run for logits
     &["verify"],                                            // the proof that a baked folder is base + diff
-    &["scoring"],                                           // MC1/MC2, CE/KL and folds, shared by eval and search
     COMMANDS,
 ];
 

@@ -139,7 +139,18 @@ fn tiny_gqa_bake_loads_in_transformers_and_pyvene() {
 fn smollm2_bake_loads_in_transformers_and_pyvene() {
     let smol = common::smollm2_dir();
     // bf16 weights: the stored bias is W_o·δ rounded to bf16, so the hooked forward differs by that rounding.
-    check_baked_model(&smol, &["--limit", "12", "--heads", "16"], 5e-2);
+    let folder = check_baked_model(&smol, &["--limit", "12", "--heads", "16"], 5e-2);
+    // `verify --run` holds one model: resident when it fits, else layer by layer, with the same verdict.
+    let baked = folder.path().join("baked");
+    let (code, report, _) = common::verify_json(&baked, Some(&smol), &["--run"]);
+    let plan = &report["run_plan"];
+    assert_eq!((code, &plan["mode"]), (0, &Value::from("resident")), "{report}");
+    let (resident, streamed) = (plan["resident_bytes"].as_u64().unwrap(), plan["streamed_bytes"].as_u64().unwrap());
+    assert!(streamed < resident, "{plan}");
+    let between = ((resident + streamed) / 2).to_string();
+    let (code, report, _) = common::verify_json(&baked, Some(&smol), &["--run", "--max-memory", &between]);
+    assert_eq!((code, &report["run_plan"]["mode"]), (0, &Value::from("streamed")), "{report}");
+    assert_eq!(report["checks"].as_array().unwrap().last().unwrap(), "run");
 }
 
 /// sha256 of every file of a bake but its log.

@@ -8,11 +8,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use bake::data::TruthfulQa;
-use bake::model::{Batch, ModelFiles, Request};
+use bake::model::{Batch, Mode, ModelFiles, Request, Runner};
 use bake::progress::Silent;
 use bake::scoring::logprobs::{self, Hook, HookMode, Variant};
 use bake::scoring::mc::{self, AnswerTokens, Protocol};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde_json::Value;
 
 /// A strong shift on a few heads, so the bake visibly moves the scores.
@@ -133,19 +133,22 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     let base_files = ModelFiles::open(base_dir.to_str().unwrap()).unwrap();
     let baked_files = ModelFiles::open(out.to_str().unwrap()).unwrap();
     let tokenizer = base_files.tokenizer().unwrap();
-    let base = base_files.load(&Device::Cpu).unwrap();
-    let baked = baked_files.load(&Device::Cpu).unwrap();
-    let biases = baked_files.o_proj_biases(&Device::Cpu, base.dtype()).unwrap();
+    let base = Runner::load(&base_files, &Device::Cpu, DType::F32, Mode::Resident).unwrap();
+    let streamed = Runner::load(&base_files, &Device::Cpu, DType::F32, Mode::Streamed).unwrap();
+    let baked = Runner::load(&baked_files, &Device::Cpu, DType::F32, Mode::Resident).unwrap();
+    let biases = baked_files.o_proj_biases(&Device::Cpu, DType::F32).unwrap();
     let documents: Vec<Vec<u32>> = ["The capital of France is Paris.", "Bees make honey from the nectar of flowers."]
         .iter()
         .map(|t| tokenizer.encode(t).unwrap())
         .collect();
-    let two_models = logprobs::language_scores(&base, &[Variant::plain(&baked)], &documents, 2, 0, &Silent).unwrap();
-    let one_model =
-        logprobs::language_scores(&base, &[Variant::baked(&base, &biases)], &documents, 2, 0, &Silent).unwrap();
-    assert_eq!(one_model, two_models, "CE and KL of the bake, run as base + biases and loaded whole");
+    let language = |runner: &Runner, edited: &[Variant]| {
+        logprobs::language_scores(runner, edited, &documents, 2, 0, &Silent).unwrap()
+    };
+    let one_model = language(&base, &[Variant::baked(&biases)]);
+    assert_eq!(one_model.1[0].ce, language(&baked, &[]).0.ce, "CE of the bake, run as base + biases and loaded whole");
     assert!(one_model.1[0].kl > 0.0);
-    let deltas = baked_deltas(&out, base.config.num_layers);
+    assert_eq!(language(&streamed, &[Variant::baked(&biases)]), one_model, "CE and KL, layer-streamed and resident");
+    let deltas = baked_deltas(&out, base_files.config.num_layers);
     assert!(deltas.iter().any(Option::is_some));
     let every = Hook::new(&deltas, HookMode::EveryPosition, &Device::Cpu).unwrap();
     let from_end = Hook::new(&deltas, HookMode::FromPromptEnd, &Device::Cpu).unwrap();
@@ -154,13 +157,22 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     for protocol in [Protocol::Reference, Protocol::Leaderboard] {
         let set =
             mc::build(protocol, &data, &questions, &tokenizer, mc::INSTRUCTION_DEFAULT, AnswerTokens::Offsets).unwrap();
-        let score = |v: Variant| logprobs::score_items(v, &set.items, 8, 0, &Silent).unwrap();
-        let plain = score(Variant::plain(&base));
-        let hooked = score(Variant::hooked(&base, &every));
-        let from_prompt_end = score(Variant::hooked(&base, &from_end));
-        let direct = score(Variant::plain(&baked));
+        let score = |runner: &Runner, v: Variant| logprobs::score_items(runner, v, &set.items, 8, 0, &Silent).unwrap();
+        let plain = score(&base, Variant::plain());
+        let hooked = score(&base, Variant::hooked(&every));
+        let from_prompt_end = score(&base, Variant::hooked(&from_end));
+        let direct = score(&baked, Variant::plain());
         // One model in memory: the base's weights with the bake's o_proj biases are the bake, bit for bit.
-        assert_eq!(score(Variant::baked(&base, &biases)), direct, "{protocol:?}: one model differs from two");
+        assert_eq!(score(&base, Variant::baked(&biases)), direct, "{protocol:?}: one model differs from two");
+        // Layer by layer, each batch goes through the same steps: the same scores to the last bit.
+        for (name, variant, resident) in [
+            ("base", Variant::plain(), &plain),
+            ("hook at every position", Variant::hooked(&every), &hooked),
+            ("hook from the prompt's end", Variant::hooked(&from_end), &from_prompt_end),
+            ("bake", Variant::baked(&biases), &direct),
+        ] {
+            assert_eq!(&score(&streamed, variant), resident, "{protocol:?}, {name}: streamed differs from resident");
+        }
         let worst = common::zip_exact(&hooked, &direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         let moved = common::zip_exact(&plain, &direct).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         let hook_moved = common::zip_exact(&from_prompt_end, &hooked).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
@@ -250,5 +262,45 @@ fn eval_runs_in_the_dtype_asked_for_and_refuses_what_does_not_fit() {
     }
     // Too little memory for one model: refused before loading, naming the estimate and what to try.
     let out = bake_eval(&tiny, &[&args[..], &["--max-memory", "1MB"]].concat());
-    common::assert_exit_2(&out, &["evaluating", "needs about", "the memory budget of 0.00 GB", "dtype bf16"]);
+    common::assert_exit_2(
+        &out,
+        &[
+            "scoring needs more than the memory budget of 0.00 GB",
+            "resident about",
+            "layer-streamed about",
+            "dtype bf16",
+        ],
+    );
+}
+
+/// The plan `bake eval --dry-run` prints for these arguments, as JSON.
+fn eval_plan(model: &Path, args: &[&str]) -> Value {
+    let out = bake_eval(model, &[args, &["--dry-run"]].concat());
+    assert!(out.status.success(), "bake eval --dry-run failed: {}", common::stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(&stdout[stdout.find('{').expect("a JSON plan")..]).unwrap()
+}
+
+#[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
+fn a_streamed_evaluation_equals_the_resident_one() {
+    let (shared, model) = (common::shared_dir(), common::smollm2_dir());
+    let corpus = shared.join("data/wikitext2/test.jsonl");
+    let args = ["--cv", "2", "--limit", "6", "--heads", "8", "--corpus", corpus.to_str().unwrap(), "--documents", "3"];
+    let plan = eval_plan(&model, &args)["scoring"].clone();
+    assert_eq!(plan["mode"], "resident", "{plan}");
+    let (resident, streamed) = (plan["resident_bytes"].as_u64().unwrap(), plan["streamed_bytes"].as_u64().unwrap());
+    assert!(streamed < resident, "streaming must need less memory: {plan}");
+    let between = ((resident + streamed) / 2).to_string();
+    let tight = [&args[..], &["--max-memory", &between]].concat();
+    assert_eq!(eval_plan(&model, &tight)["scoring"]["mode"], "streamed");
+    // Every pass (the base, the folds' bias and hook, CE and KL) runs layer by layer through the same steps as
+    // resident: the same numbers to the last digit.
+    let (a, b) = (eval_json(&model, &args), eval_json(&model, &tight));
+    assert_eq!(a["rows"], b["rows"], "streamed and resident evaluations differ");
+    assert_eq!(a["folds"], b["folds"]);
+    // A budget below the streamed estimate: refused before any work, naming both estimates.
+    let below = (streamed / 2).to_string();
+    let out = bake_eval(&model, &[&args[..], &["--max-memory", &below]].concat());
+    common::assert_exit_2(&out, &["resident about", "layer-streamed about"]);
 }

@@ -190,7 +190,7 @@ fn the_manifest_reader_never_panics() {
             std::fs::write(&manifest, &bytes).unwrap();
             let _ = FileListing::read(&folder);
             // The whole self-consistency check reads the manifest as `bake verify DIR` does.
-            let options = bake::verify::VerifyOptions { base: None, run: false };
+            let options = bake::verify::VerifyOptions::default();
             if let Err(e) = bake::verify::verify(&folder, &options, &bake::progress::Silent) {
                 prop_assert!(e.to_string().contains("bake.json"), "{e}");
             }

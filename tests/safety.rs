@@ -1107,8 +1107,8 @@ fn argument_and_corpus_errors_come_before_any_activation_work() {
         ("search", vec!["--documents", "0", "--corpus", good], "documents must be ≥ 1"),
         ("search", vec!["--folds", "9", "--corpus", good], "9 folds: expected between 2 and the number of questions"),
         // A model that cannot be scored in the memory given: refused before the activation pass, not after it.
-        ("eval", vec!["--cv", "2", "--heads", "2", "--max-memory", "1MB"], "needs about"),
-        ("search", vec!["--max-memory", "1MB", "--corpus", good], "needs about"),
+        ("eval", vec!["--cv", "2", "--heads", "2", "--max-memory", "1MB"], "layer-streamed about"),
+        ("search", vec!["--max-memory", "1MB", "--corpus", good], "layer-streamed about"),
     ] {
         let mut args = args.clone();
         args.extend(["--limit", "4"]);

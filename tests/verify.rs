@@ -53,6 +53,16 @@ fn verify_passes_a_fresh_bake_and_catches_every_one_byte_change() {
     let (code, report) = verify(&good, &base, &["--run"]);
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["checks"].as_array().unwrap().len(), 8);
+    // The run check is planned first: below what it needs it is refused before any other check.
+    let plan = &report["run_plan"];
+    assert_eq!(plan["mode"], "resident", "{report}");
+    let streamed = plan["streamed_bytes"].as_u64().unwrap().min(plan["resident_bytes"].as_u64().unwrap());
+    let below = (streamed / 2).to_string();
+    let (code, _, stderr) = common::verify_json(&good, Some(&base), &["--run", "--max-memory", &below]);
+    assert_eq!(code, 2, "{stderr}");
+    for needle in ["resident about", "layer-streamed about", "the memory budget of"] {
+        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
+    }
 
     let case = |name: &str| {
         let dir = root.path().join(name);

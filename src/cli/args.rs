@@ -153,7 +153,7 @@ fn batch_tokens(text: &str) -> Result<BatchTokens, String> {
 }
 
 /// `--max-memory`: more than nothing.
-fn memory_size(text: &str) -> Result<u64, String> {
+pub(super) fn memory_size(text: &str) -> Result<u64, String> {
     match bake::units::parse_size(text)? {
         0 => Err(format!("`{text}`: expected more than 0 bytes")),
         n => Ok(n),

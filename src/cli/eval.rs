@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use anyhow::Result;
 use bake::eval;
 use bake::model::ModelFiles;
-use bake::pipeline::Resolved;
+use bake::pipeline::{self, Resolved};
 use bake::progress::Progress;
 use bake::scoring::mc::{AnswerTokens, Instruction, Protocol};
 use bake::scoring::ScoreOptions;
 use clap::{Args, ValueEnum};
 
 use super::args::{folds, RunArgs, ScoringArgs, ShiftArgs};
-use super::output::note_leftover;
+use super::output::{note_leftover, print_plans};
 use super::progress::Bars;
 
 #[derive(Args)]
@@ -49,6 +49,9 @@ pub struct EvalArgs {
     /// Print the results as JSON instead of a markdown table.
     #[arg(long)]
     json: bool,
+    /// Print the plan (resident or layer-streamed, peak memory, FLOPs, time) and exit without running.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// One protocol, or both.
@@ -87,6 +90,11 @@ pub fn run(args: &EvalArgs, quiet: bool) -> Result<()> {
         answer_tokens: args.answer_tokens,
     };
     let run = Resolved::new(&model, &recipe, &args.run.run_options())?;
+    if args.dry_run {
+        let activations = args.cv.map(|_| pipeline::plan_run(&model, &recipe, &run)).transpose()?;
+        let scoring = eval::plan(&model, &recipe, (args.baked.is_some(), args.cv), &options, &run)?;
+        return print_plans(activations.as_ref(), &scoring);
+    }
     let bars = Bars::new(quiet);
     let report = match (args.cv, &args.baked) {
         (Some(folds), _) => eval::cross_validate(&model, &recipe, folds, &options, &run, &bars)?,

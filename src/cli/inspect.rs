@@ -60,14 +60,14 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         (Some(a), Some(Mode::Streamed)) => println!(
             "this machine ~{:.2} GB available: a bake runs layer-streamed (resident needs ~{:.2} GB)",
             gb(a),
-            gb(plan.resident_bytes)
+            gb(plan.estimate.resident_bytes)
         ),
         (Some(a), None) => println!(
             "warning: this machine has ~{:.2} GB available, less than a bake needs (resident ~{:.2} GB, \
              streamed ~{:.2} GB): try --dtype bf16, a GPU, or a machine with more memory",
             gb(a),
-            gb(plan.resident_bytes),
-            gb(plan.streamed_bytes)
+            gb(plan.estimate.resident_bytes),
+            gb(plan.estimate.streamed_bytes)
         ),
         (None, _) => println!("this machine: available memory unknown; give --max-memory to bake"),
     }

@@ -10,6 +10,7 @@ use bake::model::ModelFiles;
 use bake::pipeline::{self, OutputKind};
 use bake::progress::Progress;
 use bake::recipe::Recipe;
+use bake::scoring::plan::ScoringPlan;
 
 /// Checks `out` and stages the new folder beside it, saying what the check found (an old run's leftovers, say).
 pub fn staged(
@@ -29,4 +30,15 @@ pub fn note_leftover(published: &Published, progress: &dyn Progress) {
     if let Some((path, why)) = &published.leftover {
         progress.warn(&format!("the replaced folder is left at {} ({why}); remove it when convenient", path.display()));
     }
+}
+
+/// A dry run's answer: each plan in a sentence, then both as JSON.
+pub fn print_plans(activations: Option<&bake::activations::plan::Plan>, scoring: &ScoringPlan) -> Result<()> {
+    if let Some(plan) = activations {
+        println!("activation pass: {}", plan.describe());
+    }
+    println!("{}", scoring.describe());
+    let json = serde_json::json!({ "activation_pass": activations, "scoring": scoring });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use bake::model::ModelFiles;
-use bake::pipeline::{OutputKind, Resolved};
+use bake::pipeline::{self, OutputKind, Resolved};
 use bake::progress::Progress;
 use bake::scoring::mc::{AnswerTokens, Protocol, INSTRUCTION_DEFAULT};
 use bake::scoring::ScoreOptions;
@@ -13,7 +13,7 @@ use bake::search::{self, output, Objective, SearchOptions};
 use clap::Args;
 
 use super::args::{at_least_one, folds, nats, GridArgs, RunArgs, ScoringArgs};
-use super::output::{note_leftover, staged};
+use super::output::{note_leftover, print_plans, staged};
 use super::progress::Bars;
 
 #[derive(Args)]
@@ -25,8 +25,8 @@ pub struct SearchArgs {
     #[command(flatten)]
     scoring: ScoringArgs,
     /// Folder for search.json, search.log, tradeoff.png/.svg and recipe.yaml (written atomically).
-    #[arg(long, short)]
-    out: PathBuf,
+    #[arg(long, short, required_unless_present = "dry_run")]
+    out: Option<PathBuf>,
     /// Replace an existing search folder, if bake wrote it.
     #[arg(long)]
     force: bool,
@@ -49,6 +49,9 @@ pub struct SearchArgs {
     /// reference the savings are measured against).
     #[arg(long)]
     full_grid: bool,
+    /// Print the plan (the activation pass's, and scoring's memory) and exit without running.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 pub fn run(args: &SearchArgs, quiet: bool) -> Result<()> {
@@ -86,8 +89,12 @@ pub fn run(args: &SearchArgs, quiet: bool) -> Result<()> {
     // Before the activation pass, which takes minutes: every option, and the output folder.
     let options = options.check(model_heads, &recipe)?;
     let run = Resolved::new(&model, &recipe, &args.run.run_options())?;
+    let Some(out) = args.out.as_ref().filter(|_| !args.dry_run) else {
+        let activations = pipeline::plan_run(&model, &recipe, &run)?;
+        return print_plans(Some(&activations), &search::plan(&model, &recipe, &options, &run)?);
+    };
     let bars = Bars::new(quiet);
-    let staging = staged(&args.out, args.force, (&model, &recipe), OutputKind::Report, &bars)?;
+    let staging = staged(out, args.force, (&model, &recipe), OutputKind::Report, &bars)?;
     let outcome = search::search(&model, &recipe, &options, &run, &bars)?;
     output::write_files(&outcome, staging.path())?;
     let published = staging.commit()?;
@@ -95,11 +102,7 @@ pub fn run(args: &SearchArgs, quiet: bool) -> Result<()> {
     note_leftover(&published, &bars);
     print!("{}", output::table(&outcome.report));
     let chosen = outcome.report.chosen();
-    println!("\nchosen: {} (see {})", chosen.point(), args.out.join("tradeoff.png").display());
-    println!(
-        "bake it:\n  bake --model {} --recipe {} --out OUT",
-        args.run.model,
-        args.out.join("recipe.yaml").display()
-    );
+    println!("\nchosen: {} (see {})", chosen.point(), out.join("tradeoff.png").display());
+    println!("bake it:\n  bake --model {} --recipe {} --out OUT", args.run.model, out.join("recipe.yaml").display());
     Ok(())
 }

@@ -19,6 +19,10 @@ pub struct VerifyArgs {
     /// Also run a forward pass: the logits must move away from the base's and equal base + δ.
     #[arg(long)]
     run: bool,
+    /// Host memory the run check may use (e.g. 8GB); by default what is available. The base runs layer by
+    /// layer when it does not fit whole.
+    #[arg(long, value_parser = super::args::memory_size, allow_hyphen_values = true)]
+    max_memory: Option<u64>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -26,14 +30,14 @@ pub struct VerifyArgs {
 
 pub fn run(args: &VerifyArgs, quiet: bool) -> Result<ExitCode> {
     let dir = bake::verify::locate(&args.target)?;
-    let options = bake::verify::VerifyOptions { base: args.base.clone(), run: args.run };
+    let options = bake::verify::VerifyOptions { base: args.base.clone(), run: args.run, max_memory: args.max_memory };
     let progress: Box<dyn Progress> =
         if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new(quiet)) };
     let report = bake::verify::verify(&dir, &options, progress.as_ref())?;
     if args.json {
         println!(
             "{}",
-            serde_json::json!({ "ok": report.ok(), "folder": report.folder, "scope": report.scope, "checks": report.checks, "mismatches": report.mismatches })
+            serde_json::json!({ "ok": report.ok(), "folder": report.folder, "scope": report.scope, "checks": report.checks, "mismatches": report.mismatches, "run_plan": report.run_plan })
         );
     } else {
         for m in &report.mismatches {

@@ -18,7 +18,8 @@ use crate::recipe::Recipe;
 use crate::scoring::folds::fold_splits;
 use crate::scoring::logprobs::{Hook, HookMode, LanguageScores, Variant};
 use crate::scoring::mc::McScores;
-use crate::scoring::{read_inputs, set_up, ScoreOptions, Scorer};
+use crate::scoring::plan::ScoringPlan;
+use crate::scoring::{read_inputs, set_up, McWork, ScoreOptions, Scorer, Workload};
 
 /// Mean MC1 and MC2 of one protocol.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -70,7 +71,7 @@ pub struct EvalReport {
 /// the forward run) proves that is what it is before anything is scored.
 fn require_base_plus_biases(baked: &ModelFiles, model: &ModelFiles, progress: &dyn Progress) -> Result<()> {
     progress.stage("eval: checking the baked folder is its base plus biases (bake verify --base)");
-    let options = crate::verify::VerifyOptions { base: Some(model.location.spec.clone()), run: false };
+    let options = crate::verify::VerifyOptions { base: Some(model.location.spec.clone()), ..Default::default() };
     let report = crate::verify::verify(&baked.location.dir, &options, &crate::progress::Silent)?;
     match report.mismatches.first() {
         None => Ok(()),
@@ -115,6 +116,34 @@ fn row(name: &str, scores: &[McScores], questions: Option<&[usize]>, language: O
     }
 }
 
+/// What an evaluation scores, per protocol: the base on every question and a bake beside it; or with `folds`,
+/// the base, then per fold the bias and the hook on its held-out questions, and the folds' biases on the corpus.
+fn workload(baked: bool, folds: Option<usize>) -> Workload {
+    match folds {
+        None => Workload { mc: vec![McWork::ALL; 1 + baked as usize], edited: baked as usize },
+        Some(folds) => {
+            let held_out = McWork { from_prompt_end: false, share: folds };
+            let mut mc = vec![McWork::ALL];
+            for _ in 0..folds {
+                mc.extend([held_out, McWork { from_prompt_end: true, ..held_out }]);
+            }
+            Workload { mc, edited: folds }
+        }
+    }
+}
+
+/// The plan of [`evaluate`] (with a bake when `baked`) or of [`cross_validate`] (with `folds`): its inputs are
+/// read and nothing is run.
+pub fn plan(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    (baked, folds): (bool, Option<usize>),
+    options: &ScoreOptions,
+    run: &Resolved,
+) -> Result<ScoringPlan> {
+    Ok(read_inputs(model, recipe, options, &workload(baked, folds), run, &crate::progress::Silent)?.plan)
+}
+
 /// Evaluates the base model and, when given, a baked folder made from it.
 pub fn evaluate(
     model: &ModelFiles,
@@ -128,27 +157,20 @@ pub fn evaluate(
     if let Some(b) = baked {
         Manifest::read(&b.location.dir)?.check_base(model, &b.location.dir)?;
     }
-    let inputs = read_inputs(model, recipe, run, progress)?;
+    let inputs = read_inputs(model, recipe, options, &workload(baked.is_some(), None), run, progress)?;
     if let Some(b) = baked {
         require_base_plus_biases(b, model, progress)?;
     }
     let scorer = set_up(model, run, inputs)?;
     let questions: Vec<usize> = (0..scorer.data.questions.len()).collect();
     // The bake runs as its base's weights with its own o_proj biases: one model in memory, not two.
-    let baked_biases = baked.map(|b| b.o_proj_biases(scorer.base.device(), scorer.base.dtype())).transpose()?;
-    let baked_variant = baked_biases.as_deref().map(|biases| Variant::baked(&scorer.base, biases));
+    let baked_biases = baked.map(|b| b.o_proj_biases(scorer.runner.device(), scorer.runner.dtype())).transpose()?;
+    let baked_variant = baked_biases.as_deref().map(Variant::baked);
     let mut base_scores = Vec::new();
     let mut baked_scores = Vec::new();
     for &protocol in &options.protocols {
         progress.stage(&format!("eval: {} protocol, base", protocol.name()));
-        base_scores.push(scorer.score(
-            Variant::plain(&scorer.base),
-            protocol,
-            &questions,
-            options,
-            recipe,
-            progress,
-        )?);
+        base_scores.push(scorer.score(Variant::plain(), protocol, &questions, options, recipe, progress)?);
         if let Some(variant) = baked_variant {
             progress.stage(&format!("eval: {} protocol, baked", protocol.name()));
             baked_scores.push(scorer.score(variant, protocol, &questions, options, recipe, progress)?);
@@ -177,7 +199,7 @@ pub fn cross_validate(
 ) -> Result<EvalReport> {
     let started = Instant::now();
     pipeline::check_recipe_heads(model, recipe)?;
-    let inputs = read_inputs(model, recipe, run, progress)?;
+    let inputs = read_inputs(model, recipe, options, &workload(false, Some(folds)), run, progress)?;
     let n = inputs.data.questions.len();
     let plan = fold_splits(n, folds, recipe)?;
     let prepared = pipeline::prepare(model, recipe, run, progress)?;
@@ -186,7 +208,7 @@ pub fn cross_validate(
     for (i, fold) in plan.iter().enumerate() {
         progress.stage(&format!("eval: fold {i}: probes"));
         let f = pipeline::fit_shifts(recipe, &fold.fit(&prepared))?;
-        let device = scorer.base.device();
+        let device = scorer.runner.device();
         let hooks = (
             Hook::new(&f.deltas, HookMode::EveryPosition, device)?,
             Hook::new(&f.deltas, HookMode::FromPromptEnd, device)?,
@@ -200,23 +222,16 @@ pub fn cross_validate(
     let mut fold_scores: Vec<(Vec<McScores>, Vec<McScores>)> = vec![(Vec::new(), Vec::new()); folds];
     for &protocol in &options.protocols {
         progress.stage(&format!("eval: {} protocol, base", protocol.name()));
-        base_scores.push(scorer.score(Variant::plain(&scorer.base), protocol, &all, options, recipe, progress)?);
+        base_scores.push(scorer.score(Variant::plain(), protocol, &all, options, recipe, progress)?);
         for (i, ((_, (bias, hook)), test)) in fitted.iter().zip(&fold_questions).enumerate() {
             let (bias_out, hook_out) = &mut fold_scores[i];
             for (mode, variant_hook, out) in [("bias", bias, bias_out), ("hook", hook, hook_out)] {
                 progress.stage(&format!("eval: {} protocol, fold {i}, ITI as {mode}", protocol.name()));
-                out.push(scorer.score(
-                    Variant::hooked(&scorer.base, variant_hook),
-                    protocol,
-                    test,
-                    options,
-                    recipe,
-                    progress,
-                )?);
+                out.push(scorer.score(Variant::hooked(variant_hook), protocol, test, options, recipe, progress)?);
             }
         }
     }
-    let edited: Vec<Variant> = fitted.iter().map(|(_, (bias, _))| Variant::hooked(&scorer.base, bias)).collect();
+    let edited: Vec<Variant> = fitted.iter().map(|(_, (bias, _))| Variant::hooked(bias)).collect();
     let language = scorer.language(&edited, recipe, progress)?;
 
     let mut fold_reports = Vec::new();

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{BakeError, Result};
 
 /// Token ids of several prompts for one forward pass: right-padded rows, or one row holding a prefix tree.
+#[derive(Clone)]
 pub struct Batch {
     /// `[rows, t]`.
     pub ids: Tensor,

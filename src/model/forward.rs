@@ -72,7 +72,7 @@ pub struct Prefix {
 }
 
 /// What a caller wants from one forward pass.
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 pub struct Request<'a> {
     /// The batch continues this prefix: its positions start at `prefix.len`. Capture and shift positions
     /// still count from the batch's first token.
@@ -157,6 +157,30 @@ enum Visibility {
     Tree(Ancestors),
 }
 
+impl Prefix {
+    fn empty(len: usize) -> Self {
+        Prefix { len, keys_t: Vec::new(), values: Vec::new() }
+    }
+
+    /// Appends the next layer's rotated keys and values `[1, kv_heads, len, head_dim]`, each KV head repeated
+    /// for the `group` query heads that read it.
+    fn push(&mut self, k: Tensor, v: Tensor, group: usize) -> Result<()> {
+        let shared_heads =
+            |x: Tensor| -> Result<Tensor> { Ok(candle_transformers::utils::repeat_kv(x, group)?.squeeze(0)?) };
+        self.keys_t.push(shared_heads(k)?.transpose(1, 2)?.contiguous()?);
+        self.values.push(shared_heads(v)?.contiguous()?);
+        Ok(())
+    }
+}
+
+/// One batch of a layer-major pass ([`Llama::layers_streamed`]): what is asked of it and its hidden states
+/// between layers.
+pub(super) struct InFlight<'a> {
+    pub batch: &'a Batch,
+    pub request: Request<'a>,
+    pub hidden: Tensor,
+}
+
 /// What one layer gives back besides the new hidden states.
 struct StepOutput {
     captured: Option<Tensor>,
@@ -176,7 +200,7 @@ impl Llama {
 
     /// Everything but the decoder layers; the output head only `with_head` (a capture-only pass never
     /// computes logits, and an untied head is as large as the embeddings).
-    fn load_shell(files: &ModelFiles, device: &Device, dtype: DType, with_head: bool) -> Result<Self> {
+    pub(super) fn load_shell(files: &ModelFiles, device: &Device, dtype: DType, with_head: bool) -> Result<Self> {
         let (c, checkpoint) = (&files.config, &files.checkpoint);
         let (h, v) = (c.hidden_size, c.vocab_size);
         let embed_tokens = checkpoint.load_as(names::EMBED_TOKENS, &[v, h], dtype, device)?;
@@ -216,31 +240,28 @@ impl Llama {
         let ctx = self.context(batch, request)?;
         let mut x = self.embed(batch)?;
         let mut captured = Vec::new();
-        let mut kept = Prefix { len: ctx.t, keys_t: Vec::new(), values: Vec::new() };
-        let group = self.config.num_heads / self.config.num_kv_heads;
-        let shared_heads =
-            |x: Tensor| -> Result<Tensor> { Ok(candle_transformers::utils::repeat_kv(x, group)?.squeeze(0)?) };
+        let mut kept = Prefix::empty(ctx.t);
         for (l, layer) in self.layers.iter().enumerate() {
             let last = l + 1 == self.layers.len() && !request.logits;
             let step = self.step(l, layer, &mut x, &ctx, request, last)?;
             captured.extend(step.captured);
             if let Some((k, v)) = step.kv {
-                kept.keys_t.push(shared_heads(k)?.transpose(1, 2)?.contiguous()?);
-                kept.values.push(shared_heads(v)?.contiguous()?);
+                kept.push(k, v, self.config.num_heads / self.config.num_kv_heads)?;
             }
         }
-        let logits = if request.logits {
-            let normed = self.rms_norm(&x, &self.norm)?;
-            Some(normed.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
-        } else {
-            None
-        };
+        let logits = if request.logits { Some(self.head(&x)?) } else { None };
         let prefix = request.keep_kv.then_some(kept);
         Ok(Output { o_proj_inputs: captured, logits, prefix })
     }
 
+    /// The logits `[b, t, vocab]` in f32 of the last layer's hidden states `x`: the final norm, then the head.
+    pub(super) fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let normed = self.rms_norm(x, &self.norm)?;
+        Ok(normed.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
     /// The token embeddings of a batch, `[b, t, hidden]`.
-    fn embed(&self, batch: &Batch) -> Result<Tensor> {
+    pub(super) fn embed(&self, batch: &Batch) -> Result<Tensor> {
         let (b, t) = batch.ids.dims2()?;
         Ok(self.embed_tokens.embedding(&batch.ids.flatten_all()?)?.reshape((b, t, self.config.hidden_size))?)
     }
@@ -338,35 +359,67 @@ impl Llama {
         Ok(StepOutput { captured, kv })
     }
 
-    /// The capture-only pass run layer-major: every batch's hidden states go through layer l before layer
-    /// l + 1 is read, so only one layer's weights are ever resident (read from the map, used, dropped, and
-    /// their mapped pages released). `sink(layer, batch, captured)` receives each batch's o_proj inputs at
-    /// `capture[batch]`, exactly as [`Llama::forward`] would capture them.
+    /// The capture-only pass run layer-major ([`Self::layers_streamed`]): only one layer's weights are ever
+    /// resident. `sink(layer, batch, captured)` receives each batch's o_proj inputs at `capture[batch]`, exactly
+    /// as [`Llama::forward`] would capture them.
     pub fn capture_streamed(
         files: &ModelFiles,
         device: &Device,
         dtype: DType,
         batches: &[(&Batch, &[usize])],
+        sink: impl FnMut(usize, usize, Tensor) -> Result<()>,
+        layer_done: impl FnMut(usize),
+    ) -> Result<()> {
+        let mut shell = Self::load_shell(files, device, dtype, false)?;
+        let mut in_flight = batches
+            .iter()
+            .map(|&(batch, at)| {
+                let request = Request { capture_at: Some(at), ..Default::default() };
+                Ok(InFlight { batch, request, hidden: shell.embed(batch)? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // The pass ends at the last layer's attention: the embeddings are not needed again.
+        shell.embed_tokens = Tensor::zeros(0, dtype, device)?;
+        files.checkpoint.release(&[names::EMBED_TOKENS, names::LM_HEAD]);
+        shell.layers_streamed(files, None, &mut in_flight, sink, layer_done)
+    }
+
+    /// Runs every batch of `in_flight` through every decoder layer, layer-major: all of them go through layer l
+    /// before layer l + 1 is read, so only one layer's weights are ever resident (read from the map, used,
+    /// dropped, and their mapped pages released). A `prefix`, when given, goes first at each layer and its keys
+    /// and values are what every batch continues (as [`Request::prefix`] in [`Llama::forward`]). Each batch's
+    /// hidden states end as the last layer left them; `sink(layer, batch, captured)` receives what its request
+    /// captures. Each step is [`Llama::forward`]'s own, so both give the same numbers.
+    pub(super) fn layers_streamed(
+        &self,
+        files: &ModelFiles,
+        mut prefix: Option<&mut InFlight>,
+        in_flight: &mut [InFlight],
         mut sink: impl FnMut(usize, usize, Tensor) -> Result<()>,
         mut layer_done: impl FnMut(usize),
     ) -> Result<()> {
         let checkpoint = &files.checkpoint;
-        let mut shell = Self::load_shell(files, device, dtype, false)?;
-        let mut hidden: Vec<Tensor> = batches.iter().map(|&(batch, _)| shell.embed(batch)).collect::<Result<_>>()?;
-        // The pass ends at the last layer's attention: the embeddings and the head are not needed again.
-        shell.embed_tokens = Tensor::zeros(0, dtype, device)?;
-        shell.lm_head = shell.embed_tokens.clone();
-        checkpoint.release(&[names::EMBED_TOKENS, names::LM_HEAD]);
-        let layers = shell.config.num_layers;
+        let layers = self.config.num_layers;
+        let group = self.config.num_heads / self.config.num_kv_heads;
+        let mut kept = prefix.as_ref().map(|p| Prefix::empty(p.batch.lengths[0]));
         for l in 0..layers {
-            let layer = Layer::load(&shell.config, checkpoint, l, device, dtype)?;
-            for (i, (&(batch, at), x)) in batches.iter().zip(hidden.iter_mut()).enumerate() {
-                let request = Request { capture_at: Some(at), ..Default::default() };
+            let layer = Layer::load(&self.config, checkpoint, l, &self.device, self.dtype)?;
+            if let (Some(p), Some(kept)) = (prefix.as_deref_mut(), kept.as_mut()) {
+                let request = Request { keep_kv: true, ..p.request };
+                let ctx = self.context(p.batch, &request)?;
+                let step = self.step(l, &layer, &mut p.hidden, &ctx, &request, l + 1 == layers)?;
+                let (k, v) = step.kv.expect("keys and values kept");
+                kept.push(k, v, group)?;
+            }
+            for (i, job) in in_flight.iter_mut().enumerate() {
+                let request = Request { prefix: kept.as_ref(), ..job.request };
                 // Rebuilt per layer: keeping every batch's head-expanded mask would cost more memory than
                 // its hidden states, and building it is small next to the layer's products.
-                let ctx = shell.context(batch, &request)?;
-                let step = shell.step(l, &layer, x, &ctx, &request, l + 1 == layers)?;
-                sink(l, i, step.captured.expect("capture requested"))?;
+                let ctx = self.context(job.batch, &request)?;
+                let step = self.step(l, &layer, &mut job.hidden, &ctx, &request, l + 1 == layers && !request.logits)?;
+                if let Some(captured) = step.captured {
+                    sink(l, i, captured)?;
+                }
             }
             drop(layer);
             checkpoint.release(&checkpoint.layer_tensor_names(l));
@@ -448,9 +501,8 @@ impl Llama {
         Ok((out.transpose(1, 2)?.reshape((b, t, c.attn_width()))?, k, v))
     }
 
-    /// Trees go through [`tree_attention`] in f32 on the CPU; elsewhere the masked dense products are faster.
     fn attends_trees_sparsely(&self) -> bool {
-        self.device.is_cpu() && self.dtype == DType::F32
+        attends_trees_sparsely(&self.device, self.dtype)
     }
 
     /// Attention of one prefix-tree row (`q` `[1, heads, t, head_dim]`, scaled; `k`, `v` `[1, kv_heads, t,
@@ -491,6 +543,12 @@ impl Llama {
         let angles = Tensor::from_vec(angles, (positions.len(), half), &self.device)?;
         Ok((angles.cos()?, angles.sin()?))
     }
+}
+
+/// Whether a prefix-tree batch's attention is computed over each token's ancestors only ([`tree_attention`]),
+/// without a `[heads, t, t]` mask and scores: in f32 on the CPU; elsewhere the masked dense products are faster.
+pub fn attends_trees_sparsely(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && dtype == DType::F32
 }
 
 /// Rotary inverse frequencies, scaled as transformers' `ROPE_INIT_FUNCTIONS` do (computed in f32 like torch).

@@ -4,6 +4,7 @@ pub mod batch;
 pub mod config;
 pub mod forward;
 pub mod resolve;
+pub mod runner;
 pub mod synthetic;
 pub mod tokenizer;
 mod tree_attention;
@@ -13,6 +14,7 @@ pub use batch::Batch;
 pub use config::{ModelConfig, RopeScaling};
 pub use forward::{Llama, Output, Prefix, Request, Shift};
 pub use resolve::ModelLocation;
+pub use runner::{Job, Mode, Pass, PassSize, Runner};
 pub use tokenizer::TextTokenizer;
 pub use weights::Checkpoint;
 

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::mc::Item;
 use crate::error::Result;
-use crate::model::{Batch, Llama, Request, Shift};
+use crate::model::{Batch, Job, Pass, Runner, Shift};
 use crate::probes::Deltas;
 use crate::progress::Progress;
 
@@ -38,32 +38,31 @@ impl Hook {
     }
 }
 
-/// A model as evaluated: its weights, and the hook or a bake's o_proj biases if it runs with them.
-#[derive(Clone, Copy)]
+/// The base model as evaluated: with the hook or a bake's o_proj biases if it runs with them.
+#[derive(Clone, Copy, Default)]
 pub struct Variant<'a> {
-    pub model: &'a Llama,
     pub hook: Option<&'a Hook>,
-    /// A bake of this model, as its o_proj biases ([`crate::model::Request::o_proj_biases`]).
+    /// A bake of the base, as its o_proj biases ([`crate::model::Request::o_proj_biases`]).
     pub biases: Option<&'a [Option<Tensor>]>,
 }
 
 impl<'a> Variant<'a> {
-    pub fn plain(model: &'a Llama) -> Self {
-        Variant { model, hook: None, biases: None }
+    /// The base itself.
+    pub fn plain() -> Self {
+        Variant::default()
     }
 
-    pub fn hooked(model: &'a Llama, hook: &'a Hook) -> Self {
-        Variant { model, hook: Some(hook), biases: None }
+    pub fn hooked(hook: &'a Hook) -> Self {
+        Variant { hook: Some(hook), biases: None }
     }
 
     /// The bake whose o_proj biases are `biases`, run on its base's weights.
-    pub fn baked(model: &'a Llama, biases: &'a [Option<Tensor>]) -> Self {
-        Variant { model, hook: None, biases: Some(biases) }
+    pub fn baked(biases: &'a [Option<Tensor>]) -> Self {
+        Variant { hook: None, biases: Some(biases) }
     }
 
-    /// A request of this variant with `shift`.
-    fn request(&self, shift: Option<&'a Shift>) -> Request<'a> {
-        Request { shift, o_proj_biases: self.biases, ..Default::default() }
+    fn job(&self, batch: Batch, shift: Option<Shift>) -> Job<'a> {
+        Job { batch, shift, o_proj_biases: self.biases }
     }
 }
 
@@ -75,16 +74,27 @@ fn common_prefix(items: &[Item]) -> usize {
         .fold(first.ids.len(), |n, item| n.min(first.ids.iter().zip(&item.ids).take_while(|(a, b)| a == b).count()))
 }
 
-/// Sum of each item's answer-token log-probabilities. The token prefix every item shares (instruction and
-/// primer) runs once; its keys and values are reused by every batch.
-pub fn score_items(
-    variant: Variant,
+/// The pass that scores multiple-choice items, and where each item's scored logits lie in it.
+pub struct McPass<'a> {
+    pub pass: Pass<'a>,
+    /// Tokens of the prefix every item shares (run once).
+    shared: usize,
+    /// Per job, its items (indices into the caller's list) and, per item, the logits row of each of its
+    /// positions after the prefix.
+    placed: Vec<Vec<(usize, Vec<usize>)>>,
+    /// Whether each job is one prefix-tree row (else one right-padded row per item).
+    trees: bool,
+}
+
+/// The [`McPass`] of `items` under `variant`: the token prefix every item shares (instruction and primer) runs
+/// once and its keys and values are reused by every batch.
+pub fn mc_pass<'a>(
+    variant: Variant<'a>,
     items: &[Item],
     batch_size: usize,
     pad_id: u32,
-    progress: &dyn Progress,
-) -> Result<Vec<f64>> {
-    let model = variant.model;
+    device: &Device,
+) -> Result<McPass<'a>> {
     // The prefix must end before the first scored prediction, and before any shifted position.
     let mut shared = common_prefix(items);
     for item in items {
@@ -93,54 +103,66 @@ pub fn score_items(
             shared = shared.min(item.prompt_last);
         }
     }
-    let every_position = variant.hook.filter(|h| h.mode == HookMode::EveryPosition).map(|h| h.shift(None));
+    let every_position = || variant.hook.filter(|h| h.mode == HookMode::EveryPosition).map(|h| h.shift(None));
     let prefix = match shared {
         0 => None,
-        n => {
-            let batch = Batch::right_padded(&[items[0].ids[..n].to_vec()], pad_id, model.device())?;
-            let request = Request { keep_kv: true, ..variant.request(every_position.as_ref()) };
-            model.forward(&batch, &request)?.prefix
-        }
+        n => Some(variant.job(Batch::right_padded(&[items[0].ids[..n].to_vec()], pad_id, device)?, every_position())),
     };
     // Without a shift start, the answers of a question go through as one prefix tree: the question's tokens,
     // which its answers share, are computed once (about half the tokens of the reference protocol). A shift
     // from the prompt's end needs rows of their own (a start per sequence).
-    let as_trees = variant.hook.is_none_or(|h| h.mode == HookMode::EveryPosition);
+    let trees = variant.hook.is_none_or(|h| h.mode == HookMode::EveryPosition);
     let mut order: Vec<usize> = (0..items.len()).collect();
-    if !as_trees {
+    if !trees {
         order.sort_by_key(|&i| (items[i].ids.len(), i));
     }
-    let mut scores = vec![0.0; items.len()];
-    progress.start(items.len() as u64, "answers");
+    let mut jobs = Vec::new();
+    let mut placed = Vec::new();
     for chunk in order.chunks(batch_size.max(1)) {
         let suffixes: Vec<Vec<u32>> = chunk.iter().map(|&i| items[i].ids[shared..].to_vec()).collect();
-        // Per item of the chunk: its logits row and, for each of its positions, the index of that row.
-        let (logits, rows): (Vec<Tensor>, Vec<Vec<usize>>) = if as_trees {
-            let (batch, last) = Batch::prefix_tree(&suffixes, model.device())?;
-            let request = Request { prefix: prefix.as_ref(), logits: true, ..variant.request(every_position.as_ref()) };
-            let logits = model.forward(&batch, &request)?.logits.expect("logits requested").get(0)?;
-            (vec![logits; chunk.len()], last.iter().map(|&l| batch.tree_path(l)).collect())
+        let rows: Vec<Vec<usize>> = if trees {
+            let (batch, last) = Batch::prefix_tree(&suffixes, device)?;
+            let rows = last.iter().map(|&l| batch.tree_path(l)).collect();
+            jobs.push(variant.job(batch, every_position()));
+            rows
         } else {
-            let batch = Batch::right_padded(&suffixes, pad_id, model.device())?;
+            let batch = Batch::right_padded(&suffixes, pad_id, device)?;
             let from = chunk.iter().map(|&i| items[i].prompt_last - shared).collect();
-            let shift = variant.hook.map(|h| h.shift(Some(from)));
-            let request = Request { prefix: prefix.as_ref(), logits: true, ..variant.request(shift.as_ref()) };
-            let logits = model.forward(&batch, &request)?.logits.expect("logits requested");
-            let per_row = (0..chunk.len()).map(|row| logits.get(row)).collect::<candle_core::Result<_>>()?;
-            (per_row, suffixes.iter().map(|s| (0..s.len()).collect()).collect())
+            jobs.push(variant.job(batch, variant.hook.map(|h| h.shift(Some(from)))));
+            suffixes.iter().map(|s| (0..s.len()).collect()).collect()
         };
-        for (k, &i) in chunk.iter().enumerate() {
-            let item = &items[i];
-            // Position p predicts token p + 1.
-            let first = item.answer_from - 1 - shared;
-            let count = item.ids.len() - item.answer_from;
-            let picked: Vec<u32> = rows[k][first..first + count].iter().map(|&r| r as u32).collect();
-            let picked = Tensor::from_vec(picked, count, model.device())?;
-            scores[i] = sum_log_probs(&logits[k].index_select(&picked, 0)?, &item.ids[item.answer_from..])?;
-        }
-        progress.advance(chunk.len() as u64);
+        placed.push(chunk.iter().copied().zip(rows).collect());
     }
-    progress.finish();
+    // Per item, its answer rows are picked, normalised and gathered: three copies of its longest answer's rows.
+    let longest_answer = items.iter().map(|i| i.ids.len() - i.answer_from).max().unwrap_or(0);
+    let pass = Pass { prefix, jobs, kept_positions: 0, working_positions: 3 * longest_answer };
+    Ok(McPass { pass, shared, placed, trees })
+}
+
+/// Sum of each item's answer-token log-probabilities under `variant`.
+pub fn score_items(
+    runner: &Runner,
+    variant: Variant,
+    items: &[Item],
+    batch_size: usize,
+    pad_id: u32,
+    progress: &dyn Progress,
+) -> Result<Vec<f64>> {
+    let mc = mc_pass(variant, items, batch_size, pad_id, runner.device())?;
+    let mut scores = vec![0.0; items.len()];
+    runner.logits(&mc.pass, progress, |j, logits| {
+        for (k, (i, rows)) in mc.placed[j].iter().enumerate() {
+            let item = &items[*i];
+            let logits = logits.get(if mc.trees { 0 } else { k })?;
+            // Position p predicts token p + 1.
+            let first = item.answer_from - 1 - mc.shared;
+            let count = item.ids.len() - item.answer_from;
+            let picked: Vec<u32> = rows[first..first + count].iter().map(|&r| r as u32).collect();
+            let picked = Tensor::from_vec(picked, count, logits.device())?;
+            scores[*i] = sum_log_probs(&logits.index_select(&picked, 0)?, &item.ids[item.answer_from..])?;
+        }
+        Ok(())
+    })?;
     Ok(scores)
 }
 
@@ -161,47 +183,68 @@ pub struct LanguageScores {
     pub kl: f64,
 }
 
+/// The pass that measures CE and KL: per batch of documents, the base, then each edited variant.
+pub fn language_pass<'a>(
+    edited: &[Variant<'a>],
+    documents: &[Vec<u32>],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Pass<'a>> {
+    let mut jobs = Vec::new();
+    let mut largest = 0;
+    for chunk in documents.chunks(batch_size.max(1)) {
+        let batch = Batch::right_padded(chunk, pad_id, device)?;
+        largest = largest.max(batch.ids.elem_count());
+        for variant in std::iter::once(&Variant::plain()).chain(edited) {
+            jobs.push(variant.job(batch.clone(), variant.hook.map(|h| h.shift(None))));
+        }
+    }
+    // The base's log-probabilities and probabilities of a batch are kept while its edited variants run; one
+    // document at a time is normalised and compared (six copies of its rows, the KL's in f64).
+    let longest_document = documents.iter().map(Vec::len).max().unwrap_or(0);
+    Ok(Pass { prefix: None, jobs, kept_positions: 2 * largest, working_positions: 6 * longest_document })
+}
+
 /// CE of the base and of every edited variant, and each edited variant's KL against the base, over
-/// `documents` (token ids). Every document runs through the base once per batch, so no logits are stored.
+/// `documents` (token ids). The base's log-probabilities of a batch are kept only while its edited variants'
+/// batches run, so no logits are stored beyond one batch's.
 pub fn language_scores(
-    base: &Llama,
+    runner: &Runner,
     edited: &[Variant],
     documents: &[Vec<u32>],
     batch_size: usize,
     pad_id: u32,
     progress: &dyn Progress,
 ) -> Result<(LanguageScores, Vec<LanguageScores>)> {
+    let pass = language_pass(edited, documents, batch_size, pad_id, runner.device())?;
+    let chunks: Vec<&[Vec<u32>]> = documents.chunks(batch_size.max(1)).collect();
     let mut base_ce = 0.0;
     let mut sums = vec![(0.0, 0.0); edited.len()];
-    progress.start(documents.len() as u64, "documents");
-    for chunk in documents.chunks(batch_size.max(1)) {
-        let batch = Batch::right_padded(chunk, pad_id, base.device())?;
-        let logits = |v: Variant| -> Result<Tensor> {
-            let shift = v.hook.map(|h| h.shift(None));
-            let request = Request { logits: true, ..v.request(shift.as_ref()) };
-            Ok(v.model.forward(&batch, &request)?.logits.expect("logits requested"))
-        };
-        let base_logits = logits(Variant::plain(base))?;
-        // The base's log-probabilities and probabilities of each document, once for every edited variant.
-        let mut base_docs = Vec::with_capacity(chunk.len());
-        for (row, doc) in chunk.iter().enumerate() {
-            let logp = candle_nn::ops::log_softmax(&base_logits.get(row)?.narrow(0, 0, doc.len())?, D::Minus1)?;
-            base_ce += mean_next_token_nll_of(&logp, doc)?;
-            base_docs.push((logp.exp()?, logp));
+    // The base's log-probabilities and probabilities of each document of the current batch.
+    let mut base_docs: Vec<(Tensor, Tensor)> = Vec::new();
+    runner.logits(&pass, progress, |j, logits| {
+        let (chunk, variant) = (chunks[j / (1 + edited.len())], j % (1 + edited.len()));
+        if variant == 0 {
+            base_docs.clear();
         }
-        // One edited variant's logits at a time: a search compares dozens, each batch's logits are large.
-        for (sum, &variant) in sums.iter_mut().zip(edited) {
-            let edited_logits = logits(variant)?;
-            for (row, doc) in chunk.iter().enumerate() {
-                let logq = candle_nn::ops::log_softmax(&edited_logits.get(row)?.narrow(0, 0, doc.len())?, D::Minus1)?;
-                sum.0 += mean_next_token_nll_of(&logq, doc)?;
-                let (p, logp) = &base_docs[row];
-                sum.1 += mean_kl(p, logp, &logq)?;
+        for (row, doc) in chunk.iter().enumerate() {
+            let logq = candle_nn::ops::log_softmax(&logits.get(row)?.narrow(0, 0, doc.len())?, D::Minus1)?;
+            let ce = mean_next_token_nll_of(&logq, doc)?;
+            match variant {
+                0 => {
+                    base_ce += ce;
+                    base_docs.push((logq.exp()?, logq));
+                }
+                v => {
+                    let (p, logp) = &base_docs[row];
+                    sums[v - 1].0 += ce;
+                    sums[v - 1].1 += mean_kl(p, logp, &logq)?;
+                }
             }
         }
-        progress.advance(chunk.len() as u64);
-    }
-    progress.finish();
+        Ok(())
+    })?;
     let n = documents.len().max(1) as f64;
     Ok((
         LanguageScores { ce: base_ce / n, kl: 0.0 },

@@ -7,15 +7,17 @@ pub mod corpus;
 pub mod folds;
 pub mod logprobs;
 pub mod mc;
+pub mod plan;
 
 use crate::data::TruthfulQa;
-use crate::error::{BakeError, Result};
-use crate::model::{Llama, ModelFiles, TextTokenizer};
+use crate::error::Result;
+use crate::model::{ModelFiles, Runner, TextTokenizer};
 use crate::pipeline::Resolved;
 use crate::progress::Progress;
 use crate::recipe::Recipe;
-use logprobs::{LanguageScores, Variant};
+use logprobs::{Hook, HookMode, LanguageScores, Variant};
 use mc::{AnswerTokens, McScores, Protocol};
+use plan::ScoringPlan;
 
 /// How to score, beyond the recipe (dataset, limit, seed, batch size, device).
 #[derive(Debug, Clone)]
@@ -26,51 +28,49 @@ pub struct ScoreOptions {
     pub answer_tokens: AnswerTokens,
 }
 
-/// The memory an evaluation holds at its peak: the weights once in the matmuls' dtype, one tensor being
-/// converted beside them, and a batch's logits with their log-probabilities and probabilities (f32, at most
-/// [`LOGIT_TOKENS`] tokens a row). Refused before any model work when over the run's budget.
-fn check_memory(model: &ModelFiles, run: &Resolved, recipe: &Recipe) -> Result<()> {
-    let Some(budget) = run.budget() else { return Ok(()) };
-    let compute = &run.compute;
-    let ck = &model.checkpoint;
-    let parameters: u64 = ck.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64).sum();
-    let weights = parameters * compute.dtype.size_in_bytes() as u64;
-    let largest = ck.tensors.values().map(|e| (e.end - e.start) as u64).max().unwrap_or(0);
-    let logits = (recipe.batch_size.max(1) * LOGIT_TOKENS * model.config.vocab_size) as u64 * 4 * 3;
-    let needed = weights + 2 * largest + logits + (64 << 20);
-    if needed <= budget.bytes {
-        return Ok(());
-    }
-    let gb = |b: u64| b as f64 / 1e9;
-    Err(BakeError::Invalid(format!(
-        "evaluating {} needs about {:.2} GB (its weights in {} {:.2} GB, a batch's logits {:.2} GB), more than {}; \
-         try dtype bf16, a smaller batch_size, or a GPU (scoring layer by layer is not implemented yet)",
-        model.location.spec,
-        gb(needed),
-        compute.dtype_name(),
-        gb(weights),
-        gb(logits),
-        budget.describe(if compute.device.is_cpu() { "host" } else { "device" })
-    )))
+/// What an evaluation will score, for its [`ScoringPlan`]: the multiple-choice passes of each protocol and how
+/// many edited variants the CE/KL pass compares with the base.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub mc: Vec<McWork>,
+    pub edited: usize,
 }
 
-/// The tokens a row of logits is counted at in [`check_memory`]: the reference cuts corpus documents to 128
-/// tokens, and a multiple-choice batch's prefix tree holds fewer per answer.
-const LOGIT_TOKENS: usize = 128;
+/// One multiple-choice pass of each protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct McWork {
+    /// Scored with the reference's hook from the prompt's end (padded rows rather than prefix trees).
+    pub from_prompt_end: bool,
+    /// On 1/`share` of the questions (a fold's held-out part; the first ones stand for any set of that size).
+    pub share: usize,
+}
 
-/// What every evaluation reads before any model work: the questions, the tokenizer and the corpus sample.
-/// Read first, with the memory check, so that a bad dataset, corpus or option, or a model that does not fit, is
+impl McWork {
+    /// Every question, as the base is scored.
+    pub const ALL: McWork = McWork { from_prompt_end: false, share: 1 };
+}
+
+/// What every evaluation reads before any model work: the questions, the tokenizer, the corpus sample, and the
+/// plan made from them. Read first, so that a bad dataset, corpus or option, or a model that does not fit, is
 /// reported before the activation pass or the weights' loading (minutes for a 7B on the CPU).
 pub struct Inputs {
     pub data: TruthfulQa,
     pub tokenizer: TextTokenizer,
     pub corpus: Option<corpus::Corpus>,
+    pub plan: ScoringPlan,
 }
 
-/// Checks that scoring `model` fits the run's memory, then reads the [`Inputs`] of an evaluation with `recipe`; a
-/// corpus with fewer usable documents than the recipe asks for is a warning.
-pub fn read_inputs(model: &ModelFiles, recipe: &Recipe, run: &Resolved, progress: &dyn Progress) -> Result<Inputs> {
-    check_memory(model, run, recipe)?;
+/// Reads the [`Inputs`] of an evaluation with `recipe` and plans `work` on the run's device within its budget
+/// (refused when the model fits neither resident nor streamed); a corpus with fewer usable documents than the
+/// recipe asks for is a warning.
+pub fn read_inputs(
+    model: &ModelFiles,
+    recipe: &Recipe,
+    options: &ScoreOptions,
+    work: &Workload,
+    run: &Resolved,
+    progress: &dyn Progress,
+) -> Result<Inputs> {
     progress.stage("eval: data");
     let data = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
     let tokenizer = model.tokenizer()?;
@@ -87,27 +87,57 @@ pub fn read_inputs(model: &ModelFiles, recipe: &Recipe, run: &Resolved, progress
             ));
         }
     }
-    Ok(Inputs { data, tokenizer, corpus })
+    let plan = plan_work(model, run, (recipe, options, work), (&data, &tokenizer, corpus.as_ref()))?;
+    progress.note(&plan.describe());
+    Ok(Inputs { data, tokenizer, corpus, plan })
 }
 
-/// What every evaluation scores with: its inputs and the base model, loaded once.
-pub struct Scorer {
+/// The sizes of `work`'s passes over these inputs, and the plan for them.
+fn plan_work(
+    model: &ModelFiles,
+    run: &Resolved,
+    (recipe, options, work): (&Recipe, &ScoreOptions, &Workload),
+    (data, tokenizer, corpus): (&TruthfulQa, &TextTokenizer, Option<&corpus::Corpus>),
+) -> Result<ScoringPlan> {
+    let device = &candle_core::Device::Cpu;
+    let pad_id = model.config.pad_id();
+    let from_prompt_end = Hook { deltas: Vec::new(), mode: HookMode::FromPromptEnd };
+    let mut sizes = Vec::new();
+    for &protocol in &options.protocols {
+        for w in &work.mc {
+            let questions: Vec<usize> = (0..data.questions.len().div_ceil(w.share.max(1))).collect();
+            let set = mc::build(protocol, data, &questions, tokenizer, &options.instruction, options.answer_tokens)?;
+            let variant = if w.from_prompt_end { Variant::hooked(&from_prompt_end) } else { Variant::plain() };
+            sizes.push(logprobs::mc_pass(variant, &set.items, recipe.batch_size, pad_id, device)?.pass.size());
+        }
+    }
+    if let Some(corpus) = corpus {
+        let edited = vec![Variant::plain(); work.edited];
+        sizes.push(logprobs::language_pass(&edited, &corpus.documents, recipe.batch_size, pad_id, device)?.size());
+    }
+    let compute = &run.compute;
+    let rate = crate::activations::plan::measure_matmul_rate(&model.config, compute).ok();
+    plan::plan(model, compute, &sizes, rate, run.budget())
+}
+/// What every evaluation scores with: its inputs and the base model, loaded once as its plan says.
+pub struct Scorer<'a> {
     pub data: TruthfulQa,
     pub tokenizer: TextTokenizer,
-    pub base: Llama,
+    pub runner: Runner<'a>,
     pub pad_id: u32,
     pub corpus: Option<corpus::Corpus>,
+    pub plan: ScoringPlan,
 }
 
-/// Loads the base model beside the inputs read by [`read_inputs`] (which checked that it fits the run's memory),
-/// in the run's device and dtype.
-pub fn set_up(model: &ModelFiles, run: &Resolved, inputs: Inputs) -> Result<Scorer> {
-    let base = model.load_as(&run.compute.device, run.compute.dtype)?;
-    let Inputs { data, tokenizer, corpus } = inputs;
-    Ok(Scorer { data, tokenizer, base, pad_id: model.config.pad_id(), corpus })
+/// Loads the base model beside the inputs read by [`read_inputs`], resident or streamed as their plan chose, in
+/// the run's device and dtype.
+pub fn set_up<'a>(model: &'a ModelFiles, run: &Resolved, inputs: Inputs) -> Result<Scorer<'a>> {
+    let Inputs { data, tokenizer, corpus, plan } = inputs;
+    let runner = Runner::load(model, &run.compute.device, run.compute.dtype, plan.estimate.mode)?;
+    Ok(Scorer { data, tokenizer, runner, pad_id: model.config.pad_id(), corpus, plan })
 }
 
-impl Scorer {
+impl Scorer<'_> {
     /// The multiple-choice scores of `questions` under `variant`.
     pub fn score(
         &self,
@@ -120,7 +150,8 @@ impl Scorer {
     ) -> Result<McScores> {
         let set =
             mc::build(protocol, &self.data, questions, &self.tokenizer, &options.instruction, options.answer_tokens)?;
-        let scores = logprobs::score_items(variant, &set.items, recipe.batch_size, self.pad_id, progress)?;
+        let scores =
+            logprobs::score_items(&self.runner, variant, &set.items, recipe.batch_size, self.pad_id, progress)?;
         Ok(set.combine(&scores))
     }
 
@@ -133,7 +164,17 @@ impl Scorer {
     ) -> Result<Option<(LanguageScores, Vec<LanguageScores>)>> {
         let Some(corpus) = &self.corpus else { return Ok(None) };
         progress.stage("eval: CE and KL");
-        logprobs::language_scores(&self.base, edited, &corpus.documents, recipe.batch_size, self.pad_id, progress)
-            .map(Some)
+        self.language_on(&corpus.documents, edited, recipe, progress).map(Some)
+    }
+
+    /// CE and KL of the base and of each `edited` variant on `documents`.
+    pub fn language_on(
+        &self,
+        documents: &[Vec<u32>],
+        edited: &[Variant],
+        recipe: &Recipe,
+        progress: &dyn Progress,
+    ) -> Result<(LanguageScores, Vec<LanguageScores>)> {
+        logprobs::language_scores(&self.runner, edited, documents, recipe.batch_size, self.pad_id, progress)
     }
 }

@@ -39,9 +39,10 @@ use crate::recipe::Recipe;
 use crate::rng::SeededRng;
 use crate::scoring::corpus::Corpus;
 use crate::scoring::folds::{fold_splits, FoldSplit};
-use crate::scoring::logprobs::{self, Hook, HookMode, LanguageScores, Variant};
+use crate::scoring::logprobs::{Hook, HookMode, LanguageScores, Variant};
 use crate::scoring::mc::{McScores, Protocol};
-use crate::scoring::{read_inputs, set_up, Scorer};
+use crate::scoring::plan::ScoringPlan;
+use crate::scoring::{read_inputs, set_up, McWork, Scorer, Workload};
 
 /// What the search measured on: the corpus sample, the KL screen's share of it, the documents it ran in all, and
 /// the questions.
@@ -85,6 +86,18 @@ impl FoldState {
     }
 }
 
+/// What a search's largest passes score: one candidate on a fold's held-out questions, and on the corpus every
+/// candidate beside the base. (How many passes run depends on what the halving drops.)
+fn workload(options: &Checked) -> Workload {
+    let held_out = McWork { from_prompt_end: false, share: options.folds };
+    Workload { mc: vec![held_out], edited: options.points().len() }
+}
+
+/// The memory plan of [`search`]: its inputs are read and nothing is run.
+pub fn plan(model: &ModelFiles, recipe: &Recipe, options: &Checked, run: &Resolved) -> Result<ScoringPlan> {
+    Ok(read_inputs(model, recipe, &options.eval, &workload(options), run, &crate::progress::Silent)?.plan)
+}
+
 /// Runs the search with options checked for this model and recipe ([`SearchOptions::check`]).
 pub fn search(
     model: &ModelFiles,
@@ -95,7 +108,7 @@ pub fn search(
 ) -> Result<SearchOutcome> {
     let mut timings = crate::progress::Laps::start();
     // Everything checkable is checked before the activation pass: the dataset, the corpus, the folds.
-    let inputs = read_inputs(model, recipe, run, progress)?;
+    let inputs = read_inputs(model, recipe, &options.eval, &workload(options), run, progress)?;
     let n = inputs.data.questions.len();
     let plans = fold_splits(n, options.folds, recipe)?;
     // The recipe the search reports (and `recipe.yaml` bakes) names the documents it measured.
@@ -126,7 +139,7 @@ pub fn search(
                     let shifted = pipeline::shift_top_heads(&r, &f.plan.fit(&prepared), &f.probes)?;
                     Ok(CandidateFold {
                         heads: shifted.chosen.clone(),
-                        hook: Hook::new(&shifted.deltas, HookMode::EveryPosition, setup.base.device())?,
+                        hook: Hook::new(&shifted.deltas, HookMode::EveryPosition, setup.runner.device())?,
                         scored: BTreeMap::new(),
                         screen_kl: None,
                         language: None,
@@ -178,7 +191,7 @@ pub fn search(
 
 /// What every step of a search reads.
 struct Run<'a> {
-    setup: &'a Scorer,
+    setup: &'a Scorer<'a>,
     recipe: &'a Recipe,
     options: &'a SearchOptions,
     folds: &'a [FoldState],
@@ -187,7 +200,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn variant<'v>(&'v self, fold: &'v CandidateFold) -> Variant<'v> {
-        Variant::hooked(&self.setup.base, &fold.hook)
+        Variant::hooked(&fold.hook)
     }
 
     /// Drops the candidates whose mean KL over the folds on the first documents is over the budget, α by α
@@ -214,14 +227,7 @@ impl Run<'_> {
             for f in 0..self.folds.len() {
                 let started = Instant::now();
                 let variants: Vec<Variant> = measured.iter().map(|&i| self.variant(&candidates[i].folds[f])).collect();
-                let (_, scores) = logprobs::language_scores(
-                    &self.setup.base,
-                    &variants,
-                    docs,
-                    self.recipe.batch_size,
-                    self.setup.pad_id,
-                    &crate::progress::Silent,
-                )?;
+                let (_, scores) = self.setup.language_on(docs, &variants, self.recipe, &crate::progress::Silent)?;
                 let share = started.elapsed().as_secs_f64() / measured.len() as f64;
                 for (&i, s) in measured.iter().zip(scores) {
                     candidates[i].folds[f].screen_kl = Some(s.kl);
@@ -318,14 +324,7 @@ impl Run<'_> {
         for f in 0..self.folds.len() {
             let started = Instant::now();
             let variants: Vec<Variant> = finalists.iter().map(|&i| self.variant(&candidates[i].folds[f])).collect();
-            let (base, scores) = logprobs::language_scores(
-                &self.setup.base,
-                &variants,
-                docs,
-                self.recipe.batch_size,
-                self.setup.pad_id,
-                self.progress,
-            )?;
+            let (base, scores) = self.setup.language_on(docs, &variants, self.recipe, self.progress)?;
             base_ce = base.ce;
             for &i in &unshifted {
                 candidates[i].folds[f].language = Some(base);

@@ -15,6 +15,7 @@
 //!    base with δ added at the o_proj input.
 
 mod derived;
+mod run;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -63,6 +64,8 @@ pub struct VerifyReport {
     pub scope: Scope,
     pub checks: Vec<&'static str>,
     pub mismatches: Vec<Mismatch>,
+    /// With `run`: how the run check holds the base (resident or layer-streamed) and its memory estimates.
+    pub run_plan: Option<crate::scoring::plan::ScoringPlan>,
 }
 
 impl VerifyReport {
@@ -71,10 +74,13 @@ impl VerifyReport {
     }
 }
 
+#[derive(Default)]
 pub struct VerifyOptions {
     /// The base model (folder, Hub id or short name); without it only checks 1 and 4 run.
     pub base: Option<String>,
     pub run: bool,
+    /// The host memory the run check may use (default: what is available).
+    pub max_memory: Option<u64>,
 }
 
 struct Findings {
@@ -98,11 +104,12 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
     let scope = if options.base.is_some() { Scope::AgainstBase } else { Scope::SelfConsistency };
     let mut found = Findings { list: Vec::new() };
     let mut checks = vec!["files"];
-    let report = |checks, found: Findings| VerifyReport {
+    let report = |checks, found: Findings, run_plan| VerifyReport {
         folder: dir.display().to_string(),
         scope,
         checks,
         mismatches: found.list,
+        run_plan,
     };
     progress.stage("verify: files");
     let manifest = match Manifest::read(dir) {
@@ -110,7 +117,7 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
         // A manifest that is there but not a bake's own is a mismatch, not a failure to run.
         Err(e @ (BakeError::Parse { .. } | BakeError::Field { .. })) => {
             found.add("files", MANIFEST, None, e.to_string());
-            return Ok(report(checks, found));
+            return Ok(report(checks, found, None));
         }
         Err(e) => return Err(e),
     };
@@ -132,12 +139,17 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
         Some(spec) => {
             progress.stage("verify: tensors");
             let model = ModelFiles::open(spec)?;
+            // Planned first: a run that cannot fit is refused before minutes of hashing.
+            let planned = options.run.then(|| run::RunCheck::plan(&model, options.max_memory)).transpose()?;
+            if let Some(p) = &planned {
+                progress.note(&p.plan.describe());
+            }
             let hashes = model.input_hashes()?;
-            Some((model, hashes))
+            Some((model, hashes, planned))
         }
         None => None,
     };
-    if let Some((base, base_hashes)) = &base {
+    if let Some((base, base_hashes, _)) = &base {
         for d in manifest.base_differences(base, base_hashes) {
             found.add("tensors", d.key, None, "the base given differs from the base this folder was baked from");
         }
@@ -159,23 +171,24 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
         manifest: &manifest,
         deltas: deltas.as_ref(),
         differing: &differing,
-        base: base.as_ref().map(|(model, hashes)| derived::Base { model, hashes, baked: baked.as_ref().ok() }),
+        base: base.as_ref().map(|(model, hashes, _)| derived::Base { model, hashes, baked: baked.as_ref().ok() }),
     };
     derived::check_derived(&derivation, &mut found)?;
-    if let (Some((base, _)), true) = (&base, options.run && found.list.is_empty()) {
+    if let (Some((base, _, Some(planned))), true) = (&base, found.list.is_empty()) {
         progress.stage("verify: run");
         checks.push("run");
         if let Some(deltas) = &deltas {
-            check_run(dir, base, deltas, &mut found)?;
+            planned.check(dir, base, deltas, &mut found, progress)?;
         }
     }
-    Ok(report(checks, found))
+    let run_plan = base.and_then(|(_, _, planned)| planned).map(|p| p.plan);
+    Ok(report(checks, found, run_plan))
 }
 
 /// Refuses to `action` a folder that fails the self-consistency checks (files, diff, finite values): `push`
 /// and `eval --card` must not publish or bless a folder that was edited after the bake.
 pub fn require_intact(dir: &Path, action: &str) -> Result<()> {
-    let check = verify(dir, &VerifyOptions { base: None, run: false }, &crate::progress::Silent)?;
+    let check = verify(dir, &VerifyOptions::default(), &crate::progress::Silent)?;
     match check.mismatches.first() {
         None => Ok(()),
         Some(m) => Err(BakeError::content(
@@ -270,7 +283,7 @@ fn check_finite_biases(baked: &Checkpoint, found: &mut Findings) {
 
 /// Where a missing tensor should have been listed, for messages: the index of a sharded checkpoint, else its
 /// one weight file.
-fn where_missing(ck: &Checkpoint) -> String {
+pub(super) fn where_missing(ck: &Checkpoint) -> String {
     match ck.files.as_slice() {
         [one] => one.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
         _ => crate::io::safetensors::INDEX_FILE.to_string(),
@@ -278,7 +291,7 @@ fn where_missing(ck: &Checkpoint) -> String {
 }
 
 /// The weight file a tensor is stored in, for messages.
-fn file_name(ck: &Checkpoint, entry: &TensorEntry) -> String {
+pub(super) fn file_name(ck: &Checkpoint, entry: &TensorEntry) -> String {
     ck.file_of(entry).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
@@ -299,6 +312,9 @@ fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
             }
             Some(_) => {}
         }
+        // Read once: their pages need not stay in this process's memory (a 7B's are 13 GB per checkpoint).
+        base_ck.release(&[name]);
+        baked.release(&[name]);
     }
     for (name, entry) in &baked.tensors {
         if base_ck.get(name).is_none() && !names::is_attention_bias(name) {
@@ -353,7 +369,7 @@ fn check_biases(
     Ok(())
 }
 
-fn scale(values: &[f64]) -> f64 {
+pub(super) fn scale(values: &[f64]) -> f64 {
     values.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3)
 }
 
@@ -382,80 +398,6 @@ fn check_config(dir: &Path, base: &ModelFiles, found: &mut Findings) {
             found.add("config", "config.json", None, format!("`{key}` is {after:?}, the base has {before:?}; {what}"));
         }
     }
-}
-
-fn check_run(dir: &Path, base: &ModelFiles, deltas: &BTreeMap<usize, Vec<f32>>, found: &mut Findings) -> Result<()> {
-    use crate::model::{Batch, Request, Shift};
-    use candle_core::{Device, Tensor};
-    let device = Device::Cpu;
-    let baked_files = ModelFiles::open(&dir.to_string_lossy())?;
-    let tokenizer = base.tokenizer()?;
-    let dtype = base.dtype();
-    let per_layer = (0..base.config.num_layers)
-        .map(|l| deltas.get(&l).map(|d| Tensor::new(d.as_slice(), &device)).transpose())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let shift = Shift { per_layer, from_position: None };
-    let prompts =
-        ["Q: What happens if you eat watermelon seeds? A:", "Q: Is the Earth flat? A:", "The capital of France is"];
-    let sequences: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<_>>()?;
-    let batch = Batch::right_padded(&sequences, 0, &device)?;
-    let last = |out: crate::model::Output| -> Result<Vec<Vec<f32>>> {
-        let logits = out.logits.expect("requested");
-        sequences.iter().enumerate().map(|(i, s)| Ok(logits.get(i)?.get(s.len() - 1)?.to_vec1()?)).collect()
-    };
-    // One model in memory: the checks before this one proved the bake is its base with other o_proj biases,
-    // so the base's weights with the bake's biases are the baked model, bit for bit.
-    let base_model = base.load(&device)?;
-    let baked_biases = baked_files.o_proj_biases(&device, base_model.dtype())?;
-    // The file holding the first shifted layer's bias, which mismatches below name.
-    let ck = &baked_files.checkpoint;
-    let biases_file = deltas
-        .keys()
-        .find_map(|&l| ck.get(&names::Layer(l).attention(Attention::O, Param::Bias)))
-        .map_or_else(|| where_missing(ck), |e| file_name(ck, e));
-    let plain = last(base_model.forward(&batch, &Request { logits: true, ..Default::default() })?)?;
-    let hooked =
-        last(base_model.forward(&batch, &Request { logits: true, shift: Some(&shift), ..Default::default() })?)?;
-    let baked_request = Request { logits: true, o_proj_biases: Some(&baked_biases), ..Default::default() };
-    let baked = last(base_model.forward(&batch, &baked_request)?)?;
-    // NaN must not vanish into a maximum (`f32::max` ignores it): it counts as infinitely far.
-    let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-        a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, |m, d| {
-            if d.is_nan() {
-                f32::INFINITY
-            } else {
-                m.max(d)
-            }
-        })
-    };
-    if let Some(v) = baked.iter().flatten().find(|v| !v.is_finite()) {
-        found.add("run", biases_file, None, format!("the baked model's logits are not finite ({v})"));
-        return Ok(());
-    }
-    let moved = max_diff(&baked, &plain);
-    let agreement = max_diff(&baked, &hooked);
-    let tolerance = match dtype {
-        StoredDtype::F32 => 1e-3,
-        _ => 0.05 * scale(&hooked.iter().flatten().map(|v| *v as f64).collect::<Vec<_>>()) as f32,
-    };
-    let shifted = deltas.values().flatten().any(|&d| d != 0.0);
-    if shifted && moved <= 1e-4 {
-        found.add(
-            "run",
-            biases_file.as_str(),
-            None,
-            format!("logits equal the base's (max difference {moved:e}): the bake changed nothing"),
-        );
-    }
-    if agreement > tolerance {
-        found.add(
-            "run",
-            biases_file.as_str(),
-            None,
-            format!("logits differ from base + δ by {agreement} (tolerance {tolerance})"),
-        );
-    }
-    Ok(())
 }
 
 /// The local folder to verify: `target` itself, or a Hub repository downloaded (manifest first, then every file
