@@ -93,7 +93,7 @@ pub fn run(args: &EvalArgs, quiet: bool) -> Result<()> {
     if args.dry_run {
         let activations = args.cv.map(|_| pipeline::plan_run(&model, &recipe, &run)).transpose()?;
         let scoring = eval::plan(&model, &recipe, (args.baked.is_some(), args.cv), &options, &run)?;
-        return print_plans(activations.as_ref(), &scoring);
+        return print_plans(activations.as_ref(), &scoring, None);
     }
     let bars = Bars::new(quiet);
     let report = match (args.cv, &args.baked) {

@@ -32,12 +32,20 @@ pub fn note_leftover(published: &Published, progress: &dyn Progress) {
     }
 }
 
-/// A dry run's answer: each plan in a sentence, then both as JSON.
-pub fn print_plans(activations: Option<&bake::activations::plan::Plan>, scoring: &ScoringPlan) -> Result<()> {
+/// A dry run's answer: each plan in a sentence (and what the scoring plan covers, when it is not the whole
+/// run), then both as JSON.
+pub fn print_plans(
+    activations: Option<&bake::activations::plan::Plan>,
+    scoring: &ScoringPlan,
+    covers: Option<&str>,
+) -> Result<()> {
     if let Some(plan) = activations {
         println!("activation pass: {}", plan.describe());
     }
     println!("{}", scoring.describe());
+    if let Some(covers) = covers {
+        println!("note: {covers}");
+    }
     let json = serde_json::json!({ "activation_pass": activations, "scoring": scoring });
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())

@@ -91,7 +91,11 @@ pub fn run(args: &SearchArgs, quiet: bool) -> Result<()> {
     let run = Resolved::new(&model, &recipe, &args.run.run_options())?;
     let Some(out) = args.out.as_ref().filter(|_| !args.dry_run) else {
         let activations = pipeline::plan_run(&model, &recipe, &run)?;
-        return print_plans(Some(&activations), &search::plan(&model, &recipe, &options, &run)?);
+        let scoring = search::plan(&model, &recipe, &options, &run)?;
+        let covers = "scoring's memory is that of the search's two largest passes (one candidate on a fold's \
+                      held-out questions; every candidate's CE and KL beside the base's), and so are its FLOPs and \
+                      time; how many passes run depends on what the halving drops";
+        return print_plans(Some(&activations), &scoring, Some(covers));
     };
     let bars = Bars::new(quiet);
     let staging = staged(out, args.force, (&model, &recipe), OutputKind::Report, &bars)?;
