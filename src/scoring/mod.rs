@@ -104,9 +104,17 @@ fn plan_work(
     let from_prompt_end = Hook { deltas: Vec::new(), mode: HookMode::FromPromptEnd };
     let mut sizes = Vec::new();
     for &protocol in &options.protocols {
+        // The items of each share of the questions, built once for every pass scoring that share.
+        let mut sets = std::collections::BTreeMap::new();
         for w in &work.mc {
-            let questions: Vec<usize> = (0..data.questions.len().div_ceil(w.share.max(1))).collect();
-            let set = mc::build(protocol, data, &questions, tokenizer, &options.instruction, options.answer_tokens)?;
+            let set = match sets.entry(w.share.max(1)) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let questions: Vec<usize> = (0..data.questions.len().div_ceil(*e.key())).collect();
+                    let (instruction, answer_tokens) = (&options.instruction, options.answer_tokens);
+                    e.insert(mc::build(protocol, data, &questions, tokenizer, instruction, answer_tokens)?)
+                }
+            };
             let variant = if w.from_prompt_end { Variant::hooked(&from_prompt_end) } else { Variant::plain() };
             sizes.push(logprobs::mc_pass(variant, &set.items, recipe.batch_size, pad_id, device)?.pass.size());
         }
@@ -126,7 +134,6 @@ pub struct Scorer<'a> {
     pub runner: Runner<'a>,
     pub pad_id: u32,
     pub corpus: Option<corpus::Corpus>,
-    pub plan: ScoringPlan,
 }
 
 /// Loads the base model beside the inputs read by [`read_inputs`], resident or streamed as their plan chose, in
@@ -134,7 +141,7 @@ pub struct Scorer<'a> {
 pub fn set_up<'a>(model: &'a ModelFiles, run: &Resolved, inputs: Inputs) -> Result<Scorer<'a>> {
     let Inputs { data, tokenizer, corpus, plan } = inputs;
     let runner = Runner::load(model, &run.compute.device, run.compute.dtype, plan.estimate.mode)?;
-    Ok(Scorer { data, tokenizer, runner, pad_id: model.config.pad_id(), corpus, plan })
+    Ok(Scorer { data, tokenizer, runner, pad_id: model.config.pad_id(), corpus })
 }
 
 impl Scorer<'_> {
