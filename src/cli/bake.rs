@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use bake::export::baked::{BakeOptions, Sharding};
+use bake::export::runtimes;
+use bake::model::config::Family;
 use bake::model::ModelFiles;
 use bake::pipeline::{self, OutputKind, Resolved};
 use bake::progress::Progress;
@@ -86,7 +88,8 @@ pub fn run(args: &BakeArgs, quiet: bool) -> Result<()> {
     bars.stage("done");
     note_leftover(&written.published, &bars);
     print_heads(&outcome);
-    print_bake_summary(args, &outcome, &written, write_seconds, bars.started.elapsed().as_secs_f64());
+    let seconds = (write_seconds, bars.started.elapsed().as_secs_f64());
+    print_bake_summary(args, &outcome, &written, model.config.family, seconds);
     Ok(())
 }
 
@@ -121,14 +124,15 @@ fn print_bake_summary(
     args: &BakeArgs,
     outcome: &pipeline::ProbeOutcome,
     written: &bake::export::baked::BakeWritten,
-    write_seconds: f64,
-    total_seconds: f64,
+    family: Family,
+    (write_seconds, total_seconds): (f64, f64),
 ) {
     let timings = outcome.report.timings.clone().unwrap_or_default();
     let stages = ["data", "activations", "probes"].map(|s| (s, timings.get(s).copied().unwrap_or(0.0)));
     let bytes: u64 = written.files.iter().map(|f| f.bytes).sum();
     let out_path = &written.published.out;
     let (report, out, model) = (&outcome.report, out_path.display(), &args.run.model);
+
     println!();
     println!("  stage        time");
     for (stage, seconds) in stages.into_iter().chain([("write", write_seconds)]) {
@@ -147,13 +151,23 @@ fn print_bake_summary(
         outcome.questions, report.probe_prompts, report.tuning_prompts
     );
     println!("  figure       {}", out_path.join("heatmap.png").display());
+    for line in runtimes::summary_lines(family) {
+        println!("  runtime      {line}");
+    }
+    if let Some(warning) = runtimes::warning(family) {
+        println!("warning: {warning}");
+    }
     println!();
     println!("next:");
-    for (why, command) in [
+    let mut next = vec![
         ("prove it is exactly the base plus the shift", format!("bake verify {out} --base {model}")),
         ("TruthfulQA MC1/MC2 and CE/KL against the base", format!("bake eval --model {model} --baked {out}")),
         ("publish it on the Hub", format!("bake push {out} --repo your-org/NAME")),
-    ] {
+    ];
+    if runtimes::verdicts(family).iter().any(|v| v.runtime == "llama.cpp" && v.applies == runtimes::Applies::Yes) {
+        next.push(("serve it with llama.cpp or ollama", format!("bake gguf {out} --gguf BASE.gguf --out {out}-gguf")));
+    }
+    for (why, command) in next {
         println!("  {why}:\n    {command}");
     }
 }

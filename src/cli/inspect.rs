@@ -29,6 +29,12 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     }
     println!("folder       {}", report.folder);
     println!("family       {} ({})", report.family.model_type(), report.architecture);
+    for line in bake::export::runtimes::summary_lines(report.family) {
+        println!("runtime      {line}");
+    }
+    if let Some(warning) = &report.runtime_warning {
+        println!("warning: {warning}");
+    }
     println!("layers       {}", report.layers);
     println!("heads        {} ({} KV heads, head_dim {})", report.heads, report.kv_heads, report.head_dim);
     println!(

@@ -4,6 +4,7 @@
 pub mod args;
 pub mod bake;
 pub mod eval;
+pub mod gguf;
 pub mod inspect;
 pub mod output;
 pub mod progress;

@@ -97,12 +97,12 @@ pub fn write_baked(
     let mut clock = Laps::start();
 
     progress.stage("write");
+    // A bake some runtime would serve without its shift is a warning, which --quiet does not hide.
+    if let Some(warning) = super::runtimes::warning(model.config.family) {
+        progress.warn(&warning);
+    }
     if let Some(note) = card::architecture_note(model) {
-        // A Qwen3 bake may lose its shift in a runtime: that is a warning; the Llama rewrite is a remark.
-        match model.config.family.written_as_llama() {
-            true => progress.note(&note),
-            false => progress.warn(&note),
-        }
+        progress.note(&note);
     }
     let biases = surgery::bias_tensors(&model.checkpoint, &model.config, input.deltas, dtype)?;
     clock.lap("biases");

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use crate::export::runtimes;
 use crate::model::ModelFiles;
 use crate::probes::report::ProbeReport;
 
@@ -19,11 +20,9 @@ pub fn architecture_note(model: &ModelFiles) -> Option<String> {
     if family == crate::model::config::Family::Qwen3 {
         return Some(
             "Qwen3 keeps its class: transformers' `Qwen3Attention` gives all four projections a bias when \
-             `attention_bias` is true. vLLM's Qwen3 is reported to build `o_proj` without one (not checked by bake), \
-             which would silently drop the shift there: compare its outputs with transformers' before serving. \
-             pyvene 0.1.8 predates Qwen3: register it as Qwen2 before `IntervenableModel.load` (`for t in \
-             (intervenable_modelcard.type_to_module_mapping, intervenable_modelcard.type_to_dimension_mapping): \
-             t[Qwen3ForCausalLM] = t[Qwen2ForCausalLM]`)."
+             `attention_bias` is true. pyvene 0.1.8 predates Qwen3: register it as Qwen2 before \
+             `IntervenableModel.load` (`for t in (intervenable_modelcard.type_to_module_mapping, \
+             intervenable_modelcard.type_to_dimension_mapping): t[Qwen3ForCausalLM] = t[Qwen2ForCausalLM]`)."
                 .to_string(),
         );
     }
@@ -36,6 +35,23 @@ pub fn architecture_note(model: &ModelFiles) -> Option<String> {
             base = family.architecture()
         )
     })
+}
+
+/// Which runtimes apply the shift, as measured.
+fn runtimes_section(family: crate::model::config::Family) -> String {
+    let mut s = String::from(
+        "## Runtimes\n\n| runtime | version checked | applies the shift | how |\n| --- | --- | --- | --- |\n",
+    );
+    for v in runtimes::verdicts(family) {
+        let applies = match v.applies {
+            runtimes::Applies::Yes => "yes",
+            runtimes::Applies::DropsSilently => "**no: drops it silently**",
+            runtimes::Applies::Refuses => "**no: refuses it**",
+        };
+        let _ = writeln!(s, "| {} | {} | {applies} | {} |", v.runtime, v.version, v.how);
+    }
+    s.push('\n');
+    s
 }
 
 /// Why these K and α: the search that chose them, its budget and its held-out numbers.
@@ -73,6 +89,9 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
         "library_name: transformers\ntags:\n- bake\n- inference-time-intervention\n- iti\n- truthfulqa\n---\n\n",
     );
     let _ = writeln!(s, "# {base}, baked with Inference-Time Intervention\n");
+    if let Some(warning) = runtimes::warning(model.config.family) {
+        let _ = writeln!(s, "> **Warning:** {warning}\n");
+    }
     let _ = writeln!(
         s,
         "This is `{base}` with an Inference-Time Intervention (Li et al., NeurIPS 2023) baked into its weights by \
@@ -97,6 +116,7 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
     s.push_str("The same shift as a pyvene intervention on the base model (`activation_diff/`):\n\n```python\nimport pyvene as pv\n");
     let _ = writeln!(s, "base = AutoModelForCausalLM.from_pretrained(\"{base}\")");
     s.push_str("pv_model = pv.IntervenableModel.load(\"PATH/activation_diff\", base)\npv_model.set_device(base.device)\n```\n\n");
+    s.push_str(&runtimes_section(model.config.family));
     s.push_str("## Recipe\n\n| field | value |\n| --- | --- |\n");
     for (k, v) in [
         ("dataset", format!("{} ({})", recipe.dataset.source, recipe.dataset.split)),

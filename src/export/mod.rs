@@ -2,5 +2,7 @@
 
 pub mod baked;
 pub mod card;
+pub mod gguf;
 pub mod manifest;
 pub mod pyvene;
+pub mod runtimes;

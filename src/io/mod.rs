@@ -5,6 +5,7 @@
 pub mod dtype;
 pub mod failpoint;
 pub mod fs;
+pub mod gguf;
 pub mod hash;
 pub mod hub;
 pub mod listing;

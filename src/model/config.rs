@@ -42,7 +42,7 @@ pub const SUPPORTED_MODEL_TYPES: &str =
 impl Family {
     const ALL: [Family; 4] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
 
-    fn from_model_type(model_type: &str) -> Option<Self> {
+    pub fn of_model_type(model_type: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|f| f.model_type() == model_type)
     }
 
@@ -143,7 +143,7 @@ impl ModelConfig {
     pub fn from_map(path: &Path, raw: Map<String, Value>) -> Result<Self> {
         let fields = Fields { path, map: &raw };
         let model_type = fields.string("model_type")?;
-        let Some(family) = Family::from_model_type(&model_type) else {
+        let Some(family) = Family::of_model_type(&model_type) else {
             return Err(BakeError::Unsupported {
                 path: path.into(),
                 message: format!("model_type `{model_type}` is not supported; bake reads {SUPPORTED_MODEL_TYPES}"),

