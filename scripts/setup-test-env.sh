@@ -23,13 +23,14 @@ export PIP_NO_CACHE_DIR=1
 # llama-cpp-python compiles llama.cpp for the CPU it builds on (GGML_NATIVE), so its wheel is kept per CPU
 # model and instruction set: a cache restored on another machine rebuilds rather than crash on an instruction.
 install_llama_cpp() {
-  local version=0.3.36
-  if "$venv/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$version')" 2>/dev/null; then
-    return
-  fi
-  local cpu
+  local version=0.3.36 cpu
   cpu=$(grep -m2 -E '^(model name|flags)' /proc/cpuinfo | sha256sum | cut -c1-12)
   local wheels=$cache/wheels/llama-cpp-python-$version-$cpu
+  # Installed from this CPU's wheel (a venv restored from another machine holds another CPU's build).
+  if [ "$(cat "$venv/llama-cpp-python.cpu" 2>/dev/null)" = "$version-$cpu" ] &&
+    "$venv/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$version')" 2>/dev/null; then
+    return
+  fi
   if ! ls "$wheels"/llama_cpp_python-$version-*.whl >/dev/null 2>&1; then
     echo "building llama.cpp (llama-cpp-python $version from its sdist) into $wheels; about 10 minutes on 2 cores"
     local started=$SECONDS
@@ -40,7 +41,9 @@ install_llama_cpp() {
     mv "$wheels.partial" "$wheels"
     echo "built llama.cpp in $((SECONDS - started)) s"
   fi
+  "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/llama_cpp_python-$version-*.whl
   "$venv/bin/pip" install -q "$wheels"/llama_cpp_python-$version-*.whl
+  echo "$version-$cpu" > "$venv/llama-cpp-python.cpu"
 }
 
 {
