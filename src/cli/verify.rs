@@ -30,7 +30,12 @@ pub struct VerifyArgs {
 
 pub fn run(args: &VerifyArgs, quiet: bool) -> Result<ExitCode> {
     let dir = bake::verify::locate(&args.target)?;
-    let options = bake::verify::VerifyOptions { base: args.base.clone(), run: args.run, max_memory: args.max_memory };
+    let options = bake::verify::VerifyOptions {
+        base: args.base.clone(),
+        run: args.run,
+        max_memory: args.max_memory,
+        ..Default::default()
+    };
     let progress: Box<dyn Progress> =
         if args.json { Box::new(bake::progress::Silent) } else { Box::new(Bars::new(quiet)) };
     let report = bake::verify::verify(&dir, &options, progress.as_ref())?;

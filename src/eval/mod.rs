@@ -69,9 +69,18 @@ pub struct EvalReport {
 
 /// A baked folder is evaluated as its base's weights with its o_proj biases; `bake verify --base` (without
 /// the forward run) proves that is what it is before anything is scored.
-fn require_base_plus_biases(baked: &ModelFiles, model: &ModelFiles, progress: &dyn Progress) -> Result<()> {
+fn require_base_plus_biases(
+    baked: &ModelFiles,
+    model: &ModelFiles,
+    base_hashes: Vec<(std::path::PathBuf, String)>,
+    progress: &dyn Progress,
+) -> Result<()> {
     progress.stage("eval: checking the baked folder is its base plus biases (bake verify --base)");
-    let options = crate::verify::VerifyOptions { base: Some(model.location.spec.clone()), ..Default::default() };
+    let options = crate::verify::VerifyOptions {
+        base: Some(model.location.spec.clone()),
+        base_hashes: Some(base_hashes),
+        ..Default::default()
+    };
     let report = crate::verify::verify(&baked.location.dir, &options, &crate::progress::Silent)?;
     match report.mismatches.first() {
         None => Ok(()),
@@ -154,12 +163,14 @@ pub fn evaluate(
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
     let started = Instant::now();
-    if let Some(b) = baked {
-        Manifest::read(&b.location.dir)?.check_base(model, &b.location.dir)?;
+    // The base is hashed once: for this early refusal of a bake of another base, and for the full check below.
+    let base_hashes = baked.map(|_| model.input_hashes()).transpose()?;
+    if let (Some(b), Some(hashes)) = (baked, &base_hashes) {
+        Manifest::read(&b.location.dir)?.check_base_hashes(model, hashes, &b.location.dir)?;
     }
     let inputs = read_inputs(model, recipe, options, &workload(baked.is_some(), None), run, progress)?;
-    if let Some(b) = baked {
-        require_base_plus_biases(b, model, progress)?;
+    if let (Some(b), Some(hashes)) = (baked, base_hashes) {
+        require_base_plus_biases(b, model, hashes, progress)?;
     }
     let scorer = set_up(model, run, inputs)?;
     let questions: Vec<usize> = (0..scorer.data.questions.len()).collect();

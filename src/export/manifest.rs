@@ -115,7 +115,17 @@ impl Manifest {
 
     /// `Err` naming the first difference unless `base` is the model this folder was baked from.
     pub fn check_base(&self, base: &ModelFiles, manifest_dir: &Path) -> Result<()> {
-        match self.base_differences(base, &base.input_hashes()?).first() {
+        self.check_base_hashes(base, &base.input_hashes()?, manifest_dir)
+    }
+
+    /// [`Self::check_base`] with the base's [`ModelFiles::input_hashes`] already computed.
+    pub fn check_base_hashes(
+        &self,
+        base: &ModelFiles,
+        hashes: &[(PathBuf, String)],
+        manifest_dir: &Path,
+    ) -> Result<()> {
+        match self.base_differences(base, hashes).first() {
             None => Ok(()),
             Some(d) => Err(BakeError::content(
                 manifest_dir.join(MANIFEST_FILE),

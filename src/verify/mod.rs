@@ -81,6 +81,9 @@ pub struct VerifyOptions {
     pub run: bool,
     /// The host memory the run check may use (default: what is available).
     pub max_memory: Option<u64>,
+    /// The base's [`ModelFiles::input_hashes`], when the caller has them already (hashing a 7B takes most of a
+    /// minute).
+    pub base_hashes: Option<Vec<(std::path::PathBuf, String)>>,
 }
 
 struct Findings {
@@ -144,7 +147,10 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
             if let Some(p) = &planned {
                 progress.note(&p.plan.describe());
             }
-            let hashes = model.input_hashes()?;
+            let hashes = match &options.base_hashes {
+                Some(hashes) => hashes.clone(),
+                None => model.input_hashes()?,
+            };
             Some((model, hashes, planned))
         }
         None => None,
