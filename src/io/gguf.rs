@@ -274,7 +274,11 @@ impl GgufFile {
         let map = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
         let invalid = |message: String| BakeError::Gguf { path: path.into(), message };
         let (header, header_len) = Reader { bytes: &map, at: 0 }.header().map_err(invalid)?;
-        let data_start = align(header_len, header.alignment());
+        let alignment = header.alignment();
+        if !alignment.is_power_of_two() {
+            return Err(invalid(format!("general.alignment is {alignment}; expected a power of two")));
+        }
+        let data_start = align(header_len, alignment);
         check_tensor_ranges(&header, data_start, map.len() as u64).map_err(invalid)?;
         Ok(GgufFile { path: path.into(), header, data_start, map })
     }
@@ -321,9 +325,6 @@ fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 
 fn check_tensor_ranges(header: &Header, data_start: u64, file_len: u64) -> std::result::Result<(), String> {
     let alignment = header.alignment();
-    if alignment == 0 || !alignment.is_power_of_two() {
-        return Err(format!("general.alignment is {alignment}; expected a power of two"));
-    }
     let mut ranges = Vec::with_capacity(header.tensors.len());
     for t in &header.tensors {
         if t.offset % alignment != 0 {
@@ -563,6 +564,24 @@ mod tests {
         let file = GgufFile::open(&path).unwrap();
         assert_eq!(file.header, tiny());
         assert_eq!(file.data(&file.header.tensors[1]), &[7u8; 16]);
+    }
+
+    #[test]
+    fn an_alignment_that_is_no_power_of_two_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aligned.gguf");
+        let mut header = tiny();
+        header.metadata.push(("general.alignment".into(), Value::U32(32)));
+        let valid = written(&header);
+        // The key, its type (u32), then its value: set in place to what a writer cannot align to.
+        let at = valid.windows(17).position(|w| w == b"general.alignment").unwrap() + 17 + 4;
+        for alignment in [0u32, 24] {
+            let mut bytes = valid.clone();
+            bytes[at..at + 4].copy_from_slice(&alignment.to_le_bytes());
+            std::fs::write(&path, bytes).unwrap();
+            let error = GgufFile::open(&path).err().unwrap().to_string();
+            assert!(error.contains(&format!("general.alignment is {alignment}")), "{error}");
+        }
     }
 
     #[test]
