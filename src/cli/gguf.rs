@@ -30,7 +30,7 @@ pub fn run(args: &GgufArgs, quiet: bool) -> Result<()> {
     let target = GgufBake::check_output(&args.out, args.force, &args.bake, &args.gguf)?;
     progress.stage("check");
     let bake = GgufBake::prepare(&args.bake, &args.gguf)?;
-    if let Rewrite::Qwen2AsLlama { .. } = bake.rewrite {
+    if let Rewrite::Qwen2AsLlama = bake.rewrite {
         progress.note(
             "the GGUF is a qwen2 model, whose llama.cpp graph has no attention output bias: it is written as llama \
              (query and key rows reordered for llama's rotary layout; every other tensor as it is)",
@@ -51,7 +51,7 @@ pub fn run(args: &GgufArgs, quiet: bool) -> Result<()> {
         args.gguf.display(),
         match bake.rewrite {
             Rewrite::None => String::new(),
-            Rewrite::Qwen2AsLlama { .. } => " (architecture qwen2 written as llama)".into(),
+            Rewrite::Qwen2AsLlama => " (architecture qwen2 written as llama)".into(),
         }
     );
     Ok(())

@@ -9,16 +9,16 @@
 //! Hugging Face LLaMA's; a permutation moves whole rows, so quantized rows move as they are. Qwen3 (its graph
 //! normalises q and k per head, and takes no output bias) and every other architecture are refused.
 //!
-//! Nothing is read whole: the copy goes tensor by tensor from the mapped input, each tensor's pages released
-//! once written.
+//! Nothing is read whole: the copy goes 16 MB at a time from the mapped input, each slice's pages released
+//! once written (a query or key tensor being reordered is held whole).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::error::{BakeError, Result};
+use crate::error::{BakeError, IoContext, Result};
 use crate::export::manifest::Manifest;
 use crate::io::gguf::{align, GgmlType, GgufFile, Header, TensorInfo, Value};
-use crate::io::names::{Attention, Layer, Param};
+use crate::io::names::{Attention, Layer, Param, FINAL_NORM};
 use crate::io::output::{self, Ownership, Protected, Request, Target};
 use crate::model::config::Family;
 use crate::model::ModelFiles;
@@ -33,13 +33,66 @@ pub enum Rewrite {
     /// A `llama` file: only the biases are added.
     None,
     /// A `qwen2` file, written as `llama`.
-    Qwen2AsLlama { heads: usize, kv_heads: usize },
+    Qwen2AsLlama,
+}
+
+impl Rewrite {
+    /// The input's `general.architecture`.
+    pub fn source_architecture(self) -> &'static str {
+        match self {
+            Rewrite::None => "llama",
+            Rewrite::Qwen2AsLlama => "qwen2",
+        }
+    }
+
+    /// What a GGUF of a `family` base is and how it is written; Qwen3 is refused, naming the bake.
+    fn for_family(family: Family, bake_dir: &Path) -> Result<Rewrite> {
+        match family {
+            Family::Llama | Family::Mistral => Ok(Rewrite::None),
+            Family::Qwen2 => Ok(Rewrite::Qwen2AsLlama),
+            Family::Qwen3 => Err(BakeError::Unsupported {
+                path: bake_dir.into(),
+                message: "a Qwen3 bake cannot be written into a GGUF: llama.cpp's qwen3 graph has no attention \
+                          output bias (its loader refuses a file with `attn_output.bias`), and Qwen3 cannot be \
+                          rewritten as llama (it normalises queries and keys per head). Serve this bake with \
+                          transformers."
+                    .into(),
+            }),
+        }
+    }
+
+    /// What the GGUF's `general.architecture` asks for; architectures llama.cpp cannot bias are refused.
+    fn of_file(source: &GgufFile) -> Result<Rewrite> {
+        let field = "general.architecture";
+        let architecture = source.header.get(field).and_then(Value::as_str).ok_or_else(|| {
+            BakeError::field(&source.path, field, "a string naming the model's architecture; the key is missing")
+        })?;
+        match architecture {
+            "llama" => Ok(Rewrite::None),
+            "qwen2" => Ok(Rewrite::Qwen2AsLlama),
+            "qwen3" => Err(BakeError::field(
+                &source.path,
+                field,
+                "`llama` or `qwen2`; found `qwen3`, whose llama.cpp graph takes no attention output bias",
+            )),
+            other => Err(BakeError::field(
+                &source.path,
+                field,
+                format!(
+                    "`llama` (LLaMA, Mistral, SmolLM2) or `qwen2` (Qwen2, Qwen2.5), the architectures whose shift \
+                     llama.cpp can apply; found `{other}`"
+                ),
+            )),
+        }
+    }
 }
 
 /// Everything a GGUF bake writes, resolved and checked before a byte is written.
 pub struct GgufBake {
     pub source: GgufFile,
     pub rewrite: Rewrite,
+    /// Query and key heads, whose rows a rewrite reorders.
+    heads: (usize, usize),
     /// The output's header: the input's keys (renamed for a rewrite) and the provenance; the input's tensors
     /// at their offsets, then one bias per shifted layer.
     pub header: Header,
@@ -55,22 +108,18 @@ impl GgufBake {
         let manifest = Manifest::read(bake_dir)?;
         let baked = ModelFiles::open(&bake_dir.to_string_lossy())?;
         let family = base_family(&manifest, &baked);
-        refuse_families_without_output_bias(family, bake_dir)?;
+        let rewrite = Rewrite::for_family(family, bake_dir)?;
         let source = GgufFile::open(gguf)?;
-        let architecture = architecture_of(&source)?;
-        check_architecture_matches(&source, &architecture, family)?;
-        check_shapes(&source, &architecture, &baked)?;
+        check_architecture_matches(&source, rewrite, family)?;
+        check_shapes(&source, rewrite, &baked)?;
         check_norms_match(&source, &baked)?;
-        let rewrite = match architecture.as_str() {
-            "qwen2" => Rewrite::Qwen2AsLlama { heads: baked.config.num_heads, kv_heads: baked.config.num_kv_heads },
-            _ => Rewrite::None,
-        };
         let biases = shifted_layer_biases(&baked)?;
         let manifest_sha256 = crate::io::hash::sha256_file(&bake_dir.join(crate::io::listing::MANIFEST_FILE))?;
         let mut header = output_header(&source.header, rewrite, &biases, baked.config.hidden_size);
-        header.metadata.extend(provenance(&manifest, &manifest_sha256, &architecture));
+        header.metadata.extend(provenance(&manifest, &manifest_sha256, rewrite));
         let file_name = gguf.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or("model.gguf".into());
-        Ok(GgufBake { source, rewrite, header, biases, file_name })
+        let heads = (baked.config.num_heads, baked.config.num_kv_heads);
+        Ok(GgufBake { source, rewrite, heads, header, biases, file_name })
     }
 
     /// Checks the output folder before any work: never one holding the bake or the input GGUF, and an existing
@@ -91,7 +140,7 @@ impl GgufBake {
     /// Writes the GGUF into `dir`; its path.
     pub fn write(&self, dir: &Path, progress: &dyn Progress) -> Result<PathBuf> {
         let path = dir.join(&self.file_name);
-        let file = std::fs::File::create(&path).map_err(|e| BakeError::io(&path, e))?;
+        let file = std::fs::File::create(&path).at(&path)?;
         let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
         let copied = self.source.header.tensors.len();
         let total: u64 = self.header.tensors.iter().map(TensorInfo::byte_len).sum();
@@ -112,16 +161,28 @@ impl GgufBake {
         )?;
         progress.finish();
         let file = out.into_inner().map_err(|e| BakeError::io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| BakeError::io(&path, e))?;
+        file.sync_all().at(&path)?;
         Ok(path)
     }
 
     /// An input tensor as stored, or with its rows permuted for a rewrite (a query or key tensor, held whole).
     fn copy_tensor(&self, tensor: &TensorInfo, out: &mut dyn Write) -> std::io::Result<()> {
-        let Some(heads) = rotary_heads(self.rewrite, &tensor.name) else { return self.source.copy_data(tensor, out) };
+        let Some(heads) = self.rotary_heads(&tensor.name) else { return self.source.copy_data(tensor, out) };
         let permuted = interleave_rotary_halves(self.source.data(tensor), unit_bytes(tensor), heads);
         self.source.release_data(tensor);
         out.write_all(&permuted)
+    }
+
+    /// For a rewrite, how many heads share the rows of a query or key tensor (weight or bias).
+    fn rotary_heads(&self, tensor: &str) -> Option<usize> {
+        if self.rewrite != Rewrite::Qwen2AsLlama {
+            return None;
+        }
+        match tensor.split('.').nth(2)? {
+            "attn_q" => Some(self.heads.0),
+            "attn_k" => Some(self.heads.1),
+            _ => None,
+        }
     }
 }
 
@@ -135,55 +196,18 @@ fn base_family(manifest: &Manifest, baked: &ModelFiles) -> Family {
         .unwrap_or(baked.config.family)
 }
 
-fn refuse_families_without_output_bias(family: Family, bake_dir: &Path) -> Result<()> {
-    match family {
-        Family::Qwen3 => Err(BakeError::Unsupported {
-            path: bake_dir.into(),
-            message: "a Qwen3 bake cannot be written into a GGUF: llama.cpp's qwen3 graph has no attention output \
-                      bias (its loader refuses a file with `attn_output.bias`), and Qwen3 cannot be rewritten as \
-                      llama (it normalises queries and keys per head). Serve this bake with transformers."
-                .into(),
-        }),
-        _ => Ok(()),
-    }
-}
-
-fn architecture_of(source: &GgufFile) -> Result<String> {
-    let field = "general.architecture";
-    let architecture = source.header.get(field).and_then(Value::as_str).ok_or_else(|| {
-        BakeError::field(&source.path, field, "a string naming the model's architecture; the key is missing")
-    })?;
-    match architecture {
-        "llama" | "qwen2" => Ok(architecture.to_string()),
-        "qwen3" => Err(BakeError::field(
-            &source.path,
-            field,
-            "`llama` or `qwen2`; found `qwen3`, whose llama.cpp graph takes no attention output bias",
-        )),
-        other => Err(BakeError::field(
-            &source.path,
-            field,
-            format!(
-                "`llama` (LLaMA, Mistral, SmolLM2) or `qwen2` (Qwen2, Qwen2.5), the architectures whose shift \
-                 llama.cpp can apply; found `{other}`"
-            ),
-        )),
-    }
-}
-
-fn check_architecture_matches(source: &GgufFile, architecture: &str, family: Family) -> Result<()> {
-    let expected = match family {
-        Family::Llama | Family::Mistral => "llama",
-        Family::Qwen2 => "qwen2",
-        Family::Qwen3 => "qwen3",
-    };
-    if architecture != expected {
+/// The GGUF's architecture is the one a base of the bake's family has, and no bake has written into it.
+fn check_architecture_matches(source: &GgufFile, expected: Rewrite, family: Family) -> Result<()> {
+    let found = Rewrite::of_file(source)?;
+    if found != expected {
         return Err(BakeError::field(
             &source.path,
             "general.architecture",
             format!(
-                "`{expected}` (the bake's base is a {}); found `{architecture}`: this GGUF is not of the bake's base",
-                family.architecture()
+                "`{}` (the bake's base is a {}); found `{}`: this GGUF is not of the bake's base",
+                expected.source_architecture(),
+                family.architecture(),
+                found.source_architecture()
             ),
         ));
     }
@@ -197,8 +221,9 @@ fn check_architecture_matches(source: &GgufFile, architecture: &str, family: Fam
 }
 
 /// The GGUF's hyperparameters and tensor shapes against the bake's config.
-fn check_shapes(source: &GgufFile, architecture: &str, baked: &ModelFiles) -> Result<()> {
+fn check_shapes(source: &GgufFile, rewrite: Rewrite, baked: &ModelFiles) -> Result<()> {
     let c = &baked.config;
+    let architecture = rewrite.source_architecture();
     let header = &source.header;
     let number = |key: &str| header.get(&format!("{architecture}.{key}")).and_then(Value::as_u64);
     let mismatch = |key: &str, expected: usize, what: &str, found: String| {
@@ -239,7 +264,7 @@ fn check_shapes(source: &GgufFile, architecture: &str, baked: &ModelFiles) -> Re
     shape("token_embd.weight", [c.hidden_size, c.vocab_size])?;
     for l in 0..c.num_layers {
         shape(&format!("blk.{l}.attn_output.weight"), [c.attn_width(), c.hidden_size])?;
-        if architecture == "qwen2" {
+        if rewrite == Rewrite::Qwen2AsLlama {
             shape(&format!("blk.{l}.attn_q.weight"), [c.hidden_size, c.attn_width()])?;
             shape(&format!("blk.{l}.attn_k.weight"), [c.hidden_size, c.kv_width()])?;
         }
@@ -260,8 +285,7 @@ fn check_shapes(source: &GgufFile, architecture: &str, baked: &ModelFiles) -> Re
 fn check_norms_match(source: &GgufFile, baked: &ModelFiles) -> Result<()> {
     let name = "output_norm.weight";
     let Some(tensor) = source.header.tensor(name).filter(|t| t.ggml_type == GgmlType::F32) else { return Ok(()) };
-    let ours =
-        baked.checkpoint.load_f32("model.norm.weight", &[baked.config.hidden_size], &candle_core::Device::Cpu)?;
+    let ours = baked.checkpoint.load_f32(FINAL_NORM, &[baked.config.hidden_size], &candle_core::Device::Cpu)?;
     let ours: Vec<f32> = ours.to_vec1()?;
     let dtype = baked.dtype();
     let theirs = source.data(tensor).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")));
@@ -272,7 +296,7 @@ fn check_norms_match(source: &GgufFile, baked: &ModelFiles) -> Result<()> {
             &source.path,
             name,
             format!(
-                "{differing} of {} values differ from the bake's `model.norm.weight` (compared in {}): \
+                "{differing} of {} values differ from the bake's `{FINAL_NORM}` (compared in {}): \
                  this GGUF holds other weights than the bake's base",
                 ours.len(),
                 dtype.torch_name()
@@ -285,14 +309,12 @@ fn check_norms_match(source: &GgufFile, baked: &ModelFiles) -> Result<()> {
 /// The bake's o_proj bias of every layer the shift touches, as f32.
 fn shifted_layer_biases(baked: &ModelFiles) -> Result<Vec<(usize, Vec<f32>)>> {
     let mut biases = Vec::new();
-    for l in 0..baked.config.num_layers {
-        let name = Layer(l).attention(Attention::O, Param::Bias);
-        if baked.checkpoint.get(&name).is_none() {
-            continue;
-        }
-        let bias: Vec<f32> =
-            baked.checkpoint.load_f32(&name, &[baked.config.hidden_size], &candle_core::Device::Cpu)?.to_vec1()?;
+    let loaded = baked.o_proj_biases(&candle_core::Device::Cpu, candle_core::DType::F32)?;
+    for (l, bias) in loaded.into_iter().enumerate() {
+        let Some(bias) = bias else { continue };
+        let bias: Vec<f32> = bias.to_vec1()?;
         if let Some(bad) = bias.iter().find(|v| !v.is_finite()) {
+            let name = Layer(l).attention(Attention::O, Param::Bias);
             return Err(BakeError::tensor(&baked.location.dir, name, format!("holds {bad}; expected finite values")));
         }
         if bias.iter().any(|&v| v != 0.0) {
@@ -310,7 +332,7 @@ fn output_header(input: &Header, rewrite: Rewrite, biases: &[(usize, Vec<f32>)],
         .iter()
         .map(|(key, value)| match rewrite {
             Rewrite::None => (key.clone(), value.clone()),
-            Rewrite::Qwen2AsLlama { .. } => renamed_for_llama(key, value),
+            Rewrite::Qwen2AsLlama => renamed_for_llama(key, value),
         })
         .collect();
     let mut tensors = input.tensors.clone();
@@ -339,7 +361,7 @@ fn renamed_for_llama(key: &str, value: &Value) -> (String, Value) {
 }
 
 /// Where the shift came from, in keys of bake's own.
-fn provenance(manifest: &Manifest, manifest_sha256: &str, architecture: &str) -> Vec<(String, Value)> {
+fn provenance(manifest: &Manifest, manifest_sha256: &str, rewrite: Rewrite) -> Vec<(String, Value)> {
     let key = |k: &str| format!("{PROVENANCE_PREFIX}{k}");
     let heads = manifest.heads.iter().map(|h| Value::string(&format!("{}.{}", h.layer, h.head))).collect();
     let recipe = serde_json::to_string(&manifest.recipe).expect("a recipe serializes");
@@ -352,21 +374,10 @@ fn provenance(manifest: &Manifest, manifest_sha256: &str, architecture: &str) ->
         (key("heads"), Value::Array(8, heads)),
         (key("alpha"), Value::F64(manifest.recipe.alpha)),
     ];
-    if architecture != "llama" {
-        keys.push((key("rewritten_from"), Value::string(architecture)));
+    if rewrite != Rewrite::None {
+        keys.push((key("rewritten_from"), Value::string(rewrite.source_architecture())));
     }
     keys
-}
-
-/// For a rewrite, how many heads share the rows of a query or key tensor (weight or bias).
-fn rotary_heads(rewrite: Rewrite, tensor: &str) -> Option<usize> {
-    let Rewrite::Qwen2AsLlama { heads, kv_heads } = rewrite else { return None };
-    let part = tensor.split('.').nth(2)?;
-    match part {
-        "attn_q" => Some(heads),
-        "attn_k" => Some(kv_heads),
-        _ => None,
-    }
 }
 
 /// The bytes of one row of the permutation: a matrix's row, or a bias's single value.
