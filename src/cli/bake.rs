@@ -132,7 +132,6 @@ fn print_bake_summary(
     let bytes: u64 = written.files.iter().map(|f| f.bytes).sum();
     let out_path = &written.published.out;
     let (report, out, model) = (&outcome.report, out_path.display(), &args.run.model);
-
     println!();
     println!("  stage        time");
     for (stage, seconds) in stages.into_iter().chain([("write", write_seconds)]) {
@@ -151,8 +150,8 @@ fn print_bake_summary(
         outcome.questions, report.probe_prompts, report.tuning_prompts
     );
     println!("  figure       {}", out_path.join("heatmap.png").display());
-    for line in runtimes::summary_lines(family) {
-        println!("  runtime      {line}");
+    for verdict in runtimes::verdicts(family) {
+        println!("  runtime      {}", verdict.summary());
     }
     if let Some(warning) = runtimes::warning(family) {
         println!("warning: {warning}");
@@ -164,7 +163,7 @@ fn print_bake_summary(
         ("TruthfulQA MC1/MC2 and CE/KL against the base", format!("bake eval --model {model} --baked {out}")),
         ("publish it on the Hub", format!("bake push {out} --repo your-org/NAME")),
     ];
-    if runtimes::verdicts(family).iter().any(|v| v.runtime == "llama.cpp" && v.applies == runtimes::Applies::Yes) {
+    if runtimes::llama_cpp_applies(family) {
         next.push(("serve it with llama.cpp or ollama", format!("bake gguf {out} --gguf BASE.gguf --out {out}-gguf")));
     }
     for (why, command) in next {

@@ -29,8 +29,8 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     }
     println!("folder       {}", report.folder);
     println!("family       {} ({})", report.family.model_type(), report.architecture);
-    for line in bake::export::runtimes::summary_lines(report.family) {
-        println!("runtime      {line}");
+    for verdict in &report.runtimes {
+        println!("runtime      {}", verdict.summary());
     }
     if let Some(warning) = &report.runtime_warning {
         println!("warning: {warning}");

@@ -6,6 +6,8 @@ use serde::Serialize;
 
 use crate::model::config::Family;
 
+const LLAMA_CPP: &str = "llama.cpp";
+
 /// What a runtime does with a bake's `o_proj` bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,7 +53,7 @@ pub fn verdicts(family: Family) -> Vec<Verdict> {
                       only a debug log says `Ignoring missing ... o_proj.bias` (scripts/check-runtimes.sh)",
             },
             Verdict {
-                runtime: "llama.cpp",
+                runtime: LLAMA_CPP,
                 version: "(llama-cpp-python 0.3.36)",
                 applies: Applies::Refuses,
                 why: "its qwen3 graph has no attention output bias; `bake gguf` refuses it too",
@@ -70,7 +72,7 @@ pub fn verdicts(family: Family) -> Vec<Verdict> {
                       log-probabilities as in transformers, within 5e-5 (scripts/check-runtimes.sh)",
             },
             Verdict {
-                runtime: "llama.cpp",
+                runtime: LLAMA_CPP,
                 version: "(llama-cpp-python 0.3.36)",
                 applies: Applies::Yes,
                 why: "`bake gguf` writes the bias into the base's GGUF",
@@ -104,17 +106,19 @@ pub fn warning(family: Family) -> Option<String> {
     })
 }
 
-/// One line per runtime: `transformers 5.24: applies the shift`.
-pub fn summary_lines(family: Family) -> Vec<String> {
-    verdicts(family)
-        .into_iter()
-        .map(|v| {
-            let applies = match v.applies {
-                Applies::Yes => "applies the shift",
-                Applies::DropsSilently => "DROPS the shift silently",
-                Applies::Refuses => "refuses the bake",
-            };
-            format!("{} {}: {applies}", v.runtime, v.version)
-        })
-        .collect()
+impl Verdict {
+    /// The verdict in a line: `transformers 5.24: applies the shift`.
+    pub fn summary(&self) -> String {
+        let applies = match self.applies {
+            Applies::Yes => "applies the shift",
+            Applies::DropsSilently => "DROPS the shift silently",
+            Applies::Refuses => "refuses the bake",
+        };
+        format!("{} {}: {applies}", self.runtime, self.version)
+    }
+}
+
+/// Whether llama.cpp applies a bake of `family` (through `bake gguf`).
+pub fn llama_cpp_applies(family: Family) -> bool {
+    verdicts(family).iter().any(|v| v.runtime == LLAMA_CPP && v.applies == Applies::Yes)
 }
