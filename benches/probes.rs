@@ -21,6 +21,7 @@ use bake::data::prompts::Prompt;
 use bake::io::dtype::{f32_le_bytes, StoredDtype};
 use bake::io::safetensors::{write_safetensors, TensorBytes};
 use bake::probes::{logistic, train_probes, HeadLayout, Split, PROBE_C};
+use bake::recipe::Method;
 use bake::rng::SeededRng;
 
 fn main() {
@@ -93,7 +94,7 @@ fn run(acts: &Activations, prompts: &[Prompt], split: &Split, layout: HeadLayout
     for _ in 0..runs.max(1) {
         let start = Instant::now();
         for _ in 0..repeat {
-            fitted = Some(train_probes(acts, prompts, split, layout));
+            fitted = Some(train_probes(acts, prompts, split, layout, (Method::Iti, 42)));
         }
         times.push(start.elapsed().as_secs_f64());
     }

@@ -10,6 +10,7 @@ use crate::activations::{self, cache, Activations, PackedPrompts};
 use crate::data::{build_prompt_sets, DatasetSource, PromptSets, TruthfulQa};
 use crate::error::{IoContext, Result};
 use crate::export::baked::BakeInput;
+use crate::export::manifest::Cost;
 use crate::io::output::{self, Ownership, Protected, Published, Request, Staging, Target};
 use crate::model::{pick_device, pick_dtype, ModelFiles};
 use crate::probes::report::ProbeReport;
@@ -73,10 +74,11 @@ pub struct ProbeOutcome {
 }
 
 impl ProbeOutcome {
-    /// What a bake of `model` with this outcome writes.
-    pub fn bake_input<'a>(&'a self, model: &'a ModelFiles) -> BakeInput<'a> {
+    /// What a bake of `model` with this outcome, and what it costs, writes.
+    pub fn bake_input<'a>(&'a self, model: &'a ModelFiles, cost: Option<&'a Cost>) -> BakeInput<'a> {
         BakeInput {
             model,
+            cost,
             report: &self.report,
             deltas: &self.deltas,
             model_hashes: &self.model_hashes,
@@ -193,15 +195,16 @@ pub struct Fitted {
 
 /// Probes on the split, the top K heads, their directions, σ and δ.
 pub fn fit_shifts(recipe: &Recipe, fit: &Fit) -> Result<Fitted> {
-    let probes = fit_probes(fit);
+    let probes = fit_probes(recipe, fit);
     let Shifted { chosen, shifts, deltas } = shift_top_heads(recipe, fit, &probes)?;
     Ok(Fitted { probes, chosen, shifts, deltas })
 }
 
-/// One probe per head, trained on the split's training questions and scored on its validation questions.
-pub fn fit_probes(fit: &Fit) -> ProbeResults {
+/// One probe per head, of the recipe's method, trained on the split's training questions and scored on its
+/// validation questions.
+pub fn fit_probes(recipe: &Recipe, fit: &Fit) -> ProbeResults {
     let p = fit.prepared;
-    probes::train_probes(&p.probe_acts, &p.prompts.probe, fit.split, p.layout)
+    probes::train_probes(&p.probe_acts, &p.prompts.probe, fit.split, p.layout, (recipe.method, recipe.seed))
 }
 
 /// The recipe's K heads and α applied to fitted probes.
@@ -256,6 +259,7 @@ fn activations_for(
         device_kind: compute.device_kind(),
         dtype: compute.dtype_name(),
         batch_tokens,
+        answer_tokens: recipe.answer_tokens(),
         model_hashes: &hashes,
         dataset_fingerprint: &dataset.fingerprint(),
         templates: &[&recipe.prompts.probe, &recipe.prompts.tuning],
@@ -279,13 +283,13 @@ fn activations_for(
         }
     }
     let tokens = activations::tokenize(&model.tokenizer()?, &texts)?;
-    let packed = PackedPrompts::new(&tokens, batch_tokens, &compute.device)?;
+    let packed = PackedPrompts::new(&tokens, batch_tokens, recipe.answer_tokens(), &compute.device)?;
     let plan = plan_for(model, &packed, prompts.probe.len(), run)?;
     progress.note(&format!("activations: {}", plan.describe()));
     let Compute { device, dtype } = compute;
     let acts = match plan.estimate.mode {
-        Mode::Resident => activations::capture_last_token(&model.load_as(device, *dtype)?, &packed, progress)?,
-        Mode::Streamed => activations::capture_last_token_streamed(model, device, *dtype, &packed, progress)?,
+        Mode::Resident => activations::capture(&model.load_as(device, *dtype)?, &packed, progress)?,
+        Mode::Streamed => activations::capture_streamed(model, device, *dtype, &packed, progress)?,
     };
     check_finite(&acts, &texts, model.config.head_dim)?;
     let (probe, tuning) = acts.split_rows(prompts.probe.len());
@@ -300,7 +304,7 @@ fn activations_for(
 /// The execution plan of a run's activation pass on this machine, without running it.
 pub fn plan_run(model: &ModelFiles, recipe: &Recipe, run: &Resolved) -> Result<Plan> {
     let inputs = activations::pass_inputs(recipe, &model.tokenizer()?)?;
-    let packed = PackedPrompts::new(&inputs.tokens, run.batch_tokens, &run.compute.device)?;
+    let packed = PackedPrompts::new(&inputs.tokens, run.batch_tokens, recipe.answer_tokens(), &run.compute.device)?;
     plan_for(model, &packed, inputs.probe_prompts, run)
 }
 

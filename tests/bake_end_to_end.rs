@@ -243,7 +243,7 @@ fn a_full_disk_leaves_no_partial_output() {
 #[test]
 #[cfg_attr(not(all(fixture_shared, fixture_python)), ignore = "needs BAKE_SHARED and BAKE_PYTHON (see tests/common)")]
 fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_reads_the_bias() {
-    use bake::activations::{capture_last_token, PackedPrompts};
+    use bake::activations::{capture, PackedPrompts};
     let (python, tiny) = (common::python(), common::shared("fixtures/tiny-gqa"));
     let tokenizer = bake::model::TextTokenizer::load(&tiny.join("tokenizer.json")).unwrap();
     let prompts: Vec<Vec<u32>> = [
@@ -284,8 +284,8 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
                 assert!(diff <= 1e-4, "{family} prompt {i}: layer {layer}'s o_proj input differs by {diff}");
             }
         }
-        let packed = capture_last_token(&model, &PackedPrompts::new(&prompts, 768, &Device::Cpu).unwrap(), &Silent);
-        let alone = capture_last_token(&model, &PackedPrompts::new(&prompts, 1, &Device::Cpu).unwrap(), &Silent);
+        let packed = capture(&model, &PackedPrompts::new(&prompts, 768, 1, &Device::Cpu).unwrap(), &Silent);
+        let alone = capture(&model, &PackedPrompts::new(&prompts, 1, 1, &Device::Cpu).unwrap(), &Silent);
         let alone = alone.unwrap();
         let diff = common::max_abs_diff(packed.unwrap().data(), alone.data());
         assert!(diff <= 1e-5, "{family}: a prefix-tree batch differs from single prompts by {diff}");
@@ -344,7 +344,8 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
             (config["architectures"][0].as_str(), config["model_type"].as_str()),
             (Some("LlamaForCausalLM"), Some("llama"))
         );
-        assert!(!card.contains("**Warning:**") && !shown.contains("warning:"), "{family}: {card}\n{shown}");
+        // (The card may warn about the cost of this random model's shift; not about runtimes.)
+        assert!(!card.contains("**Warning:** only") && !shown.contains("warning:"), "{family}: {card}\n{shown}");
         assert!(shown.contains("runtime      llama.cpp (llama-cpp-python 0.3.36): applies the shift"));
         let manifest: Value = serde_json::from_str(&read("bake.json")).unwrap();
         assert_eq!(manifest["config_changes"]["architectures"]["base"][0], architecture, "the original class");

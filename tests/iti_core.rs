@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use bake::activations::{capture_last_token, tokenize, PackedPrompts};
+use bake::activations::{capture, tokenize, PackedPrompts};
 use bake::model::ModelFiles;
 use bake::pipeline::{run_probe, Resolved, RunOptions};
 use bake::probes::logistic;
@@ -47,6 +47,7 @@ fn fitted_probe_heads() -> (bake::probes::ProbeResults, Vec<Vec<Vec<f64>>>, Vec<
     use bake::activations::Activations;
     use bake::data::prompts::Prompt;
     use bake::probes::{train_probes, HeadLayout, Split};
+    use bake::recipe::Method;
     let (n, heads, d) = (PROBE_ROWS, PROBE_HEADS, PROBE_WIDTH);
     let (features, labels) = probe_heads(n, heads, d);
     // One prompt per question, so the split is by row.
@@ -54,7 +55,7 @@ fn fitted_probe_heads() -> (bake::probes::ProbeResults, Vec<Vec<Vec<f64>>>, Vec<
     let prompts: Vec<Prompt> =
         labels.iter().enumerate().map(|(i, &label)| Prompt { text: String::new(), question: i, label }).collect();
     let split = Split { train: (0..TRAIN_ROWS).collect(), val: (TRAIN_ROWS..n).collect() };
-    let fitted = train_probes(&acts, &prompts, &split, HeadLayout { layers: 1, heads, head_dim: d });
+    let fitted = train_probes(&acts, &prompts, &split, HeadLayout { layers: 1, heads, head_dim: d }, (Method::Iti, 42));
     let head_rows = |h: usize| -> Vec<Vec<f64>> {
         (0..TRAIN_ROWS)
             .map(|i| features[(i * heads + h) * d..(i * heads + h + 1) * d].iter().map(|&v| v as f64).collect())
@@ -150,8 +151,8 @@ fn batched_activations_equal_one_prompt_at_a_time() {
     .collect();
     let tokens = tokenize(&tokenizer, &prompts).unwrap();
     // 40 tokens a batch splits these prompts into several trees; a budget of 1 runs each prompt alone.
-    let batched = capture_last_token(&model, &PackedPrompts::new(&tokens, 40, &Device::Cpu).unwrap(), &Silent).unwrap();
-    let single = capture_last_token(&model, &PackedPrompts::new(&tokens, 1, &Device::Cpu).unwrap(), &Silent).unwrap();
+    let batched = capture(&model, &PackedPrompts::new(&tokens, 40, 1, &Device::Cpu).unwrap(), &Silent).unwrap();
+    let single = capture(&model, &PackedPrompts::new(&tokens, 1, 1, &Device::Cpu).unwrap(), &Silent).unwrap();
     let diff = common::max_abs_diff(batched.data(), single.data());
     assert!(diff <= 1e-5, "batched differs from batch size 1 by {diff}");
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use bake::activations::{capture_last_token, tokenize, Activations, PackedPrompts};
+use bake::activations::{capture, tokenize, Activations, PackedPrompts};
 use bake::data::{build_prompt_sets, TruthfulQa};
 use bake::model::{pick_device, pick_dtype, ModelFiles};
 use bake::probes::{self, HeadLayout};
@@ -50,8 +50,8 @@ fn bf16_pass_is_as_close_to_f32_as_transformers_bf16_and_ranks_heads_alike() {
     let data = TruthfulQa::load("builtin", "validation", Some(80)).unwrap();
     let prompts = build_prompt_sets(&data, &recipe.prompts, recipe.seed);
     let tokens = tokenize(&files.tokenizer().unwrap(), &prompts.texts()).unwrap();
-    let packed = PackedPrompts::new(&tokens, 768, &Device::Cpu).unwrap();
-    let pass = |dtype| capture_last_token(&files.load_as(&Device::Cpu, dtype).unwrap(), &packed, &Silent).unwrap();
+    let packed = PackedPrompts::new(&tokens, 768, 1, &Device::Cpu).unwrap();
+    let pass = |dtype| capture(&files.load_as(&Device::Cpu, dtype).unwrap(), &packed, &Silent).unwrap();
     let (full, half) = (pass(DType::F32), pass(DType::BF16));
 
     let sample = tempfile::NamedTempFile::new().unwrap();
@@ -76,7 +76,7 @@ fn bf16_pass_is_as_close_to_f32_as_transformers_bf16_and_ranks_heads_alike() {
     let split = probes::split_questions(data.questions.len(), recipe.validation_ratio, recipe.seed);
     let ranked = |acts: Activations| {
         let (probe_acts, _) = acts.split_rows(prompts.probe.len());
-        probes::train_probes(&probe_acts, &prompts.probe, &split, layout).val_accuracy
+        probes::train_probes(&probe_acts, &prompts.probe, &split, layout, (bake::recipe::Method::Iti, 42)).val_accuracy
     };
     let (full_acc, half_acc) = (ranked(full), ranked(half));
     let val_prompts = prompts.probe.iter().filter(|p| split.val.contains(&p.question)).count() as f64;

@@ -138,7 +138,7 @@ fn a_search_on_smollm2_measures_what_eval_cv_measures_and_keeps_the_full_grid_wi
     assert_eq!((written.heads, written.alpha), (halving.chosen().heads, halving.chosen().alpha));
     assert_eq!(written.search.as_ref().unwrap().sha256, sha);
     let probed = bake::pipeline::run_probe(&model, &written, &resolved(&model, &written), &Silent).unwrap();
-    let card = bake::export::card::model_card(&model, &probed.report);
+    let card = bake::export::card::model_card(&model, &probed.report, None);
     assert!(card.contains("## How K and α were chosen") && card.contains(&sha), "{card}");
     let png = std::fs::read(out.path().join("tradeoff.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use bake::activations::{capture_last_token, capture_last_token_streamed, tokenize, PackedPrompts};
+use bake::activations::{capture, capture_streamed, tokenize, PackedPrompts};
 use bake::data::{build_prompt_sets, TruthfulQa};
 use bake::model::{ModelFiles, TextTokenizer};
 use bake::progress::Silent;
@@ -22,9 +22,9 @@ fn streamed_and_resident_passes_capture_the_same_activations() {
     let tokens = tokenize(&tokenizer, &texts).unwrap();
     for (name, dir, _) in common::reference_models() {
         let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
-        let packed = PackedPrompts::new(&tokens, 100, &Device::Cpu).unwrap();
-        let resident = capture_last_token(&files.load(&Device::Cpu).unwrap(), &packed, &Silent).unwrap();
-        let streamed = capture_last_token_streamed(&files, &Device::Cpu, DType::F32, &packed, &Silent).unwrap();
+        let packed = PackedPrompts::new(&tokens, 100, 1, &Device::Cpu).unwrap();
+        let resident = capture(&files.load(&Device::Cpu).unwrap(), &packed, &Silent).unwrap();
+        let streamed = capture_streamed(&files, &Device::Cpu, DType::F32, &packed, &Silent).unwrap();
         assert_eq!((streamed.rows, streamed.layers, streamed.width), (resident.rows, resident.layers, resident.width));
         let diff = common::max_abs_diff(streamed.data(), resident.data());
         eprintln!("{name}: {} prompts, streamed vs resident max |Δ| = {diff:e}", texts.len());

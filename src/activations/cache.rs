@@ -24,6 +24,8 @@ pub struct CacheKey<'a> {
     pub device_kind: &'a str,
     pub dtype: &'a str,
     pub batch_tokens: usize,
+    /// How many of each prompt's last tokens are averaged (1: the last token alone, the key it always had).
+    pub answer_tokens: usize,
     /// sha256 of the model's config and weight files.
     pub model_hashes: &'a [String],
     pub dataset_fingerprint: &'a str,
@@ -41,7 +43,11 @@ impl CacheKey<'_> {
             h.update(value.as_bytes());
         };
         part("version", self.tool_version);
-        let pass = format!("{} {} {} tokens {}", self.pass_version, self.device_kind, self.dtype, self.batch_tokens);
+        let mut pass =
+            format!("{} {} {} tokens {}", self.pass_version, self.device_kind, self.dtype, self.batch_tokens);
+        if self.answer_tokens != 1 {
+            pass.push_str(&format!(" mean of last {}", self.answer_tokens));
+        }
         part("pass", &pass);
         self.model_hashes.iter().for_each(|m| part("model", m));
         part("dataset", self.dataset_fingerprint);

@@ -1,5 +1,6 @@
 //! Stage 3: the activation pass. Every prompt runs through the model and the input of every layer's o_proj
-//! at the prompt's last token is kept in f32. Results are cached on disk.
+//! at the prompt's last token (or the mean over its last N tokens, for NL-ITI) is kept in f32. Results are
+//! cached on disk.
 //!
 //! Prompts are sorted by their token ids and each batch is packed as a prefix tree ([`Batch::prefix_tree`]):
 //! the TruthfulQA prompts of one question all begin with "Q: {question} A:", so that part is computed once
@@ -118,14 +119,18 @@ pub struct PackedPrompts {
 struct PackedBatch {
     /// The prompts in this batch, by index into the caller's list.
     prompts: Vec<usize>,
-    /// Per prompt, the tree token whose o_proj inputs are captured (its last token).
-    last: Vec<usize>,
+    /// The tree tokens whose o_proj inputs are captured: each prompt's last `answer_tokens` (fewer when the
+    /// prompt is shorter), prompt after prompt, first to last.
+    capture: Vec<usize>,
+    /// How many of `capture` each prompt owns.
+    counts: Vec<usize>,
     batch: Batch,
 }
 
 impl PackedPrompts {
-    /// A prompt longer than `max_tokens` runs in a batch of its own.
-    pub fn new(tokens: &[Vec<u32>], max_tokens: usize, device: &Device) -> Result<Self> {
+    /// A prompt longer than `max_tokens` runs in a batch of its own. Each prompt's activations are the mean over
+    /// its last `answer_tokens` tokens (all of them when it has fewer, as NL-ITI averages).
+    pub fn new(tokens: &[Vec<u32>], max_tokens: usize, answer_tokens: usize, device: &Device) -> Result<Self> {
         let mut order: Vec<usize> = (0..tokens.len()).collect();
         order.sort_by(|&a, &b| tokens[a].cmp(&tokens[b]).then(a.cmp(&b)));
         let batches = chunks_within_budget(&order, tokens, max_tokens)
@@ -133,7 +138,20 @@ impl PackedPrompts {
             .map(|chunk| {
                 let sequences: Vec<&[u32]> = chunk.iter().map(|&i| tokens[i].as_slice()).collect();
                 let (batch, last) = Batch::prefix_tree(&sequences, device)?;
-                Ok(PackedBatch { prompts: chunk.to_vec(), last, batch })
+                let (capture, counts) = match answer_tokens {
+                    1 => (last, vec![1; chunk.len()]),
+                    n => {
+                        let tails: Vec<Vec<usize>> = last
+                            .iter()
+                            .map(|&l| {
+                                let path = batch.tree_path(l);
+                                path[path.len().saturating_sub(n)..].to_vec()
+                            })
+                            .collect();
+                        (tails.concat(), tails.iter().map(Vec::len).collect())
+                    }
+                };
+                Ok(PackedBatch { prompts: chunk.to_vec(), capture, counts, batch })
             })
             .collect::<Result<_>>()?;
         Ok(PackedPrompts { batches })
@@ -180,13 +198,26 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Copies one layer's captured rows `[batch, width]` to their prompts' rows.
-fn store(out: &mut Activations, chunk: &[usize], layer: usize, captured: &Tensor) -> Result<()> {
+/// Stores one layer's captured rows `[captured tokens, width]` as their prompts' rows: a prompt's row is the
+/// mean of its tokens' (summed in f64, in token order), or its one token's values as they are.
+fn store(out: &mut Activations, packed: &PackedBatch, layer: usize, captured: &Tensor) -> Result<()> {
     let rows: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
-    for (&prompt, values) in chunk.iter().zip(&rows) {
-        out.set_layer_row(prompt, layer, values);
+    let mut rows = rows.iter();
+    for (&prompt, &count) in packed.prompts.iter().zip(&packed.counts) {
+        let tokens: Vec<&Vec<f32>> = rows.by_ref().take(count).collect();
+        match tokens[..] {
+            [one] => out.set_layer_row(prompt, layer, one),
+            _ => out.set_layer_row(prompt, layer, &mean_of_rows(&tokens)),
+        }
     }
     Ok(())
+}
+
+/// The element-wise mean of equally long rows, summed in f64.
+pub fn mean_of_rows(rows: &[&Vec<f32>]) -> Vec<f32> {
+    let width = rows.first().map_or(0, |r| r.len());
+    let n = rows.len() as f64;
+    (0..width).map(|i| (rows.iter().map(|r| r[i] as f64).sum::<f64>() / n) as f32).collect()
 }
 
 /// Every prompt's token ids, as the activation pass (and its plan) read them.
@@ -217,14 +248,15 @@ pub fn pass_inputs(recipe: &crate::recipe::Recipe, tokenizer: &TextTokenizer) ->
 
 /// Runs every packed prompt and captures the o_proj inputs at its last token, with the whole model resident.
 /// Rows come back in the prompts' order.
-pub fn capture_last_token(model: &Llama, prompts: &PackedPrompts, progress: &dyn Progress) -> Result<Activations> {
+pub fn capture(model: &Llama, prompts: &PackedPrompts, progress: &dyn Progress) -> Result<Activations> {
     let c = &model.config;
     let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.attn_width());
     progress.start(out.rows as u64, "prompts");
     for packed in &prompts.batches {
-        let output = model.forward(&packed.batch, &Request { capture_at: Some(&packed.last), ..Default::default() })?;
+        let output =
+            model.forward(&packed.batch, &Request { capture_at: Some(&packed.capture), ..Default::default() })?;
         for (layer, captured) in output.o_proj_inputs.iter().enumerate() {
-            store(&mut out, &packed.prompts, layer, captured)?;
+            store(&mut out, packed, layer, captured)?;
         }
         progress.advance(packed.prompts.len() as u64);
     }
@@ -232,9 +264,36 @@ pub fn capture_last_token(model: &Llama, prompts: &PackedPrompts, progress: &dyn
     Ok(out)
 }
 
+/// The same pass without the mean: every captured token's o_proj inputs as a row of its own (each prompt's
+/// last `answer_tokens` in order, prompt after prompt in the prompts' order), and how many rows each prompt
+/// has. For checking the mean against an independent computation on exactly the values it averaged.
+pub fn capture_each_token(model: &Llama, prompts: &PackedPrompts) -> Result<(Activations, Vec<usize>)> {
+    let c = &model.config;
+    let mut counts = vec![0; prompt_count(prompts)];
+    for packed in &prompts.batches {
+        for (&prompt, &count) in packed.prompts.iter().zip(&packed.counts) {
+            counts[prompt] = count;
+        }
+    }
+    let first_row: Vec<usize> = counts.iter().scan(0, |next, &n| Some(std::mem::replace(next, *next + n))).collect();
+    let mut out = Activations::zeros(counts.iter().sum(), c.num_layers, c.attn_width());
+    for packed in &prompts.batches {
+        let output =
+            model.forward(&packed.batch, &Request { capture_at: Some(&packed.capture), ..Default::default() })?;
+        let rows: Vec<usize> = packed.prompts.iter().flat_map(|&p| first_row[p]..first_row[p] + counts[p]).collect();
+        for (layer, captured) in output.o_proj_inputs.iter().enumerate() {
+            let values: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
+            for (&row, v) in rows.iter().zip(&values) {
+                out.set_layer_row(row, layer, v);
+            }
+        }
+    }
+    Ok((out, counts))
+}
+
 /// The same capture run layer by layer ([`Llama::capture_streamed`]): one layer's weights resident at a
 /// time, every batch's hidden states kept in memory between layers.
-pub fn capture_last_token_streamed(
+pub fn capture_streamed(
     files: &ModelFiles,
     device: &Device,
     dtype: DType,
@@ -243,14 +302,14 @@ pub fn capture_last_token_streamed(
 ) -> Result<Activations> {
     let c = &files.config;
     let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.attn_width());
-    let batches: Vec<(&Batch, &[usize])> = prompts.batches.iter().map(|p| (&p.batch, p.last.as_slice())).collect();
+    let batches: Vec<(&Batch, &[usize])> = prompts.batches.iter().map(|p| (&p.batch, p.capture.as_slice())).collect();
     progress.start(c.num_layers as u64, "layers");
     Llama::capture_streamed(
         files,
         device,
         dtype,
         &batches,
-        |layer, i, captured| store(&mut out, &prompts.batches[i].prompts, layer, &captured),
+        |layer, i, captured| store(&mut out, &prompts.batches[i], layer, &captured),
         |_| progress.advance(1),
     )?;
     progress.finish();

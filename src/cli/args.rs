@@ -39,6 +39,14 @@ pub struct RunArgs {
     /// How directions are found.
     #[arg(long, value_enum)]
     pub direction: Option<DirectionKind>,
+    /// How heads are ranked and shifted: iti (logistic probes on the last token) or nl-iti (MLP probes on the
+    /// mean of the last tokens) (overrides the recipe).
+    #[arg(long, value_enum)]
+    pub method: Option<bake::recipe::Method>,
+    /// Average each prompt's activations over its last N tokens (overrides the recipe; default: 1 for iti,
+    /// 4 for nl-iti).
+    #[arg(long, value_parser = at_least_one)]
+    pub tokens: Option<usize>,
     /// Do not read or write the activation cache ($BAKE_CACHE_DIR, default ~/.cache/bake/activations).
     #[arg(long)]
     pub no_cache: bool,
@@ -104,6 +112,8 @@ impl RunArgs {
             dtype: self.dtype,
             direction: self.direction,
             corpus: scoring.and_then(|s| s.corpus.clone()),
+            method: self.method,
+            tokens: self.tokens,
         })?;
         if let (Some(n), Some(corpus)) = (scoring.and_then(|s| s.documents), recipe.corpus.as_mut()) {
             corpus.documents = n;

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use bake::export::baked::{BakeOptions, Sharding};
+use bake::export::manifest::Cost;
 use bake::export::runtimes;
 use bake::model::config::Family;
 use bake::model::ModelFiles;
@@ -80,16 +81,23 @@ pub fn run(args: &BakeArgs, quiet: bool) -> Result<()> {
     };
     let staging = staged(out, args.force, (&model, &recipe), OutputKind::Bake, &bars)?;
     let outcome = pipeline::run_probe(&model, &recipe, &run, &bars)?;
+    let cost_started = Instant::now();
+    let cost = bake::scoring::cost::measure(&model, &recipe, &outcome.deltas, &run, &bars)?;
+    let cost_seconds = cost_started.elapsed().as_secs_f64();
     let write_started = Instant::now();
     let sharding = args.max_shard_size.map_or(Sharding::KeepBase, Sharding::MaxBytes);
     let options = BakeOptions { sharding };
-    let written = bake::export::baked::write_baked(&outcome.bake_input(&model), staging, &options, &bars)?;
+    let written = bake::export::baked::write_baked(&outcome.bake_input(&model, Some(&cost)), staging, &options, &bars)?;
     let write_seconds = write_started.elapsed().as_secs_f64();
+    // A damaging shift is a warning, which --quiet does not hide (after the write's own, about runtimes).
+    if let Some(warning) = cost.warning() {
+        bars.warn(&warning);
+    }
     bars.stage("done");
     note_leftover(&written.published, &bars);
     print_heads(&outcome);
-    let seconds = (write_seconds, bars.started.elapsed().as_secs_f64());
-    print_bake_summary(args, &outcome, &written, model.config.family, seconds);
+    let seconds = Seconds { cost: cost_seconds, write: write_seconds, total: bars.started.elapsed().as_secs_f64() };
+    print_bake_summary(args, (&outcome, &cost), &written, model.config.family, seconds);
     Ok(())
 }
 
@@ -119,13 +127,21 @@ fn print_heads(outcome: &pipeline::ProbeOutcome) {
     }
 }
 
-/// The end of a bake on stdout: where the stages' time went, what was written, and what to run next.
+/// Seconds of the steps after the probe stage, and of the whole run.
+struct Seconds {
+    cost: f64,
+    write: f64,
+    total: f64,
+}
+
+/// The end of a bake on stdout: where the stages' time went, what was written, what it costs, and what to run
+/// next.
 fn print_bake_summary(
     args: &BakeArgs,
-    outcome: &pipeline::ProbeOutcome,
+    (outcome, cost): (&pipeline::ProbeOutcome, &Cost),
     written: &bake::export::baked::BakeWritten,
     family: Family,
-    (write_seconds, total_seconds): (f64, f64),
+    seconds: Seconds,
 ) {
     let timings = outcome.report.timings.clone().unwrap_or_default();
     let stages = ["data", "activations", "probes"].map(|s| (s, timings.get(s).copied().unwrap_or(0.0)));
@@ -134,17 +150,19 @@ fn print_bake_summary(
     let (report, out, model) = (&outcome.report, out_path.display(), &args.run.model);
     println!();
     println!("  stage        time");
-    for (stage, seconds) in stages.into_iter().chain([("write", write_seconds)]) {
+    for (stage, seconds) in stages.into_iter().chain([("cost", seconds.cost), ("write", seconds.write)]) {
         println!("  {stage:<12} {seconds:>6.1} s");
     }
     for (part, seconds) in &written.timings {
         println!("    {part:<13} {seconds:>4.1} s");
     }
-    println!("  {:<12} {total_seconds:>6.1} s", "total");
+    println!("  {:<12} {:>6.1} s", "total", seconds.total);
     println!();
     println!("  output       {out} ({} files, {})", written.files.len(), bake::units::format_bytes(bytes));
     println!("  heads (K)    {} of {}", report.heads.len(), report.layers * report.heads_per_layer);
     println!("  alpha        {}", report.recipe.alpha);
+    println!("  method       {} ({})", report.recipe.method, report.recipe.describe_tokens());
+    println!("  cost         {}", cost.summary());
     println!(
         "  questions    {} ({} probe prompts, {} tuning prompts)",
         outcome.questions, report.probe_prompts, report.tuning_prompts
@@ -153,7 +171,7 @@ fn print_bake_summary(
     for verdict in runtimes::verdicts(family) {
         println!("  runtime      {}", verdict.summary());
     }
-    if let Some(warning) = runtimes::warning(family) {
+    for warning in runtimes::warning(family).into_iter().chain(cost.warning()) {
         println!("warning: {warning}");
     }
     println!();

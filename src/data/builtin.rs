@@ -22,6 +22,13 @@ pub const INSTRUCTION_INFORMATIVE: &str = include_str!("builtin/prompts/instruct
 /// TruthfulQA's `preset_map['qa']`: six question–answer pairs, joined by blank lines.
 pub const QA_PRIMER: &str = include_str!("builtin/prompts/qa_primer.txt");
 
+/// The corpus every bake measures its cost on when the recipe names none: the beginnings of 20 WikiText-2 test
+/// articles (CC BY-SA 3.0; `builtin/corpus/README.md` attributes them).
+pub const COST_CORPUS: &[u8] = include_bytes!("builtin/corpus/wikitext2_test_sample.jsonl");
+
+/// How reports name [`COST_CORPUS`].
+pub const COST_CORPUS_NAME: &str = "built-in: WikiText-2 test, first 20 articles (CC BY-SA 3.0)";
+
 /// The built-in bytes of one config, under the file name the Hub serves it as.
 pub fn file(config: &str) -> Option<(String, &'static [u8])> {
     let bytes = match config {

@@ -245,6 +245,7 @@ pub fn cross_validate(
     let edited: Vec<Variant> = fitted.iter().map(|(_, (bias, _))| Variant::hooked(bias)).collect();
     let language = scorer.language(&edited, recipe, progress)?;
 
+    let method = recipe.method.name().to_uppercase();
     let mut fold_reports = Vec::new();
     for (i, test) in fold_questions.iter().enumerate() {
         let base_language = language.as_ref().map(|l| l.0);
@@ -255,8 +256,8 @@ pub fn cross_validate(
             heads: fitted[i].0.clone(),
             rows: vec![
                 row("base", &base_scores, Some(test), base_language),
-                row("ITI (bias, every position)", &fold_scores[i].0, None, fold_language),
-                row("ITI (hook, from prompt end)", &fold_scores[i].1, None, fold_language),
+                row(&format!("{method} (bias, every position)"), &fold_scores[i].0, None, fold_language),
+                row(&format!("{method} (hook, from prompt end)"), &fold_scores[i].1, None, fold_language),
             ],
         });
     }

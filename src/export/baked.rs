@@ -72,6 +72,8 @@ pub struct BakeInput<'a> {
     pub model_hashes: &'a [(PathBuf, String)],
     /// sha256 of the dataset files.
     pub dataset_hashes: &'a [(PathBuf, String)],
+    /// What the shift costs, measured before writing (`None`: not measured).
+    pub cost: Option<&'a manifest::Cost>,
 }
 
 /// What [`write_baked`] wrote and did.
@@ -122,7 +124,7 @@ pub fn write_baked(
         written.push(hashed(&path)?);
     }
     written.extend(write_activation_diff(input, dtype, &dir)?);
-    written.push(write_file(&dir.join("README.md"), card::model_card(model, &report).as_bytes())?);
+    written.push(write_file(&dir.join("README.md"), card::model_card(model, &report, input.cost).as_bytes())?);
     let manifest = bake_manifest(input, &model_hashes, &written, &dir);
     written.push(write_file(&dir.join(MANIFEST), manifest.to_text().as_bytes())?);
     std::fs::write(dir.join(LOG), log_text(input.report)).at(dir.join(LOG))?;
@@ -330,6 +332,7 @@ fn bake_manifest(
             inputs: manifest::inputs(&input.model.location.dir, model_hashes, input.dataset_hashes),
             outputs: FileListing(outputs),
             evaluation: None,
+            cost: input.cost.cloned(),
         },
     )
 }
@@ -340,6 +343,7 @@ pub struct Recorded {
     pub inputs: BTreeMap<String, String>,
     pub outputs: FileListing,
     pub evaluation: Option<String>,
+    pub cost: Option<manifest::Cost>,
 }
 
 /// The manifest of a bake of `model` with `report`: every field derived from the two, the rest as
@@ -348,7 +352,7 @@ pub fn expected_manifest(model: &ModelFiles, report: &ProbeReport, recorded: Rec
     Manifest {
         tool: "bake".into(),
         tool_version: report.tool_version.clone(),
-        method: manifest::METHOD.into(),
+        method: manifest::method_description(report.recipe.method).into(),
         base_model: report.model.clone(),
         base_revision: recorded.base_revision,
         recipe: report.recipe.clone(),
@@ -363,6 +367,7 @@ pub fn expected_manifest(model: &ModelFiles, report: &ProbeReport, recorded: Rec
         added_tensors: surgery::added_tensors(&model.checkpoint, &model.config),
         inputs: recorded.inputs,
         outputs: recorded.outputs,
+        cost: recorded.cost,
         evaluation: recorded.evaluation,
     }
 }

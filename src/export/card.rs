@@ -2,9 +2,11 @@
 
 use std::fmt::Write;
 
+use crate::export::manifest::Cost;
 use crate::export::runtimes;
 use crate::model::ModelFiles;
 use crate::probes::report::ProbeReport;
+use crate::recipe::Method;
 
 fn licence(model: &ModelFiles) -> Option<String> {
     // A licence the base states in its own card's front matter, when the folder has one.
@@ -78,7 +80,23 @@ fn search_section(search: &crate::recipe::SearchSummary) -> String {
     s
 }
 
-pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
+/// What the shift costs, as the bake measured it.
+fn cost_section(cost: &Cost) -> String {
+    let mut s = String::from("## Cost\n\n");
+    let _ = writeln!(
+        s,
+        "Measured by the bake on {} ({} documents, at most {} tokens each; {}):\n",
+        cost.corpus, cost.documents, cost.tokens_per_document, cost.computed_on
+    );
+    s.push_str("| | base | baked |\n| --- | --- | --- |\n");
+    let _ = writeln!(s, "| CE (nats/token) | {:.4} | {:.4} |", cost.ce_base, cost.ce_baked);
+    let _ = writeln!(s, "| KL(base ‖ baked) (nats/token) | | {:.4} |", cost.kl);
+    let verdict = if cost.kl > cost.kl_budget { "over" } else { "within" };
+    let _ = writeln!(s, "\nThe KL is {verdict} the recipe's budget of {} nats per token.\n", cost.kl_budget);
+    s
+}
+
+pub fn model_card(model: &ModelFiles, report: &ProbeReport, cost: Option<&Cost>) -> String {
     let (base, recipe) = (&report.model, &report.recipe);
     let mut s = String::from("---\n");
     let _ = writeln!(s, "base_model: {base}");
@@ -90,6 +108,9 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
     );
     let _ = writeln!(s, "# {base}, baked with Inference-Time Intervention\n");
     if let Some(warning) = runtimes::warning(model.config.family) {
+        let _ = writeln!(s, "> **Warning:** {warning}\n");
+    }
+    if let Some(warning) = cost.and_then(Cost::warning) {
         let _ = writeln!(s, "> **Warning:** {warning}\n");
     }
     let _ = writeln!(
@@ -108,6 +129,18 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
     if let Some(note) = architecture_note(model) {
         let _ = writeln!(s, "{note}\n");
     }
+    if recipe.method == Method::NlIti {
+        let _ = writeln!(
+            s,
+            "The heads were ranked by non-linear probes (NL-ITI, Hoscilowicz et al. 2024: one hidden layer of {} ReLU \
+             units) and every activation is the mean over the last {} tokens of its prompt.\n",
+            crate::probes::mlp::HIDDEN,
+            recipe.answer_tokens()
+        );
+    }
+    if let Some(cost) = cost {
+        s.push_str(&cost_section(cost));
+    }
     if let Some(search) = &recipe.search {
         s.push_str(&search_section(search));
     }
@@ -123,6 +156,8 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport) -> String {
         ("questions", recipe.limit.map_or("all".to_string(), |n| format!("first {n}"))),
         ("probe prompt", format!("`{}`", recipe.prompts.probe)),
         ("tuning prompt", format!("`{}`", recipe.prompts.tuning)),
+        ("method", recipe.method.to_string()),
+        ("activations", recipe.describe_tokens()),
         ("heads (K)", recipe.heads.to_string()),
         ("alpha", recipe.alpha.to_string()),
         ("direction", format!("{:?}", recipe.direction)),

@@ -15,10 +15,17 @@ use crate::io::dtype::StoredDtype;
 use crate::io::fs::{limits, read_text};
 use crate::io::listing::{FileListing, MANIFEST_FILE};
 use crate::model::ModelFiles;
-use crate::recipe::Recipe;
+use crate::recipe::{Method, Recipe};
 
-/// How a bake changes the base; recorded for people and for `verify`'s config check.
-pub const METHOD: &str = "inference-time intervention (Li et al. 2023), baked as o_proj biases b = W_o · δ";
+/// How a bake of `method` changes the base; recorded for people.
+pub fn method_description(method: Method) -> &'static str {
+    match method {
+        Method::Iti => "inference-time intervention (Li et al. 2023), baked as o_proj biases b = W_o · δ",
+        Method::NlIti => {
+            "non-linear inference-time intervention (NL-ITI, Hoscilowicz et al. 2024), baked as o_proj biases b = W_o · δ"
+        }
+    }
+}
 
 /// One changed key of `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,10 +60,56 @@ pub struct Manifest {
     /// `model/<file>` and `dataset/<config>/<file>` → sha256.
     pub inputs: BTreeMap<String, String>,
     pub outputs: FileListing,
+    /// What the shift costs the model as a language model, measured by the bake (absent in bakes made before
+    /// it did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
     /// The evaluation section `bake eval --card` put into the model card, as it stands there; `bake verify`
     /// re-derives the card from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<String>,
+}
+
+/// What a bake costs the model: CE of the base and of the bake, and KL(base ‖ baked), per token, on a small
+/// corpus sample, with the budget the recipe allows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cost {
+    /// The built-in sample's name, or the recipe's corpus file.
+    pub corpus: String,
+    pub documents: usize,
+    /// Tokens per document, at most (special tokens included).
+    pub tokens_per_document: usize,
+    /// On which device and in which dtype the model ran (the last digits depend on both).
+    pub computed_on: String,
+    pub ce_base: f64,
+    pub ce_baked: f64,
+    /// KL(base ‖ baked), nats per token.
+    pub kl: f64,
+    /// The recipe's `kl_budget`.
+    pub kl_budget: f64,
+}
+
+impl Cost {
+    /// The warning a bake over its KL budget prints, naming what finds a cheaper shift.
+    pub fn warning(&self) -> Option<String> {
+        (self.kl > self.kl_budget).then(|| {
+            format!(
+                "the shift costs KL {:.3} nats per token (CE {:.3} → {:.3}) on {}, over the recipe's kl_budget of {}: \
+                 the model is damaged as a language model. `bake search` finds the heads (K) and strength (α) that \
+                 buy the most truthfulness within the budget",
+                self.kl, self.ce_base, self.ce_baked, self.corpus, self.kl_budget
+            )
+        })
+    }
+
+    /// One line for a summary: `KL 0.052 nats/token, CE 3.471 → 3.519 (20 documents × 128 tokens)`.
+    pub fn summary(&self) -> String {
+        format!(
+            "KL {:.4} nats/token, CE {:.4} → {:.4} ({} documents × ≤{} tokens, budget {})",
+            self.kl, self.ce_base, self.ce_baked, self.documents, self.tokens_per_document, self.kl_budget
+        )
+    }
 }
 
 /// A base file whose sha256 differs from the one the manifest recorded.

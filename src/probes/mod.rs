@@ -2,6 +2,7 @@
 
 pub mod heatmap;
 pub mod logistic;
+pub mod mlp;
 pub mod report;
 
 use std::collections::BTreeMap;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::activations::Activations;
 use crate::data::prompts::Prompt;
 use crate::error::{BakeError, Result};
-use crate::recipe::DirectionKind;
+use crate::recipe::{DirectionKind, Method};
 use crate::rng::SeededRng;
 
 /// Questions (indices in multiple_choice order) used to train and to rank the probes.
@@ -100,7 +101,7 @@ fn head_major(acts: &Activations, rows: &[usize], layer: usize, layout: HeadLayo
 pub struct ProbeResults {
     /// `[layer][head]`.
     pub val_accuracy: Vec<Vec<f64>>,
-    /// Flat `layer * heads + head`.
+    /// Flat `layer * heads + head`; empty for MLP probes, which have no weight direction.
     pub probes: Vec<logistic::Probe>,
 }
 
@@ -109,9 +110,68 @@ pub const PROBE_C: f64 = 1.0;
 /// The stopping test of every probe: ‖∇f‖₂ on scikit-learn's objective (see [`logistic`]).
 pub const PROBE_TOLERANCE: f64 = 1e-6;
 
-/// Fits one logistic regression per head on the train questions' probe prompts and scores it on the
-/// validation questions' prompts. Layers run in parallel, each thread reusing its buffers.
-pub fn train_probes(acts: &Activations, prompts: &[Prompt], split: &Split, layout: HeadLayout) -> ProbeResults {
+/// Fits one probe per head on the train questions' probe prompts and scores it on the validation questions'
+/// prompts: a logistic regression for ITI, an MLP ([`mlp`], seeded by `seed`, the layer and the head) for
+/// NL-ITI.
+pub fn train_probes(
+    acts: &Activations,
+    prompts: &[Prompt],
+    split: &Split,
+    layout: HeadLayout,
+    (method, seed): (Method, u64),
+) -> ProbeResults {
+    match method {
+        Method::Iti => {
+            let fitted =
+                per_head(acts, prompts, split, layout, 1, |_, design, labels, scratch: &mut logistic::Scratch| {
+                    let d = layout.head_dim;
+                    logistic::fit_design(design, d, labels, PROBE_C, PROBE_TOLERANCE, scratch)
+                });
+            let val_accuracy = fitted.iter().map(|row| row.iter().map(|(_, a)| *a).collect()).collect();
+            ProbeResults { val_accuracy, probes: fitted.into_iter().flatten().map(|(p, _)| p).collect() }
+        }
+        Method::NlIti => {
+            let fitted =
+                per_head(acts, prompts, split, layout, 0, |head, features, labels, scratch: &mut mlp::Scratch| {
+                    let d = layout.head_dim;
+                    mlp::fit_from(mlp::initial_params_for(seed, head, d), features, labels, d, scratch)
+                });
+            ProbeResults {
+                val_accuracy: fitted.iter().map(|row| row.iter().map(|(_, a)| *a).collect()).collect(),
+                probes: Vec::new(),
+            }
+        }
+    }
+}
+
+/// What [`per_head`] can score on validation rows.
+trait Classifier {
+    fn accuracy(&self, features: &[f32], labels: &[bool]) -> f64;
+}
+
+impl Classifier for logistic::Probe {
+    fn accuracy(&self, features: &[f32], labels: &[bool]) -> f64 {
+        logistic::Probe::accuracy(self, features, labels)
+    }
+}
+
+impl Classifier for mlp::MlpProbe {
+    fn accuracy(&self, features: &[f32], labels: &[bool]) -> f64 {
+        mlp::MlpProbe::accuracy(self, features, labels)
+    }
+}
+
+/// `fit(head, train rows (each followed by `extra` ones), train labels, a thread's scratch)` for every head, each scored
+/// on the validation rows: `[layer][head]` of (probe, validation accuracy). Layers run in parallel, each thread
+/// reusing its buffers.
+fn per_head<P: Classifier + Send, S: Default>(
+    acts: &Activations,
+    prompts: &[Prompt],
+    split: &Split,
+    layout: HeadLayout,
+    extra: usize,
+    fit: impl Fn(Head, &[f32], &[bool], &mut S) -> P + Sync,
+) -> Vec<Vec<(P, f64)>> {
     let in_split = |questions: &[usize]| -> Vec<usize> {
         let wanted = question_mask(prompts, questions);
         (0..prompts.len()).filter(|&i| wanted[prompts[i].question]).collect()
@@ -121,28 +181,65 @@ pub fn train_probes(acts: &Activations, prompts: &[Prompt], split: &Split, layou
     let (train_labels, val_labels) = (labels(&train_rows), labels(&val_rows));
     let d = layout.head_dim;
     let (n_train, n_val) = (train_rows.len(), val_rows.len());
-    // Layer by layer in parallel; within a layer, head by head on one thread's buffers.
-    let per_layer: Vec<Vec<(logistic::Probe, f64)>> = (0..layout.layers)
+    let stride = (d + extra) * n_train;
+    (0..layout.layers)
         .into_par_iter()
         .map_init(
-            || (logistic::Scratch::default(), Vec::new(), Vec::new()),
+            || (S::default(), Vec::new(), Vec::new()),
             |(scratch, designs, features), layer| {
-                head_major(acts, &train_rows, layer, layout, 1, designs);
+                head_major(acts, &train_rows, layer, layout, extra, designs);
                 head_major(acts, &val_rows, layer, layout, 0, features);
                 (0..layout.heads)
                     .map(|h| {
-                        let design = &designs[h * n_train * (d + 1)..(h + 1) * n_train * (d + 1)];
-                        let probe = logistic::fit_design(design, d, &train_labels, PROBE_C, PROBE_TOLERANCE, scratch);
+                        let train = &designs[h * stride..(h + 1) * stride];
+                        let probe = fit(Head { layer, head: h }, train, &train_labels, scratch);
                         let accuracy = probe.accuracy(&features[h * n_val * d..(h + 1) * n_val * d], &val_labels);
                         (probe, accuracy)
                     })
                     .collect()
             },
         )
-        .collect();
-    let probes: Vec<(logistic::Probe, f64)> = per_layer.into_iter().flatten().collect();
-    let val_accuracy = probes.chunks(layout.heads).map(|c| c.iter().map(|(_, a)| *a).collect()).collect();
-    ProbeResults { val_accuracy, probes: probes.into_iter().map(|(p, _)| p).collect() }
+        .collect()
+}
+
+/// `out = A (m × k) · B (k × n)` in f32, `out` given with its row stride and each operand as (values, column
+/// stride, row stride): the one matrix product the probes' fits spend their time in (gemm's kernels).
+pub(crate) fn product(
+    (out, out_rs): (&mut [f32], usize),
+    (m, n, k): (usize, usize, usize),
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) {
+    let last = |(cs, rs): (usize, usize), rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(m > 0 && n > 0 && k > 0 && n <= out_rs);
+    assert!(
+        out.len() > last((1, out_rs), m, n) && a.0.len() > last((a.1, a.2), m, k) && b.0.len() > last((b.1, b.2), k, n)
+    );
+    // SAFETY: the assertions keep every element the strides reach inside its buffer; `out` does not overlap
+    // the operands (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_rs as isize,
+            false,
+            a.0.as_ptr(),
+            a.1 as isize,
+            a.2 as isize,
+            b.0.as_ptr(),
+            b.1 as isize,
+            b.2 as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// One attention head: its layer, and its index among the layer's heads. Every file writes it `[layer, head]`.

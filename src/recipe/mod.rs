@@ -36,6 +36,64 @@ pub enum DirectionKind {
     Random,
 }
 
+/// How heads or layers are ranked and shifted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Method {
+    /// Inference-Time Intervention (Li et al. 2023): a logistic probe per head ranks the heads, δ = α·σ·θ on
+    /// the top K.
+    #[default]
+    #[serde(rename = "iti")]
+    #[value(name = "iti")]
+    Iti,
+    /// Non-linear ITI (Samsung/NL-ITI, Interspeech 2024): an MLP probe per head ranks the heads, and the
+    /// activations are averaged over each prompt's last `tokens` tokens; the shift is ITI's.
+    #[serde(rename = "nl-iti")]
+    #[value(name = "nl-iti")]
+    NlIti,
+}
+
+impl Method {
+    pub const ALL: [Method; 2] = [Method::Iti, Method::NlIti];
+
+    /// The name recipes, flags and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Iti => "iti",
+            Method::NlIti => "nl-iti",
+        }
+    }
+
+    /// How many of a prompt's last tokens its activations average when the recipe does not say: NL-ITI's
+    /// published TruthfulQA setting probes the mean of the last 4.
+    pub fn default_tokens(self) -> usize {
+        match self {
+            Method::Iti => 1,
+            Method::NlIti => 4,
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == Method::default()
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The default `kl_budget`: KL(base ‖ baked) per token above which a bake warns.
+pub const DEFAULT_KL_BUDGET: f64 = 0.1;
+
+fn default_kl_budget() -> f64 {
+    DEFAULT_KL_BUDGET
+}
+
+fn is_default_kl_budget(v: &f64) -> bool {
+    *v == DEFAULT_KL_BUDGET
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSpec {
@@ -59,6 +117,14 @@ pub struct PromptSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
+    /// `iti` (the default) or `nl-iti`. Left out of the serialized recipe when it is the default, so recipes
+    /// (and their hashes) from before methods existed are unchanged.
+    #[serde(default, skip_serializing_if = "Method::is_default")]
+    pub method: Method,
+    /// The activations of a prompt are the mean over its last N tokens (null: the method's default, 1 for
+    /// `iti`, 4 for `nl-iti`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<usize>,
     pub dataset: DatasetSpec,
     pub prompts: PromptSpec,
     /// Number of heads to shift (K).
@@ -87,6 +153,9 @@ pub struct Recipe {
     /// The text corpus `bake eval` measures CE and KL on (null: none).
     #[serde(default)]
     pub corpus: Option<CorpusSpec>,
+    /// KL(base ‖ baked) per token, nats, above which a bake warns that it damages the model.
+    #[serde(default = "default_kl_budget", skip_serializing_if = "is_default_kl_budget")]
+    pub kl_budget: f64,
     /// Written by `bake search`: how K and α were chosen. A bake copies it into the model card and
     /// `bake.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,9 +243,25 @@ pub struct Overrides {
     pub dtype: Option<DtypeChoice>,
     pub direction: Option<DirectionKind>,
     pub corpus: Option<std::path::PathBuf>,
+    pub method: Option<Method>,
+    pub tokens: Option<usize>,
 }
 
 impl Recipe {
+    /// How a prompt's activations are read, for people: `last token` or `mean of the last N tokens`.
+    pub fn describe_tokens(&self) -> String {
+        match self.answer_tokens() {
+            1 => "last token".into(),
+            n => format!("mean of the last {n} tokens"),
+        }
+    }
+
+    /// How many of each prompt's last tokens its activations average: the recipe's `tokens`, or the method's
+    /// default.
+    pub fn answer_tokens(&self) -> usize {
+        self.tokens.unwrap_or(self.method.default_tokens())
+    }
+
     /// Reads a recipe file. A relative corpus path is taken relative to the recipe's folder.
     pub fn load(path: &Path) -> Result<Self> {
         let text = crate::io::fs::read_text(path, crate::io::fs::limits::RECIPE)?;
@@ -256,10 +341,30 @@ impl Recipe {
         if let Some(v) = o.direction {
             self.direction = v;
         }
+        if let Some(v) = o.method {
+            self.method = v;
+        }
+        if let Some(v) = o.tokens {
+            flag("tokens", &v, ranges::at_least_one(v))?;
+            self.tokens = Some(v);
+        }
         if let Some(v) = &o.corpus {
             self.corpus.get_or_insert_with(|| CorpusSpec::new(v.clone())).path = v.clone();
         }
+        if let Some(expected) = self.direction_conflict() {
+            return Err(BakeError::Invalid(format!(
+                "direction = {:?} with method {}: expected {expected}",
+                self.direction, self.method
+            )));
+        }
         Ok(())
+    }
+
+    /// What `direction` must be instead, when the method has no such direction.
+    fn direction_conflict(&self) -> Option<String> {
+        (self.method == Method::NlIti && self.direction == DirectionKind::Probe).then(|| {
+            "center_of_mass or random with method nl-iti (its MLP probe has no weight vector to shift along)".into()
+        })
     }
 
     /// Checks the ranges that types cannot express. `path` names the recipe in errors.
@@ -276,6 +381,18 @@ impl Recipe {
             );
         }
         field("batch_size", ranges::at_least_one(self.batch_size))?;
+        if let Some(expected) = self.direction_conflict() {
+            return field("direction", Err(expected));
+        }
+        if let Some(tokens) = self.tokens {
+            field(
+                "tokens",
+                ranges::at_least_one(tokens).map_err(|e| format!("{e}, or null for the method's default")),
+            )?;
+        }
+        if !(self.kl_budget > 0.0 && self.kl_budget.is_finite()) {
+            return field("kl_budget", Err(format!("a number > 0 (nats per token), found {}", self.kl_budget)));
+        }
         if let Some(limit) = self.limit {
             field("limit", ranges::at_least_one(limit).map_err(|e| format!("{e}, or null for all")))?;
         }

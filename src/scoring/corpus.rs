@@ -19,6 +19,12 @@ pub struct Corpus {
 /// Reads the file's documents (non-empty after trimming).
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     let text = crate::io::fs::read_text(path, crate::io::fs::limits::DATA)?;
+    parse_documents(path, &text)
+}
+
+/// The documents of a corpus file's text: jsonl lines' `text` fields, or blocks separated by blank lines.
+/// `path` says which and names the file in errors.
+fn parse_documents(path: &Path, text: &str) -> Result<Vec<String>> {
     let documents: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
         text.lines()
             .enumerate()
@@ -32,7 +38,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
             })
             .collect::<Result<_>>()?
     } else {
-        split_paragraphs(&text)
+        split_paragraphs(text)
     };
     let documents: Vec<String> = documents.into_iter().filter(|d| !d.trim().is_empty()).collect();
     if documents.is_empty() {
@@ -89,6 +95,21 @@ pub fn load(spec: &CorpusSpec, tokenizer: &TextTokenizer, seed: u64) -> Result<C
             &spec.path,
             "no document has the 2 tokens a next-token prediction needs, so no token can be scored",
         ));
+    }
+    Ok(corpus)
+}
+
+/// The built-in cost corpus ([`crate::data::builtin::COST_CORPUS`]): every document, in file order, each cut to
+/// `tokens` tokens.
+pub fn builtin(tokenizer: &TextTokenizer, tokens: usize) -> Result<Corpus> {
+    let path = Path::new("builtin/corpus/wikitext2_test_sample.jsonl");
+    let text = std::str::from_utf8(crate::data::builtin::COST_CORPUS).expect("the built-in corpus is UTF-8");
+    let mut corpus = Corpus { picked: Vec::new(), documents: Vec::new() };
+    for (i, document) in parse_documents(path, text)?.iter().enumerate() {
+        let mut ids = tokenizer.encode(document)?;
+        ids.truncate(tokens);
+        corpus.picked.push(i);
+        corpus.documents.push(ids);
     }
     Ok(corpus)
 }

@@ -4,6 +4,7 @@
 //! model (as biases or as the reference's hook), never by loading a second.
 
 pub mod corpus;
+pub mod cost;
 pub mod folds;
 pub mod logprobs;
 pub mod mc;

@@ -121,7 +121,7 @@ pub fn search(
     let folds: Vec<FoldState> = plans
         .into_iter()
         .map(|plan| {
-            let probes = pipeline::fit_probes(&plan.fit(&prepared));
+            let probes = pipeline::fit_probes(recipe, &plan.fit(&prepared));
             let mut order = plan.test.clone();
             let permutation = SeededRng::for_purpose(recipe.seed, "search-questions").permutation(order.len());
             order = permutation.iter().map(|&i| order[i]).collect();

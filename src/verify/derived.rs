@@ -81,7 +81,7 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
     let deltas = Deltas::from_layer_numbers(&report.delta, report.layers);
     from_report.extend(baked::activation_diff_files(&report, &deltas, width, d.manifest.dtype));
     if let Some(base) = &d.base {
-        let card_text = card::model_card(base.model, &report);
+        let card_text = card::model_card(base.model, &report, d.manifest.cost.as_ref());
         let card_text = match &d.manifest.evaluation {
             Some(section) => card::with_evaluation(&card_text, section),
             None => card_text,
@@ -119,6 +119,7 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
             inputs: expected_inputs(d, base)?,
             outputs: actual_outputs(d)?,
             evaluation: d.manifest.evaluation.clone(),
+            cost: d.manifest.cost.clone(),
         },
     );
     let _ = compare(MANIFEST, manifest.to_text().as_bytes(), d, found);

@@ -25,6 +25,8 @@
 //!
 //! [`reference::fit`] is the direct scalar version of the same method, kept to check this one against.
 
+use super::product;
+
 /// A fitted probe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
@@ -51,7 +53,7 @@ impl Probe {
 
 /// log(1 + eˣ) without overflow.
 #[inline(always)]
-fn softplus(x: f64) -> f64 {
+pub(super) fn softplus(x: f64) -> f64 {
     if x > 0.0 {
         x + (-x).exp().ln_1p()
     } else {
@@ -60,7 +62,7 @@ fn softplus(x: f64) -> f64 {
 }
 
 #[inline(always)]
-fn sigmoid(x: f64) -> f64 {
+pub(super) fn sigmoid(x: f64) -> f64 {
     if x >= 0.0 {
         1.0 / (1.0 + (-x).exp())
     } else {
@@ -410,36 +412,17 @@ fn weighted_gram(design: &[f32], scratch: &mut Scratch, n: usize, cols: usize, c
     }
     // The product is symmetric: only the blocks on and below the diagonal are computed (in two column
     // blocks, three quarters of the work), the rest is mirrored.
-    let w = scratch.weighted.as_ptr();
     let split = cols.div_ceil(2);
     for (first, last) in [(0, split), (split, cols)] {
-        // SAFETY: `weighted` holds n × cols values and `hessian` cols × cols. The call multiplies rows
-        // first..cols of Wᵀ (cols × n, read from the row-major W with column stride `cols`) by columns
-        // first..last of W into rows first..cols, columns first..last of the row-major destination; every
-        // pointer and stride stays inside those buffers.
-        unsafe {
-            gemm::gemm(
-                cols - first,
-                last - first,
-                n,
-                scratch.hessian.as_mut_ptr().add(first * cols + first),
-                1,
-                cols as isize,
-                false,
-                w.add(first),
-                cols as isize,
-                1,
-                w.add(first),
-                1,
-                cols as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // Rows first..cols of Wᵀ (W read with its strides swapped) times columns first..last of W, into the
+        // same block of the row-major destination.
+        let w = &scratch.weighted[first..];
+        product(
+            (&mut scratch.hessian[first * cols + first..], cols),
+            (cols - first, last - first, n),
+            (w, cols, 1),
+            (w, 1, cols),
+        );
     }
     for i in 0..split {
         for j in split..cols {
