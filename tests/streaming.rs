@@ -146,7 +146,13 @@ fn without_a_budget_the_machines_memory_picks_the_mode_and_no_byte_changes() {
         let run = bake(available, &[&extra[..], &["--out", out.to_str().unwrap()]].concat());
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(run.status.success() && stderr.contains(mode), "{name}: {stderr}");
-        bake_files(&out)
+        // The cost is measured only where its scoring pass fits: not within the streamed estimate of this
+        // tiny model with a 49,152-token vocabulary (its logits outweigh the weights), so the card and bake.json,
+        // which carry it, are compared apart from the rest.
+        let mut files = bake_files(&out);
+        files.remove("README.md");
+        files.remove("bake.json");
+        files
     })
     .collect();
     assert!(folders[0].len() > 10);

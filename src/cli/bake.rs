@@ -87,17 +87,18 @@ pub fn run(args: &BakeArgs, quiet: bool) -> Result<()> {
     let write_started = Instant::now();
     let sharding = args.max_shard_size.map_or(Sharding::KeepBase, Sharding::MaxBytes);
     let options = BakeOptions { sharding };
-    let written = bake::export::baked::write_baked(&outcome.bake_input(&model, Some(&cost)), staging, &options, &bars)?;
+    let written =
+        bake::export::baked::write_baked(&outcome.bake_input(&model, cost.as_ref()), staging, &options, &bars)?;
     let write_seconds = write_started.elapsed().as_secs_f64();
     // A damaging shift is a warning, which --quiet does not hide (after the write's own, about runtimes).
-    if let Some(warning) = cost.warning() {
+    if let Some(warning) = cost.as_ref().and_then(Cost::warning) {
         bars.warn(&warning);
     }
     bars.stage("done");
     note_leftover(&written.published, &bars);
     print_heads(&outcome);
     let seconds = Seconds { cost: cost_seconds, write: write_seconds, total: bars.started.elapsed().as_secs_f64() };
-    print_bake_summary(args, (&outcome, &cost), &written, model.config.family, seconds);
+    print_bake_summary(args, (&outcome, cost.as_ref()), &written, model.config.family, seconds);
     Ok(())
 }
 
@@ -138,7 +139,7 @@ struct Seconds {
 /// next.
 fn print_bake_summary(
     args: &BakeArgs,
-    (outcome, cost): (&pipeline::ProbeOutcome, &Cost),
+    (outcome, cost): (&pipeline::ProbeOutcome, Option<&Cost>),
     written: &bake::export::baked::BakeWritten,
     family: Family,
     seconds: Seconds,
@@ -162,7 +163,10 @@ fn print_bake_summary(
     println!("  heads (K)    {} of {}", report.heads.len(), report.layers * report.heads_per_layer);
     println!("  alpha        {}", report.recipe.alpha);
     println!("  method       {} ({})", report.recipe.method, report.recipe.describe_tokens());
-    println!("  cost         {}", cost.summary());
+    match cost {
+        Some(cost) => println!("  cost         {}", cost.summary()),
+        None => println!("  cost         not measured (see the warning above)"),
+    }
     println!(
         "  questions    {} ({} probe prompts, {} tuning prompts)",
         outcome.questions, report.probe_prompts, report.tuning_prompts
@@ -171,7 +175,7 @@ fn print_bake_summary(
     for verdict in runtimes::verdicts(family) {
         println!("  runtime      {}", verdict.summary());
     }
-    for warning in runtimes::warning(family).into_iter().chain(cost.warning()) {
+    for warning in runtimes::warning(family).into_iter().chain(cost.and_then(Cost::warning)) {
         println!("warning: {warning}");
     }
     println!();

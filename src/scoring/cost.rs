@@ -19,16 +19,17 @@ use crate::recipe::Recipe;
 /// Tokens per document of the built-in sample (its 20 documents hold about 350 each).
 pub const BUILTIN_TOKENS: usize = 128;
 
-/// Measures the cost of shifting `model` by `deltas`: the corpus is read, the run planned within its budget
-/// (refused, naming both estimates, when the model fits neither resident nor streamed), then the base runs
-/// once plain and once with the bake's o_proj biases.
+/// Measures the cost of shifting `model` by `deltas`: the corpus is read, the run planned within its budget,
+/// then the base runs once plain and once with the bake's o_proj biases. When the plan does not fit the budget
+/// (the vocabulary's logits can outweigh a small model), the bake goes on without its cost: `None`, and a
+/// warning naming both estimates.
 pub fn measure(
     model: &ModelFiles,
     recipe: &Recipe,
     deltas: &Deltas,
     run: &Resolved,
     progress: &dyn Progress,
-) -> Result<Cost> {
+) -> Result<Option<Cost>> {
     progress.stage("cost: CE and KL");
     let tokenizer = model.tokenizer()?;
     let (corpus, name, tokens) = match &recipe.corpus {
@@ -40,7 +41,13 @@ pub fn measure(
     let pad_id = model.config.pad_id();
     let size = logprobs::language_pass(&[Variant::plain()], &documents, recipe.batch_size, pad_id, device)?.size();
     let rate = crate::activations::plan::measure_matmul_rate(&model.config, &run.compute).ok();
-    let plan = plan::plan(model, &run.compute, &[size], rate, run.budget())?;
+    let plan = match plan::plan(model, &run.compute, &[size], rate, run.budget()) {
+        Ok(plan) => plan,
+        Err(e) => {
+            progress.warn(&format!("the bake's cost (CE and KL) is not measured: {e}"));
+            return Ok(None);
+        }
+    };
     progress.note(&format!("cost: {}", plan.describe()));
     let biases = baked_biases(model, deltas, device, dtype)?;
     let runner = Runner::load(model, device, dtype, plan.estimate.mode)?;
@@ -52,7 +59,7 @@ pub fn measure(
         pad_id,
         progress,
     )?;
-    Ok(Cost {
+    Ok(Some(Cost {
         corpus: name,
         documents: documents.len(),
         tokens_per_document: tokens,
@@ -61,7 +68,7 @@ pub fn measure(
         ce_baked: edited[0].ce,
         kl: edited[0].kl,
         kl_budget: recipe.kl_budget,
-    })
+    }))
 }
 
 /// Every shifted layer's o_proj bias as the bake writes it (W_o · δ plus any bias of the base, rounded to the
