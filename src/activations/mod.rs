@@ -138,20 +138,15 @@ impl PackedPrompts {
             .map(|chunk| {
                 let sequences: Vec<&[u32]> = chunk.iter().map(|&i| tokens[i].as_slice()).collect();
                 let (batch, last) = Batch::prefix_tree(&sequences, device)?;
-                let (capture, counts) = match answer_tokens {
-                    1 => (last, vec![1; chunk.len()]),
-                    n => {
-                        let tails: Vec<Vec<usize>> = last
-                            .iter()
-                            .map(|&l| {
-                                let path = batch.tree_path(l);
-                                path[path.len().saturating_sub(n)..].to_vec()
-                            })
-                            .collect();
-                        (tails.concat(), tails.iter().map(Vec::len).collect())
-                    }
-                };
-                Ok(PackedBatch { prompts: chunk.to_vec(), capture, counts, batch })
+                let tails: Vec<Vec<usize>> = last
+                    .iter()
+                    .map(|&l| {
+                        let path = batch.tree_path(l);
+                        path[path.len().saturating_sub(answer_tokens)..].to_vec()
+                    })
+                    .collect();
+                let counts = tails.iter().map(Vec::len).collect();
+                Ok(PackedBatch { prompts: chunk.to_vec(), capture: tails.concat(), counts, batch })
             })
             .collect::<Result<_>>()?;
         Ok(PackedPrompts { batches })
@@ -214,7 +209,7 @@ fn store(out: &mut Activations, packed: &PackedBatch, layer: usize, captured: &T
 }
 
 /// The element-wise mean of equally long rows, summed in f64.
-pub fn mean_of_rows(rows: &[&Vec<f32>]) -> Vec<f32> {
+fn mean_of_rows(rows: &[&Vec<f32>]) -> Vec<f32> {
     let width = rows.first().map_or(0, |r| r.len());
     let n = rows.len() as f64;
     (0..width).map(|i| (rows.iter().map(|r| r[i] as f64).sum::<f64>() / n) as f32).collect()
@@ -246,22 +241,39 @@ pub fn pass_inputs(recipe: &crate::recipe::Recipe, tokenizer: &TextTokenizer) ->
     })
 }
 
-/// Runs every packed prompt and captures the o_proj inputs at its last token, with the whole model resident.
-/// Rows come back in the prompts' order.
+/// Runs every packed prompt and captures the o_proj inputs at its last token (or their mean over its last
+/// tokens), with the whole model resident. Rows come back in the prompts' order.
 pub fn capture(model: &Llama, prompts: &PackedPrompts, progress: &dyn Progress) -> Result<Activations> {
     let c = &model.config;
     let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.attn_width());
     progress.start(out.rows as u64, "prompts");
+    run_resident(
+        model,
+        prompts,
+        |packed, layer, captured| store(&mut out, packed, layer, captured),
+        |packed| progress.advance(packed.prompts.len() as u64),
+    )?;
+    progress.finish();
+    Ok(out)
+}
+
+/// Runs every packed batch through the resident model: `sink(batch, layer, captured)` receives each layer's
+/// o_proj inputs at the batch's captured tokens, `done(batch)` follows each batch.
+fn run_resident(
+    model: &Llama,
+    prompts: &PackedPrompts,
+    mut sink: impl FnMut(&PackedBatch, usize, &Tensor) -> Result<()>,
+    mut done: impl FnMut(&PackedBatch),
+) -> Result<()> {
     for packed in &prompts.batches {
         let output =
             model.forward(&packed.batch, &Request { capture_at: Some(&packed.capture), ..Default::default() })?;
         for (layer, captured) in output.o_proj_inputs.iter().enumerate() {
-            store(&mut out, packed, layer, captured)?;
+            sink(packed, layer, captured)?;
         }
-        progress.advance(packed.prompts.len() as u64);
+        done(packed);
     }
-    progress.finish();
-    Ok(out)
+    Ok(())
 }
 
 /// The same pass without the mean: every captured token's o_proj inputs as a row of its own (each prompt's
@@ -277,17 +289,15 @@ pub fn capture_each_token(model: &Llama, prompts: &PackedPrompts) -> Result<(Act
     }
     let first_row: Vec<usize> = counts.iter().scan(0, |next, &n| Some(std::mem::replace(next, *next + n))).collect();
     let mut out = Activations::zeros(counts.iter().sum(), c.num_layers, c.attn_width());
-    for packed in &prompts.batches {
-        let output =
-            model.forward(&packed.batch, &Request { capture_at: Some(&packed.capture), ..Default::default() })?;
-        let rows: Vec<usize> = packed.prompts.iter().flat_map(|&p| first_row[p]..first_row[p] + counts[p]).collect();
-        for (layer, captured) in output.o_proj_inputs.iter().enumerate() {
-            let values: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
-            for (&row, v) in rows.iter().zip(&values) {
-                out.set_layer_row(row, layer, v);
-            }
+    let sink = |packed: &PackedBatch, layer, captured: &Tensor| {
+        let rows = packed.prompts.iter().flat_map(|&p| first_row[p]..first_row[p] + counts[p]);
+        let values: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
+        for (row, v) in rows.zip(&values) {
+            out.set_layer_row(row, layer, v);
         }
-    }
+        Ok(())
+    };
+    run_resident(model, prompts, sink, |_| {})?;
     Ok((out, counts))
 }
 

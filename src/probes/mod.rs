@@ -122,24 +122,20 @@ pub fn train_probes(
 ) -> ProbeResults {
     match method {
         Method::Iti => {
-            let fitted =
+            let (val_accuracy, probes) =
                 per_head(acts, prompts, split, layout, 1, |_, design, labels, scratch: &mut logistic::Scratch| {
                     let d = layout.head_dim;
                     logistic::fit_design(design, d, labels, PROBE_C, PROBE_TOLERANCE, scratch)
                 });
-            let val_accuracy = fitted.iter().map(|row| row.iter().map(|(_, a)| *a).collect()).collect();
-            ProbeResults { val_accuracy, probes: fitted.into_iter().flatten().map(|(p, _)| p).collect() }
+            ProbeResults { val_accuracy, probes }
         }
         Method::NlIti => {
-            let fitted =
+            let (val_accuracy, _) =
                 per_head(acts, prompts, split, layout, 0, |head, features, labels, scratch: &mut mlp::Scratch| {
                     let d = layout.head_dim;
                     mlp::fit_from(mlp::initial_params_for(seed, head, d), features, labels, d, scratch)
                 });
-            ProbeResults {
-                val_accuracy: fitted.iter().map(|row| row.iter().map(|(_, a)| *a).collect()).collect(),
-                probes: Vec::new(),
-            }
+            ProbeResults { val_accuracy, probes: Vec::new() }
         }
     }
 }
@@ -161,9 +157,9 @@ impl Classifier for mlp::MlpProbe {
     }
 }
 
-/// `fit(head, train rows (each followed by `extra` ones), train labels, a thread's scratch)` for every head, each scored
-/// on the validation rows: `[layer][head]` of (probe, validation accuracy). Layers run in parallel, each thread
-/// reusing its buffers.
+/// `fit(head, train rows (each followed by `extra` ones), train labels, a thread's scratch)` for every head,
+/// each scored on the validation rows: the validation accuracies `[layer][head]` and the probes, flat
+/// `layer * heads + head`. Layers run in parallel, each thread reusing its buffers.
 fn per_head<P: Classifier + Send, S: Default>(
     acts: &Activations,
     prompts: &[Prompt],
@@ -171,7 +167,7 @@ fn per_head<P: Classifier + Send, S: Default>(
     layout: HeadLayout,
     extra: usize,
     fit: impl Fn(Head, &[f32], &[bool], &mut S) -> P + Sync,
-) -> Vec<Vec<(P, f64)>> {
+) -> (Vec<Vec<f64>>, Vec<P>) {
     let in_split = |questions: &[usize]| -> Vec<usize> {
         let wanted = question_mask(prompts, questions);
         (0..prompts.len()).filter(|&i| wanted[prompts[i].question]).collect()
@@ -182,7 +178,7 @@ fn per_head<P: Classifier + Send, S: Default>(
     let d = layout.head_dim;
     let (n_train, n_val) = (train_rows.len(), val_rows.len());
     let stride = (d + extra) * n_train;
-    (0..layout.layers)
+    let fitted: Vec<Vec<(P, f64)>> = (0..layout.layers)
         .into_par_iter()
         .map_init(
             || (S::default(), Vec::new(), Vec::new()),
@@ -196,10 +192,12 @@ fn per_head<P: Classifier + Send, S: Default>(
                         let accuracy = probe.accuracy(&features[h * n_val * d..(h + 1) * n_val * d], &val_labels);
                         (probe, accuracy)
                     })
-                    .collect()
+                    .collect::<Vec<_>>()
             },
         )
-        .collect()
+        .collect::<Vec<_>>();
+    let val_accuracy = fitted.iter().map(|row| row.iter().map(|(_, a)| *a).collect()).collect();
+    (val_accuracy, fitted.into_iter().flatten().map(|(p, _)| p).collect())
 }
 
 /// `out = A (m × k) · B (k × n)` in f32, `out` given with its row stride and each operand as (values, column

@@ -53,8 +53,6 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 2] = [Method::Iti, Method::NlIti];
-
     /// The name recipes, flags and reports use.
     pub fn name(self) -> &'static str {
         match self {
@@ -83,7 +81,10 @@ impl std::fmt::Display for Method {
     }
 }
 
-/// The default `kl_budget`: KL(base ‖ baked) per token above which a bake warns.
+/// The default `kl_budget`: KL(base ‖ baked) per token, in nats, above which a bake warns, and the budget
+/// `bake search` keeps within. The reference's own ITI runs sit between 0.06 and 1.08 (its Llama-2-7B-chat at
+/// the defaults: 0.65, with CE 2.51 → 2.82, a visible loss of fluency); 0.1 keeps the next-token distribution
+/// on ordinary text close to the base's while leaving room for a useful shift.
 pub const DEFAULT_KL_BUDGET: f64 = 0.1;
 
 fn default_kl_budget() -> f64 {

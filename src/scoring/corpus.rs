@@ -78,18 +78,8 @@ pub fn load(spec: &CorpusSpec, tokenizer: &TextTokenizer, seed: u64) -> Result<C
         )));
     }
     let texts = read_documents(&spec.path)?;
-    let mut corpus = Corpus { picked: Vec::new(), documents: Vec::new() };
-    for i in SeededRng::for_purpose(seed, "corpus").permutation(texts.len()) {
-        if corpus.documents.len() == spec.documents {
-            break;
-        }
-        let mut ids = tokenizer.encode(&texts[i])?;
-        ids.truncate(spec.tokens);
-        if ids.len() >= 2 {
-            corpus.picked.push(i);
-            corpus.documents.push(ids);
-        }
-    }
+    let order = SeededRng::for_purpose(seed, "corpus").permutation(texts.len());
+    let corpus = cut(&texts, order, spec.documents, spec.tokens, tokenizer)?;
     if corpus.documents.is_empty() {
         return Err(BakeError::content(
             &spec.path,
@@ -99,19 +89,37 @@ pub fn load(spec: &CorpusSpec, tokenizer: &TextTokenizer, seed: u64) -> Result<C
     Ok(corpus)
 }
 
+/// The first `wanted` documents of `texts` in `order` that have the 2 tokens a next-token prediction needs,
+/// each tokenized and cut to `tokens` tokens.
+fn cut(
+    texts: &[String],
+    order: impl IntoIterator<Item = usize>,
+    wanted: usize,
+    tokens: usize,
+    tokenizer: &TextTokenizer,
+) -> Result<Corpus> {
+    let mut corpus = Corpus { picked: Vec::new(), documents: Vec::new() };
+    for i in order {
+        if corpus.documents.len() == wanted {
+            break;
+        }
+        let mut ids = tokenizer.encode(&texts[i])?;
+        ids.truncate(tokens);
+        if ids.len() >= 2 {
+            corpus.picked.push(i);
+            corpus.documents.push(ids);
+        }
+    }
+    Ok(corpus)
+}
+
 /// The built-in cost corpus ([`crate::data::builtin::COST_CORPUS`]): every document, in file order, each cut to
 /// `tokens` tokens.
 pub fn builtin(tokenizer: &TextTokenizer, tokens: usize) -> Result<Corpus> {
     let path = Path::new("builtin/corpus/wikitext2_test_sample.jsonl");
     let text = std::str::from_utf8(crate::data::builtin::COST_CORPUS).expect("the built-in corpus is UTF-8");
-    let mut corpus = Corpus { picked: Vec::new(), documents: Vec::new() };
-    for (i, document) in parse_documents(path, text)?.iter().enumerate() {
-        let mut ids = tokenizer.encode(document)?;
-        ids.truncate(tokens);
-        corpus.picked.push(i);
-        corpus.documents.push(ids);
-    }
-    Ok(corpus)
+    let texts = parse_documents(path, text)?;
+    cut(&texts, 0..texts.len(), texts.len(), tokens, tokenizer)
 }
 
 #[cfg(test)]

@@ -10,10 +10,8 @@ use crate::scoring::ScoreOptions;
 /// The default grid: the reference's K = 48, α = 15 inside the range its users swept by hand.
 pub const DEFAULT_HEADS: [usize; 6] = [8, 16, 32, 48, 64, 96];
 pub const DEFAULT_ALPHAS: [f64; 7] = [0.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0];
-/// KL(base ‖ edited) per token, in nats. The reference's own ITI runs sit between 0.06 and 1.08 (its
-/// Llama-2-7B-chat at the defaults: 0.65, with CE 2.51 → 2.82, a visible loss of fluency); 0.1 keeps the
-/// next-token distribution on ordinary text close to the base's while leaving room for a useful shift.
-pub const DEFAULT_KL_BUDGET: f64 = 0.1;
+/// The search's default budget is the one a bake warns over.
+pub use crate::recipe::DEFAULT_KL_BUDGET;
 /// Documents of the corpus sample the KL screen runs on.
 pub const SCREEN_DOCUMENTS: usize = 10;
 /// Fewest held-out questions per fold a rung scores: below that, a mean MC2 says little.
