@@ -26,6 +26,7 @@ fn main() {
         chosen: &chosen,
         title: "Probe validation accuracy per attention head".into(),
         subtitle: format!("{} · synthetic accuracies · K = {k} heads outlined", args[4]),
+        columns: "attention head",
     };
     let prefix = PathBuf::from(&args[0]);
     for (path, written) in [

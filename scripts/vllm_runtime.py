@@ -4,7 +4,7 @@ transformers' (run by scripts/check-runtimes.sh in its vLLM venv; not part of CI
 Usage: vllm_runtime.py NAME BASE_DIR BAKED_DIR
 Prints one JSON line: vLLM's and transformers' versions, the largest difference between vLLM and transformers on
 the base and on the bake (over the top-20 tokens vLLM returns at every prompt position), how far the bake
-moves those log-probabilities in each, whether vLLM's log said it ignored an o_proj bias, and the verdict:
+moves those log-probabilities in each, whether vLLM's log said it ignored an o_proj or down_proj bias, and the verdict:
 `applies` (vLLM moves as transformers does), `drops` (vLLM's bake equals its base) or `differs`.
 """
 import json
@@ -51,7 +51,7 @@ def run_vllm(folder, ids):
         if done.returncode != 0:
             sys.exit(f"vLLM failed on {folder}:\n{done.stderr[-4000:]}")
         log = done.stdout + done.stderr
-        ignored = [line for line in log.splitlines() if "Ignoring" in line and "o_proj.bias" in line]
+        ignored = [line for line in log.splitlines() if "Ignoring" in line and ("o_proj.bias" in line or "down_proj.bias" in line)]
         # JSON keys are strings: token ids back to ints.
         logprobs = [[{int(t): lp for t, lp in pos.items()} for pos in prompt] for prompt in json.load(open(answer.name))]
         return logprobs, ignored
@@ -95,7 +95,7 @@ def main():
     else:
         verdict = "differs"
     print(json.dumps({"model": name, "vllm": vllm.__version__, "transformers": transformers.__version__,
-                      **{k: round(v, 6) for k, v in worst.items()}, "log_ignored_o_proj_bias": len(ignored),
+                      **{k: round(v, 6) for k, v in worst.items()}, "log_ignored_bias": len(ignored),
                       "verdict": verdict}))
 
 

@@ -115,7 +115,7 @@ pub fn inspect(model: &ModelFiles) -> Inspection {
         folder: model.location.dir.display().to_string(),
         family: c.family,
         architecture: c.family.architecture(),
-        runtimes: crate::export::runtimes::verdicts(c.family),
+        runtimes: crate::export::runtimes::verdicts(c.family, crate::model::Site::AttentionHeads),
         runtime_warning: crate::export::runtimes::warning(c.family),
         layers: c.num_layers,
         heads: c.num_heads,

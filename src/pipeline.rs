@@ -12,11 +12,13 @@ use crate::error::{IoContext, Result};
 use crate::export::baked::BakeInput;
 use crate::export::manifest::Cost;
 use crate::io::output::{self, Ownership, Protected, Published, Request, Staging, Target};
+use crate::model::config::Family;
+use crate::model::Site;
 use crate::model::{pick_device, pick_dtype, ModelFiles};
 use crate::probes::report::ProbeReport;
 use crate::probes::{self, Deltas, Head, HeadLayout, HeadShift, ProbeResults, ShiftInputs, Split};
 use crate::progress::{Laps, Progress};
-use crate::recipe::{BatchTokens, Recipe};
+use crate::recipe::{BatchTokens, Method, Recipe};
 
 /// How a run may use the machine, beyond the recipe.
 pub struct RunOptions {
@@ -101,9 +103,25 @@ pub struct Prepared {
     pub timings: BTreeMap<String, f64>,
 }
 
-/// The recipe's K against the model's heads (layers × heads per layer).
+/// The recipe's K against the units its method shifts (heads, or layers for `residual`), and the method
+/// against what the model's family can carry.
 pub fn check_recipe_heads(model: &ModelFiles, recipe: &Recipe) -> Result<()> {
-    probes::check_head_count(recipe.heads, model.config.num_layers * model.config.num_heads)
+    check_method(model, recipe.method)?;
+    let layout = HeadLayout::at(recipe.method.site(), &model.config);
+    probes::check_head_count(recipe.heads, layout.layers * layout.heads)
+}
+
+/// Refuses a method whose bias the model's transformers class would not read.
+pub fn check_method(model: &ModelFiles, method: Method) -> Result<()> {
+    let family = model.config.family.baked_as();
+    if method.site() == Site::Residual && family == Family::Qwen3 {
+        return Err(crate::BakeError::Invalid(format!(
+            "{}: method `residual` writes down_proj biases, and transformers' {} MLP has none (it would drop them);              use method `iti` or `nl-iti` with this model",
+            model.config.path.display(),
+            family.architecture()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the number of questions, then loads the data, builds the prompts and runs (or reuses) the activation
@@ -112,7 +130,7 @@ pub fn check_recipe_heads(model: &ModelFiles, recipe: &Recipe) -> Result<()> {
 pub fn prepare(model: &ModelFiles, recipe: &Recipe, run: &Resolved, progress: &dyn Progress) -> Result<Prepared> {
     let mut timings = Laps::start();
     let c = &model.config;
-    let layout = HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim };
+    let layout = HeadLayout::at(recipe.method.site(), c);
 
     progress.stage("data");
     let dataset = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit)?;
@@ -251,6 +269,7 @@ fn activations_for(
 ) -> Result<(Activations, Activations, bool)> {
     // One pass and one cache entry for both sets, split afterwards.
     let texts = prompts.texts();
+    let unit_width = HeadLayout::at(recipe.method.site(), &model.config).head_dim;
     let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
     let (compute, batch_tokens) = (&run.compute, run.batch_tokens);
     let key = cache::CacheKey {
@@ -260,6 +279,7 @@ fn activations_for(
         dtype: compute.dtype_name(),
         batch_tokens,
         answer_tokens: recipe.answer_tokens(),
+        site: recipe.method.site(),
         model_hashes: &hashes,
         dataset_fingerprint: &dataset.fingerprint(),
         templates: &[&recipe.prompts.probe, &recipe.prompts.tuning],
@@ -274,8 +294,8 @@ fn activations_for(
                 progress.note(&format!("activations: reused {}", path.display()));
                 let tuning = sets.pop().expect("two sets");
                 let probe = sets.pop().expect("two sets");
-                check_finite(&probe, &texts, model.config.head_dim)?;
-                check_finite(&tuning, &texts[prompts.probe.len()..], model.config.head_dim)?;
+                check_finite(&probe, &texts, unit_width)?;
+                check_finite(&tuning, &texts[prompts.probe.len()..], unit_width)?;
                 return Ok((probe, tuning, true));
             }
             Ok(None) => {}
@@ -287,11 +307,12 @@ fn activations_for(
     let plan = plan_for(model, &packed, prompts.probe.len(), run)?;
     progress.note(&format!("activations: {}", plan.describe()));
     let Compute { device, dtype } = compute;
+    let site = recipe.method.site();
     let acts = match plan.estimate.mode {
-        Mode::Resident => activations::capture(&model.load_as(device, *dtype)?, &packed, progress)?,
-        Mode::Streamed => activations::capture_streamed(model, device, *dtype, &packed, progress)?,
+        Mode::Resident => activations::capture(&model.load_as(device, *dtype)?, &packed, site, progress)?,
+        Mode::Streamed => activations::capture_streamed(model, (device, *dtype), site, &packed, progress)?,
     };
-    check_finite(&acts, &texts, model.config.head_dim)?;
+    check_finite(&acts, &texts, unit_width)?;
     let (probe, tuning) = acts.split_rows(prompts.probe.len());
     if let Some(path) = &cache_path {
         if let Err(e) = cache::store(path, &[("probe", &probe), ("tuning", &tuning)], &key) {
@@ -321,8 +342,8 @@ fn check_finite(acts: &Activations, texts: &[&str], head_dim: usize) -> Result<(
     let Some((row, layer, index, value)) = acts.first_non_finite() else { return Ok(()) };
     let text: String = texts.get(row).map(|t| t.chars().take(80).collect()).unwrap_or_default();
     Err(crate::BakeError::NotFinite(format!(
-        "the activation pass produced {value} at layer {layer}, head {} for prompt {row} (`{text}`): the model's \
-         weights or config.json hold a non-finite or extreme value",
+        "the activation pass produced {value} at layer {layer}, unit {} (head, or 0 for the residual stream) for \
+         prompt {row} (`{text}`): the model's weights or config.json hold a non-finite or extreme value",
         index / head_dim
     )))
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use bake::model::{Batch, Checkpoint, ModelFiles, Request, Shift};
+use bake::model::{Batch, Checkpoint, ModelFiles, Request, Shift, Site};
 use bake::progress::Silent;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -35,14 +35,15 @@ fn bake_ok(model: &Path, out: &Path, extra: &[&str]) {
     assert!(output.status.success(), "bake failed: {}", String::from_utf8_lossy(&output.stderr));
 }
 
-/// Last-position logits of bake's own forward: on `model_dir`, with `shift` added at every o_proj input.
-fn bake_logits(model_dir: &Path, prompts: &[Vec<u32>], shift: Option<&Shift>) -> Vec<Vec<f32>> {
+/// Last-position logits of bake's own forward: on `model_dir`, with `shift` added at every position of its site.
+fn bake_logits(model_dir: &Path, prompts: &[Vec<u32>], shift: Option<(Site, &Shift)>) -> Vec<Vec<f32>> {
     let model = ModelFiles::open(model_dir.to_str().unwrap()).unwrap().load(&Device::Cpu).unwrap();
     prompts
         .iter()
         .map(|p| {
             let batch = Batch::right_padded(std::slice::from_ref(p), 0, &Device::Cpu).unwrap();
-            let out = model.forward(&batch, &Request { logits: true, shift, ..Default::default() }).unwrap();
+            let (site, shift) = shift.map_or((Site::default(), None), |(site, s)| (site, Some(s)));
+            let out = model.forward(&batch, &Request { logits: true, site, shift, ..Default::default() }).unwrap();
             out.logits.unwrap().get(0).unwrap().get(p.len() - 1).unwrap().to_vec1().unwrap()
         })
         .collect()
@@ -75,9 +76,9 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     common::zip_exact(a, b).map(|(x, y)| common::max_abs_diff(x, y)).fold(0.0, f32::max)
 }
 
-/// Bakes `base`, verifies the output, and checks it against the hooked base in bake and in transformers and
-/// pyvene; returns the temporary folder holding `baked/`.
-fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) -> tempfile::TempDir {
+/// Bakes `base`, verifies the output, and checks it against the base with δ hooked at `site`, in bake and in
+/// transformers (a plain torch hook), and against pyvene; returns the temporary folder holding `baked/`.
+fn check_baked_model(base: &Path, site: Site, extra: &[&str], own_tolerance: f32) -> tempfile::TempDir {
     let out_root = tempfile::tempdir().unwrap();
     let out = out_root.path().join("baked");
     bake_ok(base, &out, extra);
@@ -101,7 +102,7 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) -> tempfil
         .map(|d| d.map(|values| Tensor::new(values, &Device::Cpu).unwrap()))
         .collect();
     let shift = Shift { per_layer, from_position: None };
-    let hooked = bake_logits(base, &prompts, Some(&shift));
+    let hooked = bake_logits(base, &prompts, Some((site, &shift)));
     let baked_own = bake_logits(&out, &prompts, None);
     let base_own = bake_logits(base, &prompts, None);
     let hook_vs_bias = max_diff(&hooked, &baked_own);
@@ -123,6 +124,12 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) -> tempfil
     assert!(same_weights <= 1e-4, "transformers and bake disagree on the baked model by {same_weights}");
     assert!(diff <= own_tolerance.max(1e-4), "transformers(baked) vs bake hooked: {diff}");
     assert!(max_diff(&transformers_baked, &floats(&reference["base_logits"])) > 1e-3);
+    // Independent of bake's forward: transformers' base with δ added by a torch hook where the diff names it.
+    let torch_hooked = max_diff(&transformers_baked, &floats(&reference["hooked_logits"]));
+    assert!(
+        torch_hooked <= own_tolerance.max(1e-4),
+        "transformers(baked) vs transformers(base + hooked δ): {torch_hooked}"
+    );
     assert_eq!(reference["pyvene_tokens"], reference["baked_tokens"], "pyvene generation differs from the baked model");
     out_root
 }
@@ -131,7 +138,40 @@ fn check_baked_model(base: &Path, extra: &[&str], own_tolerance: f32) -> tempfil
 #[cfg_attr(not(all(fixture_shared, fixture_python)), ignore = "needs BAKE_SHARED and BAKE_PYTHON (see tests/common)")]
 fn tiny_gqa_bake_loads_in_transformers_and_pyvene() {
     let tiny = common::shared("fixtures/tiny-gqa");
-    check_baked_model(&tiny, &["--limit", "30", "--heads", "4"], 1e-4);
+    check_baked_model(&tiny, Site::AttentionHeads, &["--limit", "30", "--heads", "4"], 1e-4);
+}
+
+/// A residual bake: down_proj biases under `mlp_bias: true`, zero gate and up biases, loaded by transformers
+/// with nothing missing or unexpected and equal to the base with δ hooked at each chosen layer's MLP output.
+#[test]
+#[cfg_attr(not(all(fixture_shared, fixture_python)), ignore = "needs BAKE_SHARED and BAKE_PYTHON (see tests/common)")]
+fn tiny_gqa_residual_bake_loads_in_transformers_and_pyvene() {
+    let tiny = common::shared("fixtures/tiny-gqa");
+    let out =
+        check_baked_model(&tiny, Site::Residual, &["--limit", "30", "--method", "residual", "--heads", "2"], 1e-4);
+    let baked = out.path().join("baked");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(baked.join("config.json")).unwrap()).unwrap();
+    assert_eq!((&config["mlp_bias"], &config["attention_bias"]), (&Value::Bool(true), &Value::Bool(false)), "{config}");
+    let ck = Checkpoint::open(Checkpoint::weight_files(&baked).unwrap()).unwrap();
+    let down = |l: usize| ck.get(&format!("model.layers.{l}.mlp.down_proj.bias")).map(|e| e.dtype.decode(ck.bytes(e)));
+    let deltas = common::report_deltas(&baked, 3);
+    assert_eq!(deltas.iter().flatten().count(), 2, "K = 2 layers shifted");
+    for (l, delta) in deltas.iter().enumerate() {
+        let stored = down(l).expect("every layer has a down_proj bias");
+        match delta {
+            Some(d) => assert_eq!(stored, d.iter().map(|&v| v as f64).collect::<Vec<_>>(), "layer {l}: the bias is δ"),
+            None => assert!(stored.iter().all(|&v| v == 0.0), "layer {l}: unshifted layers get zeros"),
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(not(all(fixture_smollm2, fixture_python)), ignore = "needs BAKE_SMOLLM2 and BAKE_PYTHON (see tests/common)")]
+fn smollm2_residual_bake_loads_in_transformers_and_pyvene() {
+    let smol = common::smollm2_dir();
+    // bf16 weights: the stored bias is δ rounded to bf16, so the hooked forward differs by that rounding.
+    let args = ["--limit", "12", "--method", "residual", "--heads", "3", "--alpha", "2"];
+    check_baked_model(&smol, Site::Residual, &args, 5e-2);
 }
 
 #[test]
@@ -139,7 +179,7 @@ fn tiny_gqa_bake_loads_in_transformers_and_pyvene() {
 fn smollm2_bake_loads_in_transformers_and_pyvene() {
     let smol = common::smollm2_dir();
     // bf16 weights: the stored bias is W_o·δ rounded to bf16, so the hooked forward differs by that rounding.
-    let folder = check_baked_model(&smol, &["--limit", "12", "--heads", "16"], 5e-2);
+    let folder = check_baked_model(&smol, Site::AttentionHeads, &["--limit", "12", "--heads", "16"], 5e-2);
     // `verify --run` holds one model: resident when it fits, else layer by layer, with the same verdict.
     let baked = folder.path().join("baked");
     let (code, report, _) = common::verify_json(&baked, Some(&smol), &["--run"]);
@@ -279,13 +319,19 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
             let last = batch.last_tokens();
             let out = model.forward(&batch, &Request { capture_at: Some(&last), ..Default::default() }).unwrap();
             for (layer, expected) in floats(&case["o_proj_input_last_token"]).iter().enumerate() {
-                let ours: Vec<f32> = out.o_proj_inputs[layer].get(0).unwrap().to_vec1().unwrap();
+                let ours: Vec<f32> = out.captured[layer].get(0).unwrap().to_vec1().unwrap();
                 let diff = common::max_abs_diff(&ours, expected);
                 assert!(diff <= 1e-4, "{family} prompt {i}: layer {layer}'s o_proj input differs by {diff}");
             }
         }
-        let packed = capture(&model, &PackedPrompts::new(&prompts, 768, 1, &Device::Cpu).unwrap(), &Silent);
-        let alone = capture(&model, &PackedPrompts::new(&prompts, 1, 1, &Device::Cpu).unwrap(), &Silent);
+        let packed = capture(
+            &model,
+            &PackedPrompts::new(&prompts, 768, 1, &Device::Cpu).unwrap(),
+            Site::AttentionHeads,
+            &Silent,
+        );
+        let alone =
+            capture(&model, &PackedPrompts::new(&prompts, 1, 1, &Device::Cpu).unwrap(), Site::AttentionHeads, &Silent);
         let alone = alone.unwrap();
         let diff = common::max_abs_diff(packed.unwrap().data(), alone.data());
         assert!(diff <= 1e-5, "{family}: a prefix-tree batch differs from single prompts by {diff}");
@@ -293,7 +339,7 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
         let padded = Batch::right_padded(&prompts, files.config.pad_id(), &Device::Cpu).unwrap();
         let last = padded.last_tokens();
         let out = model.forward(&padded, &Request { capture_at: Some(&last), ..Default::default() }).unwrap();
-        for (layer, captured) in out.o_proj_inputs.iter().enumerate() {
+        for (layer, captured) in out.captured.iter().enumerate() {
             for (row, prompt_row) in captured.to_vec2::<f32>().unwrap().iter().enumerate() {
                 let diff = common::max_abs_diff(prompt_row, alone.head(row, layer, 0, alone.width));
                 assert!(diff <= 1e-5, "{family}: padded row {row}, layer {layer} differs from alone by {diff}");
@@ -304,7 +350,22 @@ fn mistral_qwen2_and_qwen3_run_as_in_transformers_and_bake_into_a_class_that_rea
         let shown = String::from_utf8_lossy(&inspect.stdout);
         assert!(shown.contains(&format!("family       {family} ({architecture})")), "{shown}");
 
-        let out = check_baked_model(&dir, &["--limit", "30", "--heads", "4"], 1e-4);
+        let out = check_baked_model(&dir, Site::AttentionHeads, &["--limit", "30", "--heads", "4"], 1e-4);
+        match family {
+            // Written as a Llama with q/k/v biases: a residual bake sets attention_bias and mlp_bias both.
+            "qwen2" => {
+                let args = ["--limit", "30", "--method", "residual", "--heads", "2"];
+                drop(check_baked_model(&dir, Site::Residual, &args, 1e-4));
+            }
+            // transformers' Qwen3 MLP has no bias to carry the shift: refused before any work, naming why.
+            "qwen3" => {
+                let refused = run_bake(&dir, &out.path().join("residual"), &["--method", "residual", "--limit", "30"]);
+                let stderr = String::from_utf8_lossy(&refused.stderr);
+                assert!(!refused.status.success() && stderr.contains("down_proj"), "{stderr}");
+                assert!(!out.path().join("residual").exists());
+            }
+            _ => {}
+        }
         let eval = Command::new(env!("CARGO_BIN_EXE_bake"))
             .args(["eval", "--limit", "5", "--model"])
             .arg(&dir)

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use bake::data::TruthfulQa;
-use bake::model::{Batch, Mode, ModelFiles, Request, Runner};
+use bake::model::{Batch, Mode, ModelFiles, Request, Runner, Site};
 use bake::progress::Silent;
 use bake::scoring::logprobs::{self, Hook, HookMode, Variant};
 use bake::scoring::mc::{self, AnswerTokens, Protocol};
@@ -136,7 +136,7 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     let base = Runner::load(&base_files, &Device::Cpu, DType::F32, Mode::Resident).unwrap();
     let streamed = Runner::load(&base_files, &Device::Cpu, DType::F32, Mode::Streamed).unwrap();
     let baked = Runner::load(&baked_files, &Device::Cpu, DType::F32, Mode::Resident).unwrap();
-    let biases = baked_files.o_proj_biases(&Device::Cpu, DType::F32).unwrap();
+    let biases = baked_files.site_biases(Site::AttentionHeads, &Device::Cpu, DType::F32).unwrap();
     let documents: Vec<Vec<u32>> = ["The capital of France is Paris.", "Bees make honey from the nectar of flowers."]
         .iter()
         .map(|t| tokenizer.encode(t).unwrap())
@@ -144,14 +144,18 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
     let language = |runner: &Runner, edited: &[Variant]| {
         logprobs::language_scores(runner, edited, &documents, 2, 0, &Silent).unwrap()
     };
-    let one_model = language(&base, &[Variant::baked(&biases)]);
+    let one_model = language(&base, &[Variant::baked(Site::AttentionHeads, &biases)]);
     assert_eq!(one_model.1[0].ce, language(&baked, &[]).0.ce, "CE of the bake, run as base + biases and loaded whole");
     assert!(one_model.1[0].kl > 0.0);
-    assert_eq!(language(&streamed, &[Variant::baked(&biases)]), one_model, "CE and KL, layer-streamed and resident");
+    assert_eq!(
+        language(&streamed, &[Variant::baked(Site::AttentionHeads, &biases)]),
+        one_model,
+        "CE and KL, layer-streamed and resident"
+    );
     let deltas = baked_deltas(&out, base_files.config.num_layers);
     assert!(deltas.iter().any(Option::is_some));
-    let every = Hook::new(&deltas, HookMode::EveryPosition, &Device::Cpu).unwrap();
-    let from_end = Hook::new(&deltas, HookMode::FromPromptEnd, &Device::Cpu).unwrap();
+    let every = Hook::new(&deltas, (Site::AttentionHeads, HookMode::EveryPosition), &Device::Cpu).unwrap();
+    let from_end = Hook::new(&deltas, (Site::AttentionHeads, HookMode::FromPromptEnd), &Device::Cpu).unwrap();
     let data = TruthfulQa::load("builtin", "validation", Some(12)).unwrap();
     let questions: Vec<usize> = (0..12).collect();
     for protocol in [Protocol::Reference, Protocol::Leaderboard] {
@@ -163,13 +167,17 @@ fn a_baked_model_scores_as_the_base_with_the_hook_at_every_position() {
         let from_prompt_end = score(&base, Variant::hooked(&from_end));
         let direct = score(&baked, Variant::plain());
         // One model in memory: the base's weights with the bake's o_proj biases are the bake, bit for bit.
-        assert_eq!(score(&base, Variant::baked(&biases)), direct, "{protocol:?}: one model differs from two");
+        assert_eq!(
+            score(&base, Variant::baked(Site::AttentionHeads, &biases)),
+            direct,
+            "{protocol:?}: one model differs from two"
+        );
         // Layer by layer, each batch goes through the same steps: the same scores to the last bit.
         for (name, variant, resident) in [
             ("base", Variant::plain(), &plain),
             ("hook at every position", Variant::hooked(&every), &hooked),
             ("hook from the prompt's end", Variant::hooked(&from_end), &from_prompt_end),
-            ("bake", Variant::baked(&biases), &direct),
+            ("bake", Variant::baked(Site::AttentionHeads, &biases), &direct),
         ] {
             assert_eq!(&score(&streamed, variant), resident, "{protocol:?}, {name}: streamed differs from resident");
         }

@@ -53,7 +53,7 @@ fn forward_matches_transformers_on_every_reference_model() {
             let mut worst_o_proj = 0f32;
             for (layer, values) in case["o_proj_input_last_token"].as_object().unwrap() {
                 let layer: usize = layer.parse().unwrap();
-                let ours: Vec<f32> = out.o_proj_inputs[layer].get(0).unwrap().to_vec1().unwrap();
+                let ours: Vec<f32> = out.captured[layer].get(0).unwrap().to_vec1().unwrap();
                 let diff = max_abs_diff(&ours, &floats(values));
                 assert!(diff <= 1e-3, "{label}: o_proj input of layer {layer} differs by {diff}");
                 worst_o_proj = worst_o_proj.max(diff);
@@ -84,7 +84,7 @@ fn padded_batch_equals_one_prompt_at_a_time() {
                     &Request { capture_at: Some(&[prompt.len() - 1]), logits: true, ..Default::default() },
                 )
                 .unwrap();
-            for (layer, (a, b)) in common::zip_exact(&alone.o_proj_inputs, &together.o_proj_inputs).enumerate() {
+            for (layer, (a, b)) in common::zip_exact(&alone.captured, &together.captured).enumerate() {
                 let diff = max_abs_diff(&a.get(0).unwrap().to_vec1().unwrap(), &b.get(i).unwrap().to_vec1().unwrap());
                 assert!(diff <= 1e-4, "{name} prompt {i} layer {layer}: batched differs by {diff}");
             }
@@ -114,8 +114,8 @@ fn capture_only_pass_stops_early_with_the_same_activations() {
             model.forward(&batch, &Request { capture_at: Some(&at), logits: true, ..Default::default() }).unwrap();
         let short = model.forward(&batch, &Request { capture_at: Some(&at), ..Default::default() }).unwrap();
         assert!(short.logits.is_none());
-        assert_eq!(short.o_proj_inputs.len(), model.config.num_layers, "{name}");
-        for (a, b) in common::zip_exact(&full.o_proj_inputs, &short.o_proj_inputs) {
+        assert_eq!(short.captured.len(), model.config.num_layers, "{name}");
+        for (a, b) in common::zip_exact(&full.captured, &short.captured) {
             assert_eq!(flat(a), flat(b), "{name}");
         }
     }
@@ -150,7 +150,7 @@ fn prefix_tree_batch_equals_transformers_and_one_prompt_at_a_time() {
                     &Request { capture_at: Some(&single.last_tokens()), logits: true, ..Default::default() },
                 )
                 .unwrap();
-            for (layer, (a, b)) in common::zip_exact(&alone.o_proj_inputs, &packed.o_proj_inputs).enumerate() {
+            for (layer, (a, b)) in common::zip_exact(&alone.captured, &packed.captured).enumerate() {
                 let diff = max_abs_diff(&flat(&a.get(0).unwrap()), &flat(&b.get(i).unwrap()));
                 assert!(diff <= 1e-4, "{name} prompt {i} layer {layer}: packed differs from alone by {diff}");
             }
@@ -164,7 +164,7 @@ fn prefix_tree_batch_equals_transformers_and_one_prompt_at_a_time() {
                 let diff = max_abs_diff(&top, &floats(&case["last_logits_top20"]["values"]));
                 assert!(diff <= 2e-3, "{name} case {i}: packed top-20 logits differ from transformers by {diff}");
                 for (layer, values) in case["o_proj_input_last_token"].as_object().unwrap() {
-                    let got = flat(&packed.o_proj_inputs[layer.parse::<usize>().unwrap()].get(i).unwrap());
+                    let got = flat(&packed.captured[layer.parse::<usize>().unwrap()].get(i).unwrap());
                     let diff = max_abs_diff(&got, &floats(values));
                     assert!(
                         diff <= 1e-3,

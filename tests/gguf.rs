@@ -124,6 +124,30 @@ fn a_bake_written_into_smollm2s_q4_1_gguf_moves_llama_cpp_as_it_moves_transforme
     assert_moves_as_transformers(&report, "SmolLM2 Q4_1");
 }
 
+/// A residual bake's down_proj biases become `blk.N.ffn_down.bias`, which llama.cpp's llama graph adds after
+/// `ffn_down`: the file moves llama.cpp's logits as the bake moves transformers'.
+#[test]
+#[cfg_attr(
+    not(all(fixture_smollm2, fixture_smollm2_gguf, fixture_python, fixture_llama_cpp)),
+    ignore = "needs BAKE_SMOLLM2, BAKE_SMOLLM2_GGUF, BAKE_PYTHON and BAKE_LLAMA_CPP (see tests/common)"
+)]
+fn a_residual_bake_written_into_smollm2s_gguf_moves_llama_cpp_as_it_moves_transformers() {
+    common::require_llama_cpp();
+    let (model, gguf) = (common::smollm2_dir(), common::smollm2_gguf());
+    let root = tempfile::tempdir().unwrap();
+    let baked = root.path().join("baked");
+    let args = ["--limit", "40", "--method", "residual", "--heads", "3", "--alpha", "2"];
+    bake_model(&model, &baked, &root.path().join("cache"), &args);
+
+    let written = written_gguf(&baked, &gguf, &root.path().join("gguf"));
+    assert_written_as_input_plus_biases(&gguf, &written, &baked, 0);
+    let header = bake::io::gguf::GgufFile::open(&written).unwrap().header;
+    let added: Vec<&str> = header.tensors.iter().map(|t| t.name.as_str()).filter(|n| n.ends_with(".bias")).collect();
+    assert!(added.len() == 3 && added.iter().all(|n| n.ends_with("ffn_down.bias")), "{added:?}");
+    let report = runtimes([&model, &baked], [&gguf, &written], root.path());
+    assert_moves_as_transformers(&report, "SmolLM2 Q4_1, residual");
+}
+
 #[test]
 #[cfg_attr(
     not(all(fixture_qwen25, fixture_python, fixture_llama_cpp)),

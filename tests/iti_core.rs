@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use bake::activations::{capture, tokenize, PackedPrompts};
-use bake::model::ModelFiles;
+use bake::model::{ModelFiles, Site};
 use bake::pipeline::{run_probe, Resolved, RunOptions};
 use bake::probes::logistic;
 use bake::progress::Silent;
@@ -151,8 +151,12 @@ fn batched_activations_equal_one_prompt_at_a_time() {
     .collect();
     let tokens = tokenize(&tokenizer, &prompts).unwrap();
     // 40 tokens a batch splits these prompts into several trees; a budget of 1 runs each prompt alone.
-    let batched = capture(&model, &PackedPrompts::new(&tokens, 40, 1, &Device::Cpu).unwrap(), &Silent).unwrap();
-    let single = capture(&model, &PackedPrompts::new(&tokens, 1, 1, &Device::Cpu).unwrap(), &Silent).unwrap();
+    let batched =
+        capture(&model, &PackedPrompts::new(&tokens, 40, 1, &Device::Cpu).unwrap(), Site::AttentionHeads, &Silent)
+            .unwrap();
+    let single =
+        capture(&model, &PackedPrompts::new(&tokens, 1, 1, &Device::Cpu).unwrap(), Site::AttentionHeads, &Silent)
+            .unwrap();
     let diff = common::max_abs_diff(batched.data(), single.data());
     assert!(diff <= 1e-5, "batched differs from batch size 1 by {diff}");
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use bake::activations::{capture, capture_each_token, tokenize, PackedPrompts};
 use bake::data::{build_prompt_sets, TruthfulQa};
-use bake::model::ModelFiles;
+use bake::model::{ModelFiles, Site};
 use bake::probes::{self, mlp, Head, HeadLayout};
 use bake::progress::Silent;
 use bake::recipe::{Method, Recipe};
@@ -40,8 +40,8 @@ fn nl_iti_means_directions_and_probes_match_numpy_and_scikit_learn() {
     let tokens = tokenize(&files.tokenizer().unwrap(), &texts).unwrap();
     let packed = PackedPrompts::new(&tokens, 768, TOKENS, &Device::Cpu).unwrap();
     // The values the mean is taken over, from the very same batches, and the mean as the bake takes it.
-    let (each, counts) = capture_each_token(&model, &packed).unwrap();
-    let means = capture(&model, &packed, &Silent).unwrap();
+    let (each, counts) = capture_each_token(&model, &packed, Site::AttentionHeads).unwrap();
+    let means = capture(&model, &packed, Site::AttentionHeads, &Silent).unwrap();
     assert_eq!(counts, tokens.iter().map(|t| t.len().min(TOKENS)).collect::<Vec<_>>());
 
     let c = &files.config;
@@ -111,6 +111,42 @@ fn nl_iti_means_directions_and_probes_match_numpy_and_scikit_learn() {
         (report["bake_mean_accuracy"].as_f64().unwrap(), report["sklearn_mean_accuracy"].as_f64().unwrap());
     assert!(ours >= theirs - 0.02, "{report}");
     assert!(report["mean_abs_accuracy_diff"].as_f64().unwrap() < 0.1, "{report}");
+}
+
+/// The residual method's activations are each decoder layer's output (the residual stream where down_proj's
+/// output joins it), averaged over the prompt's last tokens: against stock transformers' layer outputs, read by a
+/// forward hook one prompt at a time (`tests/python/residual_reference.py`).
+#[test]
+#[cfg_attr(not(all(fixture_smollm2, fixture_python)), ignore = "needs BAKE_SMOLLM2 and BAKE_PYTHON (see tests/common)")]
+fn residual_activations_match_transformers_layer_outputs() {
+    let files = ModelFiles::open(common::smollm2_dir().to_str().unwrap()).unwrap();
+    let model = files.load(&Device::Cpu).unwrap();
+    let recipe = Recipe { method: Method::Residual, limit: Some(3), ..Recipe::shipped() };
+    let data = TruthfulQa::load(&recipe.dataset.source, &recipe.dataset.split, recipe.limit).unwrap();
+    let prompts = build_prompt_sets(&data, &recipe.prompts, recipe.seed);
+    let texts: Vec<&str> = prompts.probe.iter().take(12).map(|p| p.text.as_str()).collect();
+    let tokens = tokenize(&files.tokenizer().unwrap(), &texts).unwrap();
+    // Prefix-tree batches, as the bake runs them.
+    let packed = PackedPrompts::new(&tokens, 768, recipe.answer_tokens(), &Device::Cpu).unwrap();
+    let residual = capture(&model, &packed, Site::Residual, &Silent).unwrap();
+    let c = &files.config;
+    assert_eq!((residual.layers, residual.width), (c.num_layers, c.hidden_size));
+
+    let dir = tempfile::tempdir().unwrap();
+    write_f32(&dir.path().join("residual.f32"), residual.data());
+    let spec = json!({
+        "model": common::smollm2_dir(), "layers": c.num_layers, "width": c.hidden_size,
+        "tokens": recipe.answer_tokens(), "prompts": tokens,
+    });
+    std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/residual_reference.py");
+    let out = Command::new(common::python()).arg(script).arg(dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{}", common::stderr(&out));
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    // f32 on both sides, different kernels: within 1e-4 of the largest value of the stream at that layer.
+    assert!(report["max_rel_diff"].as_f64().unwrap() <= 1e-4, "{report}");
 }
 
 #[test]

@@ -204,7 +204,7 @@ fn last_token_outputs(dir: &Path, prompt: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
     let batch = Batch::right_padded(&[prompt.to_vec()], 0, &Device::Cpu).unwrap();
     let at = [prompt.len() - 1];
     let out = model.forward(&batch, &Request { capture_at: Some(&at), logits: true, ..Default::default() }).unwrap();
-    let captured = out.o_proj_inputs.iter().map(|t| t.flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let captured = out.captured.iter().map(|t| t.flatten_all().unwrap().to_vec1().unwrap()).collect();
     (captured, out.logits.unwrap().flatten_all().unwrap().to_vec1().unwrap())
 }
 

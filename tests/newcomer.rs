@@ -153,7 +153,13 @@ fn the_heatmap_is_a_figure_at_every_model_size() {
             .map(|l| (0..heads).map(|h| 0.5 + 0.4 * ((l * 7 + h * 3) % 11) as f64 / 10.0).collect())
             .collect();
         let chosen = [Head { layer: layers / 2, head: heads / 2 }, Head { layer: 0, head: 0 }];
-        let figure = Heatmap { accuracy: &accuracy, chosen: &chosen, title: "Title".into(), subtitle: "sub".into() };
+        let figure = Heatmap {
+            accuracy: &accuracy,
+            chosen: &chosen,
+            title: "Title".into(),
+            subtitle: "sub".into(),
+            columns: "attention head",
+        };
         let path = tmp.path().join(format!("{layers}x{heads}.png"));
         bake::figure::write_png(&figure, &path).unwrap();
         let (width, height, pixels) = decode_png(&path);

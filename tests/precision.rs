@@ -8,7 +8,7 @@ use std::process::Command;
 
 use bake::activations::{capture, tokenize, Activations, PackedPrompts};
 use bake::data::{build_prompt_sets, TruthfulQa};
-use bake::model::{pick_device, pick_dtype, ModelFiles};
+use bake::model::{pick_device, pick_dtype, ModelFiles, Site};
 use bake::probes::{self, HeadLayout};
 use bake::progress::Silent;
 use bake::recipe::Recipe;
@@ -51,7 +51,8 @@ fn bf16_pass_is_as_close_to_f32_as_transformers_bf16_and_ranks_heads_alike() {
     let prompts = build_prompt_sets(&data, &recipe.prompts, recipe.seed);
     let tokens = tokenize(&files.tokenizer().unwrap(), &prompts.texts()).unwrap();
     let packed = PackedPrompts::new(&tokens, 768, 1, &Device::Cpu).unwrap();
-    let pass = |dtype| capture(&files.load_as(&Device::Cpu, dtype).unwrap(), &packed, &Silent).unwrap();
+    let pass =
+        |dtype| capture(&files.load_as(&Device::Cpu, dtype).unwrap(), &packed, Site::AttentionHeads, &Silent).unwrap();
     let (full, half) = (pass(DType::F32), pass(DType::BF16));
 
     let sample = tempfile::NamedTempFile::new().unwrap();

@@ -11,7 +11,7 @@ use std::process::Command;
 use bake::model::ModelFiles;
 use bake::pipeline::{Resolved, RunOptions};
 use bake::progress::Silent;
-use bake::recipe::{CorpusSpec, Recipe};
+use bake::recipe::{CorpusSpec, Method, Recipe};
 use bake::scoring::mc::{AnswerTokens, Protocol, INSTRUCTION_DEFAULT};
 use bake::scoring::ScoreOptions;
 use bake::search::{self, output, Objective, Reached, SearchOptions, SearchReport};
@@ -37,6 +37,7 @@ fn recipe(corpus: &Path) -> Recipe {
 
 fn options(early_discard: bool, kl_budget: f64) -> SearchOptions {
     SearchOptions {
+        methods: vec![Method::Iti],
         heads: vec![4, 16],
         alphas: vec![0.0, 5.0, 20.0],
         kl_budget,
@@ -58,8 +59,7 @@ fn resolved(model: &ModelFiles, recipe: &Recipe) -> Resolved {
 }
 
 fn run(model: &ModelFiles, recipe: &Recipe, options: &SearchOptions) -> search::SearchOutcome {
-    let heads = model.config.num_layers * model.config.num_heads;
-    let options = options.clone().check(heads, recipe).unwrap();
+    let options = options.clone().check(&model.config, recipe).unwrap();
     let outcome = search::search(model, recipe, &options, &resolved(model, recipe), &Silent).unwrap();
     eprintln!("search seconds: {:?}", outcome.timings);
     outcome
@@ -73,10 +73,11 @@ fn close(a: Option<f64>, b: Option<f64>, what: &str) {
 /// The numbers `bake eval --cv 2` gives for K and α, next to the search's.
 fn check_against_cross_validation(model: &ModelFiles, recipe: &Recipe, report: &SearchReport, candidate: usize) {
     let c = &report.candidates[candidate];
-    let fixed = Recipe { heads: c.heads, alpha: c.alpha, ..recipe.clone() };
+    let fixed = Recipe { method: c.method, heads: c.heads, alpha: c.alpha, ..recipe.clone() };
     let cv = bake::eval::cross_validate(model, &fixed, 2, &eval_options(), &resolved(model, &fixed), &Silent).unwrap();
     eprintln!("eval --cv seconds: {:?}", cv.timings);
-    let row = cv.rows.iter().find(|r| r.name.starts_with("ITI (bias")).unwrap();
+    let bias_row = format!("{} (bias", c.method.name().to_uppercase());
+    let row = cv.rows.iter().find(|r| r.name.starts_with(&bias_row)).unwrap();
     let mc = &row.mc["reference"];
     eprintln!("{}: search MC2 {:?} KL {:?}; eval --cv MC2 {} KL {:?}", c.point(), c.mc2, c.kl, mc.mc2, row.kl);
     close(c.mc1, Some(mc.mc1), "MC1");
@@ -142,6 +143,35 @@ fn a_search_on_smollm2_measures_what_eval_cv_measures_and_keeps_the_full_grid_wi
     assert!(card.contains("## How K and α were chosen") && card.contains(&sha), "{card}");
     let png = std::fs::read(out.path().join("tradeoff.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+}
+
+/// Methods compete in one search: the same folds and budget, one α = 0 candidate for all, and each method's
+/// finalist measured as `bake eval --cv 2` with that method measures it.
+#[test]
+#[cfg_attr(not(all(fixture_shared, fixture_smollm2)), ignore = "needs BAKE_SHARED and BAKE_SMOLLM2 (see tests/common)")]
+fn a_search_of_several_methods_measures_each_as_eval_cv_does() {
+    let (shared, dir) = (common::shared_dir(), common::smollm2_dir());
+    let model = ModelFiles::open(dir.to_str().unwrap()).unwrap();
+    let recipe = recipe(&shared.join("data/wikitext2/test.jsonl"));
+    let options = SearchOptions {
+        methods: vec![Method::Iti, Method::Residual],
+        heads: vec![2],
+        alphas: vec![0.5, 5.0],
+        ..options(false, 1.0)
+    };
+    let report = run(&model, &recipe, &options).report;
+    eprintln!("{}", output::table(&report));
+    let methods: Vec<(Method, f64)> = report.candidates.iter().map(|c| (c.method, c.alpha)).collect();
+    let (iti, residual) = (Method::Iti, Method::Residual);
+    assert_eq!(methods, [(iti, 0.0), (iti, 0.5), (iti, 5.0), (residual, 0.5), (residual, 5.0)]);
+    assert!(output::table(&report).starts_with("| method | K |"));
+    // (The iti candidates' numbers are held to `eval --cv` by the test above.)
+    check_against_cross_validation(&model, &recipe, &report, 3);
+    // The shifts differ: a residual vector per layer is not a head's.
+    let numbers = |i: usize| (report.candidates[i].mc2, report.candidates[i].kl);
+    assert_ne!(numbers(1), numbers(3));
+    let chosen = output::chosen_recipe(&report, "0");
+    assert_eq!(chosen.method, report.chosen().method, "recipe.yaml names the chosen method");
 }
 
 fn search_cli(inputs: &(std::path::PathBuf, std::path::PathBuf), root: &Path, args: &[&str]) -> (bool, String) {

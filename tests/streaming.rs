@@ -6,7 +6,7 @@ use std::process::Command;
 
 use bake::activations::{capture, capture_streamed, tokenize, PackedPrompts};
 use bake::data::{build_prompt_sets, TruthfulQa};
-use bake::model::{ModelFiles, TextTokenizer};
+use bake::model::{ModelFiles, Site, TextTokenizer};
 use bake::progress::Silent;
 use candle_core::{DType, Device};
 
@@ -23,8 +23,9 @@ fn streamed_and_resident_passes_capture_the_same_activations() {
     for (name, dir, _) in common::reference_models() {
         let files = ModelFiles::open(dir.to_str().unwrap()).unwrap();
         let packed = PackedPrompts::new(&tokens, 100, 1, &Device::Cpu).unwrap();
-        let resident = capture(&files.load(&Device::Cpu).unwrap(), &packed, &Silent).unwrap();
-        let streamed = capture_streamed(&files, &Device::Cpu, DType::F32, &packed, &Silent).unwrap();
+        let resident = capture(&files.load(&Device::Cpu).unwrap(), &packed, Site::AttentionHeads, &Silent).unwrap();
+        let streamed =
+            capture_streamed(&files, (&Device::Cpu, DType::F32), Site::AttentionHeads, &packed, &Silent).unwrap();
         assert_eq!((streamed.rows, streamed.layers, streamed.width), (resident.rows, resident.layers, resident.width));
         let diff = common::max_abs_diff(streamed.data(), resident.data());
         eprintln!("{name}: {} prompts, streamed vs resident max |Δ| = {diff:e}", texts.len());

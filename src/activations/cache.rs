@@ -26,6 +26,8 @@ pub struct CacheKey<'a> {
     pub batch_tokens: usize,
     /// How many of each prompt's last tokens are averaged (1: the last token alone, the key it always had).
     pub answer_tokens: usize,
+    /// Where the activations are read (the o_proj input: the key it always had).
+    pub site: crate::model::Site,
     /// sha256 of the model's config and weight files.
     pub model_hashes: &'a [String],
     pub dataset_fingerprint: &'a str,
@@ -47,6 +49,9 @@ impl CacheKey<'_> {
             format!("{} {} {} tokens {}", self.pass_version, self.device_kind, self.dtype, self.batch_tokens);
         if self.answer_tokens != 1 {
             pass.push_str(&format!(" mean of last {}", self.answer_tokens));
+        }
+        if self.site == crate::model::Site::Residual {
+            pass.push_str(" residual stream");
         }
         part("pass", &pass);
         self.model_hashes.iter().for_each(|m| part("model", m));

@@ -1,6 +1,6 @@
-//! Stage 3: the activation pass. Every prompt runs through the model and the input of every layer's o_proj
-//! at the prompt's last token (or the mean over its last N tokens, for NL-ITI) is kept in f32. Results are
-//! cached on disk.
+//! Stage 3: the activation pass. Every prompt runs through the model and every layer's activations at the
+//! method's [`Site`] (the o_proj input, or the residual stream after the layer) at the prompt's last token (or
+//! the mean over its last N tokens) are kept in f32. Results are cached on disk.
 //!
 //! Prompts are sorted by their token ids and each batch is packed as a prefix tree ([`Batch::prefix_tree`]):
 //! the TruthfulQA prompts of one question all begin with "Q: {question} A:", so that part is computed once
@@ -17,7 +17,7 @@ use candle_core::{DType, Device};
 use crate::error::Result;
 use candle_core::Tensor;
 
-use crate::model::{Batch, Llama, ModelFiles, Request, TextTokenizer};
+use crate::model::{Batch, Llama, ModelFiles, Request, Site, TextTokenizer};
 use crate::progress::Progress;
 use plan::PassShape;
 
@@ -26,7 +26,8 @@ use plan::PassShape;
 /// tokens, 4 = a tree's attention computed over the visible pairs only on the CPU.
 pub const PASS_VERSION: u32 = 4;
 
-/// o_proj inputs, `[rows][layers][width]` row-major, f32. Row i belongs to prompt i.
+/// Activations at one site (o_proj inputs, or residual streams), `[rows][layers][width]` row-major, f32. Row i
+/// belongs to prompt i.
 ///
 /// Sets split from one pass ([`Activations::split_rows`]) share its buffer, so the pass's captured values
 /// exist once in memory however they are divided.
@@ -241,15 +242,16 @@ pub fn pass_inputs(recipe: &crate::recipe::Recipe, tokenizer: &TextTokenizer) ->
     })
 }
 
-/// Runs every packed prompt and captures the o_proj inputs at its last token (or their mean over its last
-/// tokens), with the whole model resident. Rows come back in the prompts' order.
-pub fn capture(model: &Llama, prompts: &PackedPrompts, progress: &dyn Progress) -> Result<Activations> {
+/// Runs every packed prompt and captures the activations at `site` at its last token (or their mean over its
+/// last tokens), with the whole model resident. Rows come back in the prompts' order.
+pub fn capture(model: &Llama, prompts: &PackedPrompts, site: Site, progress: &dyn Progress) -> Result<Activations> {
     let c = &model.config;
-    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.attn_width());
+    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, site.width(c));
     progress.start(out.rows as u64, "prompts");
     run_resident(
         model,
         prompts,
+        site,
         |packed, layer, captured| store(&mut out, packed, layer, captured),
         |packed| progress.advance(packed.prompts.len() as u64),
     )?;
@@ -258,17 +260,18 @@ pub fn capture(model: &Llama, prompts: &PackedPrompts, progress: &dyn Progress) 
 }
 
 /// Runs every packed batch through the resident model: `sink(batch, layer, captured)` receives each layer's
-/// o_proj inputs at the batch's captured tokens, `done(batch)` follows each batch.
+/// activations at `site` at the batch's captured tokens, `done(batch)` follows each batch.
 fn run_resident(
     model: &Llama,
     prompts: &PackedPrompts,
+    site: Site,
     mut sink: impl FnMut(&PackedBatch, usize, &Tensor) -> Result<()>,
     mut done: impl FnMut(&PackedBatch),
 ) -> Result<()> {
     for packed in &prompts.batches {
-        let output =
-            model.forward(&packed.batch, &Request { capture_at: Some(&packed.capture), ..Default::default() })?;
-        for (layer, captured) in output.o_proj_inputs.iter().enumerate() {
+        let request = Request { site, capture_at: Some(&packed.capture), ..Default::default() };
+        let output = model.forward(&packed.batch, &request)?;
+        for (layer, captured) in output.captured.iter().enumerate() {
             sink(packed, layer, captured)?;
         }
         done(packed);
@@ -276,10 +279,10 @@ fn run_resident(
     Ok(())
 }
 
-/// The same pass without the mean: every captured token's o_proj inputs as a row of its own (each prompt's
-/// last `answer_tokens` in order, prompt after prompt in the prompts' order), and how many rows each prompt
-/// has. For checking the mean against an independent computation on exactly the values it averaged.
-pub fn capture_each_token(model: &Llama, prompts: &PackedPrompts) -> Result<(Activations, Vec<usize>)> {
+/// The same pass without the mean: every captured token's activations at `site` as a row of its own (each
+/// prompt's last `answer_tokens` in order, prompt after prompt in the prompts' order), and how many rows each
+/// prompt has. For checking the mean against an independent computation on exactly the values it averaged.
+pub fn capture_each_token(model: &Llama, prompts: &PackedPrompts, site: Site) -> Result<(Activations, Vec<usize>)> {
     let c = &model.config;
     let mut counts = vec![0; prompt_count(prompts)];
     for packed in &prompts.batches {
@@ -288,7 +291,7 @@ pub fn capture_each_token(model: &Llama, prompts: &PackedPrompts) -> Result<(Act
         }
     }
     let first_row: Vec<usize> = counts.iter().scan(0, |next, &n| Some(std::mem::replace(next, *next + n))).collect();
-    let mut out = Activations::zeros(counts.iter().sum(), c.num_layers, c.attn_width());
+    let mut out = Activations::zeros(counts.iter().sum(), c.num_layers, site.width(c));
     let sink = |packed: &PackedBatch, layer, captured: &Tensor| {
         let rows = packed.prompts.iter().flat_map(|&p| first_row[p]..first_row[p] + counts[p]);
         let values: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
@@ -297,7 +300,7 @@ pub fn capture_each_token(model: &Llama, prompts: &PackedPrompts) -> Result<(Act
         }
         Ok(())
     };
-    run_resident(model, prompts, sink, |_| {})?;
+    run_resident(model, prompts, site, sink, |_| {})?;
     Ok((out, counts))
 }
 
@@ -305,19 +308,19 @@ pub fn capture_each_token(model: &Llama, prompts: &PackedPrompts) -> Result<(Act
 /// time, every batch's hidden states kept in memory between layers.
 pub fn capture_streamed(
     files: &ModelFiles,
-    device: &Device,
-    dtype: DType,
+    (device, dtype): (&Device, DType),
+    site: Site,
     prompts: &PackedPrompts,
     progress: &dyn Progress,
 ) -> Result<Activations> {
     let c = &files.config;
-    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.attn_width());
+    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, site.width(c));
     let batches: Vec<(&Batch, &[usize])> = prompts.batches.iter().map(|p| (&p.batch, p.capture.as_slice())).collect();
     progress.start(c.num_layers as u64, "layers");
     Llama::capture_streamed(
         files,
-        device,
-        dtype,
+        (device, dtype),
+        site,
         &batches,
         |layer, i, captured| store(&mut out, &prompts.batches[i], layer, &captured),
         |_| progress.advance(1),

@@ -39,12 +39,13 @@ pub struct RunArgs {
     /// How directions are found.
     #[arg(long, value_enum)]
     pub direction: Option<DirectionKind>,
-    /// How heads are ranked and shifted: iti (logistic probes on the last token) or nl-iti (MLP probes on the
-    /// mean of the last tokens) (overrides the recipe).
-    #[arg(long, value_enum)]
-    pub method: Option<bake::recipe::Method>,
+    /// How heads (or layers) are ranked and shifted: iti (logistic probes on the last token), nl-iti (MLP probes
+    /// on the mean of the last tokens) or residual (a vector per layer on the residual stream, as a down_proj
+    /// bias) (overrides the recipe). `bake search` takes several, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub method: Vec<bake::recipe::Method>,
     /// Average each prompt's activations over its last N tokens (overrides the recipe; default: 1 for iti,
-    /// 4 for nl-iti).
+    /// 4 for nl-iti and residual).
     #[arg(long, value_parser = at_least_one)]
     pub tokens: Option<usize>,
     /// Do not read or write the activation cache ($BAKE_CACHE_DIR, default ~/.cache/bake/activations).
@@ -70,10 +71,11 @@ pub struct ShiftArgs {
 /// The K and α a search tries.
 #[derive(Args)]
 pub struct GridArgs {
-    /// The α to try, comma-separated (default 0,2.5,5,10,15,20,30).
+    /// The α to try, comma-separated (default 0,2.5,5,10,15,20,30; for residual 0,0.25,0.5,1,2,3).
     #[arg(long, value_delimiter = ',', value_parser = alpha, allow_negative_numbers = true)]
     pub alpha: Vec<f64>,
-    /// The K to try, comma-separated (default 8,16,32,48,64,96, up to the model's heads).
+    /// The K to try, comma-separated (default 8,16,32,48,64,96, up to the model's heads; for residual, layers
+    /// 1,2,3,4,8).
     #[arg(long, value_delimiter = ',', value_parser = at_least_one)]
     pub heads: Vec<usize>,
 }
@@ -96,6 +98,31 @@ impl RunArgs {
     /// The recipe with these flags applied, and K and α from `shift` and the scoring flags when a command takes
     /// them.
     pub fn recipe(&self, shift: Option<&ShiftArgs>, scoring: Option<&ScoringArgs>) -> Result<Recipe> {
+        if self.method.len() > 1 {
+            anyhow::bail!(
+                "--method: expected one method here, found {}; `bake search --method iti,nl-iti,residual` compares \
+                 several",
+                self.method.len()
+            );
+        }
+        self.recipe_of(shift, scoring)
+    }
+
+    /// The recipe with these flags applied, the first of `--method`'s methods in it, and every method `--method`
+    /// names (the recipe's own when it names none): what `bake search` compares.
+    pub fn recipe_and_methods(&self, scoring: &ScoringArgs) -> Result<(Recipe, Vec<bake::recipe::Method>)> {
+        let recipe = self.recipe_of(None, Some(scoring))?;
+        let mut methods = self.method.clone();
+        if methods.is_empty() {
+            methods.push(recipe.method);
+        }
+        if let Some(m) = methods.iter().enumerate().find_map(|(i, m)| methods[..i].contains(m).then_some(m)) {
+            anyhow::bail!("--method: `{m}` is listed twice");
+        }
+        Ok((recipe, methods))
+    }
+
+    fn recipe_of(&self, shift: Option<&ShiftArgs>, scoring: Option<&ScoringArgs>) -> Result<Recipe> {
         let mut recipe = match &self.recipe {
             Some(path) => Recipe::load(path)?,
             None => Recipe::shipped(),
@@ -112,7 +139,7 @@ impl RunArgs {
             dtype: self.dtype,
             direction: self.direction,
             corpus: scoring.and_then(|s| s.corpus.clone()),
-            method: self.method,
+            method: self.method.first().copied(),
             tokens: self.tokens,
         })?;
         if let (Some(n), Some(corpus)) = (scoring.and_then(|s| s.documents), recipe.corpus.as_mut()) {

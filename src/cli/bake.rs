@@ -160,7 +160,8 @@ fn print_bake_summary(
     println!("  {:<12} {:>6.1} s", "total", seconds.total);
     println!();
     println!("  output       {out} ({} files, {})", written.files.len(), bake::units::format_bytes(bytes));
-    println!("  heads (K)    {} of {}", report.heads.len(), report.layers * report.heads_per_layer);
+    let chosen = format!("{} (K)", report.recipe.method.units());
+    println!("  {chosen:<12} {} of {}", report.heads.len(), report.layers * report.heads_per_layer);
     println!("  alpha        {}", report.recipe.alpha);
     println!("  method       {} ({})", report.recipe.method, report.recipe.describe_tokens());
     match cost {
@@ -172,7 +173,7 @@ fn print_bake_summary(
         outcome.questions, report.probe_prompts, report.tuning_prompts
     );
     println!("  figure       {}", out_path.join("heatmap.png").display());
-    for verdict in runtimes::verdicts(family) {
+    for verdict in runtimes::verdicts(family, report.recipe.method.site()) {
         println!("  runtime      {}", verdict.summary());
     }
     for warning in runtimes::warning(family).into_iter().chain(cost.and_then(Cost::warning)) {

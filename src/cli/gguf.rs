@@ -44,9 +44,10 @@ pub fn run(args: &GgufArgs, quiet: bool) -> Result<()> {
     super::output::note_leftover(&published, &progress);
     let written = published.out.join(path.file_name().expect("a file name"));
     println!(
-        "wrote {}: {} layers gain attn_output.bias (layers {}), every tensor of {} kept{}",
+        "wrote {}: {} layers gain {} (layers {}), every tensor of {} kept{}",
         written.display(),
         bake.biases.len(),
+        bake::export::gguf::gguf_bias_name(bake.site, 0).trim_start_matches("blk.0."),
         bake.shifted_layers(),
         args.gguf.display(),
         match bake.rewrite {

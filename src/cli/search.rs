@@ -55,7 +55,7 @@ pub struct SearchArgs {
 }
 
 pub fn run(args: &SearchArgs, quiet: bool) -> Result<()> {
-    let recipe = args.run.recipe(None, Some(&args.scoring))?;
+    let (recipe, methods) = args.run.recipe_and_methods(&args.scoring)?;
     if recipe.corpus.is_none() {
         anyhow::bail!(
             "bake search measures KL against a budget and needs a corpus: give --corpus FILE (.jsonl with a `text` \
@@ -63,16 +63,13 @@ pub fn run(args: &SearchArgs, quiet: bool) -> Result<()> {
         );
     }
     let model = ModelFiles::open(&args.run.model)?;
-    let model_heads = model.config.num_layers * model.config.num_heads;
+    for &method in &methods {
+        pipeline::check_method(&model, method)?;
+    }
     let options = SearchOptions {
-        heads: match args.grid.heads.is_empty() {
-            true => search::default_heads(model_heads),
-            false => args.grid.heads.clone(),
-        },
-        alphas: match args.grid.alpha.is_empty() {
-            true => search::DEFAULT_ALPHAS.to_vec(),
-            false => args.grid.alpha.clone(),
-        },
+        methods,
+        heads: args.grid.heads.clone(),
+        alphas: args.grid.alpha.clone(),
         kl_budget: args.kl_budget,
         ce_budget: args.ce_budget,
         objective: args.objective,
@@ -87,7 +84,7 @@ pub fn run(args: &SearchArgs, quiet: bool) -> Result<()> {
         },
     };
     // Before the activation pass, which takes minutes: every option, and the output folder.
-    let options = options.check(model_heads, &recipe)?;
+    let options = options.check(&model.config, &recipe)?;
     let run = Resolved::new(&model, &recipe, &args.run.run_options())?;
     let Some(out) = args.out.as_ref().filter(|_| !args.dry_run) else {
         let activations = pipeline::plan_run(&model, &recipe, &run)?;

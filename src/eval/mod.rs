@@ -67,7 +67,7 @@ pub struct EvalReport {
     pub timings: BTreeMap<String, f64>,
 }
 
-/// A baked folder is evaluated as its base's weights with its o_proj biases; `bake verify --base` (without
+/// A baked folder is evaluated as its base's weights with its shift biases; `bake verify --base` (without
 /// the forward run) proves that is what it is before anything is scored.
 fn require_base_plus_biases(
     baked: &ModelFiles,
@@ -87,7 +87,7 @@ fn require_base_plus_biases(
         Some(m) => Err(BakeError::content(
             &baked.location.dir,
             format!(
-                "fails `bake verify --base {}` ({} mismatches; first: {}: {}), so it is not its base plus o_proj \
+                "fails `bake verify --base {}` ({} mismatches; first: {}: {}), so it is not its base plus shift \
                  biases, which is how it is evaluated",
                 model.location.spec,
                 report.mismatches.len(),
@@ -165,8 +165,12 @@ pub fn evaluate(
     let started = Instant::now();
     // The base is hashed once: for this early refusal of a bake of another base, and for the full check below.
     let base_hashes = baked.map(|_| model.input_hashes()).transpose()?;
+    // Where the bake's shift sits (o_proj or down_proj biases) is its recipe's method's.
+    let mut site = crate::model::Site::default();
     if let (Some(b), Some(hashes)) = (baked, &base_hashes) {
-        Manifest::read(&b.location.dir)?.check_base_hashes(model, hashes, &b.location.dir)?;
+        let manifest = Manifest::read(&b.location.dir)?;
+        manifest.check_base_hashes(model, hashes, &b.location.dir)?;
+        site = manifest.recipe.method.site();
     }
     let inputs = read_inputs(model, recipe, options, &workload(baked.is_some(), None), run, progress)?;
     if let (Some(b), Some(hashes)) = (baked, base_hashes) {
@@ -174,9 +178,10 @@ pub fn evaluate(
     }
     let scorer = set_up(model, run, inputs)?;
     let questions: Vec<usize> = (0..scorer.data.questions.len()).collect();
-    // The bake runs as its base's weights with its own o_proj biases: one model in memory, not two.
-    let baked_biases = baked.map(|b| b.o_proj_biases(scorer.runner.device(), scorer.runner.dtype())).transpose()?;
-    let baked_variant = baked_biases.as_deref().map(Variant::baked);
+    // The bake runs as its base's weights with its own shift biases: one model in memory, not two.
+    let (device, dtype) = (scorer.runner.device(), scorer.runner.dtype());
+    let baked_biases = baked.map(|b| b.site_biases(site, device, dtype)).transpose()?;
+    let baked_variant = baked_biases.as_deref().map(|biases| Variant::baked(site, biases));
     let mut base_scores = Vec::new();
     let mut baked_scores = Vec::new();
     for &protocol in &options.protocols {
@@ -221,8 +226,8 @@ pub fn cross_validate(
         let f = pipeline::fit_shifts(recipe, &fold.fit(&prepared))?;
         let device = scorer.runner.device();
         let hooks = (
-            Hook::new(&f.deltas, HookMode::EveryPosition, device)?,
-            Hook::new(&f.deltas, HookMode::FromPromptEnd, device)?,
+            Hook::new(&f.deltas, (recipe.method.site(), HookMode::EveryPosition), device)?,
+            Hook::new(&f.deltas, (recipe.method.site(), HookMode::FromPromptEnd), device)?,
         );
         fitted.push((f.chosen, hooks));
     }

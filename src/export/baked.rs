@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! OUT/
-//!   config.json                 base config, every key kept, attention_bias: true (Mistral and Qwen2 written
-//!                               as LlamaForCausalLM, whose attention reads an o_proj bias)
-//!   model*.safetensors (+index) every base tensor byte for byte, plus q/k/v/o biases: by default the base's
-//!                               weight files copied whole and one file added for the new biases
+//!   config.json                 base config, every key kept, attention_bias: true (mlp_bias: true for the
+//!                               residual method; Mistral and Qwen2 written as LlamaForCausalLM, which reads
+//!                               an o_proj and a down_proj bias)
+//!   model*.safetensors (+index) every base tensor byte for byte, plus q/k/v/o (or gate/up/down) biases: by
+//!                               default the base's weight files copied whole and one file added for the new
+//!                               biases
 //!   tokenizer.json, ...         the base's companion files
 //!   README.md                   model card
 //!   report.json, heatmap.png/.svg  the probe stage (no timings: the folder is byte-reproducible)
@@ -34,7 +36,7 @@ use crate::io::safetensors::{
     WrittenFile,
 };
 use crate::model::weights::{Checkpoint, TensorEntry};
-use crate::model::ModelFiles;
+use crate::model::{ModelFiles, Site};
 use crate::probes::report::ProbeReport;
 use crate::probes::Deltas;
 use crate::progress::{Laps, Progress};
@@ -66,7 +68,7 @@ pub struct BakeInput<'a> {
     pub model: &'a ModelFiles,
     /// `report.json` (recipe, splits, heads, σ, δ); its timings go to `bake.log`, not into the folder.
     pub report: &'a ProbeReport,
-    /// δ per layer in o_proj-input layout; `None` for layers without a chosen head.
+    /// δ per layer at the method's site (o_proj input or residual); `None` for layers without a shift.
     pub deltas: &'a Deltas,
     /// sha256 of the model's config and weight files.
     pub model_hashes: &'a [(PathBuf, String)],
@@ -103,14 +105,15 @@ pub fn write_baked(
     if let Some(warning) = super::runtimes::warning(model.config.family) {
         progress.warn(&warning);
     }
-    if let Some(note) = card::architecture_note(model) {
+    if let Some(note) = card::architecture_note(model, input.report.recipe.method.site()) {
         progress.note(&note);
     }
-    let biases = surgery::bias_tensors(&model.checkpoint, &model.config, input.deltas, dtype)?;
+    let site = input.report.recipe.method.site();
+    let biases = surgery::bias_tensors(&model.checkpoint, &model.config, (site, input.deltas), dtype)?;
     clock.lap("biases");
     let mut written = write_weights(input, biases, &dir, options.sharding, progress)?;
     clock.lap("weights");
-    written.push(write_file(&dir.join("config.json"), config_text(model).as_bytes())?);
+    written.push(write_file(&dir.join("config.json"), config_text(model, site).as_bytes())?);
     let mut model_hashes = input.model_hashes.to_vec();
     for file in model.location.companion_files() {
         let name = file.file_name().expect("companion files have names");
@@ -231,13 +234,20 @@ fn base_tensor<'a>(ck: &'a Checkpoint, name: &str, e: &TensorEntry) -> TensorByt
     TensorBytes { name: name.to_string(), dtype: e.dtype, shape: e.shape.clone(), bytes: ck.bytes(e).into() }
 }
 
-/// The keys of `config.json` a bake changes: `attention_bias`, and for a family whose own class would drop
-/// the o_proj bias, the class itself (see [`crate::model::config::Family::written_as_llama`]). The manifest
-/// records each key's base value, so the original architecture stays on record.
-pub fn config_changes(model: &ModelFiles) -> BTreeMap<String, ConfigChange> {
+/// The keys of `config.json` a bake at `site` changes: the flag of each bias it writes (`attention_bias`,
+/// `mlp_bias`; see [`surgery::sets_attention_bias`]), and for a family whose own class would drop the bias,
+/// the class itself (see [`crate::model::config::Family::written_as_llama`]). The manifest records each key's
+/// base value, so the original architecture stays on record.
+pub fn config_changes(model: &ModelFiles, site: Site) -> BTreeMap<String, ConfigChange> {
     let raw = &model.config.raw;
     let change = |key: &str, baked: Value| (key.to_string(), ConfigChange { base: raw.get(key).cloned(), baked });
-    let mut changes = BTreeMap::from([change("attention_bias", Value::Bool(true))]);
+    let mut changes = BTreeMap::new();
+    if surgery::sets_attention_bias(site, model.config.family) {
+        changes.extend([change("attention_bias", Value::Bool(true))]);
+    }
+    if site == Site::Residual {
+        changes.extend([change("mlp_bias", Value::Bool(true))]);
+    }
     let (family, baked_as) = (model.config.family, model.config.family.baked_as());
     if baked_as != family {
         changes.extend([
@@ -248,10 +258,11 @@ pub fn config_changes(model: &ModelFiles) -> BTreeMap<String, ConfigChange> {
     changes
 }
 
-/// `config.json` of a bake of `model`: the base config with every key kept in order and the changed keys set.
-pub fn config_text(model: &ModelFiles) -> String {
+/// `config.json` of a bake of `model` at `site`: the base config with every key kept in order and the changed
+/// keys set.
+pub fn config_text(model: &ModelFiles, site: Site) -> String {
     let mut config = model.config.raw.clone();
-    for (key, change) in config_changes(model) {
+    for (key, change) in config_changes(model, site) {
         config.insert(key, change.baked);
     }
     serde_json::to_string_pretty(&Value::Object(config)).expect("JSON") + "\n"
@@ -259,7 +270,7 @@ pub fn config_text(model: &ModelFiles) -> String {
 
 fn write_activation_diff(input: &BakeInput, dtype: StoredDtype, dir: &Path) -> Result<Vec<WrittenFile>> {
     std::fs::create_dir_all(dir.join(DIFF_DIR)).at(dir.join(DIFF_DIR))?;
-    let width = input.model.config.attn_width();
+    let width = input.report.recipe.method.site().width(&input.model.config);
     activation_diff_files(input.report, input.deltas, width, dtype)
         .into_iter()
         .map(|(name, bytes)| write_file(&dir.join(name), &bytes))
@@ -274,20 +285,21 @@ pub fn activation_diff_files(
     width: usize,
     dtype: StoredDtype,
 ) -> Vec<(String, Vec<u8>)> {
+    let site = report.recipe.method.site();
     let shifted: Vec<(usize, &Vec<f32>)> =
         deltas.iter().enumerate().filter_map(|(l, d)| d.as_ref().map(|d| (l, d))).collect();
     let layers: Vec<usize> = shifted.iter().map(|(l, _)| *l).collect();
-    let mut files = vec![(format!("{DIFF_DIR}/config.json"), pyvene::config_json(&layers, width).into_bytes())];
+    let mut files = vec![(format!("{DIFF_DIR}/config.json"), pyvene::config_json(&layers, (site, width)).into_bytes())];
     for (layer, delta) in &shifted {
         let bytes = pyvene::intervention_file(dtype.encode(delta.iter().copied()), width, dtype);
-        files.push((format!("{DIFF_DIR}/{}", pyvene::file_name(*layer)), bytes));
+        files.push((format!("{DIFF_DIR}/{}", pyvene::file_name(*layer, site)), bytes));
     }
     // The safetensors twin, readable without torch: δ exactly as the biases were computed from (f32); the
     // pyvene files hold it rounded to the model dtype.
     let twin: Vec<TensorBytes> = shifted
         .iter()
         .map(|(l, d)| TensorBytes {
-            name: names::Layer(*l).delta(),
+            name: names::Layer(*l).delta(site),
             dtype: StoredDtype::F32,
             shape: vec![width],
             bytes: StoredDtype::F32.encode(d.iter().copied()).into(),
@@ -301,7 +313,7 @@ pub fn activation_diff_files(
         ("sigma".to_string(), json_text(&report.sigma)),
         ("val_accuracy".to_string(), json_text(&report.val_accuracy)),
         ("prompts".to_string(), json_text(&[report.probe_prompts, report.tuning_prompts])),
-        ("hook".to_string(), "model.layers[l].self_attn.o_proj.input".to_string()),
+        ("hook".to_string(), names::Layer(0).component(site).replacen("[0]", "[l]", 1)),
         ("model_dtype".to_string(), dtype.torch_name().to_string()),
     ]);
     let twin_refs: Vec<&TensorBytes> = twin.iter().collect();
@@ -363,8 +375,8 @@ pub fn expected_manifest(model: &ModelFiles, report: &ProbeReport, recorded: Rec
         train_questions: report.train_questions.clone(),
         val_questions: report.val_questions.clone(),
         tuning_question: report.tuning_question.clone(),
-        config_changes: config_changes(model),
-        added_tensors: surgery::added_tensors(&model.checkpoint, &model.config),
+        config_changes: config_changes(model, report.recipe.method.site()),
+        added_tensors: surgery::added_tensors(&model.checkpoint, &model.config, report.recipe.method.site()),
         inputs: recorded.inputs,
         outputs: recorded.outputs,
         cost: recorded.cost,

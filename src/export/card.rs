@@ -17,7 +17,7 @@ fn licence(model: &ModelFiles) -> Option<String> {
 
 /// What a user of this family must know for the shift to be applied: why a Mistral or Qwen2 bake is a
 /// `LlamaForCausalLM`, or where a Qwen3 bake may lose it. For the card and the terminal.
-pub fn architecture_note(model: &ModelFiles) -> Option<String> {
+pub fn architecture_note(model: &ModelFiles, site: crate::model::Site) -> Option<String> {
     let family = model.config.family;
     if family == crate::model::config::Family::Qwen3 {
         return Some(
@@ -28,11 +28,15 @@ pub fn architecture_note(model: &ModelFiles) -> Option<String> {
                 .to_string(),
         );
     }
+    let (flag, block, bias) = match site {
+        crate::model::Site::AttentionHeads => ("attention_bias", "attention", "o_proj"),
+        crate::model::Site::Residual => ("mlp_bias", "MLP", "down_proj"),
+    };
     family.written_as_llama().then(|| {
         format!(
             "The base is a `{base}`; this checkpoint is written as `LlamaForCausalLM` (`model_type: llama`, \
-             `attention_bias: true`), which runs the same forward pass with the sliding window off, because the base \
-             class's attention has no `o_proj` bias in transformers and would drop the shift when loading. Keep it a \
+             `{flag}: true`), which runs the same forward pass with the sliding window off, because the base \
+             class's {block} has no `{bias}` bias in transformers and would drop the shift when loading. Keep it a \
              Llama: converted back to `{base}`, the shift is lost.",
             base = family.architecture()
         )
@@ -40,11 +44,11 @@ pub fn architecture_note(model: &ModelFiles) -> Option<String> {
 }
 
 /// Which runtimes apply the shift, as measured.
-fn runtimes_section(family: crate::model::config::Family) -> String {
+fn runtimes_section(family: crate::model::config::Family, site: crate::model::Site) -> String {
     let mut s = String::from(
         "## Runtimes\n\n| runtime | version checked | applies the shift | how |\n| --- | --- | --- | --- |\n",
     );
-    for v in runtimes::verdicts(family) {
+    for v in runtimes::verdicts(family, site) {
         let applies = match v.applies {
             runtimes::Applies::Yes => "yes",
             runtimes::Applies::DropsSilently => "**no: drops it silently**",
@@ -106,27 +110,52 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport, cost: Option<&Cost>)
     s.push_str(
         "library_name: transformers\ntags:\n- bake\n- inference-time-intervention\n- iti\n- truthfulqa\n---\n\n",
     );
-    let _ = writeln!(s, "# {base}, baked with Inference-Time Intervention\n");
+    let title = match recipe.method {
+        Method::Residual => "residual-stream shifts",
+        Method::Iti | Method::NlIti => "Inference-Time Intervention",
+    };
+    let _ = writeln!(s, "# {base}, baked with {title}\n");
     if let Some(warning) = runtimes::warning(model.config.family) {
         let _ = writeln!(s, "> **Warning:** {warning}\n");
     }
     if let Some(warning) = cost.and_then(Cost::warning) {
         let _ = writeln!(s, "> **Warning:** {warning}\n");
     }
-    let _ = writeln!(
-        s,
-        "This is `{base}` with an Inference-Time Intervention (Li et al., NeurIPS 2023) baked into its weights by \
-         [`bake`](https://crates.io/crates/bake) {}. Linear probes on TruthfulQA picked the {} attention heads whose \
-         outputs best separate true from false answers; each is shifted by α = {} standard deviations along its \
-         {:?} direction. The shift δ of layer l is stored as the `o_proj` bias `b_l = W_o · δ_l`, so it applies at \
-         every position of every forward pass. Every other tensor is byte-identical to the base model \
-         (`bake verify` proves it).\n",
-        report.tool_version,
-        report.heads.len(),
-        recipe.alpha,
-        recipe.direction
-    );
-    if let Some(note) = architecture_note(model) {
+    match recipe.method {
+        Method::Residual => {
+            let _ = writeln!(
+                s,
+                "This is `{base}` with residual-stream shifts (activation addition) baked into its weights by \
+                 [`bake`](https://crates.io/crates/bake) {}. Linear probes on TruthfulQA picked the {} layers whose \
+                 residual stream (the mean over the last {} tokens of each prompt) best separates true from false \
+                 answers; each layer's stream is shifted by α = {} standard deviations along its {:?} direction. The \
+                 shift δ of layer l is stored as the `down_proj` bias `b_l = δ_l` (`mlp_bias: true`; the gate and up \
+                 biases are zero), so it applies at every position of every forward pass. Every other tensor is \
+                 byte-identical to the base model (`bake verify` proves it).\n",
+                report.tool_version,
+                report.heads.len(),
+                recipe.answer_tokens(),
+                recipe.alpha,
+                recipe.direction
+            );
+        }
+        Method::Iti | Method::NlIti => {
+            let _ = writeln!(
+            s,
+            "This is `{base}` with an Inference-Time Intervention (Li et al., NeurIPS 2023) baked into its weights by \
+             [`bake`](https://crates.io/crates/bake) {}. Linear probes on TruthfulQA picked the {} attention heads whose \
+             outputs best separate true from false answers; each is shifted by α = {} standard deviations along its \
+             {:?} direction. The shift δ of layer l is stored as the `o_proj` bias `b_l = W_o · δ_l`, so it applies at \
+             every position of every forward pass. Every other tensor is byte-identical to the base model \
+             (`bake verify` proves it).\n",
+            report.tool_version,
+            report.heads.len(),
+            recipe.alpha,
+            recipe.direction
+        );
+        }
+    }
+    if let Some(note) = architecture_note(model, recipe.method.site()) {
         let _ = writeln!(s, "{note}\n");
     }
     if recipe.method == Method::NlIti {
@@ -149,7 +178,7 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport, cost: Option<&Cost>)
     s.push_str("The same shift as a pyvene intervention on the base model (`activation_diff/`):\n\n```python\nimport pyvene as pv\n");
     let _ = writeln!(s, "base = AutoModelForCausalLM.from_pretrained(\"{base}\")");
     s.push_str("pv_model = pv.IntervenableModel.load(\"PATH/activation_diff\", base)\npv_model.set_device(base.device)\n```\n\n");
-    s.push_str(&runtimes_section(model.config.family));
+    s.push_str(&runtimes_section(model.config.family, recipe.method.site()));
     s.push_str("## Recipe\n\n| field | value |\n| --- | --- |\n");
     for (k, v) in [
         ("dataset", format!("{} ({})", recipe.dataset.source, recipe.dataset.split)),
@@ -158,7 +187,7 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport, cost: Option<&Cost>)
         ("tuning prompt", format!("`{}`", recipe.prompts.tuning)),
         ("method", recipe.method.to_string()),
         ("activations", recipe.describe_tokens()),
-        ("heads (K)", recipe.heads.to_string()),
+        (&format!("{} (K)", recipe.method.units()), recipe.heads.to_string()),
         ("alpha", recipe.alpha.to_string()),
         ("direction", format!("{:?}", recipe.direction)),
         ("validation ratio", recipe.validation_ratio.to_string()),
@@ -166,16 +195,7 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport, cost: Option<&Cost>)
     ] {
         let _ = writeln!(s, "| {k} | {v} |");
     }
-    s.push_str("\n## Chosen heads\n\n");
-    s.push_str(
-        "![Probe validation accuracy per attention head, layers by heads; the chosen heads outlined](heatmap.png)\n\n",
-    );
-    s.push_str("| rank | layer | head | probe validation accuracy | σ |\n| --- | --- | --- | --- | --- |\n");
-    for (rank, (crate::probes::Head { layer: l, head: h }, (_, _, sigma))) in
-        report.heads.iter().zip(&report.sigma).enumerate()
-    {
-        let _ = writeln!(s, "| {} | {l} | {h} | {:.3} | {sigma:.4} |", rank + 1, report.val_accuracy[*l][*h]);
-    }
+    s.push_str(&chosen_section(report));
     s.push_str(
         "\n## Data\n\nTruthfulQA (Stephanie Lin, Jacob Hilton, Owain Evans: \"TruthfulQA: Measuring How Models Mimic \
          Human Falsehoods\", ACL 2022; <https://github.com/sylinrl/TruthfulQA>), licensed under the Apache License \
@@ -185,6 +205,33 @@ pub fn model_card(model: &ModelFiles, report: &ProbeReport, cost: Option<&Cost>)
         "\n`report.json` holds every probe's accuracy, the splits and δ; `bake.json` the sha256 of every input \
                 and output file.\n",
     );
+    s
+}
+
+/// The chosen heads (or layers, for the residual method), best first, with their probes' accuracy and σ.
+fn chosen_section(report: &ProbeReport) -> String {
+    let chosen = report.heads.iter().zip(&report.sigma).enumerate();
+    let accuracy = |h: &crate::probes::Head| report.val_accuracy[h.layer][h.head];
+    let mut s = String::new();
+    if report.recipe.method == Method::Residual {
+        s.push_str("\n## Chosen layers\n\n");
+        s.push_str(
+            "![Probe validation accuracy per layer's residual stream; the chosen layers outlined](heatmap.png)\n\n",
+        );
+        s.push_str("| rank | layer | probe validation accuracy | σ |\n| --- | --- | --- | --- |\n");
+        for (rank, (h, (_, _, sigma))) in chosen {
+            let _ = writeln!(s, "| {} | {} | {:.3} | {sigma:.4} |", rank + 1, h.layer, accuracy(h));
+        }
+        return s;
+    }
+    s.push_str("\n## Chosen heads\n\n");
+    s.push_str(
+        "![Probe validation accuracy per attention head, layers by heads; the chosen heads outlined](heatmap.png)\n\n",
+    );
+    s.push_str("| rank | layer | head | probe validation accuracy | σ |\n| --- | --- | --- | --- | --- |\n");
+    for (rank, (h, (_, _, sigma))) in chosen {
+        let _ = writeln!(s, "| {} | {} | {} | {:.3} | {sigma:.4} |", rank + 1, h.layer, h.head, accuracy(h));
+    }
     s
 }
 

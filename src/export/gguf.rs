@@ -1,7 +1,8 @@
 //! `bake gguf`: a bake's shift written into a GGUF of its base, for llama.cpp and ollama, whatever the file's
 //! quantization. Every tensor and metadata key of the input is copied as is (quantized data byte for byte, the
-//! data layout kept), and each shifted layer gains an F32 `blk.N.attn_output.bias`, which llama.cpp's `llama`
-//! graph adds after `attn_output` (its loader creates the tensor as optional).
+//! data layout kept), and each shifted layer gains an F32 `blk.N.attn_output.bias` (or, for a residual bake,
+//! `blk.N.ffn_down.bias`), which llama.cpp's `llama` graph adds after `attn_output` (`ffn_down`); its loader
+//! creates both tensors as optional.
 //!
 //! Only the `llama` architecture reads that bias. A `qwen2` file is rewritten as `llama`: the two graphs differ
 //! only in rotary layout (qwen2 rotates the two halves of each head, llama adjacent pairs), so the keys are
@@ -18,10 +19,10 @@ use std::path::{Path, PathBuf};
 use crate::error::{BakeError, IoContext, Result};
 use crate::export::manifest::Manifest;
 use crate::io::gguf::{align, GgmlType, GgufFile, Header, TensorInfo, Value};
-use crate::io::names::{Attention, Layer, Param, FINAL_NORM};
+use crate::io::names::{Layer, FINAL_NORM};
 use crate::io::output::{self, Ownership, Protected, Request, Target};
 use crate::model::config::Family;
-use crate::model::ModelFiles;
+use crate::model::{ModelFiles, Site};
 use crate::progress::Progress;
 
 /// The metadata keys of a bake's provenance (all under `bake.`).
@@ -98,6 +99,8 @@ pub struct GgufBake {
     pub header: Header,
     /// The bias of each shifted layer, in layer order.
     pub biases: Vec<(usize, Vec<f32>)>,
+    /// Where the bake's shift sits, and so which bias each layer gains.
+    pub site: Site,
     /// The output file's name: the input's.
     pub file_name: String,
 }
@@ -113,13 +116,14 @@ impl GgufBake {
         check_architecture_matches(&source, rewrite, family)?;
         check_shapes(&source, rewrite, &baked)?;
         check_norms_match(&source, &baked)?;
-        let biases = shifted_layer_biases(&baked)?;
+        let site = manifest.recipe.method.site();
+        let biases = shifted_layer_biases(&baked, site)?;
         let manifest_sha256 = crate::io::hash::sha256_file(&bake_dir.join(crate::io::listing::MANIFEST_FILE))?;
-        let mut header = output_header(&source.header, rewrite, &biases, baked.config.hidden_size);
+        let mut header = output_header(&source.header, rewrite, (site, &biases), baked.config.hidden_size);
         header.metadata.extend(provenance(&manifest, &manifest_sha256, rewrite));
         let file_name = gguf.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or("model.gguf".into());
         let heads = (baked.config.num_heads, baked.config.num_kv_heads);
-        Ok(GgufBake { source, rewrite, heads, header, biases, file_name })
+        Ok(GgufBake { source, rewrite, heads, header, biases, site, file_name })
     }
 
     /// Checks the output folder before any work: never one holding the bake or the input GGUF, and an existing
@@ -306,15 +310,15 @@ fn check_norms_match(source: &GgufFile, baked: &ModelFiles) -> Result<()> {
     Ok(())
 }
 
-/// The bake's o_proj bias of every layer the shift touches, as f32.
-fn shifted_layer_biases(baked: &ModelFiles) -> Result<Vec<(usize, Vec<f32>)>> {
+/// The bake's shift bias (o_proj's, or down_proj's) of every layer the shift touches, as f32.
+fn shifted_layer_biases(baked: &ModelFiles, site: Site) -> Result<Vec<(usize, Vec<f32>)>> {
     let mut biases = Vec::new();
-    let loaded = baked.o_proj_biases(&candle_core::Device::Cpu, candle_core::DType::F32)?;
+    let loaded = baked.site_biases(site, &candle_core::Device::Cpu, candle_core::DType::F32)?;
     for (l, bias) in loaded.into_iter().enumerate() {
         let Some(bias) = bias else { continue };
         let bias: Vec<f32> = bias.to_vec1()?;
         if let Some(bad) = bias.iter().find(|v| !v.is_finite()) {
-            let name = Layer(l).attention(Attention::O, Param::Bias);
+            let name = Layer(l).shift_bias(site);
             return Err(BakeError::tensor(&baked.location.dir, name, format!("holds {bad}; expected finite values")));
         }
         if bias.iter().any(|&v| v != 0.0) {
@@ -326,7 +330,12 @@ fn shifted_layer_biases(baked: &ModelFiles) -> Result<Vec<(usize, Vec<f32>)>> {
 
 /// The input's header with the keys renamed for a rewrite and a bias tensor appended per shifted layer, each
 /// aligned after the input's data.
-fn output_header(input: &Header, rewrite: Rewrite, biases: &[(usize, Vec<f32>)], hidden: usize) -> Header {
+fn output_header(
+    input: &Header,
+    rewrite: Rewrite,
+    (site, biases): (Site, &[(usize, Vec<f32>)]),
+    hidden: usize,
+) -> Header {
     let metadata = input
         .metadata
         .iter()
@@ -341,7 +350,7 @@ fn output_header(input: &Header, rewrite: Rewrite, biases: &[(usize, Vec<f32>)],
     for (layer, _) in biases {
         let offset = align(end, alignment);
         let bias = TensorInfo {
-            name: format!("blk.{layer}.attn_output.bias"),
+            name: gguf_bias_name(site, *layer),
             dims: vec![hidden as u64],
             ggml_type: GgmlType::F32,
             offset,
@@ -350,6 +359,14 @@ fn output_header(input: &Header, rewrite: Rewrite, biases: &[(usize, Vec<f32>)],
         tensors.push(bias);
     }
     Header { metadata, tensors }
+}
+
+/// llama.cpp's name of the bias that carries a shift at `site` in layer `layer`.
+pub fn gguf_bias_name(site: Site, layer: usize) -> String {
+    match site {
+        Site::AttentionHeads => format!("blk.{layer}.attn_output.bias"),
+        Site::Residual => format!("blk.{layer}.ffn_down.bias"),
+    }
 }
 
 fn renamed_for_llama(key: &str, value: &Value) -> (String, Value) {

@@ -24,6 +24,9 @@ pub fn method_description(method: Method) -> &'static str {
         Method::NlIti => {
             "non-linear inference-time intervention (NL-ITI, Hoscilowicz et al. 2024), baked as o_proj biases b = W_o · δ"
         }
+        Method::Residual => {
+            "mean-difference vectors added to the residual stream (activation addition), baked as down_proj biases b = δ"
+        }
     }
 }
 

@@ -1,21 +1,25 @@
 //! The activation diff in the layout pyvene 0.1.8 loads with `IntervenableModel.load(dir, model)`: a
 //! `config.json` and one `torch.save`-compatible zip per shifted layer holding
 //! `{"source_representation": δ_l}`, applied as an `AdditionIntervention` on
-//! `model.layers[l].self_attn.o_proj.input`. The zip and pickle bytes are written here, without torch.
+//! `model.layers[l].self_attn.o_proj.input` (or `model.layers[l].mlp.down_proj.output` for a residual shift).
+//! The zip and pickle bytes are written here, without torch.
 
 use crate::io::dtype::StoredDtype;
+use crate::io::names::Layer;
+use crate::model::Site;
 
 /// The intervention key pyvene ≥ 0.1.7 derives for a raw module path (`.` becomes `_`).
-pub fn intervention_key(layer: usize) -> String {
-    format!("comp_model_layers[{layer}]_self_attn_o_proj_input_unit_pos_nunit_1#0")
+pub fn intervention_key(layer: usize, site: Site) -> String {
+    format!("comp_{}_unit_pos_nunit_1#0", Layer(layer).component(site).replace('.', "_"))
 }
 
-pub fn file_name(layer: usize) -> String {
-    format!("intkey_{}.bin", intervention_key(layer))
+pub fn file_name(layer: usize, site: Site) -> String {
+    format!("intkey_{}.bin", intervention_key(layer, site))
 }
 
-/// pyvene's `IntervenableConfig` for one `AdditionIntervention` per layer, keys sorted as pyvene writes them.
-pub fn config_json(layers: &[usize], width: usize) -> String {
+/// pyvene's `IntervenableConfig` for one `AdditionIntervention` per layer at `site` (δ of `width`), keys sorted
+/// as pyvene writes them.
+pub fn config_json(layers: &[usize], (site, width): (Site, usize)) -> String {
     let representations: Vec<serde_json::Value> = layers
         .iter()
         .map(|l| {
@@ -23,7 +27,7 @@ pub fn config_json(layers: &[usize], width: usize) -> String {
             // register δ as a buffer, so `set_device` moves it with the model.
             serde_json::json!([
                 0,
-                crate::io::names::Layer(*l).o_proj_input_component(),
+                Layer(*l).component(site),
                 "pos",
                 1,
                 null,
@@ -45,7 +49,7 @@ pub fn config_json(layers: &[usize], width: usize) -> String {
         "intervention_types": vec!["<class 'pyvene.models.interventions.AdditionIntervention'>"; layers.len()],
         "mode": "parallel",
         "representations": representations,
-        "sorted_keys": layers.iter().map(|&l| intervention_key(l)).collect::<Vec<_>>(),
+        "sorted_keys": layers.iter().map(|&l| intervention_key(l, site)).collect::<Vec<_>>(),
     });
     serde_json::to_string_pretty(&config).expect("plain JSON") + "\n"
 }

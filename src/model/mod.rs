@@ -12,7 +12,7 @@ pub mod weights;
 
 pub use batch::Batch;
 pub use config::{ModelConfig, RopeScaling};
-pub use forward::{Llama, Output, Prefix, Request, Shift};
+pub use forward::{Llama, Output, Prefix, Request, Shift, Site};
 pub use resolve::ModelLocation;
 pub use runner::{Job, Mode, Pass, PassSize, Runner};
 pub use tokenizer::TextTokenizer;
@@ -54,17 +54,18 @@ impl ModelFiles {
         Llama::load(self, device, dtype)
     }
 
-    /// Every layer's o_proj bias (`None` where a layer has none) on `device` in `dtype`, as [`Self::load_as`]
-    /// loads it: with a base's weights ([`Request::o_proj_biases`]), a bake's biases run the bake.
-    pub fn o_proj_biases(
+    /// Every layer's bias at `site` (o_proj's, or down_proj's for the residual; `None` where a layer has none)
+    /// on `device` in `dtype`, as [`Self::load_as`] loads it: with a base's weights ([`Request::biases`]), a
+    /// bake's biases run the bake.
+    pub fn site_biases(
         &self,
+        site: Site,
         device: &candle_core::Device,
         dtype: candle_core::DType,
     ) -> Result<Vec<Option<candle_core::Tensor>>> {
-        use crate::io::names::{Attention, Layer, Param};
         (0..self.config.num_layers)
             .map(|l| {
-                let name = Layer(l).attention(Attention::O, Param::Bias);
+                let name = crate::io::names::Layer(l).shift_bias(site);
                 match self.checkpoint.get(&name) {
                     Some(_) => self.checkpoint.load_as(&name, &[self.config.hidden_size], dtype, device).map(Some),
                     None => Ok(None),

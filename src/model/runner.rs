@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::forward::InFlight;
-use super::{Batch, Llama, ModelFiles, Request, Shift};
+use super::{Batch, Llama, ModelFiles, Request, Shift, Site};
 use crate::error::Result;
 use crate::progress::Progress;
 
@@ -22,14 +22,16 @@ pub enum Mode {
 /// One batch of a pass and how the model runs on it.
 pub struct Job<'a> {
     pub batch: Batch,
+    /// Where the shift and the biases apply.
+    pub site: Site,
     pub shift: Option<Shift>,
-    /// Per layer, an o_proj bias in place of the layer's own ([`Request::o_proj_biases`]).
-    pub o_proj_biases: Option<&'a [Option<Tensor>]>,
+    /// Per layer, a bias of the site's projection in place of the layer's own ([`Request::biases`]).
+    pub biases: Option<&'a [Option<Tensor>]>,
 }
 
 impl Job<'_> {
     fn request(&self) -> Request<'_> {
-        Request { shift: self.shift.as_ref(), o_proj_biases: self.o_proj_biases, ..Default::default() }
+        Request { site: self.site, shift: self.shift.as_ref(), biases: self.biases, ..Default::default() }
     }
 }
 

@@ -18,6 +18,8 @@ pub struct Heatmap<'a> {
     pub chosen: &'a [super::Head],
     pub title: String,
     pub subtitle: String,
+    /// What a column is: `attention head`, or the residual stream.
+    pub columns: &'static str,
 }
 
 /// The pixel layout, derived from the model's shape.
@@ -104,7 +106,7 @@ impl Figure for Heatmap<'_> {
                 drawing(area.draw(&Rectangle::new(corners, OUTLINE.stroke_width(1))))?;
             }
         }
-        draw_axes(area, &l)?;
+        draw_axes(area, &l, self.columns)?;
         draw_colour_bar(area, &l, lo, hi)
     }
 }
@@ -120,7 +122,7 @@ fn draw_titles<DB: DrawingBackend>(
     drawing(area.draw(&Text::new(subtitle.to_string(), (l.width / 2, 44), font(13).pos(centre).color(&INK))))
 }
 
-fn draw_axes<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, l: &Layout) -> Result<(), String> {
+fn draw_axes<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, l: &Layout, columns: &str) -> Result<(), String> {
     let (grid_w, grid_h) = (l.cell * l.heads, l.cell * l.layers);
     drawing(
         area.draw(&Rectangle::new([(l.left - 1, l.top - 1), (l.left + grid_w, l.top + grid_h)], INK.stroke_width(1))),
@@ -144,7 +146,7 @@ fn draw_axes<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, l: &Layout) -> R
     let label = font(14).color(&INK);
     let centre = Pos::new(HPos::Center, VPos::Center);
     let below = (l.left + grid_w / 2, l.top + grid_h + 38);
-    drawing(area.draw(&Text::new("attention head", below, label.clone().pos(centre))))?;
+    drawing(area.draw(&Text::new(columns, below, label.clone().pos(centre))))?;
     let beside = (l.left - 52, l.top + grid_h / 2);
     let rotated = label.transform(FontTransform::Rotate270).pos(centre);
     drawing(area.draw(&Text::new("layer", beside, rotated)))
@@ -191,7 +193,7 @@ mod tests {
     }
 
     fn heatmap(accuracy: &[Vec<f64>]) -> Heatmap<'_> {
-        Heatmap { accuracy, chosen: &[], title: String::new(), subtitle: String::new() }
+        Heatmap { accuracy, chosen: &[], title: String::new(), subtitle: String::new(), columns: "attention head" }
     }
 
     #[test]

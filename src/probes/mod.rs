@@ -73,12 +73,25 @@ fn question_mask(prompts: &[Prompt], questions: &[usize]) -> Vec<bool> {
     mask
 }
 
-/// Shape facts the probes need.
+/// Shape facts the probes need: the units probed in each layer (attention heads, or the whole residual stream
+/// as one unit of `hidden_size`).
 #[derive(Debug, Clone, Copy)]
 pub struct HeadLayout {
     pub layers: usize,
     pub heads: usize,
     pub head_dim: usize,
+}
+
+impl HeadLayout {
+    /// The units a method probes at `site` in a model of `config`.
+    pub fn at(site: crate::model::Site, c: &crate::model::ModelConfig) -> Self {
+        match site {
+            crate::model::Site::AttentionHeads => {
+                HeadLayout { layers: c.num_layers, heads: c.num_heads, head_dim: c.head_dim }
+            }
+            crate::model::Site::Residual => HeadLayout { layers: c.num_layers, heads: 1, head_dim: c.hidden_size },
+        }
+    }
 }
 
 /// Every head's rows of one layer, head by head, into `out`: `[heads][rows][d + extra]`, each row followed by
@@ -121,7 +134,7 @@ pub fn train_probes(
     (method, seed): (Method, u64),
 ) -> ProbeResults {
     match method {
-        Method::Iti => {
+        Method::Iti | Method::Residual => {
             let (val_accuracy, probes) =
                 per_head(acts, prompts, split, layout, 1, |_, design, labels, scratch: &mut logistic::Scratch| {
                     let d = layout.head_dim;
@@ -275,11 +288,12 @@ pub fn select_heads(val_accuracy: &[Vec<f64>], k: usize) -> Result<Vec<Head>> {
     Ok(all)
 }
 
-/// K must not exceed the number of heads (layers × heads per layer).
+/// K must not exceed the number of units probed (heads: layers × heads per layer; or layers, one unit each).
 pub fn check_head_count(k: usize, available: usize) -> Result<()> {
     if k > available {
         return Err(BakeError::Invalid(format!(
-            "heads: K = {k} is more than the model's {available} attention heads (layers × heads)"
+            "heads: K = {k} is more than the {available} units the method can shift (attention heads, layers × \
+             heads; or layers, for method residual)"
         )));
     }
     Ok(())

@@ -78,19 +78,26 @@ impl ProbeReport {
             .map_err(|e| crate::error::BakeError::parse(path, format!("not a probe report: {e}")))
     }
 
-    /// The layers × heads figure of validation accuracy, chosen heads outlined.
+    /// The layers × heads figure of validation accuracy (layers × 1 for the residual method), the chosen heads
+    /// (layers) outlined.
     pub fn heatmap(&self) -> Heatmap<'_> {
         let model = Path::new(&self.model).file_name().map_or(self.model.clone(), |n| n.to_string_lossy().into_owned());
         let questions = self.train_questions.len() + self.val_questions.len();
+        let (unit, columns) = match self.recipe.method.site() {
+            crate::model::Site::AttentionHeads => ("attention head", "attention head"),
+            crate::model::Site::Residual => ("layer's residual stream", "residual stream"),
+        };
         Heatmap {
             accuracy: &self.val_accuracy,
             chosen: &self.heads,
-            title: "Probe validation accuracy per attention head".into(),
+            title: format!("Probe validation accuracy per {unit}"),
             subtitle: format!(
-                "{model} · {questions} questions · K = {} heads outlined · α = {}",
+                "{model} · {questions} questions · K = {} {} outlined · α = {}",
                 self.heads.len(),
+                self.recipe.method.units(),
                 self.recipe.alpha
             ),
+            columns,
         }
     }
 }

@@ -36,8 +36,9 @@ pub enum DirectionKind {
     Random,
 }
 
-/// How heads or layers are ranked and shifted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+/// How heads or layers are ranked and shifted. Ordered as declared (ties between methods in a search go to the
+/// earlier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Method {
     /// Inference-Time Intervention (Li et al. 2023): a logistic probe per head ranks the heads, δ = α·σ·θ on
     /// the top K.
@@ -50,6 +51,11 @@ pub enum Method {
     #[serde(rename = "nl-iti")]
     #[value(name = "nl-iti")]
     NlIti,
+    /// A mean-difference vector per layer added to the residual stream (CAA-style): a logistic probe of each
+    /// layer's residual ranks the layers, δ = α·σ·θ on the top K, written as a down_proj bias.
+    #[serde(rename = "residual")]
+    #[value(name = "residual")]
+    Residual,
 }
 
 impl Method {
@@ -58,15 +64,33 @@ impl Method {
         match self {
             Method::Iti => "iti",
             Method::NlIti => "nl-iti",
+            Method::Residual => "residual",
+        }
+    }
+
+    /// Where the method reads activations and adds its shift.
+    pub fn site(self) -> crate::model::Site {
+        match self {
+            Method::Iti | Method::NlIti => crate::model::Site::AttentionHeads,
+            Method::Residual => crate::model::Site::Residual,
+        }
+    }
+
+    /// What the recipe's `heads` (K) counts for this method.
+    pub fn units(self) -> &'static str {
+        match self {
+            Method::Iti | Method::NlIti => "heads",
+            Method::Residual => "layers",
         }
     }
 
     /// How many of a prompt's last tokens its activations average when the recipe does not say: NL-ITI's
-    /// published TruthfulQA setting probes the mean of the last 4.
+    /// published TruthfulQA setting probes the mean of the last 4, and bake's residual vectors take the same
+    /// answer tokens (a mean-difference vector is read over the answer, not one token of it).
     pub fn default_tokens(self) -> usize {
         match self {
             Method::Iti => 1,
-            Method::NlIti => 4,
+            Method::NlIti | Method::Residual => 4,
         }
     }
 

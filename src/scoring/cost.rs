@@ -20,7 +20,7 @@ use crate::recipe::Recipe;
 pub const BUILTIN_TOKENS: usize = 128;
 
 /// Measures the cost of shifting `model` by `deltas`: the corpus is read, the run planned within its budget,
-/// then the base runs once plain and once with the bake's o_proj biases. When the plan does not fit the budget
+/// then the base runs once plain and once with the bake's shift biases. When the plan does not fit the budget
 /// (the vocabulary's logits can outweigh a small model), the bake goes on without its cost: `None`, and a
 /// warning naming both estimates.
 pub fn measure(
@@ -49,11 +49,12 @@ pub fn measure(
         }
     };
     progress.note(&format!("cost: {}", plan.describe()));
-    let biases = baked_biases(model, deltas, device, dtype)?;
+    let site = recipe.method.site();
+    let biases = baked_biases(model, (site, deltas), device, dtype)?;
     let runner = Runner::load(model, device, dtype, plan.estimate.mode)?;
     let (base, edited) = logprobs::language_scores(
         &runner,
-        &[Variant::baked(&biases)],
+        &[Variant::baked(site, &biases)],
         &documents,
         recipe.batch_size,
         pad_id,
@@ -71,11 +72,12 @@ pub fn measure(
     }))
 }
 
-/// Every shifted layer's o_proj bias as the bake writes it (W_o · δ plus any bias of the base, rounded to the
-/// checkpoint's dtype), then in the run's dtype on its device; `None` for the layers a bake leaves as they are.
+/// Every shifted layer's shift bias as the bake writes it (W_o · δ, or δ on the residual stream, plus any bias
+/// of the base, rounded to the checkpoint's dtype), then in the run's dtype on its device; `None` for the layers
+/// a bake leaves as they are.
 fn baked_biases(
     model: &ModelFiles,
-    deltas: &Deltas,
+    (site, deltas): (crate::model::Site, &Deltas),
     device: &candle_core::Device,
     dtype: candle_core::DType,
 ) -> Result<Vec<Option<Tensor>>> {
@@ -85,7 +87,7 @@ fn baked_biases(
         .enumerate()
         .map(|(layer, delta)| {
             let Some(delta) = delta else { return Ok(None) };
-            let bias = crate::surgery::o_proj_bias(&model.checkpoint, &model.config, layer, Some(delta))?;
+            let bias = crate::surgery::shift_bias(&model.checkpoint, &model.config, site, layer, Some(delta))?;
             let written = stored.decode(&stored.encode(bias.iter().map(|&v| v as f32)));
             let values: Vec<f32> = written.iter().map(|&v| v as f32).collect();
             Ok(Some(Tensor::from_vec(values, model.config.hidden_size, device)?.to_dtype(dtype)?))

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::mc::Item;
 use crate::error::Result;
-use crate::model::{Batch, Job, Pass, Runner, Shift};
+use crate::model::{Batch, Job, Pass, Runner, Shift, Site};
 use crate::probes::Deltas;
 use crate::progress::Progress;
 
@@ -17,20 +17,21 @@ pub enum HookMode {
     FromPromptEnd,
 }
 
-/// δ per layer added at the o_proj input at run time.
+/// δ per layer added at run time at the method's site (the o_proj input, or the residual stream).
 #[derive(Clone)]
 pub struct Hook {
     pub deltas: Vec<Option<Tensor>>,
+    pub site: Site,
     pub mode: HookMode,
 }
 
 impl Hook {
-    pub fn new(deltas: &Deltas, mode: HookMode, device: &Device) -> Result<Self> {
+    pub fn new(deltas: &Deltas, (site, mode): (Site, HookMode), device: &Device) -> Result<Self> {
         let deltas = deltas
             .iter()
             .map(|d| d.as_ref().map(|d| Tensor::from_slice(d, d.len(), device)).transpose())
             .collect::<candle_core::Result<_>>()?;
-        Ok(Hook { deltas, mode })
+        Ok(Hook { deltas, site, mode })
     }
 
     fn shift(&self, from_position: Option<Vec<usize>>) -> Shift {
@@ -38,12 +39,12 @@ impl Hook {
     }
 }
 
-/// The base model as evaluated: with the hook or a bake's o_proj biases if it runs with them.
+/// The base model as evaluated: with the hook or a bake's shift biases if it runs with them.
 #[derive(Clone, Copy, Default)]
 pub struct Variant<'a> {
     pub hook: Option<&'a Hook>,
-    /// A bake of the base, as its o_proj biases ([`crate::model::Request::o_proj_biases`]).
-    pub biases: Option<&'a [Option<Tensor>]>,
+    /// A bake of the base, as its biases at a site ([`crate::model::Request::biases`]).
+    pub biases: Option<(Site, &'a [Option<Tensor>])>,
 }
 
 impl<'a> Variant<'a> {
@@ -56,13 +57,14 @@ impl<'a> Variant<'a> {
         Variant { hook: Some(hook), biases: None }
     }
 
-    /// The bake whose o_proj biases are `biases`, run on its base's weights.
-    pub fn baked(biases: &'a [Option<Tensor>]) -> Self {
-        Variant { hook: None, biases: Some(biases) }
+    /// The bake whose biases at `site` (o_proj's or down_proj's) are `biases`, run on its base's weights.
+    pub fn baked(site: Site, biases: &'a [Option<Tensor>]) -> Self {
+        Variant { hook: None, biases: Some((site, biases)) }
     }
 
     fn job(&self, batch: Batch, shift: Option<Shift>) -> Job<'a> {
-        Job { batch, shift, o_proj_biases: self.biases }
+        let site = self.hook.map(|h| h.site).or(self.biases.map(|(site, _)| site)).unwrap_or_default();
+        Job { batch, site, shift, biases: self.biases.map(|(_, biases)| biases) }
     }
 }
 

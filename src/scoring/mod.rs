@@ -102,7 +102,7 @@ fn plan_work(
 ) -> Result<ScoringPlan> {
     let device = &candle_core::Device::Cpu;
     let pad_id = model.config.pad_id();
-    let from_prompt_end = Hook { deltas: Vec::new(), mode: HookMode::FromPromptEnd };
+    let from_prompt_end = Hook { deltas: Vec::new(), site: Default::default(), mode: HookMode::FromPromptEnd };
     let mut sizes = Vec::new();
     for &protocol in &options.protocols {
         // The items of each share of the questions, built once for every pass scoring that share.

@@ -85,8 +85,8 @@ impl Finalist {
     }
 }
 
-/// The best mean objective within the budgets, ties to smaller α then smaller K; `None` when nothing is
-/// within them (α = 0 always is: its KL and CE increase are 0).
+/// The best mean objective within the budgets, ties to smaller α, then smaller K, then the earlier method;
+/// `None` when nothing is within them (α = 0 always is: its KL and CE increase are 0).
 pub fn choose(finalists: &[Finalist], kl_budget: f64, ce_budget: Option<f64>) -> Option<usize> {
     (0..finalists.len()).filter(|&i| finalists[i].within(kl_budget, ce_budget)).min_by(|&a, &b| {
         let (x, y) = (&finalists[a], &finalists[b]);
@@ -94,6 +94,7 @@ pub fn choose(finalists: &[Finalist], kl_budget: f64, ce_budget: Option<f64>) ->
             .total_cmp(&x.objective)
             .then(x.point.alpha.total_cmp(&y.point.alpha))
             .then(x.point.heads.cmp(&y.point.heads))
+            .then(x.point.method.cmp(&y.point.method))
     })
 }
 
@@ -119,7 +120,7 @@ mod tests {
     }
 
     fn finalist(heads: usize, alpha: f64, objective: f64, kl: f64, ce_increase: f64) -> Finalist {
-        Finalist { point: Point { heads, alpha }, objective, kl, ce_increase }
+        Finalist { point: Point { method: crate::recipe::Method::Iti, heads, alpha }, objective, kl, ce_increase }
     }
 
     #[test]

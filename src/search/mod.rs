@@ -1,13 +1,14 @@
-//! `bake search`: K (heads) and α (strength) chosen by the reference's cross-validation under a
-//! KL budget, spending the evaluation where it can change the answer.
+//! `bake search`: the method, K (heads, or layers) and α (strength) chosen by the reference's cross-validation
+//! under a KL budget, spending the evaluation where it can change the answer. Every method's candidates share
+//! the folds, the question order, the screen, the halving and the budget.
 //!
 //! ```text
-//! activations (cached) ─► per fold: probes once ─► per candidate (K, α): δ only
+//! per method: activations (cached) ─► per fold: probes once ─► per candidate (K, α): δ only
 //!                                                      │
 //!        KL screen on a few documents ◄────────────────┘   over budget: no MC scoring
 //!        successive halving on held-out questions         halved on growing nested question subsets
 //!        CE/KL on the whole corpus for the finalists      the budget is applied to these numbers
-//!        selection: best mean objective within budget, ties to smaller α, then smaller K
+//!        selection: best mean objective within budget, ties to smaller α, then smaller K, then the earlier method
 //! ```
 //!
 //! Every number of a finalist is measured as `bake eval --cv` measures it (the shift at every position, the
@@ -22,8 +23,8 @@ pub mod tradeoff;
 
 pub use halving::{choose, rung_questions, schedule, successive_halving, Finalist, Rung};
 pub use options::{
-    default_heads, Checked, Objective, Point, SearchOptions, DEFAULT_ALPHAS, DEFAULT_HEADS, DEFAULT_KL_BUDGET,
-    DEFAULT_TRIALS, ETA, MIN_RUNG_QUESTIONS, SCREEN_DOCUMENTS,
+    default_heads, Checked, Grid, Objective, Point, SearchOptions, DEFAULT_ALPHAS, DEFAULT_HEADS, DEFAULT_KL_BUDGET,
+    DEFAULT_RESIDUAL_ALPHAS, DEFAULT_RESIDUAL_LAYERS, DEFAULT_TRIALS, ETA, MIN_RUNG_QUESTIONS, SCREEN_DOCUMENTS,
 };
 pub use report::{CandidateBase, CandidateReport, Cost, FoldNumbers, Reached, SearchOutcome, SearchReport};
 
@@ -70,10 +71,9 @@ struct CandidateFold {
     language: Option<LanguageScores>,
 }
 
-/// One fold: its split, its probes, the order its held-out questions are scored in.
+/// One fold: its split and the order its held-out questions are scored in (the same for every method).
 struct FoldState {
     plan: FoldSplit,
-    probes: ProbeResults,
     /// The held-out questions in a seeded order: rung r scores a prefix of it, so the subsets are nested.
     order: Vec<usize>,
 }
@@ -112,44 +112,69 @@ pub fn search(
     let n = inputs.data.questions.len();
     let plans = fold_splits(n, options.folds, recipe)?;
     // The recipe the search reports (and `recipe.yaml` bakes) names the documents it measured.
-    let recipe = &with_documents_used(recipe, inputs.corpus.as_ref());
+    let recipe = &Recipe { method: options.grids[0].method, ..with_documents_used(recipe, inputs.corpus.as_ref()) };
     let prepared = pipeline::prepare(model, recipe, run, progress)?;
     timings.lap("data and activations");
     let setup = set_up(model, run, inputs)?;
 
-    progress.stage("search: probes");
     let folds: Vec<FoldState> = plans
         .into_iter()
         .map(|plan| {
-            let probes = pipeline::fit_probes(recipe, &plan.fit(&prepared));
-            let mut order = plan.test.clone();
-            let permutation = SeededRng::for_purpose(recipe.seed, "search-questions").permutation(order.len());
-            order = permutation.iter().map(|&i| order[i]).collect();
-            FoldState { plan, probes, order }
+            let permutation = SeededRng::for_purpose(recipe.seed, "search-questions").permutation(plan.test.len());
+            let order = permutation.iter().map(|&i| plan.test[i]).collect();
+            FoldState { plan, order }
         })
         .collect();
     let points = options.points();
-    let mut candidates = points
-        .iter()
-        .map(|&point| {
+    let mut candidates = Vec::new();
+    let several = options.grids.len() > 1;
+    for (i, grid) in options.grids.iter().enumerate() {
+        let method = grid.method;
+        // The first method's activations were prepared above; each other method's pass replaces them, so one
+        // method's activations are in memory at a time.
+        let recipe = &Recipe { method, ..recipe.clone() };
+        let owned;
+        let prepared = match i {
+            0 => &prepared,
+            _ => {
+                progress.stage(&format!("search: activations of method {method}"));
+                owned = pipeline::prepare(model, recipe, run, progress)?;
+                timings.lap(&format!("data and activations ({method})"));
+                &owned
+            }
+        };
+        progress
+            .stage(&format!("search: probes{}", if several { format!(" of method {method}") } else { String::new() }));
+        let probes: Vec<ProbeResults> =
+            folds.iter().map(|f| pipeline::fit_probes(recipe, &f.plan.fit(prepared))).collect();
+        for &point in points.iter().filter(|p| p.method == method) {
             let r = Recipe { heads: point.heads, alpha: point.alpha, ..recipe.clone() };
-            let folds = folds
+            let candidate_folds = folds
                 .iter()
-                .map(|f| {
-                    let shifted = pipeline::shift_top_heads(&r, &f.plan.fit(&prepared), &f.probes)?;
+                .zip(&probes)
+                .map(|(f, probes)| {
+                    let shifted = pipeline::shift_top_heads(&r, &f.plan.fit(prepared), probes)?;
                     Ok(CandidateFold {
                         heads: shifted.chosen.clone(),
-                        hook: Hook::new(&shifted.deltas, HookMode::EveryPosition, setup.runner.device())?,
+                        hook: Hook::new(
+                            &shifted.deltas,
+                            (method.site(), HookMode::EveryPosition),
+                            setup.runner.device(),
+                        )?,
                         scored: BTreeMap::new(),
                         screen_kl: None,
                         language: None,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Candidate { point, folds, reached: None, seconds: 0.0 })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    timings.lap("probes");
+            candidates.push(Candidate { point, folds: candidate_folds, reached: None, seconds: 0.0 });
+        }
+        timings.lap(&match several {
+            true => format!("probes ({method})"),
+            false => "probes".to_string(),
+        });
+    }
+    drop(prepared);
 
     let run = Run { setup: &setup, recipe, options, folds: &folds, progress };
     let documents = setup.corpus.as_ref().map_or(0, |c| c.documents.len());
@@ -209,13 +234,16 @@ impl Run<'_> {
     fn screen(&self, candidates: &mut [Candidate], documents: usize) -> Result<usize> {
         let docs = &self.setup.corpus.as_ref().expect("checked: a corpus").documents[..documents];
         let mut alphas: Vec<f64> = candidates.iter().filter(|c| !c.point.is_base()).map(|c| c.point.alpha).collect();
+        alphas.sort_by(f64::total_cmp);
         alphas.dedup();
         let mut run = 0;
         for alpha in alphas {
             let level: Vec<usize> = (0..candidates.len()).filter(|&i| candidates[i].point.alpha == alpha).collect();
             let (measured, implied): (Vec<usize>, Vec<usize>) = level.into_iter().partition(|&i| {
-                let k = candidates[i].point.heads;
-                !candidates.iter().any(|c| c.point.heads == k && c.point.alpha < alpha && c.reached.is_some())
+                let Point { method, heads, .. } = candidates[i].point;
+                !candidates.iter().any(|c| {
+                    (c.point.method, c.point.heads) == (method, heads) && c.point.alpha < alpha && c.reached.is_some()
+                })
             });
             for &i in &implied {
                 candidates[i].reached = Some(Reached::KlImplied);
@@ -401,6 +429,7 @@ impl Run<'_> {
                 })
                 .collect();
             reports.push(CandidateReport {
+                method: c.point.method,
                 heads: c.point.heads,
                 alpha: c.point.alpha,
                 reached: c.reached.clone().unwrap_or(Reached::Final),
@@ -422,6 +451,7 @@ impl Run<'_> {
             tool_version: crate::VERSION.into(),
             model: model.location.hub_repo.clone().unwrap_or_else(|| model.location.spec.clone()),
             recipe: self.recipe.clone(),
+            methods: self.options.methods.clone(),
             questions,
             folds,
             objective: self.options.objective,
@@ -438,7 +468,7 @@ impl Run<'_> {
                 questions_full_grid: candidates.len() * questions,
                 documents_run,
                 documents_full_grid: documents * (1 + candidates.len()) * folds,
-                probe_fits: folds,
+                probe_fits: folds * self.options.methods.len(),
                 probe_fits_full_grid: folds * candidates.len(),
             },
             candidates: reports,

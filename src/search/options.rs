@@ -4,12 +4,19 @@
 use serde::Serialize;
 
 use crate::error::{BakeError, Result};
-use crate::recipe::Recipe;
+use crate::model::ModelConfig;
+use crate::probes::HeadLayout;
+use crate::recipe::{Method, Recipe};
 use crate::scoring::ScoreOptions;
 
-/// The default grid: the reference's K = 48, α = 15 inside the range its users swept by hand.
+/// The default grid of the head methods: the reference's K = 48, α = 15 inside the range its users swept by hand.
 pub const DEFAULT_HEADS: [usize; 6] = [8, 16, 32, 48, 64, 96];
 pub const DEFAULT_ALPHAS: [f64; 7] = [0.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0];
+/// The default grid of `residual`: K counts layers, and one σ of a whole layer's residual stream moves the
+/// next-token distribution about as much as ten of one head's output (on SmolLM2, K = 3 at α = 2 already costs
+/// 0.7 nats of KL), so its α are ten times smaller.
+pub const DEFAULT_RESIDUAL_LAYERS: [usize; 5] = [1, 2, 3, 4, 8];
+pub const DEFAULT_RESIDUAL_ALPHAS: [f64; 6] = [0.0, 0.25, 0.5, 1.0, 2.0, 3.0];
 /// The search's default budget is the one a bake warns over.
 pub use crate::recipe::DEFAULT_KL_BUDGET;
 /// Documents of the corpus sample the KL screen runs on.
@@ -48,7 +55,11 @@ impl Objective {
 
 #[derive(Debug, Clone)]
 pub struct SearchOptions {
+    /// The methods whose candidates compete, in the same folds and under the same budget.
+    pub methods: Vec<Method>,
+    /// The K to try (empty: each method's default grid).
     pub heads: Vec<usize>,
+    /// The α to try (empty: each method's default grid).
     pub alphas: Vec<f64>,
     pub kl_budget: f64,
     /// Most CE increase over the base, in nats per token (`None`: no CE budget).
@@ -66,9 +77,11 @@ pub struct SearchOptions {
     pub eval: ScoreOptions,
 }
 
-/// One point of the grid. α = 0 is the base model whatever K, so it is one candidate, at the smallest K.
+/// One point of the grid: a method, K and α. α = 0 is the base model whatever the method and K, so it is one
+/// candidate, at the first method's smallest K.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Point {
+    pub method: Method,
     pub heads: usize,
     pub alpha: f64,
 }
@@ -80,39 +93,64 @@ impl Point {
     }
 }
 
-/// Search options that passed [`SearchOptions::check`] for one model and recipe: what a search takes.
+/// One method's K and α.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grid {
+    pub method: Method,
+    pub heads: Vec<usize>,
+    pub alphas: Vec<f64>,
+}
+
+/// Search options that passed [`SearchOptions::check`] for one model and recipe, with each method's grid
+/// resolved: what a search takes.
 #[derive(Debug, Clone)]
-pub struct Checked(SearchOptions);
+pub struct Checked {
+    options: SearchOptions,
+    pub grids: Vec<Grid>,
+}
 
 impl std::ops::Deref for Checked {
     type Target = SearchOptions;
 
     fn deref(&self) -> &SearchOptions {
-        &self.0
+        &self.options
     }
 }
 
 impl std::fmt::Display for Point {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(f, "K = {}, α = {}", self.heads, self.alpha)
+        write!(f, "{} K = {}, α = {}", self.method, self.heads, self.alpha)
     }
 }
 
 impl SearchOptions {
-    /// Checks everything that needs no model weights, before any is read; `model_heads` is layers × heads per
-    /// layer. Only checked options can be searched with: the check runs once.
-    pub fn check(self, model_heads: usize, recipe: &Recipe) -> Result<Checked> {
+    /// Checks everything that needs no model weights, before any is read, and resolves each method's grid for
+    /// a model of `config`. Only checked options can be searched with: the check runs once.
+    pub fn check(self, config: &ModelConfig, recipe: &Recipe) -> Result<Checked> {
         let invalid = |m: String| Err(BakeError::Invalid(m));
-        if self.heads.is_empty() {
-            return invalid("search heads: expected at least one K, found an empty list".into());
+        if self.methods.is_empty() {
+            return invalid("search methods: expected at least one method, found an empty list".into());
         }
-        if self.alphas.is_empty() {
-            return invalid("search alphas: expected at least one α, found an empty list".into());
-        }
-        if let Some(k) = self.heads.iter().find(|&&k| k == 0 || k > model_heads) {
-            return invalid(format!(
-                "search heads: K = {k} is not between 1 and the model's {model_heads} attention heads"
-            ));
+        let mut grids = Vec::new();
+        for &method in &self.methods {
+            let layout = HeadLayout::at(method.site(), config);
+            let units = layout.layers * layout.heads;
+            let heads = match self.heads.is_empty() {
+                true => default_heads(method, units),
+                false => self.heads.clone(),
+            };
+            if let Some(k) = heads.iter().find(|&&k| k == 0 || k > units) {
+                return invalid(format!(
+                    "search heads: K = {k} is not between 1 and the model's {units} {} (method {method})",
+                    method.units()
+                ));
+            }
+            let alphas = match (self.alphas.is_empty(), method) {
+                (false, _) => self.alphas.clone(),
+                (true, Method::Residual) => DEFAULT_RESIDUAL_ALPHAS.to_vec(),
+                (true, Method::Iti | Method::NlIti) => DEFAULT_ALPHAS.to_vec(),
+            };
+            grids.push(Grid { method, heads, alphas });
         }
         if let Some(a) = self.alphas.iter().find(|a| !(a.is_finite() && **a >= 0.0)) {
             return invalid(format!("search alphas: expected finite numbers ≥ 0, found {a}"));
@@ -132,36 +170,46 @@ impl SearchOptions {
         if recipe.corpus.is_none() {
             return invalid("a search measures KL against a budget and needs the recipe's `corpus`".into());
         }
-        Ok(Checked(self))
+        Ok(Checked { options: self, grids })
     }
+}
 
-    /// The candidates in tie order (α, then K, ascending): every (K, α > 0), and α = 0 once, listed or not
-    /// ("no shift" is always a possible answer).
+impl Checked {
+    /// The candidates, method by method, each in tie order (α, then K, ascending): every (K, α > 0), and α = 0
+    /// once for all methods, listed or not ("no shift" is always a possible answer).
     pub fn points(&self) -> Vec<Point> {
-        let mut heads = self.heads.clone();
-        heads.sort_unstable();
-        heads.dedup();
-        let mut alphas = self.alphas.clone();
-        alphas.push(0.0);
-        alphas.sort_by(f64::total_cmp);
-        alphas.dedup();
         let mut points = Vec::new();
-        for &alpha in &alphas {
-            match alpha == 0.0 {
-                true => points.push(Point { heads: heads[0], alpha }),
-                false => points.extend(heads.iter().map(|&heads| Point { heads, alpha })),
+        for (i, grid) in self.grids.iter().enumerate() {
+            let mut heads = grid.heads.clone();
+            heads.sort_unstable();
+            heads.dedup();
+            let mut alphas = grid.alphas.clone();
+            alphas.push(0.0);
+            alphas.sort_by(f64::total_cmp);
+            alphas.dedup();
+            let method = grid.method;
+            for &alpha in &alphas {
+                match alpha == 0.0 {
+                    true if i == 0 => points.push(Point { method, heads: heads[0], alpha }),
+                    true => {}
+                    false => points.extend(heads.iter().map(|&heads| Point { method, heads, alpha })),
+                }
             }
         }
         points
     }
 }
 
-/// The default K list for a model: the grid's values up to its number of heads (all of them when it has
-/// fewer than the smallest).
-pub fn default_heads(model_heads: usize) -> Vec<usize> {
-    let fit: Vec<usize> = DEFAULT_HEADS.iter().copied().filter(|&k| k <= model_heads).collect();
+/// The default K list of `method` for a model with `units` of what it shifts (heads, or layers): the grid's
+/// values up to that number (all of them when there are fewer than the smallest).
+pub fn default_heads(method: Method, units: usize) -> Vec<usize> {
+    let grid: &[usize] = match method {
+        Method::Residual => &DEFAULT_RESIDUAL_LAYERS,
+        Method::Iti | Method::NlIti => &DEFAULT_HEADS,
+    };
+    let fit: Vec<usize> = grid.iter().copied().filter(|&k| k <= units).collect();
     if fit.is_empty() {
-        vec![model_heads]
+        vec![units]
     } else {
         fit
     }
@@ -175,6 +223,7 @@ mod tests {
     #[test]
     fn one_alpha_zero_candidate_and_tie_order() {
         let options = SearchOptions {
+            methods: vec![Method::Iti, Method::Residual],
             heads: vec![16, 8, 16],
             alphas: vec![5.0, 0.0, 2.5],
             kl_budget: 0.1,
@@ -190,7 +239,30 @@ mod tests {
                 answer_tokens: crate::scoring::mc::AnswerTokens::Offsets,
             },
         };
-        let points: Vec<(usize, f64)> = options.points().iter().map(|p| (p.heads, p.alpha)).collect();
-        assert_eq!(points, vec![(8, 0.0), (8, 2.5), (16, 2.5), (8, 5.0), (16, 5.0)]);
+        let json = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_attention_heads": 4, "num_hidden_layers": 20, "vocab_size": 100});
+        let serde_json::Value::Object(map) = json else { unreachable!() };
+        let config = ModelConfig::from_map(std::path::Path::new("config.json"), map).unwrap();
+        let recipe = Recipe {
+            corpus: Some(crate::recipe::CorpusSpec { documents: 1, tokens: 8, path: "c".into() }),
+            ..Recipe::shipped()
+        };
+        let options = options.check(&config, &recipe).unwrap();
+        let points: Vec<(Method, usize, f64)> = options.points().iter().map(|p| (p.method, p.heads, p.alpha)).collect();
+        let (iti, residual) = (Method::Iti, Method::Residual);
+        assert_eq!(
+            points,
+            vec![
+                (iti, 8, 0.0),
+                (iti, 8, 2.5),
+                (iti, 16, 2.5),
+                (iti, 8, 5.0),
+                (iti, 16, 5.0),
+                (residual, 8, 2.5),
+                (residual, 16, 2.5),
+                (residual, 8, 5.0),
+                (residual, 16, 5.0)
+            ]
+        );
     }
 }

@@ -53,6 +53,7 @@ fn log_text(outcome: &SearchOutcome) -> String {
 pub fn chosen_recipe(report: &SearchReport, search_sha256: &str) -> Recipe {
     let chosen = report.chosen();
     let mut recipe = report.recipe.clone();
+    recipe.method = chosen.method;
     recipe.heads = chosen.heads;
     recipe.alpha = chosen.alpha;
     if let Some(corpus) = recipe.corpus.as_mut() {
@@ -88,9 +89,15 @@ pub fn recipe_text(recipe: &Recipe, report: &SearchReport) -> String {
     let search = recipe.search.as_ref().expect("a chosen recipe has a search summary");
     let mut s = String::new();
     let _ = writeln!(s, "# Written by `bake search` ({}) for {}.", crate::VERSION, report.model);
+    let methods = match report.methods.len() {
+        1 => String::new(),
+        _ => format!(" of methods {}", report.methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")),
+    };
     let _ = writeln!(
         s,
-        "# K = {} and α = {} were chosen among {} candidates by {}-fold cross-validation on {} TruthfulQA questions:",
+        "# method {}, K = {} and α = {} were chosen among {} candidates{methods} by {}-fold cross-validation on {} \
+         TruthfulQA questions:",
+        chosen.method,
         chosen.heads,
         chosen.alpha,
         report.candidates.len(),
@@ -126,7 +133,13 @@ pub fn table(report: &SearchReport) -> String {
         stage(x).cmp(&stage(y)).then(objective(y).unwrap_or(f64::MIN).total_cmp(&objective(x).unwrap_or(f64::MIN)))
     });
     let number = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.4}"));
-    let mut s = "| K | α | reached | questions | MC1 | MC2 | CE | KL | within budget |\n|---:|---:|---|---:|---:|---:|---:|---:|---|\n".to_string();
+    // A search of several methods names each candidate's in a first column.
+    let several = report.methods.len() > 1;
+    let mut s = match several {
+        true => "| method | K | α | reached | questions | MC1 | MC2 | CE | KL | within budget |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---|\n",
+        false => "| K | α | reached | questions | MC1 | MC2 | CE | KL | within budget |\n|---:|---:|---|---:|---:|---:|---:|---:|---|\n",
+    }
+    .to_string();
     for i in order {
         let c = &report.candidates[i];
         let reached = match &c.reached {
@@ -147,6 +160,9 @@ pub fn table(report: &SearchReport) -> String {
             (None, false) => "—",
         };
         let questions: usize = c.folds.iter().map(|f| f.questions).sum();
+        if several {
+            let _ = write!(s, "| {} ", if c.point().is_base() { "—".to_string() } else { c.method.to_string() });
+        }
         let _ = writeln!(
             s,
             "| {} | {} | {reached} | {questions} | {} | {} | {} | {kl} | {verdict} |",

@@ -5,7 +5,7 @@ use serde::Serialize;
 use super::halving::Rung;
 use super::options::{Objective, Point};
 use crate::probes::Head;
-use crate::recipe::Recipe;
+use crate::recipe::{Method, Recipe};
 use crate::scoring::mc::Protocol;
 
 /// A candidate's numbers on one fold.
@@ -44,6 +44,7 @@ pub enum Reached {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CandidateReport {
+    pub method: Method,
     pub heads: usize,
     pub alpha: f64,
     pub reached: Reached,
@@ -62,7 +63,7 @@ pub struct CandidateReport {
 
 impl CandidateReport {
     pub fn point(&self) -> Point {
-        Point { heads: self.heads, alpha: self.alpha }
+        Point { method: self.method, heads: self.heads, alpha: self.alpha }
     }
 
     /// Its mean MC1 or MC2, whichever the search maximised (`None`: no MC numbers).
@@ -98,7 +99,10 @@ pub struct Cost {
 pub struct SearchReport {
     pub tool_version: String,
     pub model: String,
+    /// The searched recipe; its `method` is the first of `methods`.
     pub recipe: Recipe,
+    /// The methods whose candidates competed.
+    pub methods: Vec<Method>,
     pub questions: usize,
     pub folds: usize,
     pub objective: Objective,

@@ -7,6 +7,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{Reached, SearchReport};
 use crate::figure::{bold, drawing, font, Figure};
+use crate::recipe::Method;
 
 const INK: RGBColor = RGBColor(30, 30, 30);
 const FINALIST: RGBColor = RGBColor(31, 119, 180);
@@ -23,6 +24,16 @@ struct Dot {
     objective: f64,
     label: String,
     finalist: bool,
+    method: Method,
+}
+
+/// A finalist's colour: its method's, so a search of several methods tells them apart.
+fn method_colour(method: Method) -> RGBColor {
+    match method {
+        Method::Iti => FINALIST,
+        Method::NlIti => RGBColor(255, 127, 14),
+        Method::Residual => RGBColor(148, 103, 189),
+    }
 }
 
 pub struct Tradeoff<'a> {
@@ -34,18 +45,23 @@ impl Tradeoff<'_> {
     /// MC of the questions they reached). Candidates dropped at the screen have no MC number to plot.
     fn dots(&self) -> Vec<Dot> {
         let objective = self.report.objective;
+        let several = self.report.methods.len() > 1;
         self.report
             .candidates
             .iter()
             .filter_map(|c| {
-                let label = match c.point().is_base() {
-                    true => "base (α = 0)".to_string(),
-                    false => format!("K={} α={}", c.heads, c.alpha),
+                let label = match (c.point().is_base(), several) {
+                    (true, _) => "base (α = 0)".to_string(),
+                    (false, false) => format!("K={} α={}", c.heads, c.alpha),
+                    (false, true) => format!("{} K={} α={}", c.method, c.heads, c.alpha),
                 };
                 let y = c.objective(objective)?;
+                let method = c.method;
                 match c.reached {
-                    Reached::Final => Some(Dot { kl: c.kl?, objective: y, label, finalist: true }),
-                    Reached::Rung { .. } => Some(Dot { kl: c.screen_kl()?, objective: y, label, finalist: false }),
+                    Reached::Final => Some(Dot { kl: c.kl?, objective: y, label, finalist: true, method }),
+                    Reached::Rung { .. } => {
+                        Some(Dot { kl: c.screen_kl()?, objective: y, label, finalist: false, method })
+                    }
                     Reached::KlScreen | Reached::KlImplied => None,
                 }
             })
@@ -135,7 +151,8 @@ impl Figure for Tradeoff<'_> {
         let dropped = dots.iter().filter(|d| !d.finalist);
         drawing(chart.draw_series(dropped.map(|d| Circle::new((d.kl, d.objective), 4, DROPPED.stroke_width(1)))))?;
         for d in dots.iter().filter(|d| d.finalist) {
-            drawing(chart.draw_series(std::iter::once(Circle::new((d.kl, d.objective), 5, FINALIST.filled()))))?;
+            let colour = method_colour(d.method);
+            drawing(chart.draw_series(std::iter::once(Circle::new((d.kl, d.objective), 5, colour.filled()))))?;
             let at = Pos::new(HPos::Left, VPos::Bottom);
             let label = Text::new(d.label.clone(), (7, -3), font(12).color(&INK).pos(at));
             drawing(chart.draw_series(std::iter::once(EmptyElement::at((d.kl, d.objective)) + label)))?;
@@ -143,39 +160,49 @@ impl Figure for Tradeoff<'_> {
         if let (Some(kl), Some(y)) = (chosen.kl, chosen.objective(r.objective)) {
             drawing(chart.draw_series(std::iter::once(Circle::new((kl, y), 10, CHOSEN.stroke_width(3)))))?;
         }
-        draw_legend(area)
+        draw_legend(area, &r.methods)
     }
 }
 
 /// Draws a legend row's mark centred at a pixel.
 type LegendMark<'a> = dyn Fn(i32, i32) -> Result<(), String> + 'a;
 
-fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>) -> Result<(), String> {
-    let (x, mut y) = (WIDTH as i32 - 300, HEIGHT as i32 - 170);
+fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, methods: &[Method]) -> Result<(), String> {
     let text = font(12).color(&INK).pos(Pos::new(HPos::Left, VPos::Center));
-    let rows: [(&str, &LegendMark); 5] = [
-        ("finalist: every held-out question, whole corpus", &|x, y| {
-            drawing(area.draw(&Circle::new((x, y), 5, FINALIST.filled())))
-        }),
-        ("dropped early: estimate on fewer questions", &|x, y| {
-            drawing(area.draw(&Circle::new((x, y), 4, DROPPED.stroke_width(1))))
-        }),
-        ("Pareto front of the finalists", &|x, y| {
-            drawing(area.draw(&PathElement::new(vec![(x - 8, y), (x + 8, y)], FRONT.stroke_width(2))))
-        }),
-        ("KL budget", &|x, y| {
-            drawing(area.draw(&PathElement::new(vec![(x, y - 7), (x, y + 7)], BUDGET.stroke_width(2))))
-        }),
-        ("chosen", &|x, y| drawing(area.draw(&Circle::new((x, y), 8, CHOSEN.stroke_width(3))))),
-    ];
-    drawing(area.draw(&Rectangle::new([(x - 16, y - 14), (x + 290, y + 5 * 22 - 8)], WHITE.filled())))?;
+    let finalist = |colour: RGBColor| -> Box<LegendMark> {
+        Box::new(move |x, y| drawing(area.draw(&Circle::new((x, y), 5, colour.filled()))))
+    };
+    let mut rows: Vec<(String, Box<LegendMark>)> = match methods {
+        [_] => vec![("finalist: every held-out question, whole corpus".into(), finalist(FINALIST))],
+        _ => methods.iter().map(|&m| (format!("finalist, method {m}"), finalist(method_colour(m)))).collect(),
+    };
+    rows.extend([
+        (
+            "dropped early: estimate on fewer questions".to_string(),
+            Box::new(|x, y| drawing(area.draw(&Circle::new((x, y), 4, DROPPED.stroke_width(1))))) as Box<LegendMark>,
+        ),
+        (
+            "Pareto front of the finalists".into(),
+            Box::new(|x, y| drawing(area.draw(&PathElement::new(vec![(x - 8, y), (x + 8, y)], FRONT.stroke_width(2))))),
+        ),
+        (
+            "KL budget".into(),
+            Box::new(|x, y| {
+                drawing(area.draw(&PathElement::new(vec![(x, y - 7), (x, y + 7)], BUDGET.stroke_width(2))))
+            }),
+        ),
+        ("chosen".into(), Box::new(|x, y| drawing(area.draw(&Circle::new((x, y), 8, CHOSEN.stroke_width(3)))))),
+    ]);
+    let height = rows.len() as i32 * 22;
+    let (x, mut y) = (WIDTH as i32 - 300, HEIGHT as i32 - 60 - height);
+    drawing(area.draw(&Rectangle::new([(x - 16, y - 14), (x + 290, y + height - 8)], WHITE.filled())))?;
     drawing(area.draw(&Rectangle::new(
-        [(x - 16, y - 14), (x + 290, y + 5 * 22 - 8)],
+        [(x - 16, y - 14), (x + 290, y + height - 8)],
         RGBColor(200, 200, 200).stroke_width(1),
     )))?;
     for (label, mark) in rows {
         mark(x, y)?;
-        drawing(area.draw(&Text::new(label.to_string(), (x + 16, y), text.clone())))?;
+        drawing(area.draw(&Text::new(label, (x + 16, y), text.clone())))?;
         y += 22;
     }
     Ok(())
@@ -186,7 +213,7 @@ mod tests {
     use super::*;
 
     fn dot(kl: f64, objective: f64, finalist: bool) -> Dot {
-        Dot { kl, objective, label: String::new(), finalist }
+        Dot { kl, objective, label: String::new(), finalist, method: Method::Iti }
     }
 
     #[test]

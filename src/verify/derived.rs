@@ -64,7 +64,12 @@ pub(super) fn check_derived(d: &Derivation, found: &mut Findings) -> Result<()> 
         expected.extend(check_weight_layout(d, base, found)?);
         expected.extend(check_copied_files(d, base, found)?);
         expected.insert("config.json".into());
-        let _ = compare("config.json", baked::config_text(base.model).as_bytes(), d, found);
+        let _ = compare(
+            "config.json",
+            baked::config_text(base.model, d.manifest.recipe.method.site()).as_bytes(),
+            d,
+            found,
+        );
     }
 
     let Some(report) = read_report(d, found) else {
@@ -143,8 +148,8 @@ fn read_report(d: &Derivation, found: &mut Findings) -> Option<ProbeReport> {
         && report.heads.iter().all(|h| h.layer < layers && h.head < heads)
         && report.heads.len() == report.sigma.len();
     let fits_base = d.base.as_ref().is_none_or(|b| {
-        let c = &b.model.config;
-        (layers, heads, report.head_dim) == (c.num_layers, c.num_heads, c.head_dim)
+        let probed = crate::probes::HeadLayout::at(report.recipe.method.site(), &b.model.config);
+        (layers, heads, report.head_dim) == (probed.layers, probed.heads, probed.head_dim)
     });
     if !(consistent && fits_base) {
         found.add(CHECK, REPORT, None, "its layers, heads or chosen heads do not fit each other or the base model");

@@ -3,16 +3,18 @@
 //! Checks, each reported by name:
 //! 1. `files`: every file's sha256 against `bake.json`; no file missing, none unlisted.
 //! 2. `tensors` (with a base): every base tensor is in the output byte for byte (name, dtype, shape, bytes),
-//!    except the o_proj biases the bake replaces; nothing else is added but q/k/v/o biases.
-//! 3. `biases`: each o_proj bias is exactly `W_o · δ_l` (+ the base's bias) accumulated in f64 and rounded to
-//!    the dtype as the bake rounds it, with δ from the diff; added q/k/v biases are zero.
+//!    except the shift biases the bake replaces (o_proj's, or down_proj's for the residual method); nothing
+//!    else is added but the biases a bake of that method adds.
+//! 3. `biases`: each shift bias is exactly `W_o · δ_l` (or δ_l on the residual stream) plus the base's bias,
+//!    accumulated in f64 and rounded to the dtype as the bake rounds it, with δ from the diff; every other
+//!    added bias is zero.
 //! 4. `diff`: the pyvene files and the safetensors twin hold the same δ for the same layers.
 //! 5. `config`: `config.json` differs from the base's only in the keys a bake changes (`attention_bias`, the
 //!    family rewrite), whatever the manifest declares.
 //! 6. `derived` (with a base): every other file is re-derived from the base and `report.json` and must be
 //!    equal byte for byte, the manifest included ([`derived`]); only `bake.log` is free.
 //! 7. `run` (optional): a forward pass shows the logits finite, moved away from the base's and equal to the
-//!    base with δ added at the o_proj input.
+//!    base with δ added at the method's site.
 
 mod derived;
 mod run;
@@ -31,10 +33,10 @@ use crate::io::dtype::StoredDtype;
 use crate::io::fs::{limits, read_text};
 use crate::io::hub::{Repo, RepoKind};
 use crate::io::listing::{check_relative, FileListing, BAKE_UNLISTED};
-use crate::io::names::{self, Attention, Param};
+use crate::io::names;
 use crate::io::safetensors::SINGLE_FILE;
 use crate::model::weights::TensorEntry;
-use crate::model::{Checkpoint, ModelFiles};
+use crate::model::{Checkpoint, ModelFiles, Site};
 use crate::progress::Progress;
 
 /// One thing that does not hold.
@@ -131,7 +133,8 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
     let differing: BTreeSet<String> = differing.into_iter().map(|(name, _)| name).collect();
 
     checks.push("diff");
-    let deltas = check_diff(dir, manifest.dtype, &mut found);
+    let site = manifest.recipe.method.site();
+    let deltas = check_diff(dir, (site, manifest.dtype), &mut found);
     checks.push("finite");
     let baked = Checkpoint::weight_files(dir).and_then(Checkpoint::open);
     if let Ok(baked) = &baked {
@@ -163,13 +166,13 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
         match &baked {
             Err(e) => found.add("tensors", SINGLE_FILE, None, format!("cannot read the baked weights: {e}")),
             Ok(baked) => {
-                check_tensors(base, baked, &mut found);
+                check_tensors(base, baked, site, &mut found);
                 if let Some(deltas) = &deltas {
-                    check_biases(base, baked, deltas, &mut found)?;
+                    check_biases(base, baked, (site, deltas), &mut found)?;
                 }
             }
         }
-        check_config(dir, base, &mut found);
+        check_config(dir, base, site, &mut found);
     }
     checks.push("derived");
     let derivation = derived::Derivation {
@@ -184,7 +187,7 @@ pub fn verify(dir: &Path, options: &VerifyOptions, progress: &dyn Progress) -> R
         progress.stage("verify: run");
         checks.push("run");
         if let Some(deltas) = &deltas {
-            planned.check(dir, base, deltas, &mut found, progress)?;
+            planned.check(dir, base, (site, deltas), &mut found, progress)?;
         }
     }
     let run_plan = base.and_then(|(_, _, planned)| planned).map(|p| p.plan);
@@ -209,9 +212,13 @@ pub fn require_intact(dir: &Path, action: &str) -> Result<()> {
     }
 }
 
-/// δ per layer (f32) from the safetensors twin, after checking the pyvene files hold it rounded to `dtype`.
-/// `None` when the twin is unreadable.
-fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BTreeMap<usize, Vec<f32>>> {
+/// δ per layer (f32) from the safetensors twin, after checking it names the manifest's `site` and the pyvene
+/// files hold it rounded to `dtype`. `None` when the twin is unreadable.
+fn check_diff(
+    dir: &Path,
+    (site, dtype): (Site, StoredDtype),
+    found: &mut Findings,
+) -> Option<BTreeMap<usize, Vec<f32>>> {
     let twin_path = dir.join(DIFF_SAFETENSORS);
     let twin = match Checkpoint::open(vec![twin_path.clone()]) {
         Ok(t) => t,
@@ -223,7 +230,13 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
     let mut deltas = BTreeMap::new();
     for (name, entry) in &twin.tensors {
         match names::delta_layer(name) {
-            Some(l) => {
+            Some((_, other)) if other != site => found.add(
+                "diff",
+                DIFF_SAFETENSORS,
+                Some(name),
+                format!("a shift at {other:?}; the recipe's method shifts at {site:?}"),
+            ),
+            Some((l, _)) => {
                 let values = entry.dtype.decode(twin.bytes(entry)).into_iter().map(|v| v as f32).collect::<Vec<f32>>();
                 if let Some(v) = values.iter().find(|v| !v.is_finite()) {
                     found.add("diff", DIFF_SAFETENSORS, Some(name), format!("δ holds {v}"));
@@ -239,7 +252,8 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
         .and_then(|c| c.get("representations").and_then(Value::as_array).cloned())
         .map(|reps| {
-            reps.iter().filter_map(|r| r.get(1).and_then(Value::as_str)).filter_map(names::component_layer).collect()
+            let components = reps.iter().filter_map(|r| r.get(1).and_then(Value::as_str));
+            components.filter_map(names::component_layer).filter(|(_, s)| *s == site).map(|(l, _)| l).collect()
         })
         .unwrap_or_default();
     if listed != deltas.keys().copied().collect() {
@@ -252,7 +266,7 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
     }
     for (layer, values) in &deltas {
         let bytes = &dtype.encode(values.iter().copied());
-        let file = format!("{DIFF_DIR}/{}", pyvene::file_name(*layer));
+        let file = format!("{DIFF_DIR}/{}", pyvene::file_name(*layer, site));
         let stored = std::fs::read(dir.join(&file)).ok().and_then(|b| pyvene::read_stored_zip(&b));
         match stored.and_then(|records| records.into_iter().find(|(n, _)| n.ends_with("/data/0"))) {
             None => found.add("diff", file, None, "missing, or not a torch zip with a data/0 record"),
@@ -265,12 +279,12 @@ fn check_diff(dir: &Path, dtype: StoredDtype, found: &mut Findings) -> Option<BT
     Some(deltas)
 }
 
-/// Every attention bias of the baked weights is finite, and every o_proj bias within what the dtype's residual
-/// stream can carry ([`crate::surgery::largest_safe_bias`]): past it every logit is NaN.
+/// Every bias a bake may add is finite, and every shift bias (o_proj's, down_proj's) within what the dtype's
+/// residual stream can carry ([`crate::surgery::largest_safe_bias`]): past it every logit is NaN.
 fn check_finite_biases(baked: &Checkpoint, found: &mut Findings) {
-    for (name, entry) in baked.tensors.iter().filter(|(n, _)| names::is_attention_bias(n)) {
+    for (name, entry) in baked.tensors.iter().filter(|(n, _)| names::is_added_bias(n)) {
         let values = entry.dtype.decode(baked.bytes(entry));
-        let largest = match (names::is_o_proj_bias(name), entry.shape.as_slice()) {
+        let largest = match (names::is_shift_bias(name), entry.shape.as_slice()) {
             (true, [hidden]) => crate::surgery::largest_safe_bias(entry.dtype, *hidden),
             _ => f64::INFINITY,
         };
@@ -301,10 +315,11 @@ pub(super) fn file_name(ck: &Checkpoint, entry: &TensorEntry) -> String {
     ck.file_of(entry).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
+fn check_tensors(base: &ModelFiles, baked: &Checkpoint, site: Site, found: &mut Findings) {
     let base_ck = &base.checkpoint;
+    let is_replaced = |name: &str| names::layer_of(name).is_some_and(|l| name == names::Layer(l).shift_bias(site));
     for (name, entry) in &base_ck.tensors {
-        let replaced = names::is_o_proj_bias(name);
+        let replaced = is_replaced(name);
         match baked.get(name) {
             None => found.add("tensors", where_missing(baked), Some(name), "missing from the baked checkpoint"),
             Some(b) if b.dtype != entry.dtype || b.shape != entry.shape => found.add(
@@ -322,9 +337,10 @@ fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
         base_ck.release(&[name]);
         baked.release(&[name]);
     }
+    let added: BTreeSet<String> = crate::surgery::added_tensors(base_ck, &base.config, site).into_iter().collect();
     for (name, entry) in &baked.tensors {
-        if base_ck.get(name).is_none() && !names::is_attention_bias(name) {
-            found.add("tensors", file_name(baked, entry), Some(name), "not in the base and not an attention bias");
+        if base_ck.get(name).is_none() && !added.contains(name) {
+            found.add("tensors", file_name(baked, entry), Some(name), "not in the base and not a bias this bake adds");
         }
     }
 }
@@ -332,33 +348,30 @@ fn check_tensors(base: &ModelFiles, baked: &Checkpoint, found: &mut Findings) {
 fn check_biases(
     base: &ModelFiles,
     baked: &Checkpoint,
-    deltas: &BTreeMap<usize, Vec<f32>>,
+    (site, deltas): (Site, &BTreeMap<usize, Vec<f32>>),
     found: &mut Findings,
 ) -> Result<()> {
     let c = &base.config;
     for layer in 0..c.num_layers {
-        let names = names::Layer(layer);
-        for proj in [Attention::Q, Attention::K, Attention::V] {
-            let name = names.attention(proj, Param::Bias);
-            if base.checkpoint.get(&name).is_some() {
-                continue; // compared byte for byte with the base
+        let shift_name = names::Layer(layer).shift_bias(site);
+        for (name, _) in crate::surgery::layer_biases(c, site, layer) {
+            if name == shift_name || base.checkpoint.get(&name).is_some() {
+                continue; // the shift's is checked below; a base's own is compared byte for byte with the base
             }
             match baked.get(&name) {
-                None => {
-                    found.add("biases", where_missing(baked), Some(&name), "missing (attention_bias: true needs it)")
-                }
+                None => found.add("biases", where_missing(baked), Some(&name), "missing (its config flag needs it)"),
                 Some(e) if e.dtype.decode(baked.bytes(e)).iter().any(|v| *v != 0.0 || v.is_nan()) => {
                     found.add("biases", file_name(baked, e), Some(&name), "should be zero")
                 }
                 Some(_) => {}
             }
         }
-        let name = names.attention(Attention::O, Param::Bias);
-        let Some(entry) = baked.get(&name) else {
-            found.add("biases", where_missing(baked), Some(&name), "missing");
+        let Some(entry) = baked.get(&shift_name) else {
+            found.add("biases", where_missing(baked), Some(&shift_name), "missing");
             continue;
         };
-        let expected = crate::surgery::o_proj_bias(&base.checkpoint, c, layer, deltas.get(&layer).map(Vec::as_slice))?;
+        let delta = deltas.get(&layer).map(Vec::as_slice);
+        let expected = crate::surgery::shift_bias(&base.checkpoint, c, site, layer, delta)?;
         // The same f64 sum bake computed, rounded the same way: the stored bytes must be exactly these.
         let expected_bytes = entry.dtype.encode(expected.iter().map(|&v| v as f32));
         if baked.bytes(entry) != expected_bytes.as_slice() {
@@ -369,7 +382,12 @@ fn check_biases(
                 .enumerate()
                 .find(|(_, (s, e))| s.to_bits() != (**e as f32 as f64).to_bits())
                 .unwrap_or((0, (&f64::NAN, &f64::NAN)));
-            found.add("biases", file_name(baked, entry), Some(&name), format!("element {i} is {s}, W_o·δ gives {e}"));
+            let rule = match site {
+                Site::AttentionHeads => "W_o·δ",
+                Site::Residual => "δ",
+            };
+            let message = format!("element {i} is {s}, {rule} gives {e}");
+            found.add("biases", file_name(baked, entry), Some(&shift_name), message);
         }
     }
     Ok(())
@@ -379,8 +397,8 @@ pub(super) fn scale(values: &[f64]) -> f64 {
     values.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3)
 }
 
-fn check_config(dir: &Path, base: &ModelFiles, found: &mut Findings) {
-    let changes = crate::export::baked::config_changes(base);
+fn check_config(dir: &Path, base: &ModelFiles, site: Site, found: &mut Findings) {
+    let changes = crate::export::baked::config_changes(base, site);
     let path = dir.join("config.json");
     let baked: Option<serde_json::Map<String, Value>> =
         read_text(&path, limits::JSON).ok().and_then(|t| serde_json::from_str(&t).ok());

@@ -1,6 +1,6 @@
-//! Check 7, `run`: the base's weights with the bake's o_proj biases (the checks before proved that is what the
+//! Check 7, `run`: the base's weights with the bake's shift biases (the checks before proved that is what the
 //! bake is) run on a few prompts; the logits must be finite, moved away from the base's, and equal to the base
-//! with δ added at the o_proj input. One model in memory, resident or streamed as its plan says.
+//! with δ added at the method's site (the o_proj input, or the residual stream after the layer). One model in memory, resident or streamed as its plan says.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,8 +11,8 @@ use super::{file_name, scale, where_missing, Findings};
 use crate::activations::plan::{budget_for, measure_matmul_rate, Compute};
 use crate::error::Result;
 use crate::io::dtype::StoredDtype;
-use crate::io::names::{self, Attention, Param};
-use crate::model::{Batch, Job, ModelFiles, Pass, Runner, Shift};
+use crate::io::names;
+use crate::model::{Batch, Job, ModelFiles, Pass, Runner, Shift, Site};
 use crate::progress::Progress;
 use crate::scoring::plan::{plan, ScoringPlan};
 
@@ -25,10 +25,10 @@ pub(super) struct RunCheck {
     sequences: Vec<Vec<u32>>,
 }
 
-/// The runs compared: the base, the base with δ hooked at the o_proj input, the base with the bake's biases
+/// The runs compared: the base, the base with δ hooked at `site`, the base with the bake's biases there
 /// (`biases`; without them, for the plan, the base again).
-fn runs<'a>(batch: Batch, shift: Shift, biases: Option<&'a [Option<Tensor>]>) -> Pass<'a> {
-    let job = |shift, o_proj_biases| Job { batch: batch.clone(), shift, o_proj_biases };
+fn runs<'a>(batch: Batch, (site, shift): (Site, Shift), biases: Option<&'a [Option<Tensor>]>) -> Pass<'a> {
+    let job = |shift, biases| Job { batch: batch.clone(), site, shift, biases };
     let jobs = vec![job(None, None), job(Some(shift), None), job(None, biases)];
     // Only each prompt's last row of logits is kept.
     Pass { prefix: None, jobs, kept_positions: 3 * PROMPTS.len(), working_positions: 0 }
@@ -39,7 +39,7 @@ impl RunCheck {
         let tokenizer = base.tokenizer()?;
         let sequences: Vec<Vec<u32>> = PROMPTS.iter().map(|p| tokenizer.encode(p)).collect::<Result<_>>()?;
         let batch = Batch::right_padded(&sequences, 0, &Device::Cpu)?;
-        let size = runs(batch, Shift { per_layer: Vec::new(), from_position: None }, None).size();
+        let size = runs(batch, (Site::default(), Shift { per_layer: Vec::new(), from_position: None }), None).size();
         let compute = Compute::cpu_f32();
         let rate = measure_matmul_rate(&base.config, &compute).ok();
         let plan = plan(base, &compute, &[size], rate, budget_for(&compute.device, max_memory))?;
@@ -50,7 +50,7 @@ impl RunCheck {
         &self,
         dir: &Path,
         base: &ModelFiles,
-        deltas: &BTreeMap<usize, Vec<f32>>,
+        (site, deltas): (Site, &BTreeMap<usize, Vec<f32>>),
         found: &mut Findings,
         progress: &dyn Progress,
     ) -> Result<()> {
@@ -60,8 +60,8 @@ impl RunCheck {
             .map(|l| deltas.get(&l).map(|d| Tensor::new(d.as_slice(), &device)).transpose())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let shift = Shift { per_layer, from_position: None };
-        let baked_biases = baked_files.o_proj_biases(&device, DType::F32)?;
-        let pass = runs(Batch::right_padded(&self.sequences, 0, &device)?, shift, Some(&baked_biases));
+        let baked_biases = baked_files.site_biases(site, &device, DType::F32)?;
+        let pass = runs(Batch::right_padded(&self.sequences, 0, &device)?, (site, shift), Some(&baked_biases));
         let runner = Runner::load(base, &device, DType::F32, self.plan.estimate.mode)?;
         // Per run, the last prompt token's logits of each prompt.
         let mut last: Vec<Vec<Vec<f32>>> = Vec::new();
@@ -75,7 +75,7 @@ impl RunCheck {
         let ck = &baked_files.checkpoint;
         let biases_file = deltas
             .keys()
-            .find_map(|&l| ck.get(&names::Layer(l).attention(Attention::O, Param::Bias)))
+            .find_map(|&l| ck.get(&names::Layer(l).shift_bias(site)))
             .map_or_else(|| where_missing(ck), |e| file_name(ck, e));
         // NaN must not vanish into a maximum (`f32::max` ignores it): it counts as infinitely far.
         let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {

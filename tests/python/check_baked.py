@@ -4,6 +4,9 @@ Usage: check_baked.py BAKED_DIR BASE_DIR PROMPTS_JSON
 PROMPTS_JSON: a list of token-id lists. Prints one JSON object:
   loading: transformers' loading info for the baked model (missing/unexpected/mismatched keys) and warnings
   baked_logits / base_logits: last-position logits of each prompt (float32 compute)
+  hooked_logits: the base's, with each δ of activation_diff.safetensors added by a torch hook where its name
+    says (`self_attn.o_proj.input`: a pre-hook on o_proj; `mlp.down_proj.output`: a hook on the layer's MLP
+    output), independently of bake's own forward pass
   baked_tokens / pyvene_tokens: greedy continuations (8 tokens) of each prompt, baked vs base + pyvene diff
 """
 import json
@@ -49,6 +52,27 @@ if hasattr(transformers, "Qwen3ForCausalLM"):
     for table in (cards.type_to_module_mapping, cards.type_to_dimension_mapping):
         table.setdefault(transformers.Qwen3ForCausalLM, table[transformers.Qwen2ForCausalLM])
 
+def hooked_logits(base_dir, prompts):
+    """The base with every δ added by a plain torch hook at the module its name names."""
+    from safetensors import safe_open
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    handles = []
+    with safe_open(f"{baked_dir}/activation_diff.safetensors", "pt") as f:
+        for name in f.keys():
+            layer = model.model.layers[int(name.split(".")[1])]
+            delta = f.get_tensor(name).to(torch.float32)
+            if name.endswith("self_attn.o_proj.input.delta"):
+                hook = lambda m, args, d=delta: (args[0] + d,) + tuple(args[1:])
+                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
+            elif name.endswith("mlp.down_proj.output.delta"):
+                handles.append(layer.mlp.register_forward_hook(lambda m, args, out, d=delta: out + d))
+            else:
+                raise SystemExit(f"unknown diff tensor {name}")
+    logits = [last_logits(model, ids) for ids in prompts]
+    for h in handles:
+        h.remove()
+    return logits
+
 pv_model = pv.IntervenableModel.load(f"{baked_dir}/activation_diff", base)
 pv_model.set_device("cpu")
 pyvene_tokens = []
@@ -68,6 +92,7 @@ print(json.dumps({
     "loading": loading,
     "baked_logits": [last_logits(baked, ids) for ids in prompts],
     "base_logits": [last_logits(base, ids) for ids in prompts],
+    "hooked_logits": hooked_logits(base_dir, prompts),
     "baked_tokens": [greedy(baked, ids) for ids in prompts],
     "pyvene_tokens": pyvene_tokens,
 }))

@@ -11,8 +11,8 @@ Prints one JSON object:
                       input's bytes exactly
   permuted            query/key tensors whose bytes are the input's rows reordered from rotary halves to
                       adjacent pairs (llama.cpp's converter's permutation), row by row, for a rewritten qwen2
-  added               tensors the input lacks, and for each `blk.N.attn_output.bias` whether it equals the
-                      baked folder's o_proj bias of layer N (as f32) exactly
+  added               tensors the input lacks, and for each `blk.N.attn_output.bias` (`blk.N.ffn_down.bias`)
+                      whether it equals the baked folder's o_proj (down_proj) bias of layer N (as f32) exactly
 """
 import json
 import os
@@ -86,8 +86,9 @@ for t in out.tensors:
     if t.name in src_names:
         continue
     layer = int(t.name.split(".")[1])
-    theirs = baked_tensor(f"model.layers.{layer}.self_attn.o_proj.bias")
-    added[t.name] = bool(t.name.endswith("attn_output.bias") and np.array_equal(np.asarray(t.data, dtype=np.float32), theirs))
+    hf_name = {"attn_output.bias": "self_attn.o_proj.bias", "ffn_down.bias": "mlp.down_proj.bias"}.get(t.name.split(".", 2)[2])
+    theirs = baked_tensor(f"model.layers.{layer}.{hf_name}") if hf_name else None
+    added[t.name] = bool(theirs is not None and np.array_equal(np.asarray(t.data, dtype=np.float32), theirs))
 
 print(json.dumps({
     "architecture": arch(out),
