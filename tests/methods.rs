@@ -25,6 +25,18 @@ fn write_f32(path: &Path, values: &[f32]) {
     std::fs::write(path, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
 }
 
+/// Runs `tests/python/SCRIPT` on `dir`, where `spec` is written as `spec.json` beside the values it names; the
+/// JSON line it prints last.
+fn python_reference(script: &str, dir: &Path, spec: &Value) -> Value {
+    std::fs::write(dir.join("spec.json"), spec.to_string()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let out = Command::new(common::python()).arg(script).arg(dir).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{}", common::stderr(&out));
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
 #[test]
 #[cfg_attr(
     not(all(fixture_smollm2, fixture_python)),
@@ -89,13 +101,7 @@ fn nl_iti_means_directions_and_probes_match_numpy_and_scikit_learn() {
         })).collect::<Vec<_>>(),
         "alpha": recipe.alpha,
     });
-    std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/methods_reference.py");
-    let out = Command::new(common::python()).arg(script).arg(dir.path()).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(out.status.success(), "{stdout}\n{}", common::stderr(&out));
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = python_reference("methods_reference.py", dir.path(), &spec);
     // The mean of the last N tokens: numpy's f64 mean of the captured rows, rounded to f32 as bake stores it.
     assert!(report["mean_max_abs_diff"].as_f64().unwrap() <= 1e-6, "{report}");
     // Unit centre-of-mass directions and σ of the chosen heads.
@@ -138,13 +144,7 @@ fn residual_activations_match_transformers_layer_outputs() {
         "model": common::smollm2_dir(), "layers": c.num_layers, "width": c.hidden_size,
         "tokens": recipe.answer_tokens(), "prompts": tokens,
     });
-    std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/residual_reference.py");
-    let out = Command::new(common::python()).arg(script).arg(dir.path()).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(out.status.success(), "{stdout}\n{}", common::stderr(&out));
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = python_reference("residual_reference.py", dir.path(), &spec);
     // f32 on both sides, different kernels: within 1e-4 of the largest value of the stream at that layer.
     assert!(report["max_rel_diff"].as_f64().unwrap() <= 1e-4, "{report}");
 }

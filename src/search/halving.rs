@@ -8,7 +8,7 @@ use crate::error::Result;
 
 /// One rung of successive halving: how much of each fold's held-out questions it scores, and how many
 /// candidates go on to the next.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Rung {
     /// Share of each fold's held-out questions (the last rung: 1).
     pub fraction: f64,

@@ -30,7 +30,7 @@ pub const ETA: usize = 2;
 pub const DEFAULT_TRIALS: usize = 2;
 
 /// Which held-out number the search maximises (both from the reference MC protocol).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Objective {
     Mc1,

@@ -1,6 +1,6 @@
 //! The schema of `search.json`: every candidate's numbers per fold, how far it got, what the search cost.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::halving::Rung;
 use super::options::{Objective, Point};
@@ -9,7 +9,7 @@ use crate::recipe::{Method, Recipe};
 use crate::scoring::mc::Protocol;
 
 /// A candidate's numbers on one fold.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FoldNumbers {
     pub fold: usize,
     /// Held-out questions its MC numbers are the mean over (0: dropped at the KL screen, no MC numbers).
@@ -29,7 +29,7 @@ pub struct FoldNumbers {
 }
 
 /// Where a candidate's evaluation ended.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "stage")]
 pub enum Reached {
     /// Its mean KL on the screen's documents is over the budget: no MC scoring.
@@ -42,8 +42,10 @@ pub enum Reached {
     Final,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CandidateReport {
+    /// (Absent from the files of searches made before methods: read as the report's method.)
+    #[serde(default)]
     pub method: Method,
     pub heads: usize,
     pub alpha: f64,
@@ -82,7 +84,7 @@ impl CandidateReport {
 
 /// What the reuse saved, in units of work: MC questions scored and documents run, against evaluating every
 /// candidate on every question and document.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Cost {
     pub questions_scored: usize,
     pub questions_full_grid: usize,
@@ -95,13 +97,14 @@ pub struct Cost {
 
 /// `search.json`: everything the search measured. Seconds are kept out (in `search.log`): the same inputs
 /// give the same file, so its sha256 identifies the search.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SearchReport {
     pub tool_version: String,
     pub model: String,
     /// The searched recipe; its `method` is the first of `methods`.
     pub recipe: Recipe,
-    /// The methods whose candidates competed.
+    /// The methods whose candidates competed (absent from searches made before methods: the recipe's).
+    #[serde(default)]
     pub methods: Vec<Method>,
     pub questions: usize,
     pub folds: usize,
@@ -122,7 +125,7 @@ pub struct SearchReport {
     pub cost: Cost,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CandidateBase {
     pub mc1: f64,
     pub mc2: f64,
