@@ -246,7 +246,7 @@ pub fn pass_inputs(recipe: &crate::recipe::Recipe, tokenizer: &TextTokenizer) ->
 /// last tokens), with the whole model resident. Rows come back in the prompts' order.
 pub fn capture(model: &Llama, prompts: &PackedPrompts, site: Site, progress: &dyn Progress) -> Result<Activations> {
     let c = &model.config;
-    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, site.width(c));
+    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.width_at(site));
     progress.start(out.rows as u64, "prompts");
     run_resident(
         model,
@@ -291,7 +291,7 @@ pub fn capture_each_token(model: &Llama, prompts: &PackedPrompts, site: Site) ->
         }
     }
     let first_row: Vec<usize> = counts.iter().scan(0, |next, &n| Some(std::mem::replace(next, *next + n))).collect();
-    let mut out = Activations::zeros(counts.iter().sum(), c.num_layers, site.width(c));
+    let mut out = Activations::zeros(counts.iter().sum(), c.num_layers, c.width_at(site));
     let sink = |packed: &PackedBatch, layer, captured: &Tensor| {
         let rows = packed.prompts.iter().flat_map(|&p| first_row[p]..first_row[p] + counts[p]);
         let values: Vec<Vec<f32>> = captured.to_device(&Device::Cpu)?.to_vec2()?;
@@ -314,7 +314,7 @@ pub fn capture_streamed(
     progress: &dyn Progress,
 ) -> Result<Activations> {
     let c = &files.config;
-    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, site.width(c));
+    let mut out = Activations::zeros(prompt_count(prompts), c.num_layers, c.width_at(site));
     let batches: Vec<(&Batch, &[usize])> = prompts.batches.iter().map(|p| (&p.batch, p.capture.as_slice())).collect();
     progress.start(c.num_layers as u64, "layers");
     Llama::capture_streamed(

@@ -270,7 +270,7 @@ pub fn config_text(model: &ModelFiles, site: Site) -> String {
 
 fn write_activation_diff(input: &BakeInput, dtype: StoredDtype, dir: &Path) -> Result<Vec<WrittenFile>> {
     std::fs::create_dir_all(dir.join(DIFF_DIR)).at(dir.join(DIFF_DIR))?;
-    let width = input.report.recipe.method.site().width(&input.model.config);
+    let width = input.model.config.width_at(input.report.recipe.method.site());
     activation_diff_files(input.report, input.deltas, width, dtype)
         .into_iter()
         .map(|(name, bytes)| write_file(&dir.join(name), &bytes))

@@ -1,7 +1,17 @@
 //! The one place that knows how tensors are named: Hugging Face's LLaMA layout for checkpoints, and the
 //! names `bake` gives δ in its activation diff. Every other module asks here instead of formatting names.
 
-use crate::model::Site;
+/// Where in a decoder layer a method reads its activations and adds its vector, and so which bias carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Site {
+    /// The input of `self_attn.o_proj`, `[num_heads * head_dim]`: the heads' outputs (ITI, NL-ITI). A constant
+    /// added there is the o_proj bias `W_o · δ`.
+    #[default]
+    AttentionHeads,
+    /// The residual stream after the layer, `[hidden_size]`, where `mlp.down_proj`'s output joins it. A constant
+    /// added there is a down_proj bias, as it is.
+    Residual,
+}
 
 pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";

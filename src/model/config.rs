@@ -122,6 +122,14 @@ impl ModelConfig {
         self.pad_token_id.or(self.eos_token_ids.first().copied()).unwrap_or(0)
     }
 
+    /// The width of one layer's activations at `site`: the o_proj input's, or the residual stream's.
+    pub fn width_at(&self, site: crate::io::names::Site) -> usize {
+        match site {
+            crate::io::names::Site::AttentionHeads => self.attn_width(),
+            crate::io::names::Site::Residual => self.hidden_size,
+        }
+    }
+
     /// Width of the o_proj input: the concatenated per-head attention outputs.
     pub fn attn_width(&self) -> usize {
         self.num_heads * self.head_dim

@@ -12,7 +12,7 @@ use super::tree_attention::{self, Ancestors};
 use super::weights::Checkpoint;
 use super::ModelFiles;
 use crate::error::{BakeError, Result};
-use crate::io::names::{self, Attention, Mlp, Param};
+use crate::io::names::{self, Attention, Mlp, Param, Site};
 
 struct Layer {
     input_norm: Tensor,
@@ -50,28 +50,6 @@ trait WithBias {
 impl WithBias for Linear {
     fn with_bias(&self, bias: &Tensor) -> Linear {
         Linear::new(self.weight().clone(), Some(bias.clone()))
-    }
-}
-
-/// Where in a decoder layer a method reads its activations and adds its vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Site {
-    /// The input of `self_attn.o_proj`, `[num_heads * head_dim]`: the heads' outputs (ITI, NL-ITI). A constant
-    /// added there is the o_proj bias `W_o · δ`.
-    #[default]
-    AttentionHeads,
-    /// The residual stream after the layer, `[hidden_size]`, where `mlp.down_proj`'s output joins it. A constant
-    /// added there is a down_proj bias, as it is.
-    Residual,
-}
-
-impl Site {
-    /// The width of one layer's activations at this site.
-    pub fn width(self, c: &ModelConfig) -> usize {
-        match self {
-            Site::AttentionHeads => c.attn_width(),
-            Site::Residual => c.hidden_size,
-        }
     }
 }
 

@@ -10,9 +10,10 @@ pub mod tokenizer;
 mod tree_attention;
 pub mod weights;
 
+pub use crate::io::names::Site;
 pub use batch::Batch;
 pub use config::{ModelConfig, RopeScaling};
-pub use forward::{Llama, Output, Prefix, Request, Shift, Site};
+pub use forward::{Llama, Output, Prefix, Request, Shift};
 pub use resolve::ModelLocation;
 pub use runner::{Job, Mode, Pass, PassSize, Runner};
 pub use tokenizer::TextTokenizer;

@@ -69,10 +69,10 @@ impl Method {
     }
 
     /// Where the method reads activations and adds its shift.
-    pub fn site(self) -> crate::model::Site {
+    pub fn site(self) -> crate::io::names::Site {
         match self {
-            Method::Iti | Method::NlIti => crate::model::Site::AttentionHeads,
-            Method::Residual => crate::model::Site::Residual,
+            Method::Iti | Method::NlIti => crate::io::names::Site::AttentionHeads,
+            Method::Residual => crate::io::names::Site::Residual,
         }
     }
 
