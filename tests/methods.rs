@@ -1,6 +1,7 @@
 //! NL-ITI, checked against independent computations on the same activations: the multi-token mean and the
 //! centre-of-mass direction against numpy, the MLP probe's validation accuracy against scikit-learn's
-//! `MLPClassifier` fitted to convergence from the same starting point (`tests/python/methods_reference.py`).
+//! `MLPClassifier` fitted to convergence from the same starting point (`tests/python/methods_reference.py`); the
+//! residual method's activations against transformers' decoder-layer outputs (`tests/python/residual_reference.py`).
 //! And every bake states its cost: KL and CE in the summary, the card and `bake.json`, with a warning over the
 //! budget.
 

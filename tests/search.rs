@@ -1,5 +1,5 @@
 //! `bake search`: on SmolLM2 the chosen point's held-out numbers are what `bake eval --cv` measures for the
-//! same K and α, early discarding keeps the full grid's winner, a budget nothing meets chooses α = 0, the
+//! same K and α (and method, when several compete in one search), early discarding keeps the full grid's winner, a budget nothing meets chooses α = 0, the
 //! written recipe round-trips and a card baked from it names the search; bad input fails before any model
 //! weight is read.
 
