@@ -108,7 +108,11 @@ pub struct Prepared {
 pub fn check_recipe_heads(model: &ModelFiles, recipe: &Recipe) -> Result<()> {
     check_method(model, recipe.method)?;
     let layout = HeadLayout::at(recipe.method.site(), &model.config);
-    probes::check_head_count(recipe.heads, layout.layers * layout.heads)
+    let what = match recipe.method.site() {
+        Site::AttentionHeads => "attention heads (layers × heads)",
+        Site::Residual => "layers (method residual)",
+    };
+    probes::check_head_count(recipe.heads, (layout.layers * layout.heads, what))
 }
 
 /// Refuses a method whose bias the model's transformers class would not read.
@@ -269,7 +273,10 @@ fn activations_for(
 ) -> Result<(Activations, Activations, bool)> {
     // One pass and one cache entry for both sets, split afterwards.
     let texts = prompts.texts();
-    let unit_width = HeadLayout::at(recipe.method.site(), &model.config).head_dim;
+    let unit_width = match recipe.method.site() {
+        Site::AttentionHeads => model.config.head_dim,
+        Site::Residual => 0,
+    };
     let hashes: Vec<String> = model_hashes.iter().map(|(_, h)| h.clone()).collect();
     let (compute, batch_tokens) = (&run.compute, run.batch_tokens);
     let key = cache::CacheKey {
@@ -337,14 +344,18 @@ fn plan_for(model: &ModelFiles, packed: &PackedPrompts, probe_prompts: usize, ru
     activations::plan::plan(model, &shape, &run.compute, run.batch_tokens, Some(rate), run.budget())
 }
 
-/// A NaN or infinity in the activations would silently become NaN biases: name where it first appears.
+/// A NaN or infinity in the activations would silently become NaN biases: name where it first appears (the
+/// head, for `head_dim` > 0; else the element of the residual stream).
 fn check_finite(acts: &Activations, texts: &[&str], head_dim: usize) -> Result<()> {
     let Some((row, layer, index, value)) = acts.first_non_finite() else { return Ok(()) };
     let text: String = texts.get(row).map(|t| t.chars().take(80).collect()).unwrap_or_default();
+    let at = match head_dim {
+        0 => format!("residual stream element {index}"),
+        d => format!("head {}", index / d),
+    };
     Err(crate::BakeError::NotFinite(format!(
-        "the activation pass produced {value} at layer {layer}, unit {} (head, or 0 for the residual stream) for \
-         prompt {row} (`{text}`): the model's weights or config.json hold a non-finite or extreme value",
-        index / head_dim
+        "the activation pass produced {value} at layer {layer}, {at} for prompt {row} (`{text}`): the model's weights \
+         or config.json hold a non-finite or extreme value"
     )))
 }
 

@@ -281,20 +281,17 @@ pub fn select_heads(val_accuracy: &[Vec<f64>], k: usize) -> Result<Vec<Head>> {
         .enumerate()
         .flat_map(|(layer, row)| (0..row.len()).map(move |head| Head { layer, head }))
         .collect();
-    check_head_count(k, all.len())?;
+    check_head_count(k, (all.len(), "probed units"))?;
     let accuracy = |h: &Head| val_accuracy[h.layer][h.head];
     all.sort_by(|a, b| accuracy(b).total_cmp(&accuracy(a)).then(a.cmp(b)));
     all.truncate(k);
     Ok(all)
 }
 
-/// K must not exceed the number of units probed (heads: layers × heads per layer; or layers, one unit each).
-pub fn check_head_count(k: usize, available: usize) -> Result<()> {
+/// K must not exceed the number of units probed (heads: layers × heads per layer; or layers), named `what`.
+pub fn check_head_count(k: usize, (available, what): (usize, &str)) -> Result<()> {
     if k > available {
-        return Err(BakeError::Invalid(format!(
-            "heads: K = {k} is more than the {available} units the method can shift (attention heads, layers × \
-             heads; or layers, for method residual)"
-        )));
+        return Err(BakeError::Invalid(format!("heads: K = {k} is more than the model's {available} {what}")));
     }
     Ok(())
 }
